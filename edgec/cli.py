@@ -1,0 +1,181 @@
+"""The ``edgec`` command line: parse, call the library, print.
+
+Heavy libraries (torch, tvm, onnx) are imported inside command bodies so
+that ``edgec --help`` is instant. Every EdgecError ends as ``Error: ...`` on
+stderr and exit status 1; progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from edgec import __version__
+from edgec.errors import EdgecError
+
+log = logging.getLogger("edgec")
+
+MODEL_FORMATS = "TorchScript (.pt), torch.export (.pt2), ONNX (.onnx), or a pickled nn.Module with --trust-pickle"
+
+
+class EdgecGroup(click.Group):
+    """Turns EdgecError into one clean line and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgecError as error:
+            click.echo(f"Error: {error}", err=True)
+            if log.isEnabledFor(logging.DEBUG):
+                import traceback
+
+                traceback.print_exc()
+            ctx.exit(1)
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if verbosity < 2:
+        warnings.filterwarnings("ignore")
+        for noisy in ("torch", "onnxscript", "onnx_ir", "tvm"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(cls=EdgecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="edgec")
+@click.option("-v", "--verbose", count=True, help="-v: what each stage and pass decided; -vv: debug, with tracebacks.")
+def cli(verbose: int) -> None:
+    """edgec: compile compressed PyTorch CNNs for ARM Cortex-A, x86 and CUDA.
+
+    \b
+      edgec compile model.pt --input-shape 1,3,224,224 --target cortex-a7 -o build/model
+      edgec run build/model_x86 --random
+      edgec inspect model.pt --input-shape 1,3,224,224
+      edgec targets
+    """
+    _setup_logging(verbose)
+
+
+def _input_shape_option(function):
+    return click.option(
+        "--input-shape",
+        "input_shapes",
+        multiple=True,
+        metavar="[NAME:]D0,D1,...",
+        help="Static input shape, e.g. 1,3,224,224; repeat once per input. Needed for TorchScript and pickles.",
+    )(function)
+
+
+def _trust_pickle_option(function):
+    return click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow loading a pickled nn.Module (torch.save(model)); unpickling runs code from the file.",
+    )(function)
+
+
+def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
+    from edgec.frontend import load
+
+    with progress.stage("load", f"{model_path.name} -> ONNX IR"):
+        return load(model_path, list(input_shapes) or None, trust_pickle=trust_pickle)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET[:k=v]", help="Target preset (see `edgec targets`), e.g. cortex-a7, x86, cuda:arch=sm_86.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory [default: build/<model>_<target>].")
+@_input_shape_option
+@_trust_pickle_option
+@click.option("--no-verify", is_flag=True, help="Skip running the build against ONNX Runtime / PyTorch.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance of the verification.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the verification.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, no_verify, rtol, atol, as_json):  # noqa: A001
+    """Compile MODEL for TARGET into an artifact directory.
+
+    MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
+    The artifact holds lib.so (for the target's CPU), model.onnx (the graph
+    that was compiled) and manifest.json. On host-runnable targets the build
+    is checked against ONNX Runtime (and PyTorch) before it is kept; a failed
+    compile leaves no artifact and keeps an older good one.
+    """
+    from edgec.compiler import VerifyOptions
+    from edgec.compiler import compile as compile_model
+    from edgec.progress import ConsoleProgress
+    from edgec.targets import resolve
+
+    target = resolve(target_spec)
+    output = output or Path("build") / f"{model_path.stem}_{target.name}"
+    progress = ConsoleProgress()
+    model = _load(model_path, input_shapes, trust_pickle, progress)
+    result = compile_model(
+        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress
+    )
+    from edgec.report import compile_summary
+
+    if as_json:
+        click.echo(json.dumps({"artifact": str(output), **result.manifest}, indent=2))
+    else:
+        compile_summary(result)
+
+
+@cli.command()
+@click.argument("artifact_path", metavar="ARTIFACT", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "input_files", multiple=True, type=click.Path(path_type=Path), help="Input .npy (one per model input, in order) or one .npz keyed by input name.")
+@click.option("--random", "use_random", is_flag=True, help="Run on seeded random inputs instead of --input.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write outputs: .npy (single output) or .npz.")
+@click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
+def run(artifact_path, input_files, use_random, seed, output, as_json):
+    """Run a compiled ARTIFACT on this machine (x86 artifacts)."""
+    from edgec.artifact import load_artifact
+    from edgec.report import output_summary
+    from edgec.runtimes.io import random_inputs, read_inputs, write_outputs
+    from edgec.runtimes.local import LocalRunner
+
+    artifact = load_artifact(artifact_path)
+    if bool(input_files) == use_random:
+        raise EdgecError("give either --input FILE.npy (repeatable) or --random")
+    inputs = random_inputs(artifact, seed) if use_random else read_inputs(artifact, input_files)
+    outputs = LocalRunner(artifact).run(inputs)
+    if output:
+        write_outputs(artifact, outputs, output)
+    output_summary(artifact, outputs, output, as_json)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@_input_shape_option
+@_trust_pickle_option
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer table as JSON.")
+def inspect(model_path, input_shapes, trust_pickle, as_json):
+    """Show MODEL's layers: ops, output shapes, parameters, MACs, and its size."""
+    from edgec.progress import ConsoleProgress
+    from edgec.report import inspect_table
+
+    model = _load(model_path, input_shapes, trust_pickle, ConsoleProgress())
+    inspect_table(model, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print presets, TVM target JSON and toolchains as JSON.")
+def targets(as_json):
+    """List target presets, their TVM target JSON, and whether their compilers are installed."""
+    from edgec.report import targets_table
+
+    targets_table(as_json)
+
+
+def main() -> None:
+    cli(prog_name="edgec")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""``edgec.compile``: an edgec Model -> an artifact directory.
+
+The pipeline is one flat list of stages, in this order and for these reasons:
+
+1. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
+           (slow) build starts.
+2. build   tvm.relax.build for the target (CUDA: dlight GPU schedules).
+3. export  lib.so linked by the target's (cross) compiler, model.onnx,
+           into a temporary directory next to the output.
+4. verify  host-runnable targets run lib.so on a seeded random input
+           against ONNX Runtime on the same ONNX (and PyTorch when the
+           source was PyTorch); a failure here leaves no artifact.
+5. commit  manifest.json written, the directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec import __version__
+from edgec.apply import deviation
+from edgec.artifact import Artifact, staging, write_manifest
+from edgec.errors import VerificationError
+from edgec.model import Model, value_signature
+from edgec.progress import Progress
+from edgec.stats import model_stats
+from edgec.targets import ResolvedTarget, require_linker, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """Tolerances of the post-build check: pass when |got - want| <= atol + rtol * |want|."""
+
+    enabled: bool = True
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CompileResult:
+    artifact: Artifact
+    seconds: dict[str, float]
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.artifact.manifest
+
+
+def compile(  # noqa: A001 - the public name users expect: edgec.compile
+    model: Model,
+    target: str | ResolvedTarget,
+    output: str | Path,
+    *,
+    verify: VerifyOptions | bool = True,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Compile ``model`` for ``target`` into the artifact directory ``output``."""
+    from edgec.build import build, export
+    from edgec.lower import to_relax
+
+    progress = progress or Progress()
+    if isinstance(verify, bool):
+        verify = VerifyOptions(enabled=verify)
+    resolved = resolve(target)
+    require_linker(resolved.preset)  # a missing cross compiler fails before the build, not after
+    with staging(output) as directory:
+        with progress.stage("lower", "ONNX -> TVM Relax"):
+            mod = to_relax(model.graph)
+        with progress.stage("build", f"tvm.relax.build for {resolved.spec}"):
+            executable = build(mod, resolved)
+        with progress.stage("export", f"lib.so for {resolved.preset.cpu_arch}"):
+            files = export(executable, resolved, directory)
+            onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
+            files.append("model.onnx")
+        verification = _verify(model, resolved, directory, verify, progress)
+        manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
+        write_manifest(directory, manifest)
+    artifact = Artifact(Path(output), manifest)
+    return CompileResult(artifact, dict(progress.seconds))
+
+
+def save_onnx(graph: ir.Model, path: Path) -> str:
+    ir.save(graph, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verify(
+    model: Model, target: ResolvedTarget, directory: Path, options: VerifyOptions, progress: Progress
+) -> dict[str, Any]:
+    if not options.enabled:
+        return {"status": "skipped", "reason": "--no-verify"}
+    if not target.preset.host_runnable:
+        return {
+            "status": "skipped",
+            "reason": f"{target.name} code cannot run on this machine; check it on the board with edgec bench",
+        }
+    from edgec.artifact import Artifact as _Artifact
+    from edgec.frontend import input_arrays
+    from edgec.runtimes.local import LocalRunner
+    from edgec.runtimes.reference import reference_outputs
+
+    with progress.stage("verify", "lib.so vs ONNX Runtime" + (" and PyTorch" if model.torch_reference else "")):
+        inputs = input_arrays(model, options.seed)
+        signature = {
+            "target": {"preset": target.name, "host_runnable": True},
+            "inputs": [value_signature(value) for value in model.graph.graph.inputs],
+        }
+        got = LocalRunner(_Artifact(directory, signature)).run(inputs)
+        result: dict[str, Any] = {"status": "passed", "rtol": options.rtol, "atol": options.atol, "seed": options.seed}
+        checks = []
+        ort = reference_outputs(model.graph, inputs)
+        if ort is not None:
+            checks.append(("onnxruntime", ort, True))
+        if model.torch_reference is not None:
+            exact_passes = all(
+                report.max_abs_deviation is not None and report.max_rel_deviation <= options.rtol
+                for report in model.pass_reports
+                if report.modified
+            )
+            checks.append(("pytorch", model.torch_reference(*inputs), exact_passes))
+        for name, want, enforced in checks:
+            max_abs, max_rel = deviation(got, want)
+            close = all(
+                g.shape == w.shape and np.allclose(g, w, rtol=options.rtol, atol=options.atol)
+                for g, w in zip(got, want, strict=True)
+            )
+            result[name] = {"max_abs": max_abs, "max_rel": max_rel, "within_tolerance": close, "enforced": enforced}
+            if not close and enforced:
+                raise VerificationError(
+                    f"compiled outputs differ from {name}: max abs error {max_abs:.3g}, max rel {max_rel:.3g} "
+                    f"(tolerance rtol={options.rtol:g}, atol={options.atol:g}); no artifact was written. "
+                    "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
+                )
+        if not checks:
+            result = {"status": "skipped", "reason": "no reference can run this graph (custom ops)"}
+    return result
+
+
+def build_manifest(
+    model: Model,
+    target: ResolvedTarget,
+    files: list[str],
+    onnx_sha256: str,
+    verification: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    import tvm
+
+    graph = model.graph
+    opset = graph.opset_imports.get("", None)
+    return {
+        "format": 1,
+        "edgec_version": __version__,
+        "tvm_version": tvm.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": {
+            "path": str(model.source) if model.source else None,
+            "format": model.source_format,
+            "sha256": model.source_sha256,
+        },
+        "onnx": {"file": "model.onnx", "sha256": onnx_sha256, "opset": opset},
+        "target": {
+            "preset": target.name,
+            "spec": target.spec,
+            "arch": target.preset.arch,
+            "cpu_arch": target.preset.cpu_arch,
+            "tvm": target.tvm_json,
+            "host": target.host_json,
+            "host_runnable": target.preset.host_runnable,
+        },
+        "inputs": [value_signature(value) for value in graph.graph.inputs],
+        "outputs": [value_signature(value) for value in graph.graph.outputs],
+        "passes": [report.as_dict() for report in model.pass_reports],
+        "stats": model_stats(graph).as_dict(),
+        "verification": verification,
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "files": files,
+    }

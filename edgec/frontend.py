@@ -1,0 +1,385 @@
+"""Load a model file and hold it as ONNX IR.
+
+Formats, sniffed from the bytes (not the extension):
+
+- TorchScript archive (``torch.jit.save``): zip with ``code/`` entries;
+  exported with the TorchScript ONNX exporter; needs ``input_shape``.
+- torch.export archive (``torch.export.save``, ``.pt2``): zip with
+  ``models/``/``archive_format`` entries; shapes come from the archive.
+- ONNX protobuf: shapes from the graph; symbolic dims need ``input_shape``.
+- Pickled ``nn.Module`` (``torch.save(model)``): unpickling runs arbitrary
+  code, so only with ``trust_pickle=True``; needs ``input_shape``.
+- A bare ``state_dict`` holds no architecture: refused with what to give.
+
+After export the graph gets the standard clean-ups: function inlining,
+constant folding, unused-node removal, constants lifted to initializers,
+ONNX shape inference. Batch norms are *not* fused here; that is the
+``fold-bn`` pass's job, so that its effect is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec import shapes as shape_args
+from edgec.errors import InputShapeError, LoadError
+from edgec.model import Model
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def load(
+    path: str | Path,
+    input_shape: Any = None,
+    *,
+    trust_pickle: bool = False,
+) -> Model:
+    """Load ``path`` (TorchScript, .pt2, ONNX, or a trusted pickle) as an edgec Model.
+
+    ``input_shape`` is ``(1, 3, 224, 224)``, ``"1,3,224,224"``, a list of
+    such (one per input) or ``{"input_name": shape}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"model file '{path}' does not exist")
+    if not path.is_file():
+        raise LoadError(f"'{path}' is a directory, not a model file")
+    data = path.read_bytes()
+    if not data:
+        raise LoadError(f"model file '{path}' is empty")
+    sha256 = hashlib.sha256(data).hexdigest()
+    shapes = shape_args.normalize(input_shape)
+    kind = sniff_format(path, data)
+    log.info("loading %s as %s", path, kind)
+    if kind == "onnx":
+        graph = _load_onnx(path, data, shapes)
+        reference = None
+    elif kind == "torchscript":
+        module = _load_torchscript(path)
+        graph, reference = _export_torch(path, module, _require_shapes(path, "TorchScript archive", shapes), kind)
+    elif kind == "torch.export":
+        graph, reference = _load_exported_program(path, shapes)
+    elif kind == "pickle":
+        module = _load_pickle(path, trust_pickle)
+        graph, reference = _export_torch(path, module, _require_shapes(path, "pickled nn.Module", shapes), kind)
+    else:  # pragma: no cover - sniff_format returns only the kinds above
+        raise LoadError(f"'{path}': unknown format {kind}")
+    cleanup(graph)
+    check_static_inputs(path, graph)
+    return Model(graph=graph, source=path, source_format=kind, source_sha256=sha256, torch_reference=reference)
+
+
+def from_onnx_ir(graph: ir.Model, name: str = "<in-memory>") -> Model:
+    """Wrap an ``onnx_ir.Model`` built in Python (after the same clean-ups)."""
+    cleanup(graph)
+    check_static_inputs(Path(name), graph)
+    return Model(graph=graph, source=None, source_format="onnx-ir", source_sha256=None)
+
+
+def sniff_format(path: Path, data: bytes) -> str:
+    """Tell the format from the file's bytes; LoadError for truncated or unknown files."""
+    if data[:2] == b"PK":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            raise LoadError(
+                f"'{path}' looks like a PyTorch archive (zip) but is corrupt or truncated; "
+                "save it again (torch.jit.save, torch.export.save or torch.save) and retry"
+            ) from None
+        if any("/code/" in name or name.endswith("constants.pkl") for name in names):
+            return "torchscript"
+        if any(name.endswith(("archive_format", "models/model.json")) for name in names):
+            return "torch.export"
+        if any(name.endswith("data.pkl") for name in names):
+            return "pickle"
+        raise LoadError(f"'{path}' is a zip archive but not a PyTorch model (entries: {', '.join(names[:5])})")
+    if data[:2] in _PICKLE_MAGIC:
+        return "pickle"
+    return "onnx"
+
+
+def _require_shapes(path: Path, what: str, shapes: shape_args.InputShapes) -> shape_args.InputShapes:
+    if not shapes:
+        raise InputShapeError(
+            f"'{path}' is a {what}, which does not record its input shape; "
+            "give one with --input-shape 1,3,224,224 (input_shape=(1, 3, 224, 224) in Python)"
+        )
+    return shapes
+
+
+def _load_onnx(path: Path, data: bytes, shapes: shape_args.InputShapes) -> ir.Model:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise LoadError(
+            f"'{path}' is neither a PyTorch archive nor a readable ONNX file ({error.__class__.__name__}); "
+            "the file may be corrupt or truncated"
+        ) from None
+    if not proto.graph.node:
+        raise LoadError(f"'{path}' parsed as ONNX but holds no graph nodes; it is corrupt or not an ONNX model")
+    graph = ir.serde.deserialize_model(proto)
+    _apply_shapes(path, graph, shapes)
+    return graph
+
+
+def _apply_shapes(path: Path, graph: ir.Model, shapes: shape_args.InputShapes) -> None:
+    inputs = graph.graph.inputs
+    known = {value.name for value in inputs} | set(range(len(inputs)))
+    unknown = [key for key in shapes if key not in known]
+    if unknown:
+        raise InputShapeError(
+            f"--input-shape names {unknown[0]!r}, but '{path}' has the inputs: "
+            f"{', '.join(value.name for value in inputs)}"
+        )
+    for position, value in enumerate(inputs):
+        shape = shape_args.lookup(shapes, position, value.name)
+        if shape is None:
+            continue
+        if value.shape is not None and len(value.shape) != len(shape):
+            raise InputShapeError(
+                f"input {value.name!r} of '{path}' has rank {len(value.shape)} "
+                f"({_dims(value.shape)}), but --input-shape gives {len(shape)} dims {shape}"
+            )
+        if value.shape is not None:
+            for dim, given in zip(value.shape, shape, strict=True):
+                if isinstance(dim, int) and dim != given:
+                    raise InputShapeError(
+                        f"input {value.name!r} of '{path}' has the fixed shape {_dims(value.shape)}; "
+                        f"--input-shape {shape} contradicts it"
+                    )
+        value.shape = ir.Shape(shape)
+
+
+def _dims(shape: ir.Shape) -> str:
+    return "x".join(str(dim) if isinstance(dim, int) else (str(dim) or "?") for dim in shape)
+
+
+def check_static_inputs(path: Path, graph: ir.Model) -> None:
+    """Every graph input needs a static shape to compile; say which dim is missing."""
+    for value in graph.graph.inputs:
+        if value.shape is None or any(not isinstance(dim, int) for dim in value.shape):
+            dims = _dims(value.shape) if value.shape is not None else "unknown"
+            raise InputShapeError(
+                f"input {value.name!r} of '{path}' has a dynamic shape ({dims}); "
+                f"give a static one with --input-shape {value.name}:1,3,224,224"
+            )
+
+
+def _load_torchscript(path: Path):
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError and friends
+        raise LoadError(f"'{path}' is a TorchScript archive that torch.jit.load cannot read: {_last_line(error)}") from None
+    return module.eval()
+
+
+def _load_pickle(path: Path, trust_pickle: bool):
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise LoadError(
+                f"'{path}' is a pickled PyTorch object (torch.save of a module); unpickling it runs arbitrary code. "
+                "If you trust the file, pass --trust-pickle (trust_pickle=True); better, save the model as "
+                "TorchScript (torch.jit.save(torch.jit.script(model), 'model.pt')) or as a torch.export "
+                "archive (torch.export.save(torch.export.export(model, (x,)), 'model.pt2'))"
+            ) from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure
+            raise LoadError(f"'{path}': torch.load failed: {_last_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt archives
+        raise LoadError(f"'{path}' could not be read by torch.load (corrupt or truncated?): {_last_line(error)}") from None
+    if isinstance(obj, dict):
+        tensors = [key for key, value in obj.items() if isinstance(value, torch.Tensor)]
+        example = f", e.g. {tensors[0]!r}" if tensors else ""
+        raise LoadError(
+            f"'{path}' is a state_dict (a dict of {len(obj)} entries{example}): it holds weights but not the "
+            "architecture. Load it into your nn.Module and save that as TorchScript "
+            "(torch.jit.save(torch.jit.script(model), 'model.pt')) or torch.export "
+            "(torch.export.save(torch.export.export(model, (x,)), 'model.pt2'))"
+        )
+    if not isinstance(obj, torch.nn.Module):
+        raise LoadError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module")
+    return obj.eval()
+
+
+def _load_exported_program(path: Path, shapes: shape_args.InputShapes) -> tuple[ir.Model, Callable]:
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # noqa: BLE001
+        raise LoadError(f"'{path}' is a torch.export archive that torch.export.load cannot read: {_last_line(error)}") from None
+    args, _ = program.example_inputs or ((), {})
+    if not args:
+        placeholders = [
+            node for node in program.graph.nodes if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+        ]
+        args = tuple(torch.zeros(tuple(node.meta["val"].shape)) for node in placeholders)
+    recorded = [tuple(arg.shape) for arg in args]
+    for position, shape in enumerate(recorded):
+        given = shape_args.lookup(shapes, position, program.graph_signature.user_inputs[position])
+        if given is not None and tuple(given) != shape:
+            raise InputShapeError(
+                f"'{path}' was exported for input shape {shape}; --input-shape {given} differs. "
+                "Re-export the program with the shape you want (torch.export.export(model, (x,)))"
+            )
+    graph = _run_exporter(path, program, args, dynamo=True)
+    module = program.module()
+    return graph, _torch_runner(module)
+
+
+def _export_torch(path: Path, module, shapes: shape_args.InputShapes, kind: str) -> tuple[ir.Model, Callable]:
+    import torch
+
+    args = []
+    for position in range(len(shapes)):
+        shape = shapes.get(position)
+        if shape is None:
+            shape = next(iter(shapes.values())) if len(shapes) == 1 else None
+        if shape is None:
+            raise InputShapeError(f"give one --input-shape per input, in order, for '{path}'")
+        args.append(torch.randn(shape))
+    graph = _run_exporter(path, module, tuple(args), dynamo=kind != "torchscript")
+    return graph, _torch_runner(module)
+
+
+def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
+    """torch.onnx.export into memory; its chatter goes to the log, not stdout."""
+    import onnx
+    import torch
+
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            if dynamo:
+                program = torch.onnx.export(
+                    model, args, dynamo=True, optimize=False, opset_version=max(ONNX_OPSET, 18), verbose=False
+                )
+                graph = program.model
+            else:
+                buffer = io.BytesIO()
+                torch.onnx.export(
+                    model,
+                    args,
+                    buffer,
+                    dynamo=False,
+                    opset_version=ONNX_OPSET,
+                    input_names=_torchscript_input_names(model, len(args)),
+                )
+                graph = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+    except InputShapeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - exporter errors come in many types
+        log.debug("exporter output:\n%s", sink.getvalue())
+        raise LoadError(
+            f"exporting '{path}' to ONNX failed: {_last_line(error)}. "
+            "Check that --input-shape matches what the model expects"
+        ) from None
+    log.debug("exporter output:\n%s", sink.getvalue())
+    _name_outputs(graph)
+    return graph
+
+
+def _torchscript_input_names(module, count: int) -> list[str]:
+    """The forward() argument names of a ScriptModule ('x', not the exporter's 'x.1')."""
+    try:
+        names = [argument.name for argument in module.forward.schema.arguments[1:]]
+    except AttributeError:
+        names = []
+    if len(names) != count or len(set(names)) != count:
+        return [f"input_{index}" for index in range(count)]
+    return names
+
+
+def _name_outputs(graph: ir.Model) -> None:
+    """Give exporter-numbered outputs ('484') readable names: output, output_1, ..."""
+    outputs = graph.graph.outputs
+    taken = {value.name for value in graph.graph.inputs}
+    for index, value in enumerate(outputs):
+        if value.name and not value.name.isdigit():
+            continue
+        name = "output" if len(outputs) == 1 else f"output_{index}"
+        if name not in taken:
+            value.name = name
+
+
+def _torch_runner(module) -> Callable[..., list[np.ndarray]]:
+    def run(*arrays: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            result = module(*(torch.from_numpy(np.ascontiguousarray(array)) for array in arrays))
+        if isinstance(result, torch.Tensor):
+            result = [result]
+        return [tensor.detach().cpu().numpy() for tensor in result]
+
+    return run
+
+
+def cleanup(graph: ir.Model) -> None:
+    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place)."""
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import _constant_folding
+
+    fold = _constant_folding.FoldConstantsPass(
+        shape_inference=True,
+        input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+        output_size_limit=1 << 26,
+    )
+    pipeline = ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([fold, common.RemoveUnusedNodesPass()], steps=3, early_stop=True),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.RemoveUnusedFunctionsPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.ShapeInferencePass(),
+        common.TopologicalSortPass(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipeline(graph)
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[-1] if text else error.__class__.__name__)[:300]
+
+
+def input_arrays(model: Model, seed: int = 0) -> list[np.ndarray]:
+    """Seeded random inputs matching the model's graph inputs."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for value in model.graph.graph.inputs:
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype("float32")
+        shape = tuple(int(dim) for dim in value.shape)
+        if np.issubdtype(dtype, np.floating):
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        else:
+            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
+    return arrays

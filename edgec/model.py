@@ -1,0 +1,45 @@
+"""The model edgec carries from load to compile."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class Model:
+    """An ONNX IR model plus where it came from.
+
+    ``graph`` is the ``onnx_ir.Model`` the passes rewrite in place.
+    ``torch_reference`` runs the original PyTorch model (NumPy in, NumPy out)
+    when the source was PyTorch; it is the reference before any lossy pass.
+    ``pass_reports`` collects one report per applied pass, in order.
+    """
+
+    graph: ir.Model
+    source: Path | None
+    source_format: str
+    source_sha256: str | None
+    torch_reference: Callable[..., list[Any]] | None = None
+    pass_reports: list[Any] = dataclasses.field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [value.name for value in self.graph.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [value.name for value in self.graph.graph.outputs]
+
+
+def value_signature(value: ir.Value) -> dict[str, Any]:
+    """``{"name", "shape", "dtype"}`` of a graph input or output (symbolic dims as strings)."""
+    shape = None
+    if value.shape is not None:
+        shape = [dim if isinstance(dim, int) else str(dim) for dim in value.shape]
+    dtype = value.dtype.numpy().name if value.dtype is not None else None
+    return {"name": value.name, "shape": shape, "dtype": dtype}

@@ -1,0 +1,192 @@
+"""What the CLI prints on stdout: rich tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def _console():
+    from rich.console import Console
+
+    import shutil
+
+    return Console(highlight=False, soft_wrap=False, width=max(100, shutil.get_terminal_size().columns))
+
+
+def _si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def compile_summary(result) -> None:
+    from rich.table import Table
+
+    manifest = result.manifest
+    artifact = result.artifact
+    table = Table(title=f"edgec compile -> {artifact.path}", title_justify="left")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("source", f"{manifest['source']['path']} ({manifest['source']['format']})")
+    table.add_row("target", f"{manifest['target']['spec']}  {json.dumps(manifest['target']['tvm'])}")
+    for spec in manifest["inputs"]:
+        table.add_row("input", f"{spec['name']} {tuple(spec['shape'])} {spec['dtype']}")
+    for spec in manifest["outputs"]:
+        table.add_row("output", f"{spec['name']} {tuple(spec['shape'])} {spec['dtype']}")
+    stats = manifest["stats"]
+    table.add_row("params / MACs", f"{_si(stats['params'])} / {_si(stats['macs'])}")
+    table.add_row("weights", _si(stats["size_bytes"], "B"))
+    for name in manifest["files"]:
+        size = (artifact.path / name).stat().st_size
+        table.add_row(f"file {name}", _si(size, "B"))
+    verification = manifest["verification"]
+    if verification["status"] == "skipped":
+        table.add_row("verification", f"skipped: {verification['reason']}")
+    else:
+        for reference in ("onnxruntime", "pytorch"):
+            if reference in verification:
+                check = verification[reference]
+                verdict = "ok" if check["within_tolerance"] else ("FAILED" if check["enforced"] else "differs (lossy passes)")
+                table.add_row(
+                    f"vs {reference}",
+                    f"max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e} "
+                    f"(rtol {verification['rtol']:g}, atol {verification['atol']:g}): {verdict}",
+                )
+    times = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in manifest["seconds"].items())
+    table.add_row("time", times)
+    console = _console()
+    console.print(table)
+    if manifest["passes"]:
+        console.print(passes_table(manifest["passes"]))
+
+
+def passes_table(reports: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="passes", title_justify="left")
+    for column in ("pass", "modified", "nodes changed", "params", "MACs", "size", "max abs dev", "max rel dev"):
+        table.add_column(column, justify="right" if column != "pass" else "left")
+    for report in reports:
+        abs_dev = "n/a" if report["max_abs_deviation"] is None else f"{report['max_abs_deviation']:.2e}"
+        rel_dev = "n/a" if report["max_rel_deviation"] is None else f"{report['max_rel_deviation']:.2e}"
+        table.add_row(
+            report["name"],
+            "yes" if report["modified"] else "no",
+            str(report["nodes_changed"]),
+            f"{_si(report['params_before'])} -> {_si(report['params_after'])}",
+            f"{_si(report['macs_before'])} -> {_si(report['macs_after'])}",
+            f"{_si(report['size_before'], 'B')} -> {_si(report['size_after'], 'B')}",
+            abs_dev,
+            rel_dev,
+        )
+    return table
+
+
+def output_summary(artifact, outputs: list[np.ndarray], written: Path | None, as_json: bool) -> None:
+    rows = []
+    for spec, array in zip(artifact.outputs, outputs, strict=True):
+        flat = array.reshape(-1)
+        row = {
+            "name": spec["name"],
+            "shape": list(array.shape),
+            "dtype": array.dtype.name,
+            "min": float(flat.min()) if flat.size else None,
+            "max": float(flat.max()) if flat.size else None,
+            "mean": float(flat.mean()) if flat.size else None,
+        }
+        if array.ndim == 2 and array.shape[0] == 1 and array.shape[1] > 1:
+            top = np.argsort(-array[0])[:5]
+            row["top5"] = [[int(index), float(array[0, index])] for index in top]
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps({"artifact": str(artifact.path), "outputs": rows, "written": str(written) if written else None}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"edgec run {artifact.path}", title_justify="left")
+    for column in ("output", "shape", "dtype", "min", "max", "mean", "top-5 (index: value)"):
+        table.add_column(column)
+    for row in rows:
+        top = ", ".join(f"{index}: {value:.3f}" for index, value in row.get("top5", []))
+        table.add_row(
+            row["name"], str(tuple(row["shape"])), row["dtype"], f"{row['min']:.4g}", f"{row['max']:.4g}", f"{row['mean']:.4g}", top
+        )
+    console = _console()
+    console.print(table)
+    if written:
+        console.print(f"outputs written to {written}")
+
+
+def inspect_table(model, as_json: bool) -> None:
+    from edgec.stats import model_stats
+
+    stats = model_stats(model.graph)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "source": str(model.source),
+                    "format": model.source_format,
+                    **stats.as_dict(),
+                    "layers": [
+                        {"name": l.name, "op": l.op_type, "output_shape": l.output_shape, "params": l.params, "macs": l.macs}
+                        for l in stats.layers
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model.source} ({model.source_format})", title_justify="left")
+    for column in ("#", "node", "op", "output shape", "params", "MACs"):
+        table.add_column(column, justify="right" if column in ("#", "params", "MACs") else "left")
+    for index, layer in enumerate(stats.layers):
+        shape = "x".join(map(str, layer.output_shape)) if layer.output_shape else "?"
+        table.add_row(str(index), layer.name, layer.op_type, shape, f"{layer.params:,}", f"{layer.macs:,}")
+    console = _console()
+    console.print(table)
+    ops = ", ".join(f"{op} x{count}" for op, count in sorted(stats.op_counts.items(), key=lambda item: -item[1]))
+    console.print(f"total: {stats.params:,} parameters, {stats.macs:,} MACs ({_si(stats.macs)}), "
+                  f"weights {_si(stats.size_bytes, 'B')}; ops: {ops}")
+
+
+def targets_table(as_json: bool) -> None:
+    from edgec.targets import PRESETS, required_tools, resolve
+
+    rows = []
+    for name, preset in PRESETS.items():
+        resolved = resolve(name)
+        tools = required_tools(preset)
+        rows.append(
+            {
+                "name": name,
+                "description": preset.description,
+                "tvm_target": resolved.tvm_json,
+                "host": resolved.host_json,
+                "options": dict(preset.options),
+                "runs_here": preset.host_runnable,
+                "toolchain": [{"tool": t.tool, "path": t.path, "install": None if t.found else t.install_hint} for t in tools],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="edgec targets", title_justify="left", show_lines=True)
+    for column in ("preset", "description", "TVM target", "toolchain"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        tools = "\n".join(
+            f"[green]found[/] {t['tool']}" if t["path"] else f"[red]missing[/] {t['tool']}: {t['install']}" for t in row["toolchain"]
+        )
+        name = row["name"] + "".join(f"\n  {key}={value}" for key, value in row["options"].items())
+        table.add_row(name, row["description"], json.dumps(row["tvm_target"]), tools)
+    _console().print(table)

@@ -1,0 +1,1 @@
+"""Where compiled models run: the local Relax VM and the reference executions."""

@@ -1,0 +1,70 @@
+"""Run a compiled artifact on this machine with TVM's Relax VM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgec.artifact import Artifact
+from edgec.errors import ArtifactError, InputDataError
+
+
+class LocalRunner:
+    """Loads ``lib.so`` once; ``run`` takes and returns NumPy arrays."""
+
+    def __init__(self, artifact: Artifact):
+        import tvm
+        from tvm import relax
+
+        if not artifact.manifest["target"].get("host_runnable", False):
+            raise ArtifactError(
+                f"artifact '{artifact.path}' was compiled for {artifact.target_name}, which this machine cannot run; "
+                "run it on the board (edgec bench --rpc HOST:PORT) or compile for x86"
+            )
+        self.artifact = artifact
+        self.device = tvm.cpu()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.lib)), self.device)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        check_inputs(self.artifact, inputs)
+        result = self.vm["main"](*(tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs))
+        return flatten_outputs(result)
+
+    def time_ms(self, inputs: Sequence[np.ndarray], repeat: int = 10, warmup: int = 2) -> list[float]:
+        """Per-run latencies in milliseconds, timed by TVM's own timer."""
+        import tvm
+
+        self.vm.set_input("main", *(tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs))
+        timer = self.vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat, min_repeat_ms=0)
+        for _ in range(warmup):
+            self.vm.invoke_stateful("main")
+        return [seconds * 1e3 for seconds in timer("main").results]
+
+
+def flatten_outputs(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    flat: list[np.ndarray] = []
+    for item in result:
+        flat.extend(flatten_outputs(item))
+    return flat
+
+
+def check_inputs(artifact: Artifact, inputs: Sequence[np.ndarray]) -> None:
+    expected = artifact.inputs
+    if len(inputs) != len(expected):
+        raise InputDataError(f"the model takes {len(expected)} input(s) ({_names(expected)}), got {len(inputs)}")
+    for array, spec in zip(inputs, expected, strict=True):
+        if list(array.shape) != spec["shape"]:
+            raise InputDataError(
+                f"input {spec['name']!r} needs shape {tuple(spec['shape'])}, got {tuple(array.shape)}"
+            )
+        if array.dtype.name != spec["dtype"]:
+            raise InputDataError(f"input {spec['name']!r} needs dtype {spec['dtype']}, got {array.dtype.name}")
+
+
+def _names(specs) -> str:
+    return ", ".join(spec["name"] for spec in specs)

@@ -1,0 +1,38 @@
+"""Reference executions: ONNX Runtime on the ONNX graph, PyTorch on the source."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+
+def onnxruntime_session(graph: ir.Model, threads: int | None = None):
+    """An ORT CPU session on ``graph`` (all graph optimisations on)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    proto = ir.serde.serialize_model(graph)
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    session = onnxruntime_session(graph)
+    names = [value.name for value in session.get_inputs()]
+    return list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+def has_custom_ops(graph: ir.Model) -> bool:
+    return any(node.domain not in ("", "ai.onnx") for node in ir.traversal.RecursiveGraphIterator(graph.graph))
+
+
+def reference_outputs(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    """Reference outputs of ``graph`` on ``inputs``; None when a custom op has no reference yet."""
+    if has_custom_ops(graph):
+        return None
+    return run_onnxruntime(graph, inputs)

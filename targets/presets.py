@@ -1,0 +1,89 @@
+"""Target presets: boards and GPUs as data.
+
+Each preset is a frozen dataclass; the registry maps a name to it. Nothing in
+edgec branches on a target's name: code reads the fields below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Arch = Literal["x86_64", "armv7", "aarch64", "cuda"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    """A C++ compiler used to link ``lib.so`` and the Debian package that ships it."""
+
+    compiler: str
+    debian_package: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPreset:
+    """One compilation target.
+
+    ``llvm`` holds the TVM LLVM target fields (``mtriple``, ``mcpu``, ``mattr``,
+    ...) of the code that runs on the CPU; for CUDA it is the host part. ``mcpu``
+    ``None`` means "the CPU of the machine compiling" (LLVM rejects "native").
+    ``options`` are the user-settable options with their defaults
+    (``--target cuda:arch=sm_86``).
+    """
+
+    name: str
+    description: str
+    kind: Literal["llvm", "cuda"]
+    arch: Arch
+    cpu_arch: Literal["x86_64", "armv7", "aarch64"]
+    mtriple: str | None
+    mcpu: str | None
+    mattr: tuple[str, ...] = ()
+    float_abi: str | None = None
+    toolchain: Toolchain | None = None
+    host_runnable: bool = False
+    elf_machine: str = ""
+    elf_bits: Literal[32, 64] = 64
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llvm", "cuda"):
+            raise ValueError(f"preset {self.name!r}: kind must be 'llvm' or 'cuda', not {self.kind!r}")
+        if self.elf_bits not in (32, 64):
+            raise ValueError(f"preset {self.name!r}: elf_bits must be 32 or 64")
+
+
+# fmt: off
+PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
+    TargetPreset(
+        name="x86", description="this x86-64 machine (CPU detected, AVX2/AVX-512 as it has)",
+        kind="llvm", arch="x86_64", cpu_arch="x86_64", mtriple=None, mcpu=None,
+        toolchain=None, host_runnable=True, elf_machine="x86-64", elf_bits=64,
+    ),
+    TargetPreset(
+        name="cortex-a7", description="ARM Cortex-A7, 32-bit armv7-a, NEON + VFPv4, hard float (Raspberry Pi 2)",
+        kind="llvm", arch="armv7", cpu_arch="armv7", mtriple="armv7a-linux-gnueabihf", mcpu="cortex-a7",
+        mattr=("+neon", "+vfp4"), float_abi="hard",
+        toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf"),
+        elf_machine="ARM", elf_bits=32,
+    ),
+    TargetPreset(
+        name="cortex-a53", description="ARM Cortex-A53, 64-bit aarch64, NEON (Raspberry Pi 3, many SBCs)",
+        kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a53",
+        mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
+        elf_machine="AArch64", elf_bits=64,
+    ),
+    TargetPreset(
+        name="cortex-a72", description="ARM Cortex-A72, 64-bit aarch64, NEON (Raspberry Pi 4)",
+        kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a72",
+        mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
+        elf_machine="AArch64", elf_bits=64,
+    ),
+    TargetPreset(
+        name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code x86-64)",
+        kind="cuda", arch="cuda", cpu_arch="x86_64", mtriple=None, mcpu=None,
+        toolchain=None, elf_machine="x86-64", elf_bits=64,
+        options=(("arch", "sm_80"),),
+    ),
+)}
+# fmt: on
