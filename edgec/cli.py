@@ -93,11 +93,12 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory [default: build/<model>_<target>].")
 @_input_shape_option
 @_trust_pickle_option
+@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:k=v,...]", help="Apply a graph pass before compiling; repeatable, applied in order (see `edgec passes`).")
 @click.option("--no-verify", is_flag=True, help="Skip running the build against ONNX Runtime / PyTorch.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance of the verification.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def compile(model_path, target_spec, output, input_shapes, trust_pickle, no_verify, rtol, atol, as_json):  # noqa: A001
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json):  # noqa: A001
     """Compile MODEL for TARGET into an artifact directory.
 
     MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
@@ -111,10 +112,17 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, no_veri
     from edgec.progress import ConsoleProgress
     from edgec.targets import resolve
 
+    from edgec.apply import apply
+    from edgec.passes.registry import parse
+
     target = resolve(target_spec)
+    passes = [parse(spec) for spec in pass_specs]  # bad pass specs fail before the slow load
     output = output or Path("build") / f"{model_path.stem}_{target.name}"
     progress = ConsoleProgress()
     model = _load(model_path, input_shapes, trust_pickle, progress)
+    if passes:
+        with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
+            apply(model, passes)
     result = compile_model(
         model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress
     )
@@ -162,6 +170,15 @@ def inspect(model_path, input_shapes, trust_pickle, as_json):
 
     model = _load(model_path, input_shapes, trust_pickle, ConsoleProgress())
     inspect_table(model, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the passes and their options as JSON.")
+def passes(as_json):
+    """List the graph passes usable with `compile -p NAME[:key=value,...]`, with their options."""
+    from edgec.report import passes_list
+
+    passes_list(as_json)
 
 
 @cli.command()

@@ -190,3 +190,30 @@ def targets_table(as_json: bool) -> None:
         name = row["name"] + "".join(f"\n  {key}={value}" for key, value in row["options"].items())
         table.add_row(name, row["description"], json.dumps(row["tvm_target"]), tools)
     _console().print(table)
+
+
+def passes_list(as_json: bool) -> None:
+    from edgec.passes.registry import all_passes, describe
+
+    entries = []
+    for name, cls in all_passes().items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        entries.append({"name": name, "class": cls.__name__, "summary": summary, "options": describe(cls)})
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, default=repr))
+        return
+    console = _console()
+    if not entries:
+        console.print("no passes are registered")
+        return
+    from rich.table import Table
+
+    table = Table(title="edgec passes  (use: edgec compile MODEL -t TARGET -p NAME[:key=value,...])", title_justify="left", show_lines=True)
+    for column in ("pass", "what it does", "options (default)"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        options = "\n".join(
+            f"{o['name']}={o['default']!r} ({o['type']}): {o['help']}" for o in entry["options"]
+        ) or "none"
+        table.add_row(f"{entry['name']}\n({entry['class']})", entry["summary"], options)
+    console.print(table)
