@@ -13,14 +13,49 @@ from edgec.targets import ResolvedTarget, require_linker
 log = logging.getLogger(__name__)
 
 
+def relax_pipeline(target: ResolvedTarget, sink: dict):
+    """TVM's default Relax pipeline for the target family, spelled out, in order:
+
+    library dispatch -> legalize + fuse (CUDA: + dlight GPU schedules)
+    -> capture the kernel table (names are final here) -> dataflow lowering
+    -> memory planning and VM finalisation.
+    """
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_family
+    from tvm.relax.backend.cuda import pipeline as cuda_family
+
+    from edgec.kernels import capture_pass
+
+    tvm_target = target.tvm_target()
+    family = cuda_family if target.preset.kind == "cuda" else cpu_family
+    passes = [
+        *family.library_dispatch_passes(tvm_target),
+        *family.legalize_passes(tvm_target),
+        capture_pass(sink),
+        *family.dataflow_lower_passes(tvm_target),
+        *family.finalize_passes(tvm_target),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecRelaxPipeline")
+    def _pipeline(mod, _ctx):
+        with tvm_target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
 def build(mod, target: ResolvedTarget):
-    """``tvm.relax.build`` for ``target`` (CUDA gets TVM's dlight GPU schedules)."""
+    """``tvm.relax.build`` for ``target``; returns (executable, kernel calls in order)."""
     from tvm import relax
 
+    from edgec.kernels import kernel_calls
+
+    sink: dict = {}
     try:
-        return relax.build(mod, target=target.tvm_target())
+        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink))
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
+    return executable, kernel_calls(sink["mod"])
 
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:

@@ -190,6 +190,114 @@ def targets(as_json):
     targets_table(as_json)
 
 
+def _device_options(function):
+    function = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the device or tracker before giving up.")(function)
+    function = click.option("--key", metavar="KEY", help="Device key registered at the tracker (with --tracker).")(function)
+    function = click.option("--tracker", metavar="HOST:PORT", help="Get a board from this TVM RPC tracker.")(function)
+    function = click.option("--rpc", metavar="HOST:PORT", help="The board's RPC server (edgec device serve / edgec-agent).")(function)
+    function = click.option("--local", "use_local", is_flag=True, help="Run on this machine (the default without --rpc/--tracker).")(function)
+    return function
+
+
+def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | None, timeout: float):
+    from edgec.runtimes.session import connect
+
+    if use_local and (rpc or tracker):
+        raise EdgecError("--local cannot be combined with --rpc/--tracker")
+    return connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
+
+
+@cli.command()
+@click.argument("artifact_path", metavar="ARTIFACT", type=click.Path(path_type=Path))
+@_device_options
+@click.option("--repeat", type=click.IntRange(1), default=50, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("-i", "--input", "input_files", multiple=True, type=click.Path(path_type=Path), help="Input .npy per model input (default: seeded random).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True, help="Output check tolerance (relative).")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Output check tolerance (absolute).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json):
+    """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
+
+    The device's outputs are checked against ONNX Runtime on the artifact's
+    model.onnx first; a mismatch exits with status 1.
+    """
+    from edgec.artifact import load_artifact
+    from edgec.errors import VerificationError
+    from edgec.progress import ConsoleProgress
+    from edgec.report import bench_summary
+    from edgec.runtimes.bench import bench as run_bench
+    from edgec.runtimes.io import random_inputs, read_inputs
+
+    artifact = load_artifact(artifact_path)
+    inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact)
+    progress = ConsoleProgress()
+    with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
+        device = _device(use_local, rpc, tracker, key, timeout)
+    with device, progress.stage("bench", f"{repeat} runs after {warmup} warm-up"):
+        result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol)
+    bench_summary(result, as_json)
+    if result.check.get("ok") is False:
+        raise VerificationError(
+            f"the outputs of {result.device} differ from ONNX Runtime: max abs {result.check['max_abs']:.3g} "
+            f"(rtol {rtol:g}, atol {atol:g}); the code on the device is wrong or the tolerance too tight"
+        )
+
+
+@cli.command()
+@click.argument("artifact_path", metavar="ARTIFACT", type=click.Path(path_type=Path))
+@_device_options
+@click.option("--repeat", type=click.IntRange(1), default=10, show_default=True, help="Timed runs per kernel and end to end.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Also write an HTML report with a bar chart.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_path, as_json):
+    """Per-kernel profile of ARTIFACT measured on the device (or --local).
+
+    Each compiled kernel is timed on the device by TVM's time evaluator with
+    the shapes recorded at compile time; rows show the ONNX nodes the kernel
+    came from, calls, time, share of the end-to-end time and GFLOP/s.
+    """
+    from edgec.artifact import load_artifact
+    from edgec.progress import ConsoleProgress
+    from edgec.report import profile_summary
+    from edgec.runtimes.profile import profile as run_profile
+    from edgec.runtimes.profile import write_html
+
+    artifact = load_artifact(artifact_path)
+    progress = ConsoleProgress()
+    with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
+        device = _device(use_local, rpc, tracker, key, timeout)
+    with device, progress.stage("profile", f"{len(artifact.manifest.get('kernels', []))} kernel calls"):
+        result = run_profile(artifact, device, repeat=repeat)
+    if html_path:
+        write_html(result, html_path)
+    profile_summary(result, as_json, html_path)
+
+
+@cli.group()
+def device():
+    """Serve, build and emulate devices for `edgec bench/profile --rpc`."""
+
+
+@device.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes code execution to the network.")
+@click.option("--port", type=int, default=9090, show_default=True)
+@click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
+@click.option("--key", default="edgec", show_default=True, help="Device key to register at the tracker.")
+def serve(host, port, tracker, key):
+    """Run a TVM RPC server with edgec's device functions on this machine (a board with Python)."""
+    from edgec.runtimes.serve import LOOPBACK, serve_forever, start_server
+    from edgec.runtimes.session import parse_address
+
+    if host not in LOOPBACK:
+        click.echo(f"warning: binding {host}: anyone who can reach port {port} can upload and run code on this machine", err=True)
+    tracker_address = parse_address(tracker, "--tracker") if tracker else None
+    server = start_server(host, port, tracker=tracker_address, key=key)
+    where = f" registered at tracker {tracker} with key {key!r}" if tracker else ""
+    click.echo(f"edgec device server on {host}:{server.port}{where}; Ctrl-C to stop", err=True)
+    serve_forever(server)
+
+
 def main() -> None:
     cli(prog_name="edgec")
 

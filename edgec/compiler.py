@@ -29,6 +29,7 @@ from edgec import __version__
 from edgec.apply import deviation
 from edgec.artifact import Artifact, staging, write_manifest
 from edgec.errors import VerificationError
+from edgec.kernels import attach_onnx_nodes
 from edgec.model import Model, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
@@ -78,13 +79,15 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph)
         with progress.stage("build", f"tvm.relax.build for {resolved.spec}"):
-            executable = build(mod, resolved)
+            executable, kernels = build(mod, resolved)
+            attach_onnx_nodes(kernels, model.graph)
         with progress.stage("export", f"lib.so for {resolved.preset.cpu_arch}"):
             files = export(executable, resolved, directory)
             onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
             files.append("model.onnx")
         verification = _verify(model, resolved, directory, verify, progress)
         manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
+        manifest["kernels"] = kernels
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))

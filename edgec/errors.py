@@ -50,3 +50,7 @@ class ArtifactError(EdgecError):
 
 class InputDataError(EdgecError):
     """Input data given to run/bench does not fit the model."""
+
+
+class DeviceError(EdgecError):
+    """A device (local or over RPC) could not be reached, or failed during a run."""

@@ -291,6 +291,8 @@ def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
                     dynamo=False,
                     opset_version=ONNX_OPSET,
                     input_names=_torchscript_input_names(model, len(args)),
+                    # EVAL mode would fuse Conv+BatchNorm inside the exporter; keep BN for the fold-bn pass
+                    training=torch.onnx.TrainingMode.PRESERVE,
                 )
                 graph = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
     except InputShapeError:

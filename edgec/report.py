@@ -217,3 +217,59 @@ def passes_list(as_json: bool) -> None:
         ) or "none"
         table.add_row(f"{entry['name']}\n({entry['class']})", entry["summary"], options)
     console.print(table)
+
+
+EMULATED_NOTE = "EMULATED device (qemu): timings are meaningless, only correctness counts"
+
+
+def bench_summary(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    title = f"edgec bench {result.artifact} ({result.target}) on {result.device}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    suffix = " (emulated)" if result.emulated else ""
+    for name, value in (("mean", result.mean_ms), ("median", result.median_ms), ("p90", result.p90_ms), ("stdev", result.stdev_ms)):
+        table.add_row(f"{name} ms{suffix}", f"{value:.3f}")
+    table.add_row(f"throughput /s{suffix}", f"{result.throughput:.2f}")
+    table.add_row("runs", f"{result.repeat} (+{result.warmup} warm-up)")
+    info = result.device_info
+    table.add_row("device", f"{info.get('agent')} {info.get('machine')} ({info.get('cpu_arch')}, {info.get('num_cores')} cores)")
+    check = result.check
+    if check.get("ok") is None:
+        table.add_row("output check", check.get("note", "not run"))
+    else:
+        verdict = "ok" if check["ok"] else "MISMATCH"
+        table.add_row("output vs ONNX Runtime", f"{verdict}: max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e}")
+    console = _console()
+    console.print(table)
+    if result.emulated:
+        console.print(f"[bold yellow]{EMULATED_NOTE}[/]")
+
+
+def profile_summary(result, as_json: bool, html_path) -> None:
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"edgec profile {result.artifact} ({result.target}) on {result.device}", title_justify="left")
+    for column in ("kernel", "ONNX nodes", "shapes", "calls", "ms", "%", "GFLOP/s"):
+        table.add_column(column, justify="right" if column in ("calls", "ms", "%", "GFLOP/s") else "left", overflow="fold")
+    for row in result.rows:
+        nodes = ", ".join(row.onnx_nodes[:3]) + (f" +{len(row.onnx_nodes) - 3}" if len(row.onnx_nodes) > 3 else "")
+        table.add_row(row.kernel, nodes or "-", row.shapes, str(row.calls), f"{row.total_ms:.3f}", f"{result.percent(row):.1f}", f"{row.gflops:.2f}")
+    console = _console()
+    console.print(table)
+    console.print(
+        f"end to end {result.end_to_end_ms:.3f} ms (median); kernels sum {result.kernels_ms:.3f} ms = "
+        f"{100 * result.coverage:.1f}% of end to end" + (" (emulated)" if result.emulated else "")
+    )
+    if result.emulated:
+        console.print(f"[bold yellow]{EMULATED_NOTE}[/]")
+    if html_path:
+        console.print(f"HTML report: {html_path}")

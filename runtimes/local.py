@@ -30,14 +30,14 @@ class LocalRunner:
         import tvm
 
         check_inputs(self.artifact, inputs)
-        result = self.vm["main"](*(tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs))
+        result = self.vm["main"](*(tvm.runtime.tensor(np.require(x, requirements="C"), self.device) for x in inputs))
         return flatten_outputs(result)
 
     def time_ms(self, inputs: Sequence[np.ndarray], repeat: int = 10, warmup: int = 2) -> list[float]:
         """Per-run latencies in milliseconds, timed by TVM's own timer."""
         import tvm
 
-        self.vm.set_input("main", *(tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs))
+        self.vm.set_input("main", *(tvm.runtime.tensor(np.require(x, requirements="C"), self.device) for x in inputs))
         timer = self.vm.time_evaluator("invoke_stateful", self.device, number=1, repeat=repeat, min_repeat_ms=0)
         for _ in range(warmup):
             self.vm.invoke_stateful("main")

@@ -1,0 +1,135 @@
+"""``edgec bench``: time a compiled artifact end to end on a device.
+
+The device's own timer (TVM's time evaluator around ``invoke_stateful``)
+does the timing; the device's outputs are checked against the local
+reference (ONNX Runtime on the artifact's model.onnx), so wrong code on a
+board is caught, not timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from edgec.apply import deviation
+from edgec.artifact import Artifact
+from edgec.errors import InputDataError
+from edgec.runtimes.session import Device
+
+
+@dataclasses.dataclass
+class BenchResult:
+    artifact: str
+    target: str
+    device: str
+    device_info: dict[str, Any]
+    emulated: bool
+    repeat: int
+    warmup: int
+    times_ms: list[float]
+    check: dict[str, Any]
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.times_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p90_ms(self) -> float:
+        ordered = sorted(self.times_ms)
+        return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+    @property
+    def stdev_ms(self) -> float:
+        return statistics.stdev(self.times_ms) if len(self.times_ms) > 1 else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Inferences per second at the median latency."""
+        return 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(
+            mean_ms=self.mean_ms, median_ms=self.median_ms, p90_ms=self.p90_ms, stdev_ms=self.stdev_ms,
+            throughput_per_s=self.throughput,
+        )
+        return data
+
+
+def load_vm(device: Device, artifact: Artifact):
+    from tvm import relax
+
+    module = device.load(artifact)
+    with device.step("creating the Relax VM"):
+        return module, relax.VirtualMachine(module, device.dev)
+
+
+def run_once(device: Device, vm, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """set_input / invoke_stateful / get_outputs: the calls that work over RPC."""
+    with device.step("running the model"):
+        vm.set_input("main", *(device.tensor(array) for array in inputs))
+        vm.invoke_stateful("main")
+        outputs = vm.get_outputs("main")
+    return [tensor.numpy() for tensor in _flat(outputs)]
+
+
+def _flat(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [item for part in value for item in _flat(part)]
+    return [value]
+
+
+def reference_check(artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
+    """Compare device outputs with ONNX Runtime on the artifact's model.onnx."""
+    import onnx_ir as ir
+
+    from edgec.runtimes.reference import reference_outputs
+
+    graph = ir.load(str(artifact.onnx))
+    want = reference_outputs(graph, inputs)
+    if want is None:
+        return {"reference": None, "ok": None, "note": "no reference for this graph's custom ops"}
+    max_abs, max_rel = deviation(outputs, want)
+    ok = all(got.shape == ref.shape and np.allclose(got, ref, rtol=rtol, atol=atol) for got, ref in zip(outputs, want, strict=True))
+    return {"reference": "onnxruntime", "ok": ok, "max_abs": max_abs, "max_rel": max_rel, "rtol": rtol, "atol": atol}
+
+
+def bench(
+    artifact: Artifact,
+    device: Device,
+    inputs: Sequence[np.ndarray],
+    *,
+    repeat: int = 50,
+    warmup: int = 5,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> BenchResult:
+    if repeat < 1 or warmup < 0:
+        raise InputDataError("--repeat must be >= 1 and --warmup >= 0")
+    device.check_artifact(artifact)
+    _module, vm = load_vm(device, artifact)
+    outputs = run_once(device, vm, inputs)
+    check = reference_check(artifact, inputs, outputs, rtol, atol)
+    with device.step("timing the model"):
+        if warmup:
+            vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=warmup)("main")
+        timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")
+    return BenchResult(
+        artifact=str(artifact.path),
+        target=artifact.manifest["target"]["spec"],
+        device=device.label,
+        device_info=device.info,
+        emulated=device.emulated,
+        repeat=repeat,
+        warmup=warmup,
+        times_ms=[seconds * 1e3 for seconds in timed.results],
+        check=check,
+    )

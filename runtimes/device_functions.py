@@ -1,0 +1,57 @@
+"""Functions edgec registers on a device (the Python RPC server and, in C++, the native agent).
+
+    edgec.device.info()                              -> JSON string: agent, version, machine, cpu_arch, num_cores, emulated
+    edgec.profile.register_kernel(module, kernel, global_name)
+        makes ``module``'s kernel (found through its imports) a global function on
+        the device, so that TVM's own ``runtime.RPCTimeEvaluator`` can time it there.
+
+Both are tiny on purpose: all timing is TVM's time evaluator, on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+AGENT_VERSION = "0.1.0"
+EMULATED_ENV = "EDGEC_EMULATED"
+
+_CPU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def cpu_arch(machine: str) -> str:
+    """Map ``uname -m`` to the artifact's ``cpu_arch`` (armv7l/armv8l 32-bit -> armv7)."""
+    lowered = machine.lower()
+    if lowered.startswith("arm") and lowered not in _CPU_ARCH:
+        return "armv7"
+    return _CPU_ARCH.get(lowered, lowered)
+
+
+def device_info() -> str:
+    machine = platform.machine()
+    return json.dumps(
+        {
+            "agent": "edgec-python-server",
+            "version": AGENT_VERSION,
+            "machine": machine,
+            "cpu_arch": cpu_arch(machine),
+            "num_cores": os.cpu_count() or 1,
+            "emulated": os.environ.get(EMULATED_ENV, "") == "1",
+        }
+    )
+
+
+def register_kernel(module, kernel: str, global_name: str) -> None:
+    import tvm
+
+    function = module.get_function(kernel, query_imports=True)
+    tvm.register_global_func(global_name, function, override=True)
+
+
+def register() -> None:
+    """Register the device functions in this process (a server's init callback)."""
+    import tvm
+
+    tvm.register_global_func("edgec.device.info", device_info, override=True)
+    tvm.register_global_func("edgec.profile.register_kernel", register_kernel, override=True)

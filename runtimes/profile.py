@@ -1,0 +1,177 @@
+"""``edgec profile``: per-kernel times measured on the device.
+
+TVM 0.27 has no VM profiler, so each kernel of the artifact's kernel table
+(manifest.json, captured at compile time) is made a global function on the
+device (``edgec.profile.register_kernel``) and timed there by TVM's own time
+evaluator, on random tensors of the recorded shapes. A kernel's time is its
+median per call times its number of calls; the rows' sum is compared with
+the end-to-end median (the rest is VM overhead: allocation, builtins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import statistics
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from edgec.artifact import Artifact
+from edgec.errors import ArtifactError
+from edgec.runtimes.bench import load_vm
+from edgec.runtimes.session import Device
+
+
+@dataclasses.dataclass
+class KernelRow:
+    kernel: str
+    onnx_nodes: list[str]
+    shapes: str
+    calls: int
+    ms_per_call: float
+    flops_per_call: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.ms_per_call * self.calls
+
+    @property
+    def gflops(self) -> float:
+        return self.flops_per_call / (self.ms_per_call * 1e6) if self.ms_per_call > 0 else 0.0
+
+
+@dataclasses.dataclass
+class ProfileResult:
+    artifact: str
+    target: str
+    device: str
+    emulated: bool
+    end_to_end_ms: float
+    rows: list[KernelRow]
+
+    @property
+    def kernels_ms(self) -> float:
+        return sum(row.total_ms for row in self.rows)
+
+    @property
+    def coverage(self) -> float:
+        """Sum of kernel rows / end-to-end time."""
+        return self.kernels_ms / self.end_to_end_ms if self.end_to_end_ms > 0 else 0.0
+
+    def percent(self, row: KernelRow) -> float:
+        return 100.0 * row.total_ms / self.end_to_end_ms if self.end_to_end_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact,
+            "target": self.target,
+            "device": self.device,
+            "emulated": self.emulated,
+            "end_to_end_ms": self.end_to_end_ms,
+            "kernels_ms": self.kernels_ms,
+            "coverage": self.coverage,
+            "rows": [
+                {**dataclasses.asdict(row), "total_ms": row.total_ms, "percent": self.percent(row), "gflops": row.gflops}
+                for row in self.rows
+            ],
+        }
+
+
+def _random(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
+    dtype = np.dtype(spec["dtype"])
+    shape = tuple(spec["shape"] or ())
+    if np.issubdtype(dtype, np.floating):
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
+
+
+def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int = 0) -> ProfileResult:
+    calls = artifact.manifest.get("kernels")
+    if not calls:
+        raise ArtifactError(f"artifact '{artifact.path}' has no kernel table; recompile it with this edgec version")
+    device.check_artifact(artifact)
+    module, vm = load_vm(device, artifact)
+    rng = np.random.default_rng(seed)
+    inputs = [_random(spec, rng) for spec in artifact.inputs]
+    with device.step("timing the model end to end"):
+        vm.set_input("main", *(device.tensor(array) for array in inputs))
+        vm.invoke_stateful("main")
+        timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")
+        end_to_end_ms = statistics.median(timed.results) * 1e3
+    grouped: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+    for call in calls:
+        grouped.setdefault(call["kernel"], []).append(call)
+    evaluator = device.evaluator()
+    rows = []
+    for index, (kernel, kernel_calls) in enumerate(grouped.items()):
+        first = kernel_calls[0]
+        global_name = f"edgec.profile.kernel.{index}"
+        with device.step(f"timing kernel {kernel}"):
+            device.register_kernel(module, kernel, global_name)
+            arguments = [device.tensor(_random(spec, rng)) for spec in first["args"] + first["outputs"]]
+            dev = device.dev
+            timer = evaluator(None, global_name, device.device_type_on_device(), dev.index, 1, repeat, 0, 100, 0, 1, 0, "")
+            blob = timer(*arguments)
+        seconds = struct.unpack("@" + "d" * repeat, bytes(blob))
+        nodes: list[str] = []
+        for call in kernel_calls:
+            nodes.extend(node for node in call.get("onnx_nodes", []) if node not in nodes)
+        shapes = " ".join("x".join(map(str, spec["shape"] or [])) for spec in first["args"][:2])
+        shapes += " -> " + " ".join("x".join(map(str, spec["shape"] or [])) for spec in first["outputs"])
+        rows.append(KernelRow(kernel, nodes, shapes, len(kernel_calls), statistics.median(seconds) * 1e3, first["flops"]))
+    rows.sort(key=lambda row: -row.total_ms)
+    return ProfileResult(
+        artifact=str(artifact.path),
+        target=artifact.manifest["target"]["spec"],
+        device=device.label,
+        emulated=device.emulated,
+        end_to_end_ms=end_to_end_ms,
+        rows=rows,
+    )
+
+
+def write_html(result: ProfileResult, path) -> None:
+    """A self-contained HTML report: one horizontal bar per kernel, widest = slowest."""
+    top = max((row.total_ms for row in result.rows), default=1.0) or 1.0
+    banner = (
+        "<p class='warn'>Emulated device (qemu): these timings say nothing about real hardware.</p>"
+        if result.emulated
+        else ""
+    )
+    lines = []
+    for row in result.rows:
+        width = 100.0 * row.total_ms / top
+        nodes = html.escape(", ".join(row.onnx_nodes) or "-")
+        lines.append(
+            f"<tr><td class='k'>{html.escape(row.kernel)}</td><td>{nodes}</td><td>{html.escape(row.shapes)}</td>"
+            f"<td class='n'>{row.calls}</td><td class='n'>{row.total_ms:.3f}</td><td class='n'>{result.percent(row):.1f}</td>"
+            f"<td class='n'>{row.gflops:.2f}</td><td class='bar'><div style='width:{width:.1f}%'></div></td></tr>"
+        )
+    document = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>edgec profile: {html.escape(result.artifact)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; width: 100%; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.k {{ font-family: monospace; }}
+td.bar {{ width: 30%; }}
+td.bar div {{ background: #3b82f6; height: 14px; }}
+.warn {{ color: #b45309; font-weight: bold; }}
+</style></head><body>
+<h1>edgec profile</h1>
+<p>artifact <code>{html.escape(result.artifact)}</code> ({html.escape(result.target)}) on {html.escape(result.device)}</p>
+{banner}
+<p>end to end (median) {result.end_to_end_ms:.3f} ms; kernels sum {result.kernels_ms:.3f} ms
+({100 * result.coverage:.1f}% of end to end; the rest is VM overhead)</p>
+<table><thead><tr><th>kernel</th><th>ONNX nodes</th><th>shapes (inputs -> output)</th><th>calls</th>
+<th>ms</th><th>%</th><th>GFLOP/s</th><th>time</th></tr></thead><tbody>
+{chr(10).join(lines)}
+</tbody></table></body></html>
+"""
+    from pathlib import Path
+
+    Path(path).write_text(document)

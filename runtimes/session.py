@@ -1,0 +1,236 @@
+"""Where a compiled artifact runs: this process, or a board over TVM RPC.
+
+A :class:`Device` hides the difference: it uploads and loads ``lib.so``,
+makes tensors on the device, and times functions with TVM's time evaluator
+*on the device*. Every RPC failure becomes a DeviceError that names the
+device and the step, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from edgec.artifact import Artifact
+from edgec.errors import ArtifactError, DeviceError
+from edgec.runtimes import device_functions
+
+log = logging.getLogger(__name__)
+
+RPC_SESS_MASK = 128  # TVM encodes remote devices as type + 128 * (session index + 1)
+
+
+class Device:
+    """Common interface of LocalDevice and RemoteDevice."""
+
+    label = "device"
+    info: dict[str, Any]
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.info.get("emulated"))
+
+    def check_artifact(self, artifact: Artifact) -> None:
+        """Refuse an artifact built for another CPU architecture than the device's."""
+        wanted = artifact.manifest["target"]["cpu_arch"]
+        have = self.info.get("cpu_arch")
+        if artifact.manifest["target"]["arch"] == "cuda":
+            raise ArtifactError(
+                f"artifact '{artifact.path}' is a CUDA build; edgec bench/profile run CPU artifacts only "
+                "(the pip TVM wheel has no CUDA runtime)"
+            )
+        if wanted != have:
+            raise ArtifactError(
+                f"artifact '{artifact.path}' was compiled for {artifact.target_name} ({wanted}), but {self.label} is "
+                f"{have} ({self.info.get('machine')}); compile for a matching target (see `edgec targets`)"
+            )
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Turn TVM/RPC failures during ``what`` into a DeviceError naming the device."""
+        try:
+            yield
+        except (DeviceError, ArtifactError):
+            raise
+        except Exception as error:  # noqa: BLE001 - TVM raises RPCError, TVMError, OSError...
+            text = str(error).strip().splitlines()
+            raise DeviceError(f"{self.label}: {what} failed: {text[-1] if text else type(error).__name__}") from error
+
+    def close(self) -> None:
+        """Release the session."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalDevice(Device):
+    """This machine, in this process."""
+
+    label = "local (this machine)"
+
+    def __init__(self) -> None:
+        import tvm
+
+        self.info = {**json.loads(device_functions.device_info()), "agent": "edgec (in-process)"}
+        self.dev = tvm.cpu()
+
+    def load(self, artifact: Artifact):
+        import tvm
+
+        with self.step("loading lib.so"):
+            return tvm.runtime.load_module(str(artifact.lib))
+
+    def tensor(self, array: np.ndarray):
+        import tvm
+
+        return tvm.runtime.tensor(np.require(array, requirements="C"), self.dev)
+
+    def register_kernel(self, module, kernel: str, global_name: str) -> None:
+        device_functions.register_kernel(module, kernel, global_name)
+
+    def evaluator(self):
+        import tvm
+
+        return tvm.get_global_func("runtime.RPCTimeEvaluator")
+
+    def device_type_on_device(self) -> int:
+        return self.dev.dlpack_device_type()
+
+
+class RemoteDevice(Device):
+    """A board (or an emulated one) reached over TVM RPC."""
+
+    def __init__(self, session, label: str) -> None:
+        self.session = session
+        self.label = label
+        with self.step("asking the device what it is (edgec.device.info)"):
+            try:
+                info = session.get_function("edgec.device.info")
+            except Exception as error:  # noqa: BLE001
+                raise DeviceError(
+                    f"{label} is a TVM RPC server without edgec's device functions; "
+                    "start it with `edgec device serve` or the edgec-agent"
+                ) from error
+            self.info = json.loads(info())
+        self.dev = session.cpu()
+
+    def load(self, artifact: Artifact):
+        with self.step("uploading lib.so"):
+            self.session.upload(str(artifact.lib), "edgec_model.so")
+        with self.step("loading lib.so on the device"):
+            return self.session.load_module("edgec_model.so")
+
+    def tensor(self, array: np.ndarray):
+        import tvm
+
+        return tvm.runtime.tensor(np.require(array, requirements="C"), self.dev)
+
+    def register_kernel(self, module, kernel: str, global_name: str) -> None:
+        self.session.get_function("edgec.profile.register_kernel")(module, kernel, global_name)
+
+    def evaluator(self):
+        return self.session.get_function("runtime.RPCTimeEvaluator")
+
+    def device_type_on_device(self) -> int:
+        """The device type as the board sees it (without the client's RPC session mask)."""
+        return self.dev.dlpack_device_type() % RPC_SESS_MASK
+
+    def close(self) -> None:
+        self.session = None
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DeviceError(f"bad {what} address {text!r}: write HOST:PORT, e.g. 127.0.0.1:9090")
+    return host, int(port)
+
+
+def _bounded(call, seconds: float, what: str):
+    """Run ``call`` in a daemon thread; DeviceError if it takes longer than ``seconds``."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            result["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise DeviceError(f"{what}: no answer within {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def connect(rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout: float = 60.0) -> Device:
+    """A LocalDevice, or a RemoteDevice reached directly (``rpc``) or through a tracker."""
+    if rpc and tracker:
+        raise DeviceError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+    if tracker and not key:
+        raise DeviceError("--tracker needs --key (the device key the board registered with, e.g. a7)")
+    if not rpc and not tracker:
+        return LocalDevice()
+    from tvm import rpc as tvm_rpc
+
+    if rpc:
+        host, port = parse_address(rpc, "--rpc")
+        label = f"device at {host}:{port}"
+        try:
+            session = _bounded(lambda: tvm_rpc.connect(host, port, session_timeout=0), timeout, f"connecting to {label}")
+        except DeviceError:
+            raise
+        except Exception as error:  # noqa: BLE001 - TVM's InternalError on refused connections
+            raise DeviceError(f"cannot connect to {label} ({_last(error)}); is `edgec device serve` or the agent running?") from None
+        return RemoteDevice(session, label)
+    host, port = parse_address(tracker, "--tracker")
+    label = f"device '{key}' from tracker {host}:{port}"
+    _probe(host, port, f"tracker at {host}:{port}", timeout)
+    try:
+        client = _bounded(lambda: tvm_rpc.connect_tracker(host, port), timeout, f"connecting to tracker {host}:{port}")
+        summary = _bounded(client.summary, timeout, f"asking tracker {host}:{port} for its boards")
+    except DeviceError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise DeviceError(f"tracker {host}:{port} did not answer: {_last(error)}") from None
+    queue = summary.get("queue_info", {})
+    if key not in queue:
+        known = ", ".join(sorted(queue)) or "none"
+        raise DeviceError(f"tracker {host}:{port} has no board registered with key {key!r} (keys: {known})")
+    try:
+        session = _bounded(
+            lambda: client.request(key, max_retry=1),
+            timeout,
+            f"waiting for a free board with key {key!r} at tracker {host}:{port} (all busy?)",
+        )
+    except DeviceError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise DeviceError(f"tracker {host}:{port} could not give a board with key {key!r}: {_last(error)}") from None
+    return RemoteDevice(session, label)
+
+
+def _last(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
+def _probe(host: str, port: int, label: str, timeout: float) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
+            pass
+    except OSError as error:
+        raise DeviceError(f"cannot reach {label}: {error.strerror or error}; is the server running?") from None
