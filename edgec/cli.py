@@ -293,7 +293,7 @@ def serve(host, port, tracker, key):
         click.echo(f"warning: binding {host}: anyone who can reach port {port} can upload and run code on this machine", err=True)
     tracker_address = parse_address(tracker, "--tracker") if tracker else None
     server = start_server(host, port, tracker=tracker_address, key=key)
-    where = f" registered at tracker {tracker} with key {key!r}" if tracker else ""
+    where = f", registering at tracker {tracker} with key {key!r}" if tracker else ""
     click.echo(f"edgec device server on {host}:{server.port}{where}; Ctrl-C to stop", err=True)
     serve_forever(server)
 
