@@ -23,13 +23,13 @@ _LAZY = {
     "from_onnx_ir": ("edgec.frontend", "from_onnx_ir"),
     "compile": ("edgec.compiler", "compile"),
     "VerifyOptions": ("edgec.compiler", "VerifyOptions"),
-    "apply": ("edgec.apply", "apply"),
+    "apply": ("edgec.apply_passes", "apply"),
     "Model": ("edgec.model", "Model"),
     "load_artifact": ("edgec.artifact", "load_artifact"),
 }
 
 if TYPE_CHECKING:
-    from edgec.apply import apply
+    from edgec.apply_passes import apply
     from edgec.artifact import load_artifact
     from edgec.compiler import VerifyOptions, compile
     from edgec.frontend import from_onnx_ir, load

@@ -112,7 +112,7 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     from edgec.progress import ConsoleProgress
     from edgec.targets import resolve
 
-    from edgec.apply import apply
+    from edgec.apply_passes import apply
     from edgec.passes.registry import parse
 
     target = resolve(target_spec)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec import __version__
-from edgec.apply import deviation
+from edgec.numerics import deviation
 from edgec.artifact import Artifact, staging, write_manifest
 from edgec.errors import VerificationError
 from edgec.kernels import attach_onnx_nodes

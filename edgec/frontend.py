@@ -135,8 +135,17 @@ def _load_onnx(path: Path, data: bytes, shapes: shape_args.InputShapes) -> ir.Mo
     if not proto.graph.node:
         raise LoadError(f"'{path}' parsed as ONNX but holds no graph nodes; it is corrupt or not an ONNX model")
     graph = ir.serde.deserialize_model(proto)
+    _drop_initializer_inputs(graph)
     _apply_shapes(path, graph, shapes)
     return graph
+
+
+def _drop_initializer_inputs(graph: ir.Model) -> None:
+    """Old ONNX files (IR < 4) list every weight as a graph input too; a deployed model
+    takes only its real inputs, so inputs backed by an initializer become constants."""
+    inputs = graph.graph.inputs
+    for value in [value for value in inputs if value.name in graph.graph.initializers]:
+        inputs.remove(value)
 
 
 def _apply_shapes(path: Path, graph: ir.Model, shapes: shape_args.InputShapes) -> None:

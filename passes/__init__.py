@@ -6,6 +6,8 @@
 ``PASSES`` is the registry ``edgec passes`` lists (see passes/registry.py).
 """
 
-PASSES: tuple[type, ...] = ()
+from edgec.passes.fold_batchnorm import FoldBatchNormPass
 
-__all__ = ["PASSES"]
+PASSES: tuple[type, ...] = (FoldBatchNormPass,)
+
+__all__ = ["FoldBatchNormPass", "PASSES"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.apply import deviation
+from edgec.numerics import deviation
 from edgec.artifact import Artifact
 from edgec.errors import InputDataError
 from edgec.runtimes.session import Device

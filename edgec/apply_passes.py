@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from edgec.errors import PassError
 from edgec.model import Model
+from edgec.numerics import deviation
 from edgec.stats import model_stats
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool =
         start = time.perf_counter()
         try:
             result = graph_pass(model.graph)
-        except ir.passes.PassError as error:
+        except (ir.passes.PassError, ir.passes.InvariantError) as error:  # requires/ensures raise InvariantError
             raise PassError(f"pass {pass_name(graph_pass)!r} failed: {error}") from error
         seconds = time.perf_counter() - start
         if result.model is not model.graph:
@@ -138,18 +139,3 @@ def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool =
         model.pass_reports.append(report)
         reports.append(report)
     return reports
-
-
-def deviation(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Max absolute error, and max error relative to the reference's largest magnitude."""
-    max_abs = 0.0
-    max_rel = 0.0
-    for got, want in zip(actual, expected, strict=True):
-        if got.shape != want.shape:
-            return float("inf"), float("inf")
-        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-        scale = max(float(np.max(np.abs(want))), 1e-12) if want.size else 1.0
-        if diff.size:
-            max_abs = max(max_abs, float(diff.max()))
-            max_rel = max(max_rel, float(diff.max()) / scale)
-    return max_abs, max_rel
