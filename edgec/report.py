@@ -48,7 +48,7 @@ def compile_summary(result) -> None:
     if verification["status"] == "skipped":
         table.add_row("verification", f"skipped: {verification['reason']}")
     else:
-        for reference in ("onnxruntime", "pytorch"):
+        for reference in ("onnxruntime", "numpy", "pytorch"):
             if reference in verification:
                 check = verification[reference]
                 verdict = "ok" if check["within_tolerance"] else ("FAILED" if check["enforced"] else "differs (lossy passes)")
@@ -244,7 +244,7 @@ def bench_summary(result, as_json: bool) -> None:
         table.add_row("output check", check.get("note", "not run"))
     else:
         verdict = "ok" if check["ok"] else "MISMATCH"
-        table.add_row("output vs ONNX Runtime", f"{verdict}: max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e}")
+        table.add_row(f"output vs {check['reference']}", f"{verdict}: max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e}")
     console = _console()
     console.print(table)
     if result.emulated:

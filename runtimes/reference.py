@@ -32,7 +32,24 @@ def has_custom_ops(graph: ir.Model) -> bool:
 
 
 def reference_outputs(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:
-    """Reference outputs of ``graph`` on ``inputs``; None when a custom op has no reference yet."""
-    if has_custom_ops(graph):
-        return None
-    return run_onnxruntime(graph, inputs)
+    """Reference outputs of ``graph`` on ``inputs``: ONNX Runtime for standard graphs,
+    onnx's ReferenceEvaluator with edgec's NumPy references when custom ops are present;
+    None when a custom op of another domain has no reference."""
+    if not has_custom_ops(graph):
+        return run_onnxruntime(graph, inputs)
+    return run_numpy_reference(graph, inputs)
+
+
+def run_numpy_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    from onnx.reference import ReferenceEvaluator
+
+    from edgec.ops import DOMAIN, load_all
+
+    custom = load_all()
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.domain not in ("", "ai.onnx") and (node.domain != DOMAIN or node.op_type not in custom):
+            return None
+    proto = ir.serde.serialize_model(graph)
+    evaluator = ReferenceEvaluator(proto, new_ops=[op.reference for op in custom.values()])
+    names = [value.name for value in graph.graph.inputs]
+    return [np.asarray(output) for output in evaluator.run(None, dict(zip(names, inputs, strict=True)))]
