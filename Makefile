@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 EDGEC := $(VENV)/bin/edgec
 STAMP := $(VENV)/.edgec-installed
 export PIP_CACHE_DIR ?= $(HOME)/.cache/edgec/pip
-# tool:debian-package pairs the ARM targets link with
-CROSS_TOOLS := arm-linux-gnueabihf-g++:g++-arm-linux-gnueabihf aarch64-linux-gnu-g++:g++-aarch64-linux-gnu
+# tool:debian-package pairs: the ARM targets' cross compilers, and qemu-user for the emulated boards
+CROSS_TOOLS := arm-linux-gnueabihf-g++:g++-arm-linux-gnueabihf aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+	qemu-arm-static:qemu-user-static qemu-aarch64-static:qemu-user-static
 DEMO := build/examples
 
 .PHONY: setup toolchains demo test clean
@@ -26,7 +27,8 @@ toolchains:
 	for pair in $(CROSS_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	  echo "installing cross compilers:$$missing"; \
+	  missing=$$(echo $$missing | tr " " "\n" | sort -u | tr "\n" " "); \
+	  echo "installing Debian packages: $$missing"; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
@@ -44,3 +46,8 @@ test: setup
 
 clean:
 	rm -rf build .pytest_cache
+
+# edgec vs PyTorch eager and ONNX Runtime on this machine (bench/compare.py; BENCH_ARGS=--tune-trials N adds tuned)
+.PHONY: bench
+bench: setup
+	$(PY) bench/compare.py $(BENCH_ARGS)

@@ -30,14 +30,19 @@ from edgec.runtimes.session import LocalDevice, connect
 FAULT_BOUND_S = 45  # a fault must end in an error well within this (not a speed target)
 
 
+# Big enough (about 9 MMAC) that each kernel runs for far longer than the
+# VM's per-call overhead, so the profile's rows can add up to the whole.
+SMALL_SHAPE = (1, 3, 48, 48)
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.conv3 = nn.Conv2d(8, 16, 1)
-        self.head = nn.Linear(16, 10)
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.conv3 = nn.Conv2d(32, 64, 1)
+        self.head = nn.Linear(64, 10)
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -63,14 +68,14 @@ def small_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def x86_artifact(small_model_path, tmp_path_factory):
-    model = edgec.load(small_model_path, input_shape=(1, 3, 16, 16))
+    model = edgec.load(small_model_path, input_shape=SMALL_SHAPE)
     output = tmp_path_factory.mktemp("devices") / "small_x86"
     return edgec.compile(model, "x86", output).artifact
 
 
 @pytest.fixture(scope="module")
 def a7_artifact(small_model_path, tmp_path_factory):
-    model = edgec.load(small_model_path, input_shape=(1, 3, 16, 16))
+    model = edgec.load(small_model_path, input_shape=SMALL_SHAPE)
     output = tmp_path_factory.mktemp("devices") / "small_a7"
     return edgec.compile(model, "cortex-a7", output).artifact
 
