@@ -1,0 +1,42 @@
+"""Constants and small helpers shared by the backbone tests (not fixtures: see conftest.py)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+FORMATS = ("torchscript", "export", "onnx", "pickle")
+SUFFIX = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx", "pickle": ".pkl"}
+# what edgec.frontend.sniff_format calls each of them
+SOURCE_FORMAT = {"torchscript": "torchscript", "export": "torch.export", "onnx": "onnx", "pickle": "pickle"}
+# the format each model is compiled from for x86, so that every format reaches a build once
+X86_SOURCE = {"mobilenet": "export", "resnet": "torchscript", "vgg": "onnx", "mlp": "pickle"}
+
+RTOL = 1e-4
+ATOL = 1e-4
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging directories (``.NAME.tmp-*``, ``.NAME.old-*``) left in ``parent``."""
+    return sorted(path.name for path in parent.iterdir() if ".tmp-" in path.name or ".old-" in path.name)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def elf_header(path: Path) -> dict[str, int]:
+    """The identifying fields of an ELF file's header, parsed from its bytes.
+
+    e_ident: magic 0x7f 'E' 'L' 'F', EI_CLASS (1: 32-bit, 2: 64-bit),
+    EI_DATA (1: little endian); then e_type (3: ET_DYN, a shared object) and
+    e_machine (40: ARM, 62: x86-64, 183: AArch64) as 16-bit words.
+    """
+    data = path.read_bytes()[:20]
+    if data[:4] != b"\x7fELF":
+        raise ValueError(f"{path} is not an ELF file (starts with {data[:4]!r})")
+    ei_class, ei_data = data[4], data[5]
+    order = "<" if ei_data == 1 else ">"
+    e_type, e_machine = struct.unpack(order + "HH", data[16:20])
+    return {"class": ei_class, "data": ei_data, "type": e_type, "machine": e_machine}
