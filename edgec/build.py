@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -13,12 +14,40 @@ from edgec.targets import ResolvedTarget, require_linker
 log = logging.getLogger(__name__)
 
 
-def relax_pipeline(target: ResolvedTarget, sink: dict):
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How kernels get their schedules.
+
+    ``schedules``: edgec's CPU schedule library (targets/schedules) and its
+    channels-last graph preparation; off = TVM's default Relax build, naive
+    single-threaded loop nests. ``tuning_db``: a MetaSchedule database
+    directory (edgec tune) whose records replace the library's schedule for
+    the kernels they match. Neither changes CUDA builds (TVM's dlight).
+    """
+
+    schedules: bool = True
+    tuning_db: Path | None = None
+
+
+def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | None = None):
     """TVM's default Relax pipeline for the target family, spelled out, in order:
 
-    library dispatch -> legalize + fuse (CUDA: + dlight GPU schedules)
+    library dispatch
+    -> graph      CPU + schedules or tuning_db: BN as scale/shift, Clip as Relax ops, NHWC layout,
+                  constants folded (targets/schedules/graph.py); before legalize
+                  because kernels are written for the layout chosen here
+    -> legalize + fuse (CUDA: + dlight GPU schedules)
+    -> tuned      CPU + tuning_db: kernels with a record in the database get its
+                  best measured schedule (the library's own is measured and recorded
+                  by edgec tune too, so a record wins only when it was faster)
+    -> schedules  CPU + schedules: the schedule library for every kernel not yet
+                  scheduled; after fusion because a kernel's epilogue is part of it
     -> capture the kernel table (names are final here) -> dataflow lowering
     -> memory planning and VM finalisation.
+
+    ``sink`` receives ``"mod"`` (the captured IRModule), ``"schedules"`` (kernel ->
+    rule name, ``"tuning-db"``, or None where nothing scheduled it) and ``"tuning"``
+    (what the database gave).
     """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_family
@@ -26,11 +55,28 @@ def relax_pipeline(target: ResolvedTarget, sink: dict):
 
     from edgec.kernels import capture_pass
 
+    options = options or BuildOptions()
     tvm_target = target.tvm_target()
-    family = cuda_family if target.preset.kind == "cuda" else cpu_family
+    cpu = target.preset.kind != "cuda"
+    family = cpu_family if cpu else cuda_family
+    graph, tuned, scheduled = graph_stage(target, options), [], []
+    if cpu and (options.schedules or options.tuning_db is not None):
+        from edgec.targets.schedules import apply_schedules, cpu_vector, default_rules
+
+        rules = default_rules(cpu_vector(target))
+        report = sink.setdefault("schedules", {})
+        if options.schedules:
+            scheduled = [apply_schedules(rules, report)]
+        if options.tuning_db is not None:
+            from edgec.tune import apply_database_pass
+
+            tuned = [apply_database_pass(options.tuning_db, rules, report, sink.setdefault("tuning", {}))]
     passes = [
         *family.library_dispatch_passes(tvm_target),
+        *graph,
         *family.legalize_passes(tvm_target),
+        *tuned,
+        *scheduled,
         capture_pass(sink),
         *family.dataflow_lower_passes(tvm_target),
         *family.finalize_passes(tvm_target),
@@ -44,18 +90,42 @@ def relax_pipeline(target: ResolvedTarget, sink: dict):
     return _pipeline
 
 
-def build(mod, target: ResolvedTarget):
-    """``tvm.relax.build`` for ``target``; returns (executable, kernel calls in order)."""
+def graph_stage(target: ResolvedTarget, options: BuildOptions) -> list:
+    """The Relax passes between library dispatch and legalization: on CPUs with the
+    schedule library or a tuning database, the channels-last graph the kernels are
+    written (and tuned) for; nothing otherwise. ``edgec tune`` runs the same."""
+    if target.preset.kind == "cuda" or not (options.schedules or options.tuning_db is not None):
+        return []
+    from edgec.ops._relax import cancel_transposes
+    from edgec.targets.schedules import cpu_vector, graph_passes
+
+    return [*graph_passes(cpu_vector(target)), cancel_transposes()]  # custom ops' NCHW<->NHWC wrappers cancel here
+
+
+def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink: dict | None = None):
+    """``tvm.relax.build`` for ``target``; returns (executable, kernel calls in order).
+
+    On CPUs with the schedule library or a tuning database, each kernel call records
+    ``"schedule"``: the library rule that scheduled it, ``"tuning-db"`` (a schedule
+    MetaSchedule found that measured faster than the library's), or None (left as
+    LegalizeOps wrote it).
+    ``sink`` (optional) receives what ``relax_pipeline`` reports.
+    """
     from tvm import relax
 
     from edgec.kernels import kernel_calls
 
-    sink: dict = {}
+    sink = {} if sink is None else sink
+    options = options or BuildOptions()
     try:
-        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink))
+        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
-    return executable, kernel_calls(sink["mod"])
+    calls = kernel_calls(sink["mod"])
+    if "schedules" in sink:
+        for call in calls:
+            call["schedule"] = sink["schedules"].get(call["kernel"])
+    return executable, calls
 
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:

@@ -80,6 +80,28 @@ def _trust_pickle_option(function):
     )(function)
 
 
+def _use_threads(_ctx, _param, threads: int | None) -> int:
+    """TVM kernels' thread count for this process: --threads, else TVM_NUM_THREADS, else physical cores."""
+    import os
+
+    from edgec.targets.resolve import physical_cores
+
+    if threads is None:
+        threads = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts (first kernel)
+    return threads
+
+
+def _threads_option(function):
+    return click.option(
+        "--threads",
+        type=click.IntRange(1),
+        callback=_use_threads,
+        expose_value=False,
+        help="Threads of the compiled kernels on this machine (sets TVM_NUM_THREADS) [default: physical cores].",
+    )(function)
+
+
 def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
     from edgec.frontend import load
 
@@ -98,7 +120,10 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Relative tolerance of the verification.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the verification.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json):  # noqa: A001
+@click.option("--no-schedules", is_flag=True, help="Build without edgec's CPU schedule library: TVM's naive single-threaded kernels.")
+@click.option("--tuning-db", metavar="PATH|none", help="MetaSchedule database from `edgec tune` [default: ~/.cache/edgec/tuning/<target>/ when it exists].")
+@_threads_option
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, tuning_db):  # noqa: A001
     """Compile MODEL for TARGET into an artifact directory.
 
     MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
@@ -123,8 +148,11 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     if passes:
         with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
             apply(model, passes)
+    from edgec.tune import database_for_compile
+
     result = compile_model(
-        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress
+        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress,
+        schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db),
     )
     from edgec.report import compile_summary
 
@@ -141,6 +169,7 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write outputs: .npy (single output) or .npz.")
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
+@_threads_option
 def run(artifact_path, input_files, use_random, seed, output, as_json):
     """Run a compiled ARTIFACT on this machine (x86 artifacts)."""
     from edgec.artifact import load_artifact
@@ -216,6 +245,7 @@ def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | No
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Output check tolerance (relative).")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Output check tolerance (absolute).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_threads_option
 def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json):
     """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
 
@@ -250,6 +280,7 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
 @click.option("--repeat", type=click.IntRange(1), default=10, show_default=True, help="Timed runs per kernel and end to end.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), help="Also write an HTML report with a bar chart.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+@_threads_option
 def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_path, as_json):
     """Per-kernel profile of ARTIFACT measured on the device (or --local).
 
@@ -272,6 +303,63 @@ def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_p
     if html_path:
         write_html(result, html_path)
     profile_summary(result, as_json, html_path)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET", help="Target preset, e.g. x86 (measured here) or cortex-a53 (measured on a board via --tracker).")
+@click.option("--trials", type=click.IntRange(1), required=True, help="Measured candidates in all (MetaSchedule max_trials_global).")
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="Database directory [default: ~/.cache/edgec/tuning/<target>/].")
+@_input_shape_option
+@_trust_pickle_option
+@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="NAME[:k=v,...]", help="Graph passes, as given to `edgec compile` (tuned kernels must match the compiled ones).")
+@click.option("--rpc", metavar="HOST:PORT", help="Not supported: MetaSchedule measures on boards through a tracker (--tracker/--key).")
+@click.option("--tracker", metavar="HOST:PORT", help="Measure on a board registered at this TVM RPC tracker.")
+@click.option("--key", metavar="KEY", help="The board's key at the tracker.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_threads_option
+def tune(model_path, target_spec, trials, tuning_db, input_shapes, trust_pickle, pass_specs, rpc, tracker, key, as_json):
+    """Tune MODEL's kernels for TARGET with MetaSchedule into a tuning database.
+
+    Slow (minutes per kernel on two cores); progress shows the best latency so
+    far. Later `edgec compile` runs for the same target apply the records to
+    every kernel they match, in any model, and the schedule library to the rest.
+    """
+    import os
+
+    from edgec.apply_passes import apply
+    from edgec.passes.registry import parse
+    from edgec.progress import ConsoleProgress
+    from edgec.runtimes.session import parse_address
+    from edgec.targets import resolve
+    from edgec.tune import tune as run_tune
+
+    if rpc:
+        raise EdgecError("edgec tune measures on boards through an RPC tracker: use --tracker HOST:PORT --key KEY")
+    target = resolve(target_spec)
+    passes = [parse(spec) for spec in pass_specs]
+    progress = ConsoleProgress()
+    model = _load(model_path, input_shapes, trust_pickle, progress)
+    if passes:
+        with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
+            apply(model, passes)
+    address = parse_address(tracker, "--tracker") if tracker else None
+    with progress.stage("tune", f"{trials} trials for {target.spec}"):
+        result = run_tune(
+            model, target, trials=trials, database=tuning_db, threads=int(os.environ["TVM_NUM_THREADS"]),
+            tracker=address, key=key, report=lambda line: click.echo(f"  {line}", err=True),
+        )
+    summary = {
+        "database": str(result.database), "tasks": result.tasks, "tuned": result.tuned, "trials": result.trials,
+        "seconds": round(result.seconds, 1), "best_ms": result.best_ms, "estimated_total_ms": result.estimated_total_ms,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"tuned {len(result.tuned)} of {result.tasks} kernels ({result.trials} trials) in {result.seconds:.0f} s; "
+            f"records in {result.database}"
+        )
 
 
 @cli.group()

@@ -65,9 +65,16 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     *,
     verify: VerifyOptions | bool = True,
     progress: Progress | None = None,
+    schedules: bool = True,
+    tuning_db: str | Path | None = None,
 ) -> CompileResult:
-    """Compile ``model`` for ``target`` into the artifact directory ``output``."""
-    from edgec.build import build, export
+    """Compile ``model`` for ``target`` into the artifact directory ``output``.
+
+    ``schedules=False`` builds without edgec's CPU schedule library (TVM's
+    naive default kernels); ``tuning_db`` names a MetaSchedule database
+    (``edgec tune``) whose records are applied to the kernels they match.
+    """
+    from edgec.build import BuildOptions, build, export
     from edgec.lower import to_relax
 
     progress = progress or Progress()
@@ -78,8 +85,10 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     with staging(output) as directory:
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
+        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None)
+        sink: dict[str, Any] = {}
         with progress.stage("build", f"tvm.relax.build for {resolved.spec}"):
-            executable, kernels = build(mod, resolved)
+            executable, kernels = build(mod, resolved, options, sink)
             attach_onnx_nodes(kernels, model.graph)
         with progress.stage("export", f"lib.so for {resolved.preset.cpu_arch}"):
             files = export(executable, resolved, directory)
@@ -88,9 +97,30 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
         verification = _verify(model, resolved, directory, verify, progress)
         manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
         manifest["kernels"] = kernels
+        manifest["schedules"] = schedule_summary(resolved, options, kernels, sink)
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))
+
+
+def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], sink: dict) -> dict[str, Any]:
+    """Where the kernels' schedules came from: the library's rules, the tuning database, or none."""
+    if target.preset.kind == "cuda":
+        return {"library": "tvm-dlight", "tuning_db": None}
+    by_rule: dict[str, int] = {}
+    for rule in {call["kernel"]: call.get("schedule") for call in kernels}.values():
+        by_rule[rule or "none"] = by_rule.get(rule or "none", 0) + 1
+    tuning = sink.get("tuning", {})
+    return {
+        "library": "edgec" if options.schedules else None,
+        "by_rule": dict(sorted(by_rule.items())),
+        "tuning_db": str(options.tuning_db) if options.tuning_db else None,
+        "tuning_db_records": tuning.get("records"),
+        # kernels with a record in the database; of those, how many run MetaSchedule's schedule
+        # (it measured faster) rather than the library's (recorded by edgec tune as the baseline)
+        "tuning_db_matched": len(tuning.get("kernels", ())) + len(tuning.get("library_best", ())),
+        "from_tuning_db": len(tuning.get("kernels", ())),
+    }
 
 
 def save_onnx(graph: ir.Model, path: Path) -> str:

@@ -84,6 +84,9 @@ def kernel_calls(mod) -> list[dict[str, Any]]:
                 continue
             kernel = value.args[0].name_hint
             prim = mod[value.args[0]]
+            declared = prim.attrs.get("edgec.flops") if isinstance(prim, tirx.PrimFunc) and prim.attrs else None
+            if declared is not None:  # custom-op kernels whose loop bounds are data (estimate_tir_flops cannot)
+                flops_cache[kernel] = float(declared)
             if kernel not in flops_cache and isinstance(prim, tirx.PrimFunc):
                 try:
                     flops_cache[kernel] = float(estimate_tir_flops(tvm_module_of(prim)))

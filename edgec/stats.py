@@ -4,6 +4,8 @@ MACs per node (batch included):
     Conv           out_elems * (C_in / groups) * prod(kernel)
     ConvTranspose  in_elems * (C_out / groups) * prod(kernel)
     Gemm / MatMul  prod(output) * K  (K: the reduced dimension)
+    edgec.BlockSparseConv / BlockSparseGemm   prod(output) / C_out * values.size
+                   (the kept blocks' work: nnz * N * kh * kw per output position)
 Other ops count 0 MACs. Parameters are the elements of the initializers a
 node reads; the model size is the bytes of all initializers.
 """
@@ -50,6 +52,12 @@ def _static(shape) -> bool:
 def node_macs(node: ir.Node) -> int:
     """Multiply-accumulates of one node (0 when shapes are unknown or the op has none)."""
     op = node.op_type
+    if node.domain == "edgec" and op in ("BlockSparseConv", "BlockSparseGemm"):
+        # kept blocks only: every output position takes values.size (nnz * N * kh * kw) multiply-adds
+        output, values = _shape(node.outputs[0]), node.inputs[1].const_value if len(node.inputs) > 1 else None
+        if values is None or not _static(output):
+            return 0
+        return math.prod(output) // output[1] * values.size
     if node.domain not in ("", "ai.onnx") or op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return 0
     inputs = [_shape(value) for value in node.inputs]

@@ -28,7 +28,10 @@ class TargetPreset:
     ...) of the code that runs on the CPU; for CUDA it is the host part. ``mcpu``
     ``None`` means "the CPU of the machine compiling" (LLVM rejects "native").
     ``options`` are the user-settable options with their defaults
-    (``--target cuda:arch=sm_86``).
+    (``--target cuda:arch=sm_86``). ``vector_lanes`` (float32 lanes of one
+    SIMD register) and ``vector_registers`` shape the CPU schedule library's
+    tiles; ``None`` means "detect the compiling machine" (AVX-512: 16 and 32,
+    AVX2: 8 and 16).
     """
 
     name: str
@@ -45,12 +48,18 @@ class TargetPreset:
     elf_machine: str = ""
     elf_bits: Literal[32, 64] = 64
     options: tuple[tuple[str, str], ...] = ()
+    vector_lanes: int | None = None
+    vector_registers: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("llvm", "cuda"):
             raise ValueError(f"preset {self.name!r}: kind must be 'llvm' or 'cuda', not {self.kind!r}")
         if self.elf_bits not in (32, 64):
             raise ValueError(f"preset {self.name!r}: elf_bits must be 32 or 64")
+        for field in ("vector_lanes", "vector_registers"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"preset {self.name!r}: {field} must be a positive int or None")
 
 
 # fmt: off
@@ -65,19 +74,19 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         kind="llvm", arch="armv7", cpu_arch="armv7", mtriple="armv7a-linux-gnueabihf", mcpu="cortex-a7",
         mattr=("+neon", "+vfp4"), float_abi="hard",
         toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf"),
-        elf_machine="ARM", elf_bits=32,
+        elf_machine="ARM", elf_bits=32, vector_lanes=4, vector_registers=16,
     ),
     TargetPreset(
         name="cortex-a53", description="ARM Cortex-A53, 64-bit aarch64, NEON (Raspberry Pi 3, many SBCs)",
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a53",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
-        elf_machine="AArch64", elf_bits=64,
+        elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
     ),
     TargetPreset(
         name="cortex-a72", description="ARM Cortex-A72, 64-bit aarch64, NEON (Raspberry Pi 4)",
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a72",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
-        elf_machine="AArch64", elf_bits=64,
+        elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
     ),
     TargetPreset(
         name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code x86-64)",

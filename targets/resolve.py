@@ -88,3 +88,20 @@ def resolve(spec: str | ResolvedTarget) -> ResolvedTarget:
             raise TargetError(f"bad CUDA arch {options['arch']!r}: expected sm_XY, e.g. sm_80 (A100), sm_90 (H100)")
         return ResolvedTarget(preset, options, {"kind": "cuda", "arch": options["arch"]}, llvm_json(preset))
     return ResolvedTarget(preset, options, llvm_json(preset), None)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores of this machine: the default thread count of edgec's kernels.
+
+    TVM's own default is logical CPUs / 2 on x86 (it assumes hyper-threading),
+    which is one thread on a 2-core VM without SMT.
+    """
+    import os
+
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable
+        cores = None
+    return max(1, cores or os.cpu_count() or 1)

@@ -35,3 +35,87 @@ def emit_kernel(bb, prim_func, name: str, args, out_ty):
     prim_func = prim_func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     gvar = bb.add_func(prim_func, name)
     return relax.call_tir(gvar, args, out_ty)
+
+
+def cancel_transposes():
+    """A Relax module pass: ``permute_dims`` of a ``permute_dims`` becomes one (or none), an
+    identity ``permute_dims`` disappears, and an element-wise op of operands permuted alike
+    becomes the permute of the op (so the permute can meet its inverse further on).
+
+    Custom-op kernels are written channels-last and their lowerings wrap them
+    in NCHW <-> NHWC transposes (the ONNX graph is NCHW). Once the CPU layout
+    pass has made the graph channels-last, each wrapper meets the inverse
+    transpose the layout pass put next to it, or becomes an identity: this
+    pass removes both, so a custom op costs no layout change there. A
+    residual ``Add`` of two custom-op outputs (both wrapped back to NCHW) is
+    the case the third rule is for.
+    """
+    import tvm
+    from tvm import relax
+
+    permute = tvm.ir.Op.get("relax.permute_dims")
+    elementwise = {
+        tvm.ir.Op.get(f"relax.{name}")
+        for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "nn.relu", "clip")
+    }
+
+    def axes_of(call) -> list[int] | None:
+        rank = len(call.ty.shape) if getattr(call.ty, "shape", None) is not None else None
+        if call.attrs.axes is None:
+            return None if rank is None else list(range(rank))[::-1]
+        return [int(axis) for axis in call.attrs.axes]
+
+    @relax.expr_functor.mutator
+    class _Cancel(relax.PyExprMutator):
+        def permuted(self, expr):
+            """(source, axes) when ``expr`` is a var bound to a permute_dims, else None."""
+            bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+            if isinstance(bound, relax.Call) and bound.op == permute and axes_of(bound) is not None:
+                return bound.args[0], axes_of(bound)
+            return None
+
+        def sink(self, call):
+            """op(permute(a, p), permute(b, p), scalars...) -> permute(op(a, b, scalars...), p)."""
+            tensors = [arg for arg in call.args if isinstance(getattr(arg, "ty", None), relax.TensorType)]
+            sources, axes = [], None
+            for arg in call.args:
+                if arg not in tensors or (arg.ty.shape is not None and len(arg.ty.shape) == 0):
+                    sources.append(arg)  # a scalar or an attribute-like argument: layout-free
+                    continue
+                found = self.permuted(arg)
+                if found is None or (axes is not None and found[1] != axes):
+                    return call
+                sources.append(found[0])
+                axes = found[1]
+            if axes is None:
+                return call
+            inner = self.builder_.emit(relax.Call(call.op, sources, call.attrs, call.ty_args))
+            return relax.op.permute_dims(inner, axes)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op in elementwise:
+                return self.sink(call)
+            if call.op != permute:
+                return call
+            axes, source = axes_of(call), call.args[0]
+            if axes is None:
+                return call
+            inner = self.lookup_binding(source) if isinstance(source, relax.Var) else None
+            if isinstance(inner, relax.Call) and inner.op == permute and axes_of(inner) is not None:
+                inner_axes = axes_of(inner)
+                axes, source = [inner_axes[axis] for axis in axes], inner.args[0]
+            if axes == list(range(len(axes))):
+                return source
+            return call if source.same_as(call.args[0]) else relax.op.permute_dims(source, axes)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecCancelTransposes")
+    def _pass(mod, _ctx):
+        mutator = _Cancel(mod)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = mutator.visit_expr(func)
+        mod = relax.transform.CanonicalizeBindings()(mod)
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass

@@ -1,0 +1,410 @@
+"""``edgec tune``: MetaSchedule tuning of a model's kernels into a reusable database.
+
+Tuning is opt-in and slow (minutes per kernel on two cores); its records are
+applied by every later ``edgec compile`` for the same target whose kernels
+match a tuned workload (same shapes and fused epilogue, any model), and the
+schedule library covers the rest. Stages:
+
+1. lower + graph + legalize/fuse  exactly the compile pipeline's prefix, so
+                                  tuned workloads are the kernels a compile sees
+2. extract tasks                  one per distinct kernel, weighted by calls
+3. baseline                       the schedule library's kernels, measured and
+                                  recorded: a tuned schedule must beat them
+4. tune                           MetaSchedule's evolutionary search on the
+                                  kernels with the largest share of the run
+                                  (calls x library latency), --trials in all,
+                                  measured here (LocalRunner) or on a board
+                                  (RPC tracker)
+5. records                        JSON database under the target's directory,
+                                  ~/.cache/edgec/tuning/<target>/ by default
+
+On two cores each builder/runner worker spends 20-40 s importing TVM, so
+both use 300 s timeouts (MetaSchedule's 30 s default kills every build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import EdgecError
+from edgec.model import Model
+from edgec.targets import ResolvedTarget, require_linker, resolve
+
+log = logging.getLogger(__name__)
+
+WORKER_TIMEOUT_S = 300.0
+DEFAULT_TRIALS_PER_TASK = 32
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+class TuningError(EdgecError):
+    """Tuning could not start or produced nothing usable."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec"))
+
+
+def default_database(target: ResolvedTarget) -> Path:
+    """``~/.cache/edgec/tuning/<target>/``; the host preset adds its CPU (``x86-znver5``)
+    because records measured on one CPU are not the best schedule for another."""
+    name = target.spec.replace(":", "_").replace(",", "_").replace("=", "-")
+    if target.preset.mcpu is None:
+        name = f"{name}-{target.tvm_json.get('mcpu', 'host')}"
+    return cache_root() / "tuning" / name
+
+
+def has_database(path: Path) -> bool:
+    return all((path / name).is_file() for name in DATABASE_FILES)
+
+
+def database_for_compile(target: ResolvedTarget, given: str | None) -> Path | None:
+    """What ``edgec compile --tuning-db`` means: a path, ``none``, or (not given) the
+    target's default database when one exists."""
+    if given is not None:
+        if given.lower() == "none":
+            return None
+        path = Path(given).expanduser()
+        if not has_database(path):
+            raise TuningError(
+                f"--tuning-db {given}: no MetaSchedule database there (expected {' and '.join(DATABASE_FILES)}); "
+                "create one with `edgec tune`"
+            )
+        return path
+    path = default_database(target)
+    if has_database(path):
+        log.info("using tuning database %s", path)
+        return path
+    return None
+
+
+def tuning_target(target: ResolvedTarget, threads: int):
+    """The TVM target MetaSchedule tunes and compiles apply records for: with ``num-cores``."""
+    import tvm
+
+    if target.preset.kind != "llvm":
+        raise TuningError(f"edgec tune supports CPU targets; {target.name} uses TVM's dlight GPU schedules")
+    return tvm.target.Target({**target.tvm_json, "num-cores": threads})
+
+
+def fused_module(model: Model, target: ResolvedTarget):
+    """The compile pipeline up to fusion: the kernels MetaSchedule tunes and compile looks up."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_family
+
+    from edgec.build import BuildOptions, graph_stage
+    from edgec.lower import to_relax
+
+    tvm_target = target.tvm_target()
+    passes = [
+        *cpu_family.library_dispatch_passes(tvm_target),
+        *graph_stage(target, BuildOptions(schedules=True)),
+        *cpu_family.legalize_passes(tvm_target),
+    ]
+    with tvm_target:
+        return tvm.transform.Sequential(passes)(to_relax(model.graph))
+
+
+def apply_database_pass(database_dir: Path, rules: list, schedules: dict[str, str | None], report: dict[str, Any]):
+    """A module pass giving each kernel with a record in ``database_dir`` its best measured schedule.
+
+    ``edgec tune`` records the schedule library's own schedule with its measured
+    time next to MetaSchedule's candidates, so the best record is the library's
+    unless the search beat it. ``schedules[kernel]`` becomes the library rule's
+    name in the first case and ``"tuning-db"`` in the second; ``report`` gets
+    ``"database"``, ``"records"`` (tuning records in it), ``"kernels"``
+    (kernels whose tuned schedule beat the library's) and ``"library_best"``
+    (kernels whose best record is the library's schedule).
+    """
+    import tvm
+    import tvm_ffi
+    from tvm import relax, tirx
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgec.targets.schedules import schedule_func
+
+    database = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecApplyTuningDatabase")
+    def _pass(mod, _ctx):
+        originals = {gvar.name_hint: func for gvar, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+        with database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        tuned, library_best = [], []
+        for gvar, func in mod.functions_items():
+            name = gvar.name_hint
+            if name not in originals or _scheduled(originals[name]) or not _scheduled(func):
+                continue
+            library, rule = schedule_func(originals[name], rules)
+            plain = func.without_attr("tirx.is_scheduled")
+            if rule is not None and tvm_ffi.structural_equal(library.without_attr("tirx.is_scheduled"), plain):
+                library_best.append(name)
+                schedules[name] = rule
+            else:
+                tuned.append(name)
+                schedules[name] = "tuning-db"
+        report.update(
+            database=str(database_dir), records=len(database), kernels=sorted(tuned), library_best=sorted(library_best)
+        )
+        log.info(
+            "tuning database %s (%d records): %d kernels took a tuned schedule, "
+            "%d kept the library's (measured faster)",
+            database_dir, len(database), len(tuned), len(library_best),
+        )
+        return mod
+
+    return _pass
+
+
+def _scheduled(func) -> bool:
+    attrs = getattr(func, "attrs", None)
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))
+
+
+@dataclasses.dataclass
+class TaskProgress:
+    """Best measured latency per task, for the progress line."""
+
+    names: list[str]
+    weights: list[float]
+    best_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+    trials: int = 0
+
+    def total_ms(self) -> float | None:
+        """Sum over tasks of calls x best latency: the tuned kernels' share of a run."""
+        if len(self.best_ms) < len(self.names):
+            return None
+        return sum(self.weights[i] * ms for i, ms in self.best_ms.items())
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """``best_ms``: best measured latency per kernel (library baseline or tuned);
+    ``tuned``: the kernels MetaSchedule searched; ``estimated_total_ms``: the
+    kernels' best latencies weighted by calls."""
+
+    database: Path
+    tasks: int
+    trials: int
+    seconds: float
+    best_ms: dict[str, float]
+    estimated_total_ms: float | None
+    tuned: list[str] = dataclasses.field(default_factory=list)
+
+
+def _progress_callback(progress: TaskProgress, selected: list[int], report: Callable[[str], None]):
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            task_id = selected[task_id]  # MetaSchedule numbers the tasks it was given
+            latencies = [
+                sum(float(s) for s in result.run_secs) / len(result.run_secs) * 1e3
+                for result in runner_results
+                if result.error_msg is None and result.run_secs
+            ]
+            progress.trials += len(measure_candidates)
+            if latencies:
+                best = min(latencies)
+                if best < progress.best_ms.get(task_id, float("inf")):
+                    progress.best_ms[task_id] = best
+            failed = len(runner_results) - len(latencies)
+            total = progress.total_ms()
+            best_text = f"{progress.best_ms[task_id]:.4g} ms" if task_id in progress.best_ms else "none yet"
+            report(
+                f"trial {progress.trials}: task {task_id + 1}/{len(progress.names)} {progress.names[task_id]}: "
+                f"best {best_text}"
+                + (f", {failed} failed" if failed else "")
+                + (f"; all tasks' best, weighted by calls: {total:.4g} ms" if total is not None else "")
+            )
+
+    return _Progress()
+
+
+def tune(
+    model: Model,
+    target: str | ResolvedTarget,
+    *,
+    trials: int,
+    database: Path | None = None,
+    threads: int | None = None,
+    tracker: tuple[str, int] | None = None,
+    key: str | None = None,
+    trials_per_task: int | None = None,
+    report: Callable[[str], None] = log.info,
+) -> TuneResult:
+    """Tune ``model``'s kernels for ``target`` with MetaSchedule; records go to ``database``.
+
+    Measured on this machine (host targets), or on a board registered at an RPC
+    ``tracker`` under ``key`` (ARM targets; the builder cross-compiles).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgec.targets.resolve import physical_cores
+
+    resolved = resolve(target)
+    threads = threads or int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
+    tvm_target = tuning_target(resolved, threads)
+    if tracker is None and not resolved.preset.host_runnable:
+        raise TuningError(
+            f"{resolved.name} code cannot run on this machine: tune it on the board with --tracker HOST:PORT --key KEY"
+        )
+    if trials < 1:
+        raise TuningError("--trials must be at least 1")
+    database = Path(database) if database else default_database(resolved)
+    database.mkdir(parents=True, exist_ok=True)
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # runner workers inherit it
+    started = time.monotonic()
+    mod = fused_module(model, resolved)
+    extracted = ms.relax_integration.extract_tasks(mod, tvm_target)
+    if not extracted:
+        raise TuningError("the model has no kernels to tune")
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, work_dir=str(database / "logs"), num_threads=threads
+    )
+    names = [context.task_name for context in contexts]
+    progress = TaskProgress(names, [float(w) for w in weights])
+    builder = ms.builder.LocalBuilder(max_workers=2, timeout_sec=WORKER_TIMEOUT_S, f_export=_exporter(resolved))
+    runner = _runner(tracker, key, threads)
+    records = ms.database.JSONDatabase(work_dir=str(database), module_equality="structural")
+    report(f"{len(contexts)} kernels; measuring {'at ' + key if tracker else 'on this machine'}")
+    _record_library_schedules(contexts, tvm_target, resolved, builder, runner, records, progress, report)
+    per_task = trials_per_task or min(trials, DEFAULT_TRIALS_PER_TASK)
+    selected = _heaviest_first(progress, range(len(contexts)))[: max(1, -(-trials // per_task))]
+    report(
+        f"tuning the {len(selected)} kernel(s) with the largest share of the run, {per_task} trials each "
+        f"({trials} in all): " + ", ".join(names[i] for i in selected)
+    )
+    ms.tune.tune_tasks(
+        tasks=[contexts[i] for i in selected],
+        task_weights=[weights[i] for i in selected],
+        work_dir=str(database),
+        max_trials_global=trials,
+        max_trials_per_task=per_task,
+        num_trials_per_iter=min(per_task, 64),
+        builder=builder,
+        runner=runner,
+        database=records,
+        cost_model=_cost_model(),
+        measure_callbacks=[
+            *ms.measure_callback.MeasureCallback.create("default"),
+            _progress_callback(progress, selected, report),
+        ],
+    )
+    seconds = time.monotonic() - started
+    return TuneResult(
+        database=database,
+        tasks=len(contexts),
+        trials=progress.trials,
+        seconds=seconds,
+        best_ms={names[i]: ms_ for i, ms_ in progress.best_ms.items()},
+        estimated_total_ms=progress.total_ms(),
+        tuned=[names[i] for i in selected],
+    )
+
+
+def _heaviest_first(progress: TaskProgress, tasks) -> list[int]:
+    """Tasks by their share of a run (calls x measured library latency), largest first;
+    unmeasured tasks last, in extraction order."""
+    return sorted(tasks, key=lambda i: -(progress.weights[i] * progress.best_ms.get(i, 0.0)))
+
+
+def _record_library_schedules(contexts, tvm_target, target, builder, runner, database, progress, report) -> None:
+    """Measure the schedule library's schedule of every task and record it in ``database``.
+
+    The search then has to beat it: compile applies a database's best record,
+    so a kernel only leaves the library when MetaSchedule found something
+    measured faster. Tasks whose workload already has records are skipped.
+    """
+    import shutil
+    import statistics
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgec.targets.schedules import cpu_vector, default_rules, first_schedule
+
+    rules = default_rules(cpu_vector(target))
+    pending = []
+    for index, context in enumerate(contexts):
+        workload = database.commit_workload(context.mod)
+        best = database.get_top_k(workload, 1)
+        if best and best[0].run_secs:
+            progress.best_ms[index] = statistics.fmean(float(t) for t in best[0].run_secs) * 1e3
+            continue
+        sch, rule = first_schedule(context.mod["main"], rules)
+        if sch is not None:
+            pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(context.mod["main"])))
+    if not pending:
+        return
+    report(f"measuring the schedule library's kernels first ({len(pending)} tasks): tuned records must beat them")
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, _, sch, _ in pending])
+    runnable = [(item, result) for item, result in zip(pending, built, strict=True) if result.error_msg is None]
+    for item, result in zip(pending, built, strict=True):
+        if result.error_msg is not None:
+            report(f"library schedule of {progress.names[item[0]]} did not build: {result.error_msg.splitlines()[-1]}")
+    inputs = [ms.runner.RunnerInput(result.artifact_path, "cpu", item[3]) for item, result in runnable]
+    for ((index, workload, sch, args_info), built_result), future in zip(runnable, runner.run(inputs), strict=True):
+        measured = future.result()
+        shutil.rmtree(os.path.dirname(built_result.artifact_path), ignore_errors=True)
+        if measured.error_msg is not None or not measured.run_secs:
+            reason = (measured.error_msg or "no time measured").strip().splitlines()[-1]
+            report(f"library schedule of {progress.names[index]} did not run: {reason}")
+            continue
+        run_secs = [float(t) for t in measured.run_secs]
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, tvm_target, args_info))
+        progress.best_ms[index] = statistics.fmean(run_secs) * 1e3
+    total = progress.total_ms()
+    weighted = f": all tasks' best, weighted by calls: {total:.4g} ms" if total is not None else ""
+    report("schedule library measured" + weighted)
+
+
+def _cost_model() -> str:
+    """XGBoost's cost model when xgboost is installed (not an edgec dependency), else random search."""
+    import importlib.util
+
+    if importlib.util.find_spec("xgboost") is not None:
+        return "xgb"
+    log.info("xgboost is not installed: MetaSchedule searches without a learned cost model")
+    return "random"
+
+
+def _exporter(target: ResolvedTarget):
+    """How builder workers write a candidate's shared library: the target's (cross) linker."""
+    compiler = require_linker(target.preset)
+    if compiler is None:
+        return None  # MetaSchedule's default: the host's compiler
+    from tvm.support import cc
+
+    fcompile = cc.cross_compiler(compiler)
+
+    def export(mod) -> str:
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "candidate.so")
+        mod.export_library(path, fcompile=fcompile)
+        return path
+
+    return export
+
+
+def _runner(tracker: tuple[str, int] | None, key: str | None, threads: int):
+    from tvm.s_tir import meta_schedule as ms
+
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT_S, evaluator_config=evaluator)
+    if not key:
+        raise TuningError("--tracker needs --key: the device key the board registered with")
+    host, port = tracker
+    config = ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=port, tracker_key=key, session_timeout_sec=WORKER_TIMEOUT_S
+    )
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)

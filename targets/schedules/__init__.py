@@ -1,0 +1,124 @@
+"""edgec's CPU schedule library: hand-written TIR schedules for the hot ops of CNNs.
+
+TVM 0.27's default Relax build for CPUs schedules nothing: every kernel is the
+naive single-threaded loop nest LegalizeOps writes. These rules fix that
+without any tuning. One module per op family, tried in this order (the first
+that matches a kernel schedules it):
+
+    conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
+    depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
+    dense.py      matmul / Linear, [k, n] weights   like a 1x1 conv
+    pooling.py    max/avg pool, mean, channel-last reductions
+    generic.py    everything else                   parallel + vectorised, or parallel only
+
+``graph.py`` prepares the Relax graph first (channels-last layout, BN as a
+fused scale/shift). The vector shape is data: ``TargetPreset.vector_lanes``
+and ``vector_registers``; ``None`` means "this machine" (AVX-512 16 lanes and
+32 registers, AVX2 8 and 16, SSE 4 and 16).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edgec.targets.schedules.common import CpuVector, Rule
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CpuVector", "Rule", "apply_schedules", "cpu_vector", "default_rules", "graph_passes"]
+
+
+def cpu_vector(target) -> CpuVector:
+    """The vector shape of a ResolvedTarget's CPU: the preset's fields, else detected from LLVM."""
+    preset = target.preset
+    lanes, registers = preset.vector_lanes, preset.vector_registers
+    if lanes is None or registers is None:
+        detected_lanes, detected_registers = _detect_x86(target)
+        lanes = lanes or detected_lanes
+        registers = registers or detected_registers
+    return CpuVector(lanes=lanes, registers=registers)
+
+
+def _detect_x86(target) -> tuple[int, int]:
+    """(float32 lanes, vector registers) from the CPU features LLVM reports for the target's mcpu."""
+    import tvm
+    from tvm.target import codegen
+
+    try:
+        features = codegen.llvm_get_cpu_features(tvm.target.Target(target.tvm_json))
+    except Exception as error:  # noqa: BLE001 - LLVM without x86 support, odd mcpu
+        log.warning("could not read CPU features of %s (%s); assuming SSE (4 lanes)", target.spec, error)
+        return 4, 16
+    if "avx512f" in features:
+        return 16, 32
+    if "avx2" in features or "avx" in features:
+        return 8, 16
+    return 4, 16
+
+
+def default_rules(vector: CpuVector) -> list[Rule]:
+    """The rules in the order they are tried."""
+    from edgec.targets.schedules.conv2d import Conv2DNHWC
+    from edgec.targets.schedules.dense import Dense
+    from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
+    from edgec.targets.schedules.generic import Generic
+    from edgec.targets.schedules.pooling import Pooling
+
+    return [Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
+
+
+def graph_passes(vector: CpuVector | None = None) -> list:
+    from edgec.targets.schedules.graph import graph_passes as passes
+
+    return passes(vector.lanes if vector else None)
+
+
+def first_schedule(func, rules: list[Rule]) -> tuple[Any, str | None]:
+    """(s_tir.Schedule, rule name) of the first rule that matches ``func`` and succeeds, else (None, None)."""
+    for rule in rules:
+        try:
+            sch = rule.apply(func)
+        except Exception as error:  # noqa: BLE001 - a schedule primitive refused: try the next rule
+            log.debug("schedule rule %s failed: %s", rule.name, str(error).splitlines()[0] if str(error) else error)
+            continue
+        if sch is not None:
+            return sch, rule.name
+    return None, None
+
+
+def schedule_func(func, rules: list[Rule]) -> tuple[Any, str | None]:
+    """(scheduled PrimFunc, rule name) for the first rule that matches and succeeds, else (func, None)."""
+    sch, name = first_schedule(func, rules)
+    if sch is None:
+        return func, None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
+
+
+def apply_schedules(rules: list[Rule], report: dict[str, str | None]):
+    """A module pass scheduling every not-yet-scheduled PrimFunc; ``report[kernel] = rule name``
+    (``None``: no rule applied, the kernel stays the naive loop nest)."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecCpuSchedules")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+                report.setdefault(gvar.name_hint, "tuning-db")  # scheduled before: the tuning database
+                continue
+            scheduled, rule = schedule_func(func, rules)
+            report[gvar.name_hint] = rule
+            if rule is None:
+                log.info("kernel %s: no schedule rule applies; left as the naive loop nest", gvar.name_hint)
+            else:
+                log.debug("kernel %s: scheduled by %s", gvar.name_hint, rule)
+                updates[gvar] = scheduled
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass

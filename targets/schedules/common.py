@@ -1,0 +1,222 @@
+"""What every CPU schedule rule shares: the target's vector shape, the rule
+interface, and the TIR schedule steps used by several op families.
+
+A rule is configuration only (``CpuVector``); ``apply(func)`` returns a new
+``s_tir.Schedule`` or ``None`` when the kernel is not its kind. Anything a
+rule does not match, or fails to schedule, falls through to the next rule
+and at the end to ``generic``; a kernel no rule can schedule stays as
+LegalizeOps wrote it (correct, slow) and is reported as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuVector:
+    """The SIMD shape the rules tile for.
+
+    ``lanes``: float32 lanes of one vector register (AVX-512 16, AVX2 8,
+    NEON 4). ``registers``: architectural vector registers (x86-64 with
+    AVX-512 32, otherwise 16; aarch64 32; armv7 NEON 16 quad registers).
+    ``accumulators`` is the part of them a register tile may hold, leaving
+    room for the weight vectors and the broadcast input.
+    """
+
+    lanes: int
+    registers: int
+
+    @property
+    def accumulators(self) -> int:
+        return max(4, self.registers - 8) if self.registers > 16 else self.registers - 4
+
+
+class Rule:
+    """A schedule rule for one op family."""
+
+    name = "rule"
+
+    def __init__(self, vector: CpuVector):
+        self.vector = vector
+
+    def apply(self, func) -> Any:  # -> s_tir.Schedule | None
+        raise NotImplementedError
+
+
+def root_blocks(sch) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def iter_kinds(sch, block) -> str:
+    """``"SSSSRRR"``: the block's iter vars, S data parallel, R reduction, O other."""
+    from tvm import tirx
+
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
+
+
+def extents(sch, loops) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in loops]
+
+
+def has_constant_extents(sch, block) -> bool:
+    from tvm import tirx
+
+    return all(isinstance(iv.dom.extent, tirx.IntImm) for iv in sch.get(block).iter_vars)
+
+
+def single_reduction(sch) -> tuple[Any | None, list]:
+    """(the only reduction block, all blocks) or (None, blocks) when there are 0 or several."""
+    blocks = root_blocks(sch)
+    reductions = [block for block in blocks if "R" in iter_kinds(sch, block)]
+    return (reductions[0] if len(reductions) == 1 else None), blocks
+
+
+def inline_producers(sch, anchor, keep=()) -> None:
+    """Inline every block computed before ``anchor`` (padding, reshapes of parameters)."""
+    names = {sch.get(anchor).name_hint}
+    for block in root_blocks(sch):
+        name = sch.get(block).name_hint
+        if name in names:
+            break
+        if name in keep:
+            continue
+        sch.compute_inline(block)
+
+
+def inline_epilogue(sch, anchor):
+    """Inline the element-wise blocks after ``anchor`` into one another.
+
+    Returns the one block left after the anchor (the fused epilogue, which
+    writes the kernel's output), ``anchor`` itself when there is none, or
+    raises ValueError when more than one is left (several outputs).
+    """
+    blocks = root_blocks(sch)
+    names = [sch.get(block).name_hint for block in blocks]
+    position = names.index(sch.get(anchor).name_hint)
+    after = blocks[position + 1 :]
+    if not after:
+        return anchor
+    for block in after[:-1]:
+        sch.compute_inline(block)
+    left = root_blocks(sch)
+    left_names = [sch.get(block).name_hint for block in left]
+    tail = left[left_names.index(sch.get(anchor).name_hint) + 1 :]
+    if len(tail) != 1:
+        raise ValueError(f"{len(tail)} blocks after the anchor: not one fused epilogue")
+    return tail[0]
+
+
+def divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[int]:
+    """Candidate innermost tiles for a vectorised axis: whole vectors that divide
+    ``channels`` (1..max_vectors of them), else the largest power of two below
+    one vector that does (24 channels with AVX-512 -> 8)."""
+    tiles = [vector.lanes * k for k in range(1, max_vectors + 1) if channels % (vector.lanes * k) == 0]
+    if tiles:
+        return tiles
+    width = vector.lanes // 2
+    while width > 1 and channels % width:
+        width //= 2
+    return [max(1, width)]
+
+
+def register_tile(rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4) -> tuple[list[int], int]:
+    """Choose the register tile of a channels-last contraction.
+
+    ``rows``: extents of the axes whose points share one weight vector (output
+    rows and columns, or matrix rows); each tile factor divides its axis, so no
+    tail loops or predicates. Returns (row factors, channel tile). The tile
+    maximises the FMAs per load, ``p * v / (p + v)`` for ``p`` rows and ``v``
+    vectors, with ``p * v`` accumulators at most ``vector.accumulators``.
+    """
+    best = None
+    for channel_tile in vector_tile(channels, vector, max_vectors):
+        vectors = -(-channel_tile // vector.lanes)
+        budget = vector.accumulators // vectors
+        if budget < 1:
+            continue
+        for factors in itertools.product(*(divisors(extent) for extent in rows)):
+            points = 1
+            for factor in factors:
+                points *= factor
+            if points > budget:
+                continue
+            score = (points * vectors / (points + vectors), points * vectors, factors[-1] if factors else 0)
+            if best is None or score > best[0]:
+                best = (score, list(factors), channel_tile)
+    if best is None:
+        return [1] * len(rows), vector_tile(channels, vector, 1)[0]
+    return best[1], best[2]
+
+
+def vectorize_innermost(sch, loop, lanes: int) -> None:
+    """Vectorise ``loop`` when it is short, else split off and vectorise a multiple of ``lanes``."""
+    extent = int(sch.get(loop).extent)
+    if extent <= 4 * lanes:
+        if extent > 1:
+            sch.vectorize(loop)
+        return
+    for width in (4 * lanes, 2 * lanes, lanes):
+        if extent % width == 0:
+            _, inner = sch.split(loop, [None, width])
+            sch.vectorize(inner)
+            return
+
+
+def schedule_epilogue(sch, epilogue, at_loop, lanes: int) -> None:
+    """Compute ``epilogue`` inside ``at_loop``, right after the tile it reads: vectorise the
+    channel axis, unroll the rest."""
+    sch.reverse_compute_at(epilogue, at_loop, preserve_unit_loops=True)
+    vectorize_innermost(sch, sch.get_loops(epilogue)[-1], lanes)
+
+
+# parallel chunks smaller than this many elements cost more in thread wake-ups than they save
+MIN_PARALLEL_ELEMENTS = 4096
+
+
+def schedule_injective(sch, block, lanes: int) -> None:
+    """One spatial block on its own: loops fused, ``lanes`` at a time vectorised
+    (when they divide), the rest in parallel when it is big enough."""
+    loops = sch.get_loops(block)
+    total = 1
+    for extent in extents(sch, loops):
+        total *= extent
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if total % lanes == 0 and total >= lanes:
+        outer, inner = sch.split(fused, [None, lanes])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if total >= MIN_PARALLEL_ELEMENTS:
+        sch.parallel(outer)
+
+
+# kernels with fewer multiply-adds than this stay on one thread: waking the pool costs more
+MIN_PARALLEL_WORK = 1 << 17
+
+
+def block_work(sch, block) -> int:
+    """The product of a block's iteration extents: multiply-adds for a contraction."""
+    work = 1
+    for iv in sch.get(block).iter_vars:
+        work *= int(iv.dom.extent)
+    return work
+
+
+def parallel_outer(sch, loops, work: int | None = None) -> Any:
+    """Fuse ``loops`` into one and run it on TVM's thread pool, unless ``work`` is too
+    small to pay for the threads' wake-up (``MIN_PARALLEL_WORK``)."""
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work is None or work >= MIN_PARALLEL_WORK:
+        sch.parallel(fused)
+    return fused

@@ -1,0 +1,103 @@
+"""``edgec tune``: a tiny model tuned with a handful of MetaSchedule trials writes
+a database that later compiles consult (explicitly, and by default from the
+target's cache directory), recording in the manifest how many kernels took a
+tuned schedule. Slow by nature (builder/runner workers import TVM): one
+tuning run, shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edgec
+from edgec.cli import cli
+from edgec.runtimes.local import LocalRunner
+from edgec.runtimes.reference import run_onnxruntime
+from edgec.targets import resolve
+from edgec.tune import DATABASE_FILES, TuningError, database_for_compile, default_database, has_database
+
+TRIALS = 2
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, saved_models):
+    """EDGEC_CACHE pointed at a fresh directory, with the MLP tuned into its default database by the CLI."""
+    root = tmp_path_factory.mktemp("edgec-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDGEC_CACHE", str(root))
+    model = saved_models["mlp"].files["onnx"]
+    done = CliRunner().invoke(cli, ["tune", str(model), "-t", "x86", "--trials", str(TRIALS), "--threads", "1", "--json"])
+    yield root, model, done
+    patch.undo()
+
+
+def test_tune_writes_a_database_with_progress(cache):
+    root, _, done = cache
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
+    database = Path(summary["database"])
+    assert database == default_database(resolve("x86"))
+    assert database.is_relative_to(root / "tuning")
+    assert has_database(database)
+    records = (database / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) >= 1
+    assert summary["trials"] >= 1 and summary["best_ms"]
+    assert "best" in done.stderr  # progress lines with the best latency so far
+
+
+def test_later_compile_applies_the_database_by_default(cache, tmp_path):
+    _, model_path, done = cache
+    assert done.exit_code == 0, done.output
+    output = tmp_path / "mlp_tuned"
+    compiled = CliRunner().invoke(cli, ["compile", str(model_path), "-t", "x86", "-o", str(output), "--json"])
+    assert compiled.exit_code == 0, compiled.output
+    manifest = json.loads((output / "manifest.json").read_text())
+    summary = manifest["schedules"]
+    assert summary["tuning_db"] == str(default_database(resolve("x86")))
+    assert summary["tuning_db_records"] >= 1
+    # every MLP kernel has a record (the library's schedule, measured, at least); the ones where
+    # MetaSchedule's candidate measured faster run it and say so in the kernel table
+    assert summary["tuning_db_matched"] == len({call["kernel"] for call in manifest["kernels"]})
+    tuned = {call["kernel"] for call in manifest["kernels"] if call["schedule"] == "tuning-db"}
+    assert len(tuned) == summary["from_tuning_db"]
+    assert manifest["verification"]["status"] == "passed"  # database schedules compute the same
+
+
+def test_explicit_database_and_none(cache, tmp_path):
+    _, model_path, done = cache
+    assert done.exit_code == 0, done.output
+    model = edgec.load(model_path)
+    database = default_database(resolve("x86"))
+    result = edgec.compile(model, "x86", tmp_path / "explicit", tuning_db=database)
+    assert result.manifest["schedules"]["tuning_db_matched"] >= 1
+    x = np.random.default_rng(5).standard_normal(result.manifest["inputs"][0]["shape"]).astype("float32")
+    np.testing.assert_allclose(LocalRunner(result.artifact).run([x])[0], run_onnxruntime(model.graph, [x])[0], rtol=1e-4, atol=1e-4)
+    plain = edgec.compile(model, "x86", tmp_path / "plain")  # the library API applies no database unless given
+    assert plain.manifest["schedules"]["tuning_db"] is None
+    assert plain.manifest["schedules"]["tuning_db_matched"] == 0
+    assert database_for_compile(resolve("x86"), "none") is None
+    assert database_for_compile(resolve("x86"), None) == database
+
+
+def test_missing_database_is_an_error(tmp_path):
+    with pytest.raises(TuningError, match="no MetaSchedule database"):
+        database_for_compile(resolve("x86"), str(tmp_path / "nothing"))
+    assert not has_database(tmp_path)
+    assert DATABASE_FILES == ("database_workload.json", "database_tuning_record.json")
+
+
+def test_tune_refuses_what_it_cannot_measure(saved_models):
+    model = edgec.load(saved_models["mlp"].files["onnx"])
+    from edgec.tune import tune
+
+    with pytest.raises(TuningError, match="--tracker"):
+        tune(model, "cortex-a53", trials=1)
+    with pytest.raises(TuningError, match="dlight"):
+        tune(model, "cuda", trials=1)
+    done = CliRunner().invoke(cli, ["tune", str(saved_models["mlp"].files["onnx"]), "-t", "x86", "--trials", "1", "--rpc", "127.0.0.1:9090"])
+    assert done.exit_code == 1 and "tracker" in done.output
