@@ -1,0 +1,828 @@
+"""Tests for passes/fuse_filters.py: DCFF filter fusion and exact masked channel removal.
+
+Graphs are built op by op with onnx.helper (seeded weights, BatchNorm with
+non-trivial statistics), so each variant pins one propagation rule; a tiny
+MobileNetV2 exported by PyTorch is compiled; a CNN trained on scikit-learn's
+digits measures accuracy. Numbers are compared with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgec
+from edgec.passes import PASSES, FuseFiltersPass
+from edgec.passes.fuse_filters import (
+    filter_distances,
+    fuse_filters,
+    keep_count,
+    kl_importance,
+    select_filters,
+    similarity_distribution,
+    zero_filters,
+)
+from edgec.passes.registry import parse
+from edgec.runtimes.reference import run_onnxruntime
+from edgec.stats import model_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402 - tests/ on sys.path first
+
+LOGGER = "edgec.passes.fuse_filters"
+RTOL = 1e-5  # masked mode is exact up to float32 summation order
+ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------
+# A tiny graph builder: ONNX nodes named after their single output.
+# --------------------------------------------------------------------------
+
+
+class Net:
+    """Build an ONNX CNN op by op; ``shapes[name]`` is (C, H, W) or (features,)."""
+
+    def __init__(self, shape: tuple[int, ...] = (1, 3, 8, 8), seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.params: dict[str, np.ndarray] = {}
+        self.input_shape = shape
+        self.opset = 17
+        self.shapes: dict[str, tuple[int, ...]] = {"x": shape[1:]}
+
+    def param(self, name: str, array: np.ndarray) -> str:
+        self.params[name] = np.asarray(array, dtype=np.float32)
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, shape: tuple[int, ...] | None = None, **attributes) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
+        self.shapes[name] = shape if shape is not None else self.shapes[inputs[0]]
+        return name
+
+    def conv(self, name: str, x: str, out: int, kernel: int = 3, group: int = 1, bias: bool = True, pad: bool = True) -> str:
+        channels, height, width = self.shapes[x]
+        fan_in = channels // group * kernel * kernel
+        weight = self.rng.standard_normal((out, channels // group, kernel, kernel)) * math.sqrt(2.0 / fan_in)
+        inputs = [x, self.param(f"{name}.weight", weight)]
+        if bias:
+            inputs.append(self.param(f"{name}.bias", self.rng.uniform(-0.2, 0.2, out)))
+        padding = kernel // 2 if pad else 0
+        size = (height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1)
+        return self.node(
+            "Conv", inputs, name, (out, *size), kernel_shape=[kernel, kernel], pads=[padding] * 4, group=group
+        )
+
+    def bn(self, name: str, x: str) -> str:
+        channels = self.shapes[x][0]
+        inputs = [
+            x,
+            self.param(f"{name}.scale", self.rng.uniform(0.5, 1.5, channels)),
+            self.param(f"{name}.B", self.rng.uniform(-0.3, 0.3, channels)),
+            self.param(f"{name}.mean", self.rng.normal(0.0, 0.2, channels)),
+            self.param(f"{name}.var", self.rng.uniform(0.5, 1.5, channels)),
+        ]
+        return self.node("BatchNormalization", inputs, name, epsilon=1e-5)
+
+    def gap_flatten(self, name: str, x: str) -> str:
+        pooled = self.node("GlobalAveragePool", [x], f"{name}_pool", (self.shapes[x][0], 1, 1))
+        return self.node("Flatten", [pooled], name, (self.shapes[x][0],), axis=1)
+
+    def gemm(self, name: str, x: str, out: int = 10, trans_b: bool = True) -> str:
+        features = math.prod(self.shapes[x])
+        weight = self.rng.standard_normal((out, features) if trans_b else (features, out)) / math.sqrt(features)
+        inputs = [x, self.param(f"{name}.weight", weight), self.param(f"{name}.bias", self.rng.uniform(-0.1, 0.1, out))]
+        return self.node("Gemm", inputs, name, (out,), transB=int(trans_b))
+
+    def proto(self, output: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            "net",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(self.input_shape))],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(array, name) for name, array in self.params.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=8)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def to_model(proto: onnx.ModelProto) -> edgec.Model:
+    return edgec.from_onnx_ir(ir.serde.deserialize_model(proto))
+
+
+# --------------------------------------------------------------------------
+# The graph variants: a builder, the channels fuse mode leaves at ratio 0.5,
+# a zeroing of filters (in place on the parameter arrays), and the channels
+# masked mode leaves after that zeroing.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    build: Callable[[Net], str]
+    fused: dict[str, int]  # Conv -> output channels after fuse at ratio 0.5 (others unchanged)
+    zero: Callable[[dict[str, np.ndarray]], None]
+    masked: dict[str, int]  # Conv -> output channels after masked mode on the zeroed graph
+    depthwise: dict[str, int] = dataclasses.field(default_factory=dict)  # depthwise Conv -> channels after fuse
+
+    def proto(self, zeroed: bool = False) -> onnx.ModelProto:
+        net = Net()
+        output = self.build(net)
+        if zeroed:
+            self.zero(net.params)
+        return net.proto(output)
+
+
+def _zero(params: dict[str, np.ndarray], conv: str, channels: list[int], bias: bool = True) -> None:
+    params[f"{conv}.weight"][channels] = 0.0
+    if bias and f"{conv}.bias" in params:
+        params[f"{conv}.bias"][channels] = 0.0
+
+
+def _chain(net: Net) -> str:
+    x = net.node("Relu", [net.conv("conv1", "x", 16)], "relu1")
+    x = net.node("Relu", [net.conv("conv2", x, 16)], "relu2")
+    x = net.node("Relu", [net.conv("conv3", x, 12)], "relu3")
+    return net.gemm("fc", net.gap_flatten("flat", x))
+
+
+def _chain_zero(params):
+    _zero(params, "conv1", [1, 4])  # constant 0: removable before the padded conv2
+    _zero(params, "conv3", [0, 5, 6], bias=False)  # constant relu(b): folds into the Gemm's bias
+
+
+def _bn(net: Net) -> str:
+    x = net.node("Relu", [net.bn("bn1", net.conv("conv1", "x", 16, bias=False))], "relu1")
+    x = net.node("LeakyRelu", [net.bn("bn2", net.conv("conv2", x, 16, kernel=1, pad=False))], "lrelu2", alpha=0.1)
+    x = net.node("Relu", [net.bn("bn3", net.conv("conv3", x, 8))], "relu3")
+    return net.gemm("fc", net.gap_flatten("flat", x))
+
+
+def _bn_zero(params):
+    _zero(params, "conv1", [2, 3])  # BN makes a non-zero constant; conv2 is 1x1 unpadded: folds
+    _zero(params, "conv2", [0])  # non-zero constant before the padded conv3: must stay
+
+
+def _depthwise(net: Net) -> str:
+    x = net.node("Clip", [net.bn("bn1", net.conv("expand", "x", 24, kernel=1, pad=False, bias=False)), "zero", "six"], "clip1")
+    net.param("zero", np.array(0.0))
+    net.param("six", np.array(6.0))
+    x = net.node("HardSwish", [net.bn("bn2", net.conv("dw", x, 24, group=24, bias=False))], "hswish2")
+    x = net.bn("bn3", net.conv("project", x, 8, kernel=1, pad=False, bias=False))
+    return net.gemm("fc", net.gap_flatten("flat", x))
+
+
+def _depthwise_zero(params):
+    _zero(params, "expand", [0, 7, 9])
+    params["bn1.B"][[0, 7, 9]] = -0.5  # BN(0) < 0: Clip gives 0, which the padded depthwise Conv keeps constant
+    params["bn1.mean"][[0, 7, 9]] = 0.0
+    _zero(params, "project", [3])  # its BN constant folds into the Gemm
+
+
+def _concat(net: Net) -> str:
+    left = net.node("Relu", [net.conv("conv1", "x", 8)], "relu1")
+    right = net.node("Sigmoid", [net.conv("conv2", "x", 8)], "sigmoid2")
+    shape = (16, *net.shapes[left][1:])
+    joined = net.node("Concat", [left, right], "concat", shape, axis=1)
+    x = net.node("Relu", [net.conv("conv3", joined, 8, kernel=1, pad=False)], "relu3")
+    return net.gemm("fc", net.gap_flatten("flat", x))
+
+
+def _concat_zero(params):
+    _zero(params, "conv1", [1], bias=False)
+    _zero(params, "conv2", [0, 3], bias=False)  # sigmoid(b): a constant that folds into the 1x1 conv3
+
+
+def _reduce_gemm(net: Net) -> str:
+    """conv -> ReduceMean(axes input, keepdims=0) -> Gemm(transB=0), as torch.export writes a global pool (opset 18)."""
+    net.opset = 18
+    x = net.node("Relu", [net.conv("conv1", "x", 16)], "relu1")
+    x = net.node("Relu", [net.bn("bn2", net.conv("conv2", x, 12, bias=False))], "relu2")
+    net.params["axes"] = np.array([2, 3], dtype=np.int64)
+    pooled = net.node("ReduceMean", [x, "axes"], "mean", (12,), keepdims=0)
+    return net.gemm("fc", pooled, trans_b=False)
+
+
+def _reduce_gemm_zero(params):
+    _zero(params, "conv2", [4, 11])
+
+
+def _flatten_gemm(net: Net) -> str:
+    """Flatten of a 4x4 map: each channel is a block of 16 Gemm columns."""
+    x = net.node("Relu", [net.conv("conv1", "x", 8)], "relu1")
+    x = net.node("MaxPool", [x], "pool", (8, 4, 4), kernel_shape=[2, 2], strides=[2, 2])
+    x = net.node("Relu", [net.bn("bn2", net.conv("conv2", x, 16, bias=False))], "relu2")
+    flat = net.node("Flatten", [x], "flat", (16 * 4 * 4,), axis=1)
+    return net.gemm("fc", flat)
+
+
+def _flatten_gemm_zero(params):
+    _zero(params, "conv1", [6])  # relu(0) = 0 through MaxPool into the padded conv2
+    _zero(params, "conv2", [3, 10])  # BN constants, folded block-wise into the Gemm
+
+
+def _reshape_matmul(net: Net) -> str:
+    """Reshape(1, 256) -> MatMul -> Add: the explicit shape constant must shrink too."""
+    x = net.node("Relu", [net.conv("conv1", "x", 8)], "relu1")
+    x = net.node("MaxPool", [x], "pool", (8, 4, 4), kernel_shape=[2, 2], strides=[2, 2])
+    x = net.node("Relu", [net.conv("conv2", x, 16)], "relu2")
+    net.params["target"] = np.array([1, 256], dtype=np.int64)
+    flat = net.node("Reshape", [x, "target"], "flat", (256,))
+    weight = net.param("fc.weight", net.rng.standard_normal((256, 10)) / 16.0)
+    product = net.node("MatMul", [flat, weight], "matmul", (10,))
+    return net.node("Add", [product, net.param("fc.bias", net.rng.uniform(-0.1, 0.1, 10))], "logits")
+
+
+def _reshape_matmul_zero(params):
+    _zero(params, "conv2", [1, 2])  # relu(0) = 0: a MatMul has no bias, only zeros are removable
+    _zero(params, "conv2", [5], bias=False)  # relu(b) may be non-zero: stays (checked below)
+    params["conv2.bias"][5] = 0.05  # make it non-zero on purpose
+
+
+def _residual(net: Net) -> str:
+    """relu(conv1) + bn(conv2(relu(conv1))): conv1 and conv2 are tied by the Add."""
+    r1 = net.node("Relu", [net.conv("conv1", "x", 16)], "relu1")
+    b2 = net.bn("bn2", net.conv("conv2", r1, 16, bias=False))
+    x = net.node("Relu", [net.node("Add", [b2, r1], "add")], "relu_add")
+    x = net.node("Relu", [net.conv("conv3", x, 8, kernel=1, pad=False)], "relu3")
+    return net.gemm("fc", net.gap_flatten("flat", x))
+
+
+def _residual_zero(params):
+    _zero(params, "conv1", [2, 5, 7])  # relu(0) = 0 into the padded conv2
+    _zero(params, "conv2", [2, 5])  # BN constant + 0 through the Add, folded into the 1x1 conv3
+    # channel 7 is zero in conv1 only: its tied partner in conv2 is not, so it stays
+
+
+VARIANTS = {
+    "chain": Variant(_chain, {"conv1": 8, "conv2": 8, "conv3": 6}, _chain_zero, {"conv1": 14, "conv3": 9}),
+    "conv_bn_relu_conv": Variant(_bn, {"conv1": 8, "conv2": 8, "conv3": 4}, _bn_zero, {"conv1": 14, "conv2": 16}),
+    "depthwise": Variant(
+        _depthwise, {"expand": 12, "dw": 12, "project": 4}, _depthwise_zero, {"expand": 21, "dw": 21, "project": 7}, {"dw": 12}
+    ),
+    "concat": Variant(_concat, {"conv1": 4, "conv2": 4, "conv3": 4}, _concat_zero, {"conv1": 7, "conv2": 6}),
+    "reduce_gemm": Variant(_reduce_gemm, {"conv1": 8, "conv2": 6}, _reduce_gemm_zero, {"conv2": 10}),
+    "flatten_gemm": Variant(_flatten_gemm, {"conv1": 4, "conv2": 8}, _flatten_gemm_zero, {"conv1": 7, "conv2": 14}),
+    "reshape_matmul": Variant(_reshape_matmul, {"conv1": 4, "conv2": 8}, _reshape_matmul_zero, {"conv2": 14}),
+    "residual": Variant(_residual, {"conv1": 8, "conv2": 8, "conv3": 4}, _residual_zero, {"conv1": 14, "conv2": 14}),
+}
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def conv_channels(model: edgec.Model) -> dict[str, int]:
+    """Output channels of every Conv, from its weight."""
+    return {node.name: node.inputs[1].const_value.shape[0] for node in model.graph.graph if node.op_type == "Conv"}
+
+
+def io_signature(model: edgec.Model) -> list[tuple[str, tuple]]:
+    graph = model.graph.graph
+    return [(value.name, tuple(value.shape)) for value in (*graph.inputs, *graph.outputs)]
+
+
+def check_valid(model: edgec.Model) -> None:
+    """onnx.checker (full) and strict shape inference agree with every shape the pass wrote."""
+    proto = ir.serde.serialize_model(model.graph)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
+    used = {value.name for node in model.graph.graph for value in node.inputs if value is not None}
+    assert set(model.graph.graph.initializers) <= used, "dead initializers left behind"
+
+
+def sample(model: edgec.Model, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(tuple(value.shape)).astype(np.float32) for value in model.graph.graph.inputs]
+
+
+# --------------------------------------------------------------------------
+# The math
+# --------------------------------------------------------------------------
+
+
+def test_distribution_rows_are_probabilities_with_the_self_term_largest():
+    weight = np.random.default_rng(0).standard_normal((12, 4, 3, 3)).astype(np.float32)
+    distribution = similarity_distribution(weight, temperature=0.7)
+    assert distribution.shape == (12, 12)
+    np.testing.assert_allclose(distribution.sum(axis=1), 1.0, rtol=1e-12)
+    assert np.all(distribution > 0)
+    assert np.all(np.argmax(distribution, axis=1) == np.arange(12))  # d_kk = 0 is the smallest distance
+    # scale-free: distances are divided by their mean
+    np.testing.assert_allclose(similarity_distribution(weight * 32.0, 0.7), distribution, rtol=1e-9)
+
+
+def test_distances_match_a_direct_computation():
+    weight = np.random.default_rng(1).standard_normal((5, 2, 3, 3))
+    flat = weight.reshape(5, -1)
+    direct = np.linalg.norm(flat[:, None, :] - flat[None, :, :], axis=2)
+    np.testing.assert_allclose(filter_distances(weight), direct, atol=1e-9)
+
+
+def test_distribution_follows_the_softmax_definition():
+    weight = np.random.default_rng(2).standard_normal((6, 3, 1, 1))
+    distances = filter_distances(weight)
+    mean = distances[~np.eye(6, dtype=bool)].mean()
+    logits = -distances / (mean * 0.5)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(similarity_distribution(weight, 0.5), expected, rtol=1e-12)
+
+
+def test_fused_filter_of_identical_filters_is_that_filter():
+    weight = np.repeat(np.random.default_rng(3).standard_normal((1, 4, 3, 3)), 5, axis=0).astype(np.float32)
+    bias = np.full(5, 0.25, dtype=np.float32)
+    distribution = similarity_distribution(weight)
+    np.testing.assert_allclose(distribution, 0.2)  # all distances 0: uniform
+    fused, fused_bias = fuse_filters(weight, distribution, np.array([1, 3]), bias)
+    assert fused.dtype == np.float32 and fused.shape == (2, 4, 3, 3)
+    np.testing.assert_allclose(fused, weight[:2], rtol=1e-6)
+    np.testing.assert_allclose(fused_bias, 0.25, rtol=1e-6)
+
+
+def test_fused_filter_is_the_distribution_weighted_sum():
+    weight = np.random.default_rng(4).standard_normal((4, 2, 3, 3))
+    distribution = similarity_distribution(weight, 2.0)
+    fused, _ = fuse_filters(weight, distribution, np.array([2]))
+    np.testing.assert_allclose(fused[0], sum(distribution[2, j] * weight[j] for j in range(4)), rtol=1e-12)
+    # a one-hot distribution (t -> 0) is plain selection
+    selected, _ = fuse_filters(weight, np.eye(4), np.array([0, 3]))
+    np.testing.assert_array_equal(selected, weight[[0, 3]])
+
+
+def test_importance_is_the_summed_kl_divergence():
+    distribution = similarity_distribution(np.random.default_rng(5).standard_normal((5, 3, 3, 3)), 0.8)
+    expected = [
+        sum(np.sum(distribution[k] * np.log(distribution[k] / distribution[j])) for j in range(5)) for k in range(5)
+    ]
+    np.testing.assert_allclose(kl_importance(distribution), expected, rtol=1e-10)
+
+
+def test_importance_ranks_an_isolated_filter_above_near_duplicates():
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((2, 3, 3))
+    weight = np.stack(
+        [
+            base,
+            base + 0.01 * rng.standard_normal((2, 3, 3)),
+            base + 0.01 * rng.standard_normal((2, 3, 3)),
+            base + 0.3 * rng.standard_normal((2, 3, 3)),
+            -3.0 * base,  # far from everything: its distribution differs most from the others'
+        ]
+    )
+    importance = kl_importance(similarity_distribution(weight, 0.5))
+    assert np.argmax(importance) == 4
+    assert importance[3] > max(importance[:3])  # the moderately different one comes next
+    np.testing.assert_array_equal(select_filters(importance, 2), [3, 4])
+
+
+def test_keep_count_and_selection_order():
+    assert keep_count(16, 0.5) == 8
+    assert keep_count(10, 0.25) == 8  # 7.5 rounds half up
+    assert keep_count(16, 0.0) == 16
+    assert keep_count(16, 0.95, min_channels=4) == 4
+    assert keep_count(3, 0.9) == 1
+    np.testing.assert_array_equal(select_filters(np.array([1.0, 5.0, 5.0, 0.0]), 2), [1, 2])
+
+
+def test_zero_filters():
+    weight = np.ones((4, 2, 3, 3), dtype=np.float32)
+    weight[[1, 3]] = 0.0
+    weight[3, 0, 0, 0] = 1e-30
+    np.testing.assert_array_equal(zero_filters(weight), [False, True, False, False])
+
+
+# --------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------
+
+
+def test_registered_and_parsed_from_the_command_line():
+    assert FuseFiltersPass in PASSES
+    parsed = parse("fuse-filters:ratio=0.4,layer_ratios=conv1@0.25+conv2@0.5,exclude=fc+conv3,mode=masked,min_channels=4")
+    assert parsed == FuseFiltersPass(
+        ratio=0.4, layer_ratios={"conv1": 0.25, "conv2": 0.5}, exclude=("fc", "conv3"), mode="masked", min_channels=4
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{"ratio": 1.0}, {"ratio": -0.1}, {"temperature": 0.0}, {"mode": "prune"}, {"min_channels": 0}]
+)
+def test_bad_options_are_refused(options):
+    with pytest.raises(ValueError):
+        FuseFiltersPass(**options)
+
+
+# --------------------------------------------------------------------------
+# Matching graphs: fuse mode shrinks them, masked mode is exact
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fuse_mode_shrinks_channels_macs_and_bytes(name):
+    variant = VARIANTS[name]
+    model = to_model(variant.proto())
+    check_valid(model)
+    before_channels, before_io, before = conv_channels(model), io_signature(model), model_stats(model.graph)
+    inputs = sample(model)
+    reference = run_onnxruntime(model.graph, inputs)
+
+    result = FuseFiltersPass(ratio=0.5)(model.graph)
+
+    assert result.modified is True
+    assert conv_channels(model) == {**before_channels, **variant.fused}
+    for node in model.graph.graph:
+        if node.name in variant.depthwise:
+            assert node.attributes.get_int("group") == variant.depthwise[node.name]
+            assert node.inputs[1].const_value.shape[0] == variant.depthwise[node.name]
+    after = model_stats(model.graph)
+    assert after.macs < before.macs
+    assert after.params < before.params
+    assert after.size_bytes < before.size_bytes
+    assert io_signature(model) == before_io  # graph inputs/outputs keep names and shapes
+    check_valid(model)
+    outputs = run_onnxruntime(model.graph, inputs)
+    assert [out.shape for out in outputs] == [ref.shape for ref in reference]
+    assert np.all(np.isfinite(outputs[0]))
+
+
+def test_fuse_mode_macs_of_the_chain_by_hand():
+    """8x8 maps, 3x3 convs: MACs = 64 * C_out * C_in * 9 per conv, plus the Gemm's C * 10."""
+    model = to_model(VARIANTS["chain"].proto())
+    before = model_stats(model.graph).macs
+    assert before == 64 * 9 * (16 * 3 + 16 * 16 + 12 * 16) + 12 * 10
+    FuseFiltersPass(ratio=0.5)(model.graph)
+    assert model_stats(model.graph).macs == 64 * 9 * (8 * 3 + 8 * 8 + 6 * 8) + 6 * 10
+    fc = next(node for node in model.graph.graph if node.op_type == "Gemm")
+    assert fc.inputs[1].const_value.shape == (10, 6)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_masked_mode_is_exact(name):
+    variant = VARIANTS[name]
+    model = to_model(variant.proto(zeroed=True))
+    before_channels, before_io, before = conv_channels(model), io_signature(model), model_stats(model.graph)
+    inputs = sample(model)
+    reference = run_onnxruntime(model.graph, inputs)
+
+    result = FuseFiltersPass(mode="masked")(model.graph)
+
+    assert result.modified is True
+    assert conv_channels(model) == {**before_channels, **variant.masked}
+    assert model_stats(model.graph).macs < before.macs
+    assert model_stats(model.graph).size_bytes < before.size_bytes
+    assert io_signature(model) == before_io
+    check_valid(model)
+    for got, want in zip(run_onnxruntime(model.graph, inputs), reference, strict=True):
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_fuse_mode_at_a_tiny_temperature_is_selection():
+    """t -> 0: each kept filter is its original, and the output equals the original graph with the
+    removed channels' weights zeroed in the layers that read them (exact plumbing)."""
+    proto = VARIANTS["conv_bn_relu_conv"].proto()
+    model = to_model(proto)
+    original = {name: value.const_value.numpy().copy() for name, value in model.graph.graph.initializers.items()}
+    FuseFiltersPass(ratio=0.5, temperature=1e-3)(model.graph)
+    weights = {node.name: node.inputs[1].const_value.numpy() for node in model.graph.graph if node.op_type in ("Conv", "Gemm")}
+    kept, kept_in = {}, np.arange(3)
+    for conv in ("conv1", "conv2", "conv3"):
+        old = original[f"{conv}.weight"][:, kept_in]  # its input channels are the previous layer's kept ones
+        kept[conv] = np.array([np.flatnonzero([np.array_equal(row, old_row) for old_row in old])[0] for row in weights[conv]])
+        assert np.all(np.diff(kept[conv]) > 0), "kept channels keep their order"
+        kept_in = kept[conv]
+    zeroed = {name: array.copy() for name, array in original.items()}
+    for conv, reader, axis in (("conv1", "conv2", 1), ("conv2", "conv3", 1), ("conv3", "fc", 1)):
+        removed = np.setdiff1d(np.arange(original[f"{conv}.weight"].shape[0]), kept[conv])
+        np.moveaxis(zeroed[f"{reader}.weight"], axis, 0)[removed] = 0.0
+    for initializer in proto.graph.initializer:
+        initializer.CopyFrom(numpy_helper.from_array(zeroed[initializer.name], initializer.name))
+    inputs = sample(model)
+    want = run_onnxruntime(to_model(proto).graph, inputs)
+    np.testing.assert_allclose(run_onnxruntime(model.graph, inputs)[0], want[0], rtol=RTOL, atol=ATOL)
+
+
+def test_tied_group_shares_one_keep_set_from_the_summed_importance():
+    model = to_model(VARIANTS["residual"].proto())
+    weights = {name: value.const_value.numpy() for name, value in model.graph.graph.initializers.items()}
+    importance = sum(kl_importance(similarity_distribution(weights[f"{conv}.weight"], 0.5)) for conv in ("conv1", "conv2"))
+    keep = select_filters(importance, 8)
+    FuseFiltersPass(ratio=0.5, temperature=0.5)(model.graph)
+    new = {node.name: node for node in model.graph.graph}
+    for conv in ("conv1", "conv2"):
+        expected, _ = fuse_filters(weights[f"{conv}.weight"], similarity_distribution(weights[f"{conv}.weight"], 0.5), keep)
+        got = new[conv].inputs[1].const_value.numpy()
+        # conv2 also reads conv1's (tied) channels: its input axis is sliced with the same keep-set
+        np.testing.assert_allclose(got, expected[:, keep] if conv == "conv2" else expected, rtol=1e-6)
+    np.testing.assert_array_equal(new["bn2"].inputs[1].const_value.numpy(), weights["bn2.scale"][keep])
+
+
+def test_layer_ratios_and_min_channels():
+    model = to_model(VARIANTS["chain"].proto())
+    FuseFiltersPass(ratio=0.25, layer_ratios={"conv2": 0.75, "conv3": 0.0}, min_channels=6)(model.graph)
+    assert conv_channels(model) == {"conv1": 12, "conv2": 6, "conv3": 12}
+
+
+# --------------------------------------------------------------------------
+# Graphs that must not change
+# --------------------------------------------------------------------------
+
+
+def _unchanged(model: edgec.Model, graph_pass: FuseFiltersPass) -> None:
+    before = ir.serde.serialize_model(model.graph).SerializeToString()
+    result = graph_pass(model.graph)
+    assert result.modified is False
+    assert ir.serde.serialize_model(model.graph).SerializeToString() == before
+
+
+@pytest.mark.parametrize("name", ["chain", "residual", "depthwise"])
+def test_ratio_zero_changes_nothing(name):
+    _unchanged(to_model(VARIANTS[name].proto()), FuseFiltersPass(ratio=0.0))
+
+
+def test_masked_mode_without_zero_filters_changes_nothing():
+    _unchanged(to_model(VARIANTS["concat"].proto()), FuseFiltersPass(mode="masked"))
+
+
+def test_everything_excluded_changes_nothing_and_says_so(caplog):
+    model = to_model(VARIANTS["chain"].proto())
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        _unchanged(model, FuseFiltersPass(exclude=("conv1", "conv2", "conv3")))
+    for conv in ("conv1", "conv2", "conv3"):
+        assert f"Conv '{conv}' skipped: excluded" in caplog.text
+
+
+def test_residual_tied_to_an_excluded_conv_is_skipped_with_the_reason(caplog):
+    model = to_model(VARIANTS["residual"].proto())
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = FuseFiltersPass(ratio=0.5, exclude=("conv1",))(model.graph)
+    assert result.modified is True  # conv3 still shrinks
+    assert conv_channels(model) == {"conv1": 16, "conv2": 16, "conv3": 4}
+    assert "Conv 'conv2' skipped: its output reaches a residual Add 'add' tied to Conv 'conv1'" in caplog.text
+    assert "Conv 'conv1', which is excluded" in caplog.text
+    check_valid(model)
+
+
+def test_residual_tied_to_the_graph_input_is_skipped(caplog):
+    net = Net(shape=(1, 8, 8, 8))
+    x = net.node("Relu", [net.node("Add", [net.conv("conv1", "x", 8), "x"], "add")], "relu")
+    model = to_model(net.proto(net.gemm("fc", net.gap_flatten("flat", x))))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        _unchanged(model, FuseFiltersPass(ratio=0.5))
+    assert "Conv 'conv1' skipped: its output reaches a residual Add 'add' tied to graph input 'x'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        ("output", "reach graph output 'relu2' (graph outputs keep their shape)"),
+        ("transpose", "are read by Transpose 'transpose', which the pass does not follow"),
+        ("grouped", "are read by grouped Conv 'grouped' (group=2)"),
+    ],
+)
+def test_blocked_channels_are_skipped_with_the_reason(caplog, tail, reason):
+    net = Net()
+    x = net.node("Relu", [net.conv("conv1", "x", 8)], "relu1")
+    x = net.node("Relu", [net.conv("conv2", x, 8)], "relu2")
+    if tail == "transpose":
+        x = net.node("Transpose", [x], "transpose", (8, 8, 8), perm=[0, 1, 3, 2])
+    elif tail == "grouped":
+        x = net.conv("grouped", x, 8, group=2)
+    model = to_model(net.proto(x))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = FuseFiltersPass(ratio=0.5)(model.graph)
+    assert f"Conv 'conv2' skipped: its output channels {reason}" in caplog.text
+    assert result.modified is True  # conv1 -> conv2 is free to shrink
+    assert conv_channels(model)["conv1"] == 4
+    assert conv_channels(model)["conv2"] == 8
+    check_valid(model)
+
+
+# --------------------------------------------------------------------------
+# Compiling: a PyTorch-exported MobileNetV2 block stack (depthwise, residual Adds, pool -> Gemm)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuse_tiny_mobilenet(tmp_path_factory) -> Path:
+    import torch
+
+    path = tmp_path_factory.mktemp("fuse_mobilenet") / "mobilenet.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            models.build("mobilenet"),
+            (models.example_input("mobilenet"),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )
+    return path
+
+
+def test_fused_mobilenet_compiles_for_x86_and_cortex_a7(fuse_tiny_mobilenet, tmp_path):
+    model = edgec.load(fuse_tiny_mobilenet)
+    before_io = io_signature(model)
+    (report,) = edgec.apply(model, [FuseFiltersPass(ratio=0.5, temperature=0.1)])
+    assert report.modified and report.macs_after < report.macs_before and report.size_after < report.size_before
+    assert io_signature(model) == before_io
+    check_valid(model)
+    result = edgec.compile(model, "x86", tmp_path / "x86", verify=True)
+    verification = result.manifest["verification"]
+    assert verification["status"] == "passed" and verification["onnxruntime"]["within_tolerance"]
+    assert result.manifest["stats"]["macs"] == report.macs_after
+    if shutil.which("arm-linux-gnueabihf-g++") is None:
+        pytest.skip("arm-linux-gnueabihf-g++ is not installed (apt-get install g++-arm-linux-gnueabihf)")
+    arm = edgec.compile(model, "cortex-a7", tmp_path / "a7")
+    assert arm.manifest["verification"]["status"] == "skipped"
+    assert (tmp_path / "a7" / "lib.so").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_masked_mobilenet_compiles_and_matches_onnxruntime(fuse_tiny_mobilenet, tmp_path):
+    proto = onnx.load(fuse_tiny_mobilenet)
+    weights = {initializer.name: initializer for initializer in proto.graph.initializer}
+    # by weight name: the stem and the first block's projection are tied by its residual Add; the head feeds the pool
+    zeroed = {"stem.0.weight": [2], "blocks.0.block.2.0.weight": [2], "head.0.weight": [1, 3]}
+    convs = {node.input[1]: node.name for node in proto.graph.node if node.op_type == "Conv"}
+    assert set(zeroed) <= set(convs)
+    for name, channels in zeroed.items():
+        array = numpy_helper.to_array(weights[name]).copy()
+        array[channels] = 0.0
+        weights[name].CopyFrom(numpy_helper.from_array(array, name))
+    model = to_model(proto)
+    before = conv_channels(model)
+    inputs = sample(model)
+    reference = run_onnxruntime(model.graph, inputs)
+    (report,) = edgec.apply(model, [FuseFiltersPass(mode="masked")])
+    assert report.modified and report.max_abs_deviation < 1e-4
+    expected = {convs[name]: before[convs[name]] - len(channels) for name, channels in zeroed.items()}
+    assert conv_channels(model) == {**before, **expected}
+    np.testing.assert_allclose(run_onnxruntime(model.graph, inputs)[0], reference[0], rtol=RTOL, atol=ATOL)
+    result = edgec.compile(model, "x86", tmp_path / "x86", verify=True)
+    assert result.manifest["verification"]["status"] == "passed"
+
+
+# --------------------------------------------------------------------------
+# Accuracy on real data: a CNN trained on scikit-learn's digits (8x8 images)
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Digits:
+    network: object  # the trained torch module (eval mode)
+    onnx_path: Path
+    test_images: np.ndarray  # (N, 1, 8, 8) float32
+    test_labels: np.ndarray
+
+    def accuracy(self, model: edgec.Model) -> float:
+        (logits,) = run_onnxruntime(model.graph, [self.test_images])
+        return float(np.mean(logits.argmax(axis=1) == self.test_labels))
+
+
+def _digits_network(torch):
+    from torch import nn
+
+    def block(inputs: int, outputs: int) -> list:
+        return [nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU()]
+
+    return nn.Sequential(*block(1, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 64), nn.Flatten(), nn.Linear(64 * 16, 10))
+
+
+def _export(torch, network, example: np.ndarray, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            network,
+            (torch.from_numpy(example),),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )
+        path.write_bytes(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def fuse_digits(tmp_path_factory) -> Digits:
+    """Train for ~5 s on 1200 images (single thread, seeded), hold out the other 597."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and fair to the other tests sharing the cores
+    try:
+        digits = load_digits()
+        images = (digits.images / 16.0).astype(np.float32)[:, None]
+        labels = digits.target.astype(np.int64)
+        order = np.random.default_rng(0).permutation(len(images))
+        images, labels = images[order], labels[order]
+        train_x, train_y = torch.from_numpy(images[:1200]), torch.from_numpy(labels[:1200])
+        torch.manual_seed(1)
+        network = _digits_network(torch)
+        optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(15):
+            network.train()
+            permutation = torch.randperm(len(train_x), generator=generator)
+            for start in range(0, len(train_x), 64):
+                batch = permutation[start : start + 64]
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(network(train_x[batch]), train_y[batch]).backward()
+                optimizer.step()
+        network.eval()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("fuse_digits") / "digits.onnx"
+    _export(torch, network, images[1200:], path)  # the whole test set as one static batch
+    return Digits(network, path, images[1200:], labels[1200:])
+
+
+def test_digits_masked_mode_keeps_accuracy_exactly(fuse_digits, tmp_path):
+    """Zero filters as channel pruning would (the same in PyTorch), then remove them losslessly."""
+    import copy
+
+    import torch
+
+    network = copy.deepcopy(fuse_digits.network)
+    conv1, bn1, conv2, bn2, conv3 = network[0], network[1], network[3], network[4], network[7]
+    with torch.no_grad():
+        # conv1: network-slimming style (filter, bias, BN scale and shift 0): constant 0 before the padded conv2
+        for tensor in (conv1.weight, conv1.bias, bn1.weight, bn1.bias):
+            tensor[[3, 10, 17]] = 0.0
+        # conv2: filter and bias 0; removable only where relu(BN(0)) == 0 (a padded conv3 reads it)
+        conv2.weight[[0, 5, 9, 40]] = 0.0
+        conv2.bias[[0, 5, 9, 40]] = 0.0
+        bn_constant = torch.relu(bn2(torch.zeros(1, 64, 1, 1))).reshape(-1)[[0, 5, 9, 40]]
+        # conv3: filter 0, bias kept: a non-zero constant that the Flatten -> Gemm folds block-wise
+        conv3.weight[[2, 4, 8, 16, 32, 63]] = 0.0
+    expected_conv2 = 64 - int((bn_constant == 0).sum())
+    path = tmp_path / "zeroed.onnx"
+    _export(torch, network, fuse_digits.test_images, path)
+    with torch.no_grad():
+        torch_logits = network(torch.from_numpy(fuse_digits.test_images)).numpy()
+    torch_accuracy = float(np.mean(torch_logits.argmax(axis=1) == fuse_digits.test_labels))
+
+    model = edgec.load(path)
+    dense_accuracy = fuse_digits.accuracy(model)
+    result = FuseFiltersPass(mode="masked")(model.graph)
+
+    assert result.modified is True
+    assert list(conv_channels(model).values()) == [29, expected_conv2, 58]
+    (logits,) = run_onnxruntime(model.graph, [fuse_digits.test_images])
+    np.testing.assert_allclose(logits, torch_logits, rtol=1e-4, atol=1e-4)
+    accuracy = fuse_digits.accuracy(model)
+    print(
+        f"\ndigits masked: accuracy {torch_accuracy:.4f} (PyTorch, zeroed) {dense_accuracy:.4f} (ONNX) -> {accuracy:.4f}; "
+        f"conv channels 32/64/64 -> {'/'.join(map(str, conv_channels(model).values()))}"
+    )
+    assert accuracy == dense_accuracy == torch_accuracy
+
+
+# Thresholds, from measurements on this setup (no fine-tuning after fusion). The trained
+# network scores ~0.99. Fusing at t=0.1 after fold-bn (filters compared as BN-scaled,
+# effective filters) measured 0.90-0.97 at ratio 0.25 and 0.37-0.80 at ratio 0.5 over four
+# training seeds (0-3) of this network; without fold-bn 0.91-0.97 and 0.11-0.89. This
+# fixture's seed (1) gives 0.94 / 0.80 with fold-bn, 0.96 / 0.89 without. Chance is 0.10.
+# The asserted floors sit below the worst seed: 0.80 at 0.25; at 0.5 (half of every layer
+# gone) only "clearly above chance", 0.25. At the default t=1.0 the mean-normalised softmax
+# is nearly uniform, every kept filter becomes close to the layer's mean filter, and
+# accuracy falls to chance: printed, asserted only as "shrinks".
+@pytest.mark.parametrize(("ratio", "floor"), [(0.25, 0.80), (0.5, 0.25)])
+def test_digits_fuse_mode_accuracy(fuse_digits, ratio, floor):
+    from edgec.passes import FoldBatchNormPass
+
+    dense = edgec.load(fuse_digits.onnx_path)
+    baseline = fuse_digits.accuracy(dense)
+    assert baseline >= 0.95
+    results = {}
+    for label, passes in {
+        "fold-bn + fuse t=0.1": [FoldBatchNormPass(), FuseFiltersPass(ratio=ratio, temperature=0.1)],
+        "fuse t=0.1": [FuseFiltersPass(ratio=ratio, temperature=0.1)],
+        "fuse t=1.0": [FuseFiltersPass(ratio=ratio)],
+    }.items():
+        model = edgec.load(fuse_digits.onnx_path)
+        reports = edgec.apply(model, passes, measure=False)
+        assert reports[-1].modified and reports[-1].macs_after < reports[-1].macs_before
+        results[label] = (fuse_digits.accuracy(model), reports[-1].macs_after / reports[0].macs_before)
+    print(f"\ndigits fuse ratio {ratio}: dense {baseline:.4f}; " + "; ".join(
+        f"{label}: {accuracy:.4f} ({macs:.0%} MACs)" for label, (accuracy, macs) in results.items()
+    ))
+    assert results["fold-bn + fuse t=0.1"][0] >= floor
