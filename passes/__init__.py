@@ -7,7 +7,11 @@
 """
 
 from edgec.passes.fold_batchnorm import FoldBatchNormPass
+from edgec.passes.fuse_filters import FuseFiltersPass
+from edgec.passes.pack_block_sparse import PackBlockSparsePass
+from edgec.passes.lower_binary import LowerBinaryPass
+from edgec.passes.lower_ternary import LowerTernaryPass
 
-PASSES: tuple[type, ...] = (FoldBatchNormPass,)
+PASSES: tuple[type, ...] = (FoldBatchNormPass, FuseFiltersPass, PackBlockSparsePass, LowerBinaryPass, LowerTernaryPass)
 
-__all__ = ["FoldBatchNormPass", "PASSES"]
+__all__ = ["FoldBatchNormPass", "FuseFiltersPass", "PackBlockSparsePass", "LowerBinaryPass", "LowerTernaryPass", "PASSES"]

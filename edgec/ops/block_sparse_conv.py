@@ -1,0 +1,524 @@
+"""``edgec.BlockSparseConv``: a 2-D convolution whose weight is 1xN block-sparse.
+
+The weight ``W`` (``C_out x C_in x kh x kw``, ``C_out = B * N``) is cut into
+blocks of ``N`` consecutive output channels at one input channel,
+``W[b*N:(b+1)*N, c, :, :]`` (1xN pattern, arXiv 2105.14713). Only the kept
+blocks are stored, block-row by block-row (CSR over blocks):
+
+    indptr   int32 (B + 1,)         block-row b holds blocks indptr[b] .. indptr[b+1]-1
+    indices  int32 (nnz,)           the input channel of each kept block
+    values   float32 (nnz, N, kh, kw)   the block's N x kh x kw weights
+    bias     float32 (C_out,)       always present (zeros when the Conv had none)
+
+so ``W[b*N + j, indices[k], :, :] = values[k, j]`` for ``indptr[b] <= k <
+indptr[b+1]`` and every other weight is 0. The op computes (NCHW, group 1)::
+
+    y[n, b*N + j, oh, ow] = act(bias[b*N + j] + sum_{k in row b} sum_{kh, kw}
+                                values[k, j, kh, kw] * x_pad[n, indices[k], oh*sh + kh*dh, ow*sw + kw*dw])
+
+with ``act`` one of ``none``, ``Relu`` (``max(y, 0)``) and ``Clip``
+(``min(max(y, activation_min), activation_max)``). Attributes: ``block_size``
+(N), ``kernel_shape``, ``strides``, ``pads`` (ONNX order: top, left, bottom,
+right), ``dilations``, ``activation``, ``activation_min``, ``activation_max``.
+
+Kernel (CPU, ``lower_block_sparse_conv``): a pre-scheduled TIR PrimFunc
+generated for the layer's shapes, channels-last (NHWC in and out, like the
+CPU schedule library's dense kernels); the packed arrays are its arguments,
+read at run time, so its work is ``nnz * N * kh * kw`` multiply-adds per
+output position: it scales with the kept blocks, there is no loop over the
+pruned ones. The loops: a parallel loop over (image, output row, tile of
+positions, block-row) -- a pointwise conv runs all positions as one row --,
+the kept blocks of the block-row (the reduction), the kernel window, then a
+register tile of ``positions`` outputs x the block's N channels. The N
+channels are the vector: one load of a block's N weights, multiplied with
+one broadcast input per position (the paper's kernel, vectorised over the N
+output channels: N = 4 fills a NEON register, 8 AVX2, 16 AVX-512; a smaller
+N runs in narrower vectors). ``positions`` fills the register file (24
+accumulators of 32 registers, 12 of 16). Bias and activation are applied to
+the accumulators before the one store (the fused epilogue).
+
+The lowering wraps the kernel in NCHW -> NHWC -> NCHW ``permute_dims``: the
+ONNX graph is NCHW. Where the CPU schedule library makes the graph
+channels-last, those transposes meet the layout pass's inverse ones and
+``edgec.ops._relax.cancel_transposes`` removes both; without it (``compile(...,
+schedules=False)``) they stay, two transposes per op.
+
+CUDA has no sparse kernel here: the weights are decoded to dense and the op
+lowers to a dense conv2d (a warning is logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from edgec.ops import DOMAIN, CustomOp, register
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ACTIVATIONS",
+    "BlockSparseConv",
+    "KernelPlan",
+    "apply_activation",
+    "conv2d_nchw",
+    "conv_kernel",
+    "kernel_plan",
+    "unpack_blocks",
+    "vector_shape",
+]
+
+ACTIVATIONS = ("none", "Relu", "Clip")
+
+
+# --------------------------------------------------------------------------
+# The format and the NumPy reference.
+# --------------------------------------------------------------------------
+
+
+def unpack_blocks(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, in_channels: int) -> np.ndarray:
+    """The dense weight the packed arrays stand for: ``(B*N, in_channels, *values.shape[2:])``.
+
+    ``values`` is ``(nnz, N, ...)``; pruned blocks are zeros.
+    """
+    values = np.asarray(values)
+    indices = np.asarray(indices, dtype=np.int64)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    blocks = indptr.size - 1
+    block_size = values.shape[1]
+    tail = values.shape[2:]
+    if indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != indices.size or indices.size != values.shape[0]:
+        raise ValueError(
+            f"inconsistent block-sparse arrays: indptr {indptr.tolist()[:8]}..., {indices.size} indices, "
+            f"{values.shape[0]} blocks of values"
+        )
+    if indices.size and (indices.min() < 0 or indices.max() >= in_channels):
+        raise ValueError(f"block indices out of range for {in_channels} input channels")
+    dense = np.zeros((blocks, in_channels, block_size, *tail), dtype=values.dtype)
+    rows = np.repeat(np.arange(blocks), np.diff(indptr))
+    dense[rows, indices] = values
+    dense = np.moveaxis(dense, 2, 1)  # (B, N, C, ...)
+    return dense.reshape(blocks * block_size, in_channels, *tail)
+
+
+def apply_activation(y: np.ndarray, activation: str, low: float, high: float) -> np.ndarray:
+    """``none``, ``Relu`` or ``Clip`` of ``y`` (dtype kept)."""
+    if activation == "none":
+        return y
+    if activation == "Relu":
+        return np.maximum(y, 0).astype(y.dtype)
+    if activation == "Clip":
+        return np.clip(y, low, high).astype(y.dtype)
+    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
+
+
+def conv2d_nchw(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+) -> np.ndarray:
+    """A plain dense NCHW convolution (group 1), float64 accumulation, ``x``'s dtype out."""
+    top, left, bottom, right = pads
+    padded = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_channels, _, kh, kw = weight.shape
+    sh, sw = strides
+    dh, dw = dilations
+    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    y = np.zeros((x.shape[0], out_channels, out_h, out_w))
+    w64 = np.asarray(weight, dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
+            y += np.einsum("oc,nchw->nohw", w64[:, :, i, j], window)
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64).reshape(1, -1, 1, 1)
+    return y.astype(x.dtype)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class BlockSparseConv(OpRun):
+    """NumPy reference: decode the blocks to a dense weight, convolve, add bias, activate."""
+
+    op_domain = DOMAIN
+
+    def _run(  # noqa: PLR0913 - the op's inputs and attributes
+        self,
+        x,
+        values,
+        indices,
+        indptr,
+        bias=None,
+        block_size=None,
+        kernel_shape=None,
+        strides=None,
+        pads=None,
+        dilations=None,
+        activation="none",
+        activation_min=float("-inf"),
+        activation_max=float("inf"),
+    ):
+        if block_size is not None and values.shape[1] != block_size:
+            raise ValueError(f"values hold blocks of {values.shape[1]} channels, block_size says {block_size}")
+        weight = unpack_blocks(values, indices, indptr, x.shape[1])
+        if kernel_shape is not None and tuple(kernel_shape) != weight.shape[2:]:
+            raise ValueError(f"kernel_shape {tuple(kernel_shape)} but blocks of {weight.shape[2:]}")
+        y = conv2d_nchw(x, weight, bias, strides or (1, 1), pads or (0, 0, 0, 0), dilations or (1, 1))
+        return (apply_activation(y, _text(activation), activation_min, activation_max),)
+
+
+# --------------------------------------------------------------------------
+# The CPU kernel.
+# --------------------------------------------------------------------------
+
+# (lanes, registers) when the preset does not say: per CPU architecture
+_ARCH_VECTORS = {"armv7": (4, 16), "aarch64": (4, 32)}
+
+
+def vector_shape(target) -> tuple[int, int]:
+    """(float32 lanes, vector registers) of a ResolvedTarget's CPU.
+
+    The preset's ``vector_lanes``/``vector_registers`` when set; else by
+    architecture (NEON: 4 lanes, 16 quad registers on armv7, 32 on aarch64);
+    for x86 read from the CPU features LLVM reports for the target's mcpu
+    (AVX-512: 16 and 32, AVX2: 8 and 16, SSE: 4 and 16). ``None``: this machine.
+    """
+    import tvm
+    from tvm.target import codegen
+
+    preset = getattr(target, "preset", None)
+    lanes = getattr(preset, "vector_lanes", None)
+    registers = getattr(preset, "vector_registers", None)
+    if lanes and registers:
+        return int(lanes), int(registers)
+    arch = getattr(preset, "cpu_arch", "x86_64")
+    if arch in _ARCH_VECTORS:
+        return _ARCH_VECTORS[arch]
+    if target is None:
+        from edgec.targets.host import host_cpu_name
+
+        spec = {"kind": "llvm", "mcpu": host_cpu_name()}
+    else:
+        spec = dict(target.host_json or target.tvm_json)
+    try:
+        features = set(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
+    except Exception as error:  # noqa: BLE001 - an FFI error type varies by build
+        log.warning("could not read the CPU features of %s (%s): assuming SSE, 4 lanes", spec.get("mcpu"), error)
+        return 4, 16
+    if "avx512f" in features:
+        return 16, 32
+    if "avx2" in features or "avx" in features:
+        return 8, 16
+    return 4, 16
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """How one kernel tiles its registers: ``positions`` output positions x the
+    block's N channels (``ceil(N / lanes)`` vectors each) are accumulated in
+    registers while the kept blocks of a block-row are read once."""
+
+    lanes: int
+    positions: int
+
+    def vectors(self, block_size: int) -> int:
+        return -(-block_size // self.lanes)
+
+
+def kernel_plan(block_size: int, extent: int, lanes: int, registers: int) -> KernelPlan:
+    """The register tile for blocks of ``block_size`` channels over ``extent`` positions.
+
+    Accumulators may use the register file less room for the weight vector
+    and the broadcast inputs (32 registers: 24; 16 registers: 12), each
+    position taking ``ceil(N / lanes)`` of them.
+    """
+    budget = registers - 8 if registers > 16 else registers - 4
+    per_position = -(-block_size // lanes)
+    return KernelPlan(lanes, max(1, min(extent, budget // per_position)))
+
+
+def _activation_expr(activation: str, low: float, high: float):
+    """PrimExpr -> PrimExpr for the epilogue."""
+    from tvm import tirx
+
+    if activation == "none":
+        return lambda value: value
+    if activation == "Relu":
+        return lambda value: tirx.max(value, tirx.const(0.0, "float32"))
+    if activation == "Clip":
+        lo = tirx.const(max(low, -3.0e38), "float32")
+        hi = tirx.const(min(high, 3.0e38), "float32")
+        return lambda value: tirx.min(tirx.max(value, lo), hi)
+    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvShape:
+    """Static shapes of one BlockSparseConv call (NCHW)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    blocks: int
+    block_size: int
+    nnz: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+
+    @property
+    def out_channels(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def out_height(self) -> int:
+        top, _, bottom, _ = self.pads
+        return (self.height + top + bottom - (self.kernel[0] - 1) * self.dilations[0] - 1) // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        _, left, _, right = self.pads
+        return (self.width + left + right - (self.kernel[1] - 1) * self.dilations[1] - 1) // self.strides[1] + 1
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: the positions of a channel are one contiguous run."""
+        return self.kernel == (1, 1) and self.strides == (1, 1) and not any(self.pads)
+
+    @property
+    def multiply_adds(self) -> int:
+        """Work of the kernel: nnz * N * kh * kw per output position."""
+        kh, kw = self.kernel
+        return self.batch * self.out_height * self.out_width * self.nnz * self.block_size * kh * kw
+
+
+def conv_kernel(shape: ConvShape, plan: KernelPlan, activation: str = "none", low: float = 0.0, high: float = 0.0):
+    """The scheduled PrimFunc ``(x, values, indices, indptr, bias, y)`` for ``shape``, channels-last.
+
+    ``x`` is NHWC ``(batch, H, W, C_in)``, ``y`` NHWC; ``values``, ``indices``,
+    ``indptr`` and ``bias`` as in the op. Loops, outermost first: a parallel
+    loop over (image, output row, tile of positions, block-row) -- a pointwise
+    conv runs all ``batch*H*W`` positions as one row --, the kept blocks of
+    the block-row (``indptr[b] .. indptr[b+1]``, the reduction), the kernel
+    window, then the register tile: ``positions`` (unrolled) x the block's N
+    channels (vectorised). Each kept block loads its N weights as one vector
+    and multiplies it with one broadcast input per position. A row is cut into
+    tiles of nearly equal size, none wider than ``plan.positions`` (49 ->
+    17, 16, 16: no narrow tail tile paying a whole tile's loop overhead),
+    all in one parallel loop (one fork/join per call). Padding, when there
+    is any, is materialised first into a zero-bordered copy.
+    """
+    return _kernel(shape, plan, _activation_expr(activation, low, high))
+
+
+def _kernel(shape: ConvShape, plan: KernelPlan, act):
+    from tvm.script import tirx as T
+
+    batch, channels, n, blocks, nnz = shape.batch, shape.channels, shape.block_size, shape.blocks, shape.nnz
+    out_channels = shape.out_channels
+    x_shape = (batch, shape.height, shape.width, channels)
+    y_shape = (batch, shape.out_height, shape.out_width, out_channels)
+    kh, kw = shape.kernel
+    if shape.pointwise:  # one row of batch*H*W positions: NHWC keeps them evenly strided
+        images, height, width = 1, 1, batch * shape.height * shape.width
+        out_h, out_w = 1, width
+    else:
+        images, height, width = batch, shape.height, shape.width
+        out_h, out_w = shape.out_height, shape.out_width
+    sh, sw = shape.strides
+    dh, dw = shape.dilations
+    top, left, bottom, right = shape.pads
+    padded = any(shape.pads)
+    padded_h, padded_w = height + top + bottom, width + left + right
+    # a row of out_w positions in row_tiles tiles of (nearly) equal size, none wider than the plan's:
+    # `wide` tiles of base + 1 positions, then tiles of base (49 -> 17, 16, 16 rather than 24, 24, 1)
+    row_tiles = -(-out_w // plan.positions)
+    base, wide = divmod(out_w, row_tiles)
+    window = kh * kw
+
+    @T.macro
+    def register_tile(xf, vf, indices, indptr, bias, yf, image, oh, block, start, size):
+        # ``size`` positions of output row ``oh`` from ``start``, x the N channels of ``block``
+        acc = T.decl_buffer((size, n), "float32", scope="local")
+        for t in T.unroll(size):
+            for j in T.vectorized(n):
+                acc[t, j] = T.float32(0)
+        for k in range(indptr[block], indptr[block + 1]):
+            for r in T.unroll(kh):
+                for s in T.unroll(kw):
+                    for t in T.unroll(size):
+                        for j in T.vectorized(n):
+                            acc[t, j] = acc[t, j] + vf[((k * window + r * kw + s) * n) + j] * xf[
+                                ((image * padded_h + oh * sh + r * dh) * padded_w + (start + t) * sw + s * dw) * channels
+                                + indices[k]
+                            ]
+        for t in T.unroll(size):
+            for j in T.vectorized(n):
+                yf[((image * out_h + oh) * out_w + start + t) * out_channels + block * n + j] = act(
+                    acc[t, j] + bias[block * n + j]
+                )
+
+    @T.macro
+    def main_loops(xf, vf, indices, indptr, bias, yf):
+        # one parallel region: (image, output row, tile, block-row)
+        for task in T.parallel(images * out_h * row_tiles * blocks):
+            if wide > 0 and task // blocks % row_tiles < wide:
+                register_tile(
+                    xf, vf, indices, indptr, bias, yf,
+                    task // (out_h * row_tiles * blocks), task // (row_tiles * blocks) % out_h, task % blocks,
+                    task // blocks % row_tiles * (base + 1), base + 1,
+                )  # fmt: skip
+            else:
+                register_tile(
+                    xf, vf, indices, indptr, bias, yf,
+                    task // (out_h * row_tiles * blocks), task // (row_tiles * blocks) % out_h, task % blocks,
+                    wide * (base + 1) + (task // blocks % row_tiles - wide) * base, base,
+                )  # fmt: skip
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer(x_shape, "float32"),
+        values: T.Buffer((nnz, kh, kw, n), "float32"),
+        indices: T.Buffer((nnz,), "int32"),
+        indptr: T.Buffer((blocks + 1,), "int32"),
+        bias: T.Buffer((out_channels,), "float32"),
+        y: T.Buffer(y_shape, "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        xf = T.decl_buffer((images * height * width * channels,), "float32", data=x.data)
+        vf = T.decl_buffer((nnz * window * n,), "float32", data=values.data)
+        yf = T.decl_buffer((images * out_h * out_w * out_channels,), "float32", data=y.data)
+        if padded:
+            xp = T.decl_buffer((images * padded_h * padded_w * channels,), "float32")
+            for row in T.parallel(images * padded_h):
+                for col in range(padded_w):
+                    for c in T.vectorized(channels):
+                        xp[(row * padded_w + col) * channels + c] = T.if_then_else(
+                            top <= row % padded_h
+                            and row % padded_h < top + height
+                            and left <= col
+                            and col < left + width,
+                            xf[((row // padded_h * height + row % padded_h - top) * width + col - left) * channels + c],
+                            T.float32(0),
+                        )
+            main_loops(xp, vf, indices, indptr, bias, yf)
+        else:
+            main_loops(xf, vf, indices, indptr, bias, yf)
+
+    return kernel
+
+
+# --------------------------------------------------------------------------
+# The Relax lowering.
+# --------------------------------------------------------------------------
+
+
+def _ints(attrs: dict, key: str, default: Sequence[int]) -> tuple[int, ...]:
+    value = attrs.get(key)
+    return tuple(int(item) for item in value) if value is not None else tuple(default)
+
+
+def _activation(attrs: dict) -> tuple[str, float, float]:
+    activation = _text(attrs.get("activation", "none"))
+    if activation not in ACTIVATIONS:
+        from edgec.errors import BuildError
+
+        raise BuildError(f"BlockSparseConv: unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
+    return activation, float(attrs.get("activation_min", float("-inf"))), float(attrs.get("activation_max", float("inf")))
+
+
+def is_cuda(target) -> bool:
+    return getattr(getattr(target, "preset", None), "kind", "llvm") == "cuda"
+
+
+def relax_activation(expr, activation: str, low: float, high: float):
+    from tvm import relax
+
+    if activation == "Relu":
+        return relax.op.nn.relu(expr)
+    if activation == "Clip":
+        return relax.op.clip(expr, relax.PrimValue(max(low, -3.0e38)), relax.PrimValue(min(high, 3.0e38)))
+    return expr
+
+
+def lower_block_sparse_conv(bb, inputs, attrs, target):
+    """Emit the kernel as an opaque call_tir (CPU) or a dense conv2d (CUDA)."""
+    from tvm import relax
+
+    from edgec.errors import BuildError
+    from edgec.ops._relax import constant, emit_kernel, tensor_type
+
+    if len(inputs) != 5 or any(item is None for item in inputs):
+        raise BuildError("BlockSparseConv takes 5 inputs: x, values, indices, indptr, bias")
+    x = inputs[0]
+    values = constant(inputs[1], "BlockSparseConv's values").astype(np.float32)
+    indices = constant(inputs[2], "BlockSparseConv's indices").astype(np.int32)
+    indptr = constant(inputs[3], "BlockSparseConv's indptr").astype(np.int32)
+    bias = constant(inputs[4], "BlockSparseConv's bias").astype(np.float32)
+    x_shape, dtype = tensor_type(x)
+    if dtype != "float32" or len(x_shape) != 4:
+        raise BuildError(f"BlockSparseConv needs a float32 NCHW input, got {dtype} of shape {x_shape}")
+    activation, low, high = _activation(attrs)
+    block_size = values.shape[1]
+    shape = ConvShape(
+        batch=x_shape[0], channels=x_shape[1], height=x_shape[2], width=x_shape[3],
+        blocks=indptr.size - 1, block_size=block_size, nnz=indices.size,
+        kernel=(values.shape[2], values.shape[3]),
+        strides=_ints(attrs, "strides", (1, 1)), pads=_ints(attrs, "pads", (0, 0, 0, 0)),
+        dilations=_ints(attrs, "dilations", (1, 1)),
+    )  # fmt: skip
+    if is_cuda(target):
+        log.warning(
+            "BlockSparseConv (%d of %d blocks kept) on %s: no sparse GPU kernel, decoded to a dense conv2d",
+            shape.nnz, shape.blocks * shape.channels, target.spec,
+        )  # fmt: skip
+        weight = unpack_blocks(values, indices, indptr, shape.channels)
+        top, left, bottom, right = shape.pads
+        conv = relax.op.nn.conv2d(
+            x, relax.const(weight), strides=shape.strides, padding=(top, left, bottom, right), dilation=shape.dilations
+        )
+        conv = relax.op.add(conv, relax.const(bias.reshape(1, -1, 1, 1)))
+        return relax_activation(conv, activation, low, high)
+    lanes, registers = vector_shape(target)
+    extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
+    plan = kernel_plan(block_size, extent, lanes, registers)
+    kernel_shape = shape
+    if shape.nnz == 0:  # every block pruned (the output is the bias): TIR takes no 0-sized buffer
+        values, indices = np.zeros((1, *values.shape[1:]), np.float32), np.zeros(1, np.int32)
+        kernel_shape = dataclasses.replace(shape, nnz=1)
+    prim = conv_kernel(kernel_shape, plan, activation, low, high).with_attr("edgec.flops", 2.0 * shape.multiply_adds)
+    # the kernel is channels-last: NCHW -> NHWC around it; after the CPU layout pass turns the
+    # graph channels-last, these transposes meet their inverses and cancel (cancel_transposes)
+    channels_last = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+    args = [
+        channels_last,
+        relax.const(np.ascontiguousarray(values.transpose(0, 2, 3, 1))),  # (nnz, kh, kw, N): N contiguous
+        relax.const(indices),
+        relax.const(indptr),
+        relax.const(bias),
+    ]
+    nhwc = [shape.batch, shape.out_height, shape.out_width, shape.out_channels]
+    y = bb.emit(emit_kernel(bb, prim, "edgec_block_sparse_conv", args, relax.TensorType(nhwc, "float32")))
+    return relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
+register(
+    CustomOp(
+        "BlockSparseConv",
+        BlockSparseConv,
+        lower_block_sparse_conv,
+        "2-D convolution with a 1xN block-sparse weight (kept blocks only), fused bias and activation",
+    )
+)

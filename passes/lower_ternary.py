@@ -1,0 +1,199 @@
+"""Lower layers with ternary weights to ``edgec.TernaryConv`` / ``edgec.TernaryGemm`` (``-p ternary``).
+
+Detection (exact; the default). The weight ``W`` of a Conv ``(C_out, C_in/g,
+kh, kw)`` or a Gemm (rows of ``B^T``, ``(N, K)``) is ternary per output
+channel when the nonzero values of channel ``o`` are ``+a_o`` and ``-a_o``
+only (PTQ pruning ternary quantization, TWN: ``{-a, 0, +a}``; a binary
+``+-a`` weight is ternary too). Then ``W = a_o * t`` with ``t`` in
+``{-1, 0, +1}``, stored as two bit planes (nonzero, negative) plus the
+float32 ``a_o``; decoding reproduces the float32 weights bit for bit.
+``scale=per-tensor`` asks for one ``a`` for the layer.
+
+Quantisation (``quantize=true``; lossy, TWN's threshold rule, float64)::
+
+    delta_o = delta * mean_i |W_oi|                 (delta = 0.7: TWN's 0.7 E|W|)
+    t_oi    = sign(W_oi) if |W_oi| > delta_o else 0
+    a_o     = mean of |W_oi| over |W_oi| > delta_o   (least squares for that t; 0 if none)
+    per-tensor: delta and a over the whole layer
+
+The layers run weight-only (float activations): the packed planes are
+decoded at run time into float32 and convolved by the float kernels (see
+edgec/ops/ternary_conv.py). The epilogue is passes/lower_binary.py's: the
+bias (Gemm's ``beta * C``, ``alpha`` into the scale), a following inference
+BatchNormalization folded into scale and bias, then a Relu or Clip fused.
+A batch norm folded into the Conv by ``fold-bn`` first scales each channel
+and keeps it ternary.
+
+Weight bytes: float32 ``C_out * C_in/g * kh * kw * 4`` become
+``2 * C_out * kh * kw * ceil(C_in/g / 8)`` plus ``4 * C_out`` of scale: 16x
+less when ``C_in/g`` is a multiple of 8 (logged per layer and in total).
+
+Nothing is lowered, and an INFO line names the node and says why, for the
+reasons listed in passes/lower_binary.py (not constant, not float32, not
+ternary per channel without ``quantize``, not 2-D, auto_pad without static
+shapes, Gemm transA or a C not per column, excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.passes.lower_binary import (
+    LAYER_OPS,
+    CodedWeight,
+    Skip,
+    WeightRewriter,
+    conv_bits,
+    describe,
+    relative_error,
+)
+from edgec.passes.registry import option_help
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LowerTernaryPass", "quantize_ternary", "ternary_codes", "ternary_planes"]
+
+
+# --------------------------------------------------------------------------
+# The math: pure NumPy.
+# --------------------------------------------------------------------------
+
+
+def ternary_codes(weight: np.ndarray, per_tensor: bool = False) -> CodedWeight:
+    """The exact ternary form of ``weight`` (output channels on axis 0), or ValueError saying why not.
+
+    Channel o is ternary when its nonzero values have one magnitude ``a_o``
+    (codes ``sign(W)``; an all-zero channel has ``a = 0``).
+    """
+    weight = np.asarray(weight)
+    flat = weight.reshape(weight.shape[0], -1)
+    magnitude = np.abs(flat)
+    scale = magnitude.max(axis=1)
+    bad = np.nonzero(((magnitude != 0) & (magnitude != scale[:, None])).any(axis=1))[0]
+    if bad.size:
+        values = np.unique(magnitude[bad[0]][magnitude[bad[0]] != 0])
+        shown = ", ".join(f"{float(value):.6g}" for value in values[:4])
+        more = f", ... ({len(values)} distinct)" if len(values) > 4 else ""
+        raise ValueError(f"output channel {bad[0]} has nonzero magnitudes {shown}{more}, not one a")
+    used = scale[scale != 0]
+    if per_tensor and np.unique(used).size > 1:
+        raise ValueError(f"the channels have {np.unique(used).size} different scales, not one (per-tensor)")
+    codes = np.sign(flat).astype(np.int8)
+    return CodedWeight(codes.reshape(weight.shape), scale.astype(np.float64))
+
+
+def quantize_ternary(weight: np.ndarray, delta: float = 0.7, per_tensor: bool = False) -> CodedWeight:
+    """TWN ternarisation (lossy), see the module docstring."""
+    weight = np.asarray(weight)
+    flat = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    magnitude = np.abs(flat)
+    if per_tensor:
+        threshold = np.full((flat.shape[0], 1), delta * magnitude.mean())
+    else:
+        threshold = delta * magnitude.mean(axis=1, keepdims=True)
+    kept = magnitude > threshold
+    codes = (np.sign(flat) * kept).astype(np.int8)
+    if per_tensor:
+        scale = np.full(flat.shape[0], magnitude[kept].sum() / max(int(kept.sum()), 1))
+    else:
+        scale = (magnitude * kept).sum(axis=1) / np.maximum(kept.sum(axis=1), 1)
+    return CodedWeight(codes.reshape(weight.shape), scale)
+
+
+def ternary_planes(coded: CodedWeight) -> np.ndarray:
+    """The ops' packed planes: ``(2, *conv_bits shape)`` uint8, plane 0 = nonzero, plane 1 = negative."""
+    return np.stack([conv_bits(coded.codes != 0), conv_bits(coded.codes < 0)])
+
+
+# --------------------------------------------------------------------------
+# The pass.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerTernaryPass(ir.passes.InPlacePass):
+    """Lower Conv/Gemm/MatMul with ternary weights to 2-bit edgec ops (weight-only).
+
+    Weights ``{-a, 0, +a}`` per output channel become edgec.TernaryConv /
+    edgec.TernaryGemm, decoded at run time; see the module docstring.
+    """
+
+    cli_name: ClassVar[str] = "ternary"
+
+    delta: float = dataclasses.field(
+        default=0.7, metadata=option_help("quantize: weights with |W| <= delta * mean|W| become 0 (TWN: 0.7)")
+    )
+    scale: Literal["per-channel", "per-tensor"] = dataclasses.field(
+        default="per-channel", metadata=option_help("one scale a per output channel, or one per layer")
+    )
+    quantize: bool = dataclasses.field(
+        default=False, metadata=option_help("ternarise float weights too (lossy, TWN threshold rule)")
+    )
+    exclude: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
+    )
+
+    def __post_init__(self) -> None:
+        if not self.delta >= 0:
+            raise ValueError(f"delta must be >= 0, not {self.delta!r}")
+        if self.scale not in ("per-channel", "per-tensor"):
+            raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rewriter = WeightRewriter(model)
+        per_tensor = self.scale == "per-tensor"
+        lowered = 0
+        for node in list(model.graph):
+            if node.graph is not model.graph or node.domain != "" or node.op_type not in LAYER_OPS:
+                continue
+            if node.name in self.exclude:
+                logger.info("%s not lowered: it is excluded", describe(node))
+                continue
+            try:
+                match = rewriter.match_layer(node)
+                coded, note = self._codes(match.weight, per_tensor)
+            except Skip as reason:
+                logger.info("%s not lowered: %s", describe(node), reason)
+                continue
+            planes = ternary_planes(coded)
+            scale, bias, fused = rewriter.epilogue(match, coded.scale)
+            arrays = {"weight_bits": planes, "scale": scale}
+            if bias is not None:
+                arrays["bias"] = bias
+            before = match.weight.nbytes
+            new = rewriter.replace(match, "TernaryConv" if match.is_conv else "TernaryGemm", arrays, dict(match.conv), match.data)
+            activation = rewriter.fuse_activation(new)
+            after = planes.nbytes + scale.nbytes
+            rewriter.bytes_before += before
+            rewriter.bytes_after += after
+            lowered += 1
+            logger.info(
+                "%s -> edgec.%s (weight-only%s%s)%s: weights %d B -> %d B (%.1fx)",
+                describe(node), new.op_type, fused, f", {activation} fused" if activation != "none" else "",
+                note, before, after, before / after,
+            )  # fmt: skip
+        if lowered:
+            logger.info(
+                "ternary: lowered %d layer(s); weights %d B -> %d B (%.1fx)",
+                lowered, rewriter.bytes_before, rewriter.bytes_after, rewriter.bytes_before / max(rewriter.bytes_after, 1),
+            )  # fmt: skip
+        return ir.passes.PassResult(model, modified=lowered > 0)
+
+    def _codes(self, weight: np.ndarray, per_tensor: bool) -> tuple[CodedWeight, str]:
+        try:
+            coded = ternary_codes(weight, per_tensor)
+        except ValueError as reason:
+            if not self.quantize:
+                raise Skip(f"its weight is not ternary ({self.scale}): {reason}; quantize=true ternarises it (lossy)") from None
+            coded = quantize_ternary(weight, self.delta, per_tensor)
+            zeros = float((coded.codes == 0).mean())
+            error = relative_error(weight, coded.dequantize())
+            return coded, f", quantised: weight error {error:.3f} (relative L2), {zeros:.0%} zeros"
+        if not np.array_equal(coded.dequantize(weight.dtype), weight):
+            raise Skip("its ternary form does not reproduce the float32 weight exactly")
+        return coded, ""

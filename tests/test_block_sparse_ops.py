@@ -1,0 +1,349 @@
+"""edgec.BlockSparseConv / edgec.BlockSparseGemm: the packed format, the NumPy references
+against dense ONNX Runtime, the compiled x86 kernels against the references (rtol 1e-4,
+atol 1e-5), that the kernels' work scales with the kept blocks, the transposes around the
+channels-last kernels cancel, ARM cross-compiles (and runs under qemu, slow), CUDA decodes
+to dense with a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgec
+from edgec.ops import DOMAIN, load_all
+from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks, vector_shape
+from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
+
+RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
+
+
+def random_blocks(rng, out_channels: int, in_channels: int, n: int, kernel=(1, 1), keep: float = 0.4):
+    """Packed arrays of a random 1xN block-sparse weight (about ``keep`` of the blocks kept)."""
+    mask = rng.random((out_channels // n, in_channels)) < keep
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+    indices = np.nonzero(mask)[1].astype(np.int32)
+    values = rng.standard_normal((indices.size, n, *kernel)).astype(np.float32)
+    return values, indices, indptr
+
+
+def graph(nodes, inputs, outputs, initializers) -> ir.Model:
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, initializers),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
+    )
+    proto.ir_version = 8
+    return ir.serde.deserialize_model(proto)
+
+
+def tensor(name: str, shape) -> object:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+ACTIVATIONS = {"none": [], "Relu": ["Relu"], "Clip": ["Clip"]}
+
+
+def conv_models(x_shape, out_channels, n, kernel, strides, pads, dilations, activation, seed=0):
+    """(sparse, dense) graphs of the same function: BlockSparseConv vs Conv + bias + activation."""
+    rng = np.random.default_rng(seed)
+    values, indices, indptr = random_blocks(rng, out_channels, x_shape[1], n, kernel)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    weight = unpack_blocks(values, indices, indptr, x_shape[1])
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads), "dilations": list(dilations)}
+    act_attrs = {"activation_min": 0.0, "activation_max": 6.0} if activation == "Clip" else {}
+    sparse_inits = [numpy_helper.from_array(a, name) for a, name in ((values, "v"), (indices, "i"), (indptr, "p"), (bias, "b"))]
+    sparse = helper.make_node(
+        "BlockSparseConv", ["x", "v", "i", "p", "b"], ["y"], domain=DOMAIN, block_size=n, activation=activation, **attrs, **act_attrs
+    )
+    out_h = (x_shape[2] + pads[0] + pads[2] - (kernel[0] - 1) * dilations[0] - 1) // strides[0] + 1
+    out_w = (x_shape[3] + pads[1] + pads[3] - (kernel[1] - 1) * dilations[1] - 1) // strides[1] + 1
+    y = tensor("y", (x_shape[0], out_channels, out_h, out_w))
+    dense_inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")]
+    dense_nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c" if activation != "none" else "y"], **attrs)]
+    if activation == "Relu":
+        dense_nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    elif activation == "Clip":
+        dense_inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")]
+        dense_nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    return (
+        graph([sparse], [tensor("x", x_shape)], [y], sparse_inits),
+        graph(dense_nodes, [tensor("x", x_shape)], [y], dense_inits),
+    )
+
+
+CONV_CASES = {
+    "pointwise": ((1, 16, 7, 9), 32, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "Clip"),
+    "pointwise-n16-batch2": ((2, 24, 5, 5), 48, 16, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "none"),
+    "3x3-pad": ((1, 8, 9, 11), 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "Relu"),
+    "3x3-stride2": ((2, 8, 12, 13), 16, 8, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), "none"),
+    "5x3-dilated-asym-pad": ((1, 6, 14, 12), 8, 4, (5, 3), (1, 2), (2, 1, 2, 0), (2, 1), "Clip"),
+    "1x1-stride2": ((1, 8, 12, 12), 16, 4, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), "Relu"),
+}
+
+
+def test_pack_layout_round_trip():
+    from edgec.passes.pack_block_sparse import pack_blocks
+
+    rng = np.random.default_rng(0)
+    values, indices, indptr = random_blocks(rng, 12, 5, 4, (3, 3))
+    weight = unpack_blocks(values, indices, indptr, 5)
+    assert weight.shape == (12, 5, 3, 3)
+    keep = np.zeros((3, 5), bool)
+    keep[np.repeat(np.arange(3), np.diff(indptr)), indices] = True
+    again = pack_blocks(weight, keep, 4)
+    for got, want in zip(again, (values, indices, indptr), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="inconsistent"):
+        unpack_blocks(values, indices[:-1], indptr, 5)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_reference_equals_dense_onnxruntime(case):
+    x_shape, *rest = CONV_CASES[case]
+    sparse, dense = conv_models(x_shape, *rest)
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    (got,) = run_numpy_reference(sparse, [x])
+    (want,) = run_onnxruntime(dense, [x])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["pointwise", "pointwise-n16-batch2", "3x3-pad", "3x3-stride2", "5x3-dilated-asym-pad"])
+def test_conv_compiled_x86_equals_reference(case, tmp_path):
+    x_shape, *rest = CONV_CASES[case]
+    sparse, _ = conv_models(x_shape, *rest)
+    result = edgec.compile(edgec.from_onnx_ir(sparse), "x86", tmp_path / "a")
+    verification = result.manifest["verification"]
+    assert verification["status"] == "passed" and verification["numpy"]["enforced"]
+    assert verification["rtol"] == 1e-4 and verification["numpy"]["max_abs"] < 1e-4
+    calls = [call for call in result.manifest["kernels"] if call["kernel"].startswith("edgec_block_sparse_conv")]
+    assert len(calls) == 1
+    nnz = sparse.graph.initializers["i"].const_value.numpy().size
+    out = result.manifest["outputs"][0]["shape"]
+    kh, kw = rest[2]
+    assert calls[0]["flops"] == 2 * nnz * rest[1] * kh * kw * out[0] * out[2] * out[3]  # declared: the kept blocks' work
+
+
+def gemm_models(rows: int, features: int, out_features: int, n: int, activation: str, seed=0):
+    rng = np.random.default_rng(seed)
+    values, indices, indptr = random_blocks(rng, out_features, features, n, ())
+    values = values.reshape(-1, n)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    weight = unpack_blocks(values, indices, indptr, features)
+    inits = [numpy_helper.from_array(a, name) for a, name in ((values, "v"), (indices, "i"), (indptr, "p"), (bias, "b"))]
+    sparse = graph(
+        [helper.make_node("BlockSparseGemm", ["x", "v", "i", "p", "b"], ["y"], domain=DOMAIN, block_size=n, activation=activation)],
+        [tensor("x", (rows, features))],
+        [tensor("y", (rows, out_features))],
+        inits,
+    )
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g" if activation == "Relu" else "y"], transB=1)]
+    if activation == "Relu":
+        nodes.append(helper.make_node("Relu", ["g"], ["y"]))
+    dense = graph(
+        nodes,
+        [tensor("x", (rows, features))],
+        [tensor("y", (rows, out_features))],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    return sparse, dense
+
+
+@pytest.mark.parametrize(("rows", "n", "activation"), [(1, 4, "Relu"), (3, 16, "none")])
+def test_gemm_reference_and_compiled(rows, n, activation, tmp_path):
+    sparse, dense = gemm_models(rows, 40, 32, n, activation)
+    x = np.random.default_rng(2).standard_normal((rows, 40)).astype(np.float32)
+    np.testing.assert_allclose(run_numpy_reference(sparse, [x])[0], run_onnxruntime(dense, [x])[0], rtol=RTOL, atol=ATOL)
+    result = edgec.compile(edgec.from_onnx_ir(sparse), "x86", tmp_path / "a")
+    assert result.manifest["verification"]["numpy"]["max_abs"] < 1e-4
+    assert any(call["kernel"].startswith("edgec_block_sparse_gemm") for call in result.manifest["kernels"])
+
+
+# ---- the kernel's work scales with the kept blocks ------------------------------------------
+
+
+def multiply_adds(prim, arrays: dict[str, np.ndarray]) -> int:
+    """Multiply-adds the kernel executes: runs of ``acc[...] = acc[...] + w * x`` per vector lane,
+    counted by walking the loop nest with the loop bounds evaluated on the actual ``indptr``.
+
+    ``estimate_tir_flops`` cannot do this: the reduction bounds are data (indptr[b] .. indptr[b+1]).
+    """
+    import tvm
+    from tvm import tirx
+
+    def value(expr, env):
+        if isinstance(expr, tirx.IntImm):
+            return int(expr.value)
+        if isinstance(expr, tirx.Var):
+            return env[expr]
+        if isinstance(expr, tirx.Cast):
+            return value(expr.value, env)
+        binary = {tirx.Add: int.__add__, tirx.Sub: int.__sub__, tirx.Mul: int.__mul__, tirx.FloorDiv: int.__floordiv__,
+                  tirx.FloorMod: int.__mod__, tirx.Min: min, tirx.Max: max}  # fmt: skip
+        binary.update({tirx.LT: int.__lt__, tirx.LE: int.__le__, tirx.GT: int.__gt__, tirx.GE: int.__ge__,
+                       tirx.EQ: int.__eq__, tirx.NE: int.__ne__, tirx.And: lambda a, b: a and b, tirx.Or: lambda a, b: a or b})  # fmt: skip
+        for kind, function in binary.items():
+            if isinstance(expr, kind):
+                return function(value(expr.a, env), value(expr.b, env))
+        if isinstance(expr, tvm.ir.TensorLoad):  # a load of indptr / indices
+            return int(arrays[expr.source.name][tuple(value(index, env) for index in expr.indices)])
+        raise TypeError(f"cannot evaluate {type(expr).__name__}: {expr}")
+
+    def count(stmt, env) -> int:
+        if isinstance(stmt, tirx.For):
+            start, extent = value(stmt.min, env), value(stmt.extent, env)
+            return sum(count(stmt.body, {**env, stmt.loop_var: i}) for i in range(start, start + extent))
+        if isinstance(stmt, tirx.SeqStmt):
+            return sum(count(item, env) for item in stmt.seq)
+        if isinstance(stmt, tirx.IfThenElse):
+            branch = stmt.then_case if value(stmt.condition, env) else stmt.else_case
+            return 0 if branch is None else count(branch, env)
+        if isinstance(stmt, tirx.BufferStore):
+            return int(stmt.buffer.name == "acc" and isinstance(stmt.value, tirx.Add))
+        body = getattr(stmt, "body", None)
+        return 0 if body is None else count(body, env)
+
+    return count(prim.body, {})
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)])
+def test_kernel_work_scales_with_kept_blocks(kernel):
+    rng = np.random.default_rng(0)
+    out_channels, channels, n = 16, 24, 4
+    blocks = out_channels // n * channels
+    counts = {}
+    for keep in (0.25, 0.75):
+        mask = np.zeros(blocks, bool)
+        mask[rng.permutation(blocks)[: int(keep * blocks)]] = True
+        mask = mask.reshape(out_channels // n, channels)
+        indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+        indices = np.nonzero(mask)[1].astype(np.int32)
+        pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
+        shape = ConvShape(1, channels, 6, 5, out_channels // n, n, indices.size, kernel, (1, 1), pads, (1, 1))
+        prim = conv_kernel(shape, kernel_plan(n, 30, 16, 32), "Relu")
+        counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
+        # exactly the kept blocks' work: nnz * N * kh * kw per output position, nothing for pruned blocks
+        assert counts[keep] == indices.size * n * kernel[0] * kernel[1] * 6 * 5 == shape.multiply_adds
+    assert counts[0.75] == 3 * counts[0.25]
+
+
+# ---- layout: the channels-last wrappers cancel ----------------------------------------------
+
+
+def test_transposes_around_sparse_ops_cancel(tmp_path):
+    """pointwise (sparse) -> depthwise (dense, NHWC) -> pointwise (sparse) -> residual Add: no transposes inside."""
+    rng = np.random.default_rng(0)
+    channels = 16
+    nodes, inits = [], []
+    for index, source in enumerate(["x", "dw"]):
+        values, indices, indptr = random_blocks(rng, channels, channels, 4)
+        names = [f"v{index}", f"i{index}", f"p{index}", f"b{index}"]
+        inits += [numpy_helper.from_array(a, name) for a, name in zip((values, indices, indptr, np.zeros(channels, np.float32)), names, strict=True)]
+        out = "pw0" if index == 0 else "pw1"
+        nodes.append(helper.make_node("BlockSparseConv", [source, *names], [out], domain=DOMAIN, block_size=4, activation="Relu"))
+        if index == 0:
+            inits.append(numpy_helper.from_array(rng.standard_normal((channels, 1, 3, 3)).astype(np.float32), "dww"))
+            nodes.append(helper.make_node("Conv", ["pw0", "dww"], ["dw"], group=channels, pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Add", ["pw1", "pw0"], ["y"]))
+    model = graph(nodes, [tensor("x", (1, channels, 8, 8))], [tensor("y", (1, channels, 8, 8))], inits)
+    result = edgec.compile(edgec.from_onnx_ir(model), "x86", tmp_path / "a")
+    assert result.manifest["verification"]["status"] == "passed"
+    kernels = [call["kernel"] for call in result.manifest["kernels"]]
+    transposes = [name for name in kernels if "transpose" in name]
+    assert len(transposes) == 2, kernels  # the graph's input and output only
+
+
+def test_cancel_transposes_rules():
+    from tvm import relax
+
+    from edgec.ops._relax import cancel_transposes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+            b = bb.emit(relax.op.permute_dims(a, [0, 3, 1, 2]))  # inverse: back to x
+            c = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+            d = bb.emit(relax.op.add(a, c))  # both operands permuted alike: sinks below the add
+            e = bb.emit(relax.op.permute_dims(d, [0, 3, 1, 2]))  # cancels the sunk permute
+            out = bb.emit_output(relax.op.multiply(b, e))
+        bb.emit_func_output(out)
+    mod = cancel_transposes()(bb.get())
+    text = mod["main"].script()
+    assert "permute_dims" not in text, text
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+
+def test_vector_shape_per_target():
+    from edgec.targets import resolve
+
+    assert vector_shape(resolve("cortex-a7")) == (4, 16)
+    assert vector_shape(resolve("cortex-a53")) == (4, 32)
+    lanes, registers = vector_shape(resolve("x86"))
+    assert lanes in (4, 8, 16) and registers in (16, 32)
+    plan = kernel_plan(4, 3136, 4, 16)  # NEON armv7: 12 accumulators of one quad register each
+    assert plan.positions == 12
+    assert kernel_plan(16, 3136, 16, 32).positions == 24  # AVX-512: one zmm per position
+
+
+def small_sparse_model() -> ir.Model:
+    sparse, _ = conv_models((1, 8, 6, 6), 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "Relu")
+    return sparse
+
+
+@pytest.mark.parametrize("preset", ["cortex-a7", "cortex-a53"])
+def test_arm_cross_compiles(preset, tmp_path):
+    result = edgec.compile(edgec.from_onnx_ir(small_sparse_model()), preset, tmp_path / preset)
+    lib = (tmp_path / preset / "lib.so").read_bytes()
+    machine = int.from_bytes(lib[18:20], "little")
+    assert machine == {"cortex-a7": 40, "cortex-a53": 183}[preset]  # EM_ARM, EM_AARCH64
+    assert result.manifest["verification"]["status"] == "skipped"  # cannot run here: see the qemu test
+    assert any(call["kernel"].startswith("edgec_block_sparse_conv") for call in result.manifest["kernels"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cortex-a7", "cortex-a53"])
+def test_arm_runs_under_qemu_like_reference(preset, tmp_path):
+    """Runs lib.so on an emulated board (edgec-agent under qemu-user, built or cached) over RPC."""
+    import tvm
+    from tvm import relax, rpc
+
+    from edgec.runtimes.agent_build import build_agent
+    from edgec.runtimes.emulate import emulate
+
+    model = small_sparse_model()
+    result = edgec.compile(edgec.from_onnx_ir(model), preset, tmp_path / preset)
+    x = np.random.default_rng(3).standard_normal((1, 8, 6, 6)).astype(np.float32)
+    (want,) = run_numpy_reference(model, [x])
+    agent = emulate(preset, agent=build_agent(preset), timeout=120)
+    try:
+        remote = rpc.connect(agent.host, agent.port)
+        remote.upload(str(result.artifact.path / "lib.so"))
+        dev = remote.cpu()
+        vm = relax.VirtualMachine(remote.load_module("lib.so"), dev)
+        vm.set_input("main", tvm.runtime.tensor(x, dev))
+        vm.invoke_stateful("main")
+        got = vm.get_outputs("main").numpy()
+    finally:
+        agent.stop()
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-4)
+
+
+def test_cuda_decodes_to_dense_with_warning(caplog):
+    from edgec.lower import to_relax
+    from edgec.targets import resolve
+
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+        mod = to_relax(small_sparse_model(), resolve("cuda"))
+    assert "decoded to a dense conv2d" in caplog.text
+    assert "conv2d" in mod["main"].script() and "call_tir" not in mod["main"].script()
+
+
+def test_ops_registered():
+    ops = load_all()
+    assert {"BlockSparseConv", "BlockSparseGemm"} <= set(ops)
