@@ -54,3 +54,11 @@ class InputDataError(EdgecError):
 
 class DeviceError(EdgecError):
     """A device (local or over RPC) could not be reached, or failed during a run."""
+
+
+class AgentBuildError(BuildError):
+    """Cross-building the native device agent (edgec-agent) failed."""
+
+
+class EmulatorError(DeviceError):
+    """qemu-user is missing, or an emulated device agent did not start."""

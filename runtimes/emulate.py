@@ -1,0 +1,174 @@
+"""Run edgec-agent for an ARM preset on this x86 machine, under qemu-user.
+
+    with emulate("cortex-a7") as agent:          # builds the agent (cached) if needed
+        remote = tvm.rpc.connect("127.0.0.1", agent.port)
+
+The agent runs as ``qemu-arm-static -L /usr/arm-linux-gnueabihf edgec-agent
+--port P`` (aarch64: ``qemu-aarch64-static -L /usr/aarch64-linux-gnu``) in its
+own process group, with ``EDGEC_EMULATED=1`` so that ``edgec.device.info``
+says the timings mean nothing. An x86 preset runs the host build directly.
+Only loopback addresses: an agent runs whatever code it is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from edgec.errors import EmulatorError
+from edgec.runtimes.agent_build import build_agent
+from edgec.targets.presets import PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class Emulator:
+    """How to run a binary of one CPU architecture here."""
+
+    qemu: str | None  # None: runs natively
+    sysroot: str | None
+    sysroot_package: str | None
+
+
+EMULATORS = {
+    "armv7": Emulator("qemu-arm-static", "/usr/arm-linux-gnueabihf", "libc6-armhf-cross"),
+    "aarch64": Emulator("qemu-aarch64-static", "/usr/aarch64-linux-gnu", "libc6-arm64-cross"),
+    "x86_64": Emulator(None, None, None),
+}
+QEMU_PACKAGE = "qemu-user-static"
+
+
+class EmulatedAgent:
+    """A running agent: ``.host``, ``.port``, ``.address``; ``stop()`` or use it as a context manager."""
+
+    def __init__(self, process: subprocess.Popen, host: str, port: int, log_path: Path):
+        self.process = process
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def log(self) -> str:
+        """What the agent wrote to stdout and stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the whole process group (agent, qemu, a running session), SIGKILL what outlives ``timeout``."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # the group may hold a session child even after the agent itself exited
+        _signal_group(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+    def __enter__(self) -> EmulatedAgent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def emulate(
+    preset: str,
+    *,
+    agent: Path | None = None,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> EmulatedAgent:
+    """Start the agent for ``preset`` (built if ``agent`` is not given) and wait until it accepts connections.
+
+    ``port``: None picks a free loopback port. ``extra_args`` go to the agent
+    (``--tracker``, ``--key``, ``--workdir``). ``timeout`` bounds the wait.
+    """
+    if preset not in PRESETS:
+        raise EmulatorError(f"unknown target preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    emulator = EMULATORS.get(PRESETS[preset].cpu_arch)
+    if emulator is None:
+        raise EmulatorError(f"no emulator for target {preset!r}")
+    command = _emulator_command(emulator)
+    binary = Path(agent) if agent is not None else build_agent(preset)
+    port = port or free_port(host)
+    handle, log_name = tempfile.mkstemp(prefix="edgec-agent-", suffix=".log")
+    log_path = Path(log_name)
+    env = dict(os.environ, EDGEC_EMULATED="1" if emulator.qemu else "0")
+    with os.fdopen(handle, "wb") as log_file:
+        process = subprocess.Popen(
+            [*command, str(binary), "--host", host, "--port", str(port), *extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # own process group: stop() reaches every child
+        )
+    running = EmulatedAgent(process, host, port, log_path)
+    try:
+        _wait_until_listening(running, timeout)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _emulator_command(emulator: Emulator) -> list[str]:
+    if emulator.qemu is None:
+        return []
+    from shutil import which
+
+    qemu = which(emulator.qemu)
+    if qemu is None:
+        raise EmulatorError(
+            f"'{emulator.qemu}' is not installed; install it with: sudo apt-get install {QEMU_PACKAGE}"
+        )
+    if not Path(emulator.sysroot, "lib").is_dir():
+        raise EmulatorError(
+            f"the target's C library is missing under {emulator.sysroot}; "
+            f"install it with: sudo apt-get install {emulator.sysroot_package}"
+        )
+    return [qemu, "-L", emulator.sysroot]
+
+
+def _wait_until_listening(agent: EmulatedAgent, timeout: float) -> None:
+    """Poll until the agent has printed its 'listening' line and a TCP connect succeeds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.process.poll() is not None:
+            raise EmulatorError(
+                f"edgec-agent exited with status {agent.process.returncode} before listening:\n{agent.log().strip()[-2000:]}"
+            )
+        if " listening on " in agent.log():
+            with contextlib.suppress(OSError), socket.create_connection((agent.host, agent.port), timeout=2):
+                return  # an empty connection: the agent drops it at once
+        time.sleep(0.1)
+    raise EmulatorError(f"edgec-agent did not accept connections on {agent.address} within {timeout:g} s:\n{agent.log().strip()[-2000:]}")
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
