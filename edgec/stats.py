@@ -6,6 +6,9 @@ MACs per node (batch included):
     Gemm / MatMul  prod(output) * K  (K: the reduced dimension)
     edgec.BlockSparseConv / BlockSparseGemm   prod(output) / C_out * values.size
                    (the kept blocks' work: nnz * N * kh * kw per output position)
+    edgec.BinaryConv / TernaryConv / BinaryGemm / TernaryGemm   as the float layer
+                   they replace (with binary activations these are bit operations:
+                   the count is the same, each one is cheaper)
 Other ops count 0 MACs. Parameters are the elements of the initializers a
 node reads; the model size is the bytes of all initializers.
 """
@@ -58,6 +61,8 @@ def node_macs(node: ir.Node) -> int:
         if values is None or not _static(output):
             return 0
         return math.prod(output) // output[1] * values.size
+    if node.domain == "edgec" and op in ("BinaryConv", "TernaryConv", "BinaryGemm", "TernaryGemm"):
+        return _low_bit_macs(node)
     if node.domain not in ("", "ai.onnx") or op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return 0
     inputs = [_shape(value) for value in node.inputs]
@@ -81,6 +86,17 @@ def node_macs(node: ir.Node) -> int:
     if not _static(output):
         return 0
     return math.prod(output) * inputs[0][-1]
+
+
+def _low_bit_macs(node: ir.Node) -> int:
+    x, bits, output = _shape(node.inputs[0]), _shape(node.inputs[1]), _shape(node.outputs[0])
+    if not (_static(x) and _static(bits) and _static(output)):
+        return 0
+    if node.op_type.endswith("Gemm"):
+        return math.prod(output) * x[1]
+    # weight bits: (C_out, kh, kw, bytes), ternary with a leading plane axis (2, C_out, kh, kw, bytes)
+    kh, kw = bits[-3], bits[-2]
+    return math.prod(output) * (x[1] // node.attributes.get_int("group", 1)) * kh * kw
 
 
 def node_params(node: ir.Node) -> int:

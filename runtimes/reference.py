@@ -7,6 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+# The newest ONNX IR version the pinned onnxruntime (1.31) reads; onnx 1.23 writes
+# IR 14 by default although no edgec graph uses anything newer than IR 13 features.
+ORT_MAX_IR_VERSION = 13
+
 
 def onnxruntime_session(graph: ir.Model, threads: int | None = None):
     """An ORT CPU session on ``graph`` (all graph optimisations on)."""
@@ -18,6 +22,7 @@ def onnxruntime_session(graph: ir.Model, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     proto = ir.serde.serialize_model(graph)
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

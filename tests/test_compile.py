@@ -224,3 +224,22 @@ def test_supported_graph_compiles(tmp_path):
     (got,) = LocalRunner(result.artifact).run([x])
     np.testing.assert_allclose(got, 1 / (1 + np.exp(-np.maximum(x, 0))), rtol=RTOL, atol=ATOL)
     assert result.manifest["source"]["format"] == "onnx-ir"
+
+
+def test_onnx_file_of_newest_ir_version_compiles_and_verifies(tmp_path):
+    """onnx 1.23 writes IR 14, which the pinned onnxruntime refuses: verification must still run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 4], np.linspace(-1, 1, 32, dtype=np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "ir14",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert proto.ir_version == 14
+    onnx.save(proto, tmp_path / "m.onnx")
+    result = edgec.compile(edgec.load(tmp_path / "m.onnx"), "x86", tmp_path / "out")
+    verification = result.manifest["verification"]
+    assert verification["status"] == "passed" and verification["onnxruntime"]["within_tolerance"] is True

@@ -449,7 +449,7 @@ def relax_activation(expr, activation: str, low: float, high: float):
     if activation == "Relu":
         return relax.op.nn.relu(expr)
     if activation == "Clip":
-        return relax.op.clip(expr, relax.PrimValue(max(low, -3.0e38)), relax.PrimValue(min(high, 3.0e38)))
+        return relax.op.clip(expr, max(low, -3.0e38), min(high, 3.0e38))
     return expr
 
 

@@ -353,6 +353,16 @@ def test_weights_shrink_32x_up_to_the_scales():
     assert "w" not in model.graph.initializers  # the float weight is gone
 
 
+def test_macs_are_those_of_the_float_layer():
+    from edgec.stats import model_stats
+
+    rng = np.random.default_rng(4)
+    model = conv_case(rng, sign_weight(rng, 64, 64, 3, 3), activation="sign")
+    before = model_stats(model).macs
+    LowerBinaryPass()(model)
+    assert before > 0 and model_stats(model).macs == before
+
+
 def test_shared_sign_stays_for_its_other_consumers():
     rng = np.random.default_rng(5)
     nodes = [

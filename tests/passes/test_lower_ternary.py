@@ -170,6 +170,16 @@ def test_lowers(case, caplog):
     assert not [message for message in messages(caplog) if "not lowered" in message]
 
 
+def test_macs_are_those_of_the_float_layer():
+    from edgec.stats import model_stats
+
+    rng = np.random.default_rng(3)
+    model = conv_model(rng, ternary_weight(rng, 32, 64, 3, 3))
+    before = model_stats(model).macs
+    LowerTernaryPass()(model)
+    assert before > 0 and model_stats(model).macs == before
+
+
 def test_weights_shrink_16x_up_to_the_scales():
     rng = np.random.default_rng(3)
     model = conv_model(rng, ternary_weight(rng, 32, 64, 3, 3))
