@@ -20,6 +20,7 @@ from edgec.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+KERNEL_CONSTANTS = "kernel_constants.npz"  # integer constants kernels read, for edgec profile (sparse indices)
 
 
 @dataclasses.dataclass

@@ -107,7 +107,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
 
     On CPUs with the schedule library or a tuning database, each kernel call records
     ``"schedule"``: the library rule that scheduled it, ``"tuning-db"`` (a schedule
-    MetaSchedule found that measured faster than the library's), or None (left as
+    MetaSchedule found that measured faster than the library's), ``"custom-op"`` (an
+    edgec custom op's kernel, scheduled by its own lowering), or None (left as
     LegalizeOps wrote it).
     ``sink`` (optional) receives what ``relax_pipeline`` reports.
     """
@@ -121,7 +122,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
         executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
-    calls = kernel_calls(sink["mod"])
+    sink["kernel_constants"] = {}
+    calls = kernel_calls(sink["mod"], sink["kernel_constants"])
     if "schedules" in sink:
         for call in calls:
             call["schedule"] = sink["schedules"].get(call["kernel"])

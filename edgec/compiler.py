@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from edgec import __version__
 from edgec.numerics import deviation
-from edgec.artifact import Artifact, staging, write_manifest
+from edgec.artifact import KERNEL_CONSTANTS, Artifact, staging, write_manifest
 from edgec.errors import VerificationError
 from edgec.kernels import attach_onnx_nodes
 from edgec.model import Model, value_signature
@@ -94,6 +94,9 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             files = export(executable, resolved, directory)
             onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
             files.append("model.onnx")
+            if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
+                np.savez(directory / KERNEL_CONSTANTS, **sink["kernel_constants"])
+                files.append(KERNEL_CONSTANTS)
         verification = _verify(model, resolved, directory, verify, progress)
         manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
         manifest["kernels"] = kernels

@@ -10,6 +10,10 @@ names (``fused_conv2d3_add2_maximum1_minimum1`` -> Conv, Clip).
 
 The profiler (runtimes/profile.py) times each kernel on the device with
 these shapes; the manifest stores the table so no TVM IR is needed there.
+Integer constants a kernel reads (the block-sparse formats' indices) decide
+how much work it does, so random or zero stand-ins would time a different
+kernel: their values go to ``kernel_constants.npz`` beside ``lib.so``, and
+the argument names its key (``"constant": "c3"``).
 """
 
 from __future__ import annotations
@@ -67,8 +71,11 @@ def _struct(sinfo) -> dict[str, Any]:
     return {"shape": shape, "dtype": str(sinfo.dtype)}
 
 
-def kernel_calls(mod) -> list[dict[str, Any]]:
-    """The ``call_tir`` calls of ``main`` in execution order, with shapes and FLOPs."""
+def kernel_calls(mod, constants: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The ``call_tir`` calls of ``main`` in execution order, with shapes and FLOPs.
+
+    ``constants`` (optional) receives the integer constant arguments by key.
+    """
     import tvm
     from tvm import relax, tirx
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -92,11 +99,22 @@ def kernel_calls(mod) -> list[dict[str, Any]]:
                     flops_cache[kernel] = float(estimate_tir_flops(tvm_module_of(prim)))
                 except Exception:  # noqa: BLE001 - FLOP estimation is informative only
                     flops_cache[kernel] = 0.0
-            arguments = [_struct(arg.ty) for arg in value.args[1].fields]
+            arguments = [_argument(arg, constants) for arg in value.args[1].fields]
             outputs = value.ty
             outs = [_struct(item) for item in outputs.fields] if hasattr(outputs, "fields") else [_struct(outputs)]
             calls.append({"kernel": kernel, "args": arguments, "outputs": outs, "flops": flops_cache.get(kernel, 0.0)})
     return calls
+
+
+def _argument(arg, constants: dict[str, Any] | None) -> dict[str, Any]:
+    import tvm
+
+    spec = _struct(arg.ty)
+    if constants is not None and isinstance(arg, tvm.ir.expr.Constant) and spec["dtype"].startswith(("int", "uint")):
+        key = f"c{len(constants)}"
+        constants[key] = arg.value.numpy()
+        spec["constant"] = key
+    return spec
 
 
 def tvm_module_of(prim):

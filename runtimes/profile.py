@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import Artifact
+from edgec.artifact import KERNEL_CONSTANTS, Artifact
 from edgec.errors import ArtifactError
 from edgec.runtimes.bench import load_vm
 from edgec.runtimes.session import Device
@@ -88,6 +88,19 @@ def _random(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     return np.zeros(shape, dtype=dtype)
 
 
+def _kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
+    """The integer constants kernels read (sparse indices): timing needs the real ones."""
+    wanted = {spec["constant"] for call in artifact.manifest["kernels"] for spec in call["args"] if "constant" in spec}
+    if not wanted:
+        return {}
+    path = artifact.path / KERNEL_CONSTANTS
+    try:
+        with np.load(path) as stored:
+            return {key: stored[key] for key in wanted}
+    except (OSError, KeyError, ValueError) as error:
+        raise ArtifactError(f"artifact '{artifact.path}': cannot read {KERNEL_CONSTANTS} ({error}); recompile it") from error
+
+
 def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int = 0) -> ProfileResult:
     calls = artifact.manifest.get("kernels")
     if not calls:
@@ -104,6 +117,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
     grouped: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for call in calls:
         grouped.setdefault(call["kernel"], []).append(call)
+    constants = _kernel_constants(artifact)
     evaluator = device.evaluator()
     rows = []
     for index, (kernel, kernel_calls) in enumerate(grouped.items()):
@@ -111,7 +125,10 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
         global_name = f"edgec.profile.kernel.{index}"
         with device.step(f"timing kernel {kernel}"):
             device.register_kernel(module, kernel, global_name)
-            arguments = [device.tensor(_random(spec, rng)) for spec in first["args"] + first["outputs"]]
+            arguments = [
+                device.tensor(constants[spec["constant"]] if "constant" in spec else _random(spec, rng))
+                for spec in first["args"] + first["outputs"]
+            ]
             dev = device.dev
             timer = evaluator(None, global_name, device.device_type_on_device(), dev.index, 1, repeat, 0, 100, 0, 1, 0, "")
             blob = timer(*arguments)

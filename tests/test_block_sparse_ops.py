@@ -291,8 +291,8 @@ def test_vector_shape_per_target():
     assert kernel_plan(16, 3136, 16, 32).positions == 24  # AVX-512: one zmm per position
 
 
-def small_sparse_model() -> ir.Model:
-    sparse, _ = conv_models((1, 8, 6, 6), 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "Relu")
+def small_sparse_model(activation: str = "Relu") -> ir.Model:
+    sparse, _ = conv_models((1, 8, 6, 6), 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), activation)
     return sparse
 
 
@@ -303,7 +303,9 @@ def test_arm_cross_compiles(preset, tmp_path):
     machine = int.from_bytes(lib[18:20], "little")
     assert machine == {"cortex-a7": 40, "cortex-a53": 183}[preset]  # EM_ARM, EM_AARCH64
     assert result.manifest["verification"]["status"] == "skipped"  # cannot run here: see the qemu test
-    assert any(call["kernel"].startswith("edgec_block_sparse_conv") for call in result.manifest["kernels"])
+    sparse = [call for call in result.manifest["kernels"] if call["kernel"].startswith("edgec_block_sparse_conv")]
+    assert sparse and all(call["schedule"] == "custom-op" for call in sparse)
+    assert result.manifest["schedules"]["by_rule"]["custom-op"] >= 1
 
 
 @pytest.mark.slow
@@ -334,16 +336,36 @@ def test_arm_runs_under_qemu_like_reference(preset, tmp_path):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-4)
 
 
-def test_cuda_decodes_to_dense_with_warning(caplog):
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_cuda_decodes_to_dense_with_warning(caplog, activation):
     from edgec.lower import to_relax
     from edgec.targets import resolve
 
     with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
-        mod = to_relax(small_sparse_model(), resolve("cuda"))
+        mod = to_relax(small_sparse_model(activation), resolve("cuda"))
     assert "decoded to a dense conv2d" in caplog.text
-    assert "conv2d" in mod["main"].script() and "call_tir" not in mod["main"].script()
+    script = mod["main"].script()
+    assert "conv2d" in script and "call_tir" not in script
+    assert ("clip" if activation == "Clip" else "relu") in script
 
 
 def test_ops_registered():
     ops = load_all()
     assert {"BlockSparseConv", "BlockSparseGemm"} <= set(ops)
+
+
+def test_profile_times_the_sparse_kernel_with_its_real_indices(tmp_path):
+    """The kernel's work depends on its index arrays: profile must feed the stored ones, not zeros."""
+    from edgec.runtimes.profile import profile
+    from edgec.runtimes.session import LocalDevice
+
+    sparse, _ = conv_models((1, 96, 56, 56), 192, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "Relu")
+    artifact = edgec.compile(edgec.from_onnx_ir(sparse), "x86", tmp_path / "a").artifact
+    (call,) = [call for call in artifact.manifest["kernels"] if call["kernel"].startswith("edgec_block_sparse_conv")]
+    keys = [spec["constant"] for spec in call["args"] if "constant" in spec]
+    assert len(keys) == 2 and "kernel_constants.npz" in artifact.manifest["files"]
+    with np.load(artifact.path / "kernel_constants.npz") as stored:
+        indices, indptr = (stored[key] for key in keys)
+    assert indptr[-1] == len(indices) > 0 and (np.diff(indptr) >= 0).all()
+    result = profile(artifact, LocalDevice(), repeat=10)
+    assert 0.85 <= result.coverage <= 1.15, result.as_dict()

@@ -24,15 +24,24 @@ def tensor_type(expr) -> tuple[list[int], str]:
     return [int(dim) for dim in ty.shape], str(ty.dtype)
 
 
+CUSTOM_KERNEL_ATTR = "edgec.custom_op_kernel"
+
+
 def emit_kernel(bb, prim_func, name: str, args, out_ty):
     """Add ``prim_func`` (already scheduled) to the module and call it.
 
-    The kernel is marked scheduled (default schedule rules skip it) and opaque
-    (FuseOps does not merge it with neighbours, which would drop its schedule).
+    The kernel is marked scheduled (default schedule rules skip it), opaque
+    (FuseOps does not merge it with neighbours, which would drop its schedule)
+    and as a custom-op kernel (the manifest's schedule column says "custom-op").
     """
     from tvm import relax
 
-    prim_func = prim_func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    prim_func = (
+        prim_func.without_attr("global_symbol")
+        .with_attr("tirx.is_scheduled", True)
+        .with_attr("op_pattern", 8)
+        .with_attr(CUSTOM_KERNEL_ATTR, True)
+    )
     gvar = bb.add_func(prim_func, name)
     return relax.call_tir(gvar, args, out_ty)
 

@@ -101,6 +101,8 @@ def apply_schedules(rules: list[Rule], report: dict[str, str | None]):
     import tvm
     from tvm import tirx
 
+    from edgec.ops._relax import CUSTOM_KERNEL_ATTR
+
     @tvm.transform.module_pass(opt_level=0, name="EdgecCpuSchedules")
     def _pass(mod, _ctx):
         updates = {}
@@ -108,7 +110,9 @@ def apply_schedules(rules: list[Rule], report: dict[str, str | None]):
             if not isinstance(func, tirx.PrimFunc):
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
-                report.setdefault(gvar.name_hint, "tuning-db")  # scheduled before: the tuning database
+                # scheduled before: by a custom op's own lowering, else by the tuning database
+                custom = CUSTOM_KERNEL_ATTR in func.attrs
+                report.setdefault(gvar.name_hint, "custom-op" if custom else "tuning-db")
                 continue
             scheduled, rule = schedule_func(func, rules)
             report[gvar.name_hint] = rule
