@@ -17,8 +17,8 @@ statistics calibrated on seeded random batches), this script:
     python bench/passes.py --models resnet18 --rounds 5 --repeat 10
 
 Weights are random, so only structure and speed mean anything here (no
-accuracy). The timings are untuned TVM (no MetaSchedule database), on
-whatever cores this machine has.
+accuracy). The timings are edgec's default build (schedule library, no
+MetaSchedule tuning), on whatever cores this machine has.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(BUILDERS), default=["mobilenet_v2", "resnet18"])
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=FuseFiltersPass().temperature, help="[default: the pass's]")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per variant per round")
     args = parser.parse_args()
@@ -197,7 +197,7 @@ def main() -> None:
             f"{row['bytes'] / 2**20:>10.2f} MiB {row['median_ms']:>10.1f} {base['median_ms'] / row['median_ms']:>7.2f}x"
         )
     print(f"\n{args.rounds} interleaved rounds x {args.repeat} runs per variant; batch 1, {RESOLUTION}x{RESOLUTION}; "
-          f"untuned TVM x86 and ONNX Runtime (all graph optimisations) on the same machine; "
+          f"edgec x86 (schedule library, untuned) and ONNX Runtime (all graph optimisations) on the same machine; "
           f"fuse-filters ratio {args.ratio:g}, temperature {args.temperature:g}.")
 
 

@@ -386,6 +386,73 @@ def serve(host, port, tracker, key):
     serve_forever(server)
 
 
+
+@device.command("build-agent")
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET", help="CPU preset of the board: cortex-a7 (armv7), cortex-a53/cortex-a72 (aarch64) or x86.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgec-agent"), show_default=True, help="Where to write the agent (a file, or a directory to put edgec-agent in).")
+@click.option("-j", "--jobs", type=click.IntRange(1), default=None, help="Compilers run at once [default: CPU count].")
+def build_agent(target_spec, output, jobs):
+    """Cross-build edgec-agent: one file to copy to a board without Python.
+
+    The agent is TVM's C++ runtime (from the pinned wheels' sources) with
+    edgec's device functions; on the board run `./edgec-agent --port 9090
+    [--tracker HOST:9190 --key KEY]`. The first build takes minutes; later
+    ones come from ~/.cache/edgec/agent.
+    """
+    import os
+
+    from edgec.progress import ConsoleProgress
+    from edgec.runtimes.agent_build import build_agent as build
+
+    binary = build(target_spec, output=output, progress=ConsoleProgress(), jobs=jobs or os.cpu_count() or 1)
+    size_mb = binary.stat().st_size / 1e6
+    click.echo(f"edgec-agent for {target_spec}: {binary} ({size_mb:.1f} MB); on the board: ./{binary.name} --port 9090")
+
+
+@device.command()
+@click.option("-t", "--target", "target_spec", required=True, type=click.Choice(["cortex-a7", "cortex-a53", "cortex-a72"]), help="The board to emulate.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True, help="Loopback port to listen on.")
+@click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
+@click.option("--key", metavar="KEY", help="Device key at the tracker [default: the target name].")
+def emulate(target_spec, port, tracker, key):
+    """Run an emulated ARM board on 127.0.0.1: edgec-agent under qemu-user.
+
+    For tests and for trying edgec without hardware: `edgec bench MODEL
+    --rpc 127.0.0.1:PORT` then runs the target's code for real, but its
+    timings are those of an emulator (bench and profile say so).
+    """
+    import signal
+    import time
+
+    from edgec.progress import ConsoleProgress
+    from edgec.runtimes.agent_build import build_agent as build
+    from edgec.runtimes.emulate import emulate as start
+    from edgec.runtimes.session import parse_address
+
+    extra: tuple[str, ...] = ()
+    if tracker:
+        parse_address(tracker, "--tracker")
+        extra = ("--tracker", tracker, "--key", key or target_spec)
+    elif key:
+        raise EdgecError("--key is the board's name at a tracker: give --tracker HOST:PORT with it")
+    binary = build(target_spec, progress=ConsoleProgress())
+    agent = start(target_spec, agent=binary, port=port, extra_args=extra)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops qemu too, as Ctrl-C does
+    where = f", registered at tracker {tracker} with key {key or target_spec!r}" if tracker else ""
+    click.echo(f"emulated {target_spec} board on {agent.address}{where}; Ctrl-C to stop", err=True)
+    try:
+        while agent.process.poll() is None:
+            time.sleep(0.5)
+        raise EdgecError(f"the emulated agent exited with status {agent.process.returncode}:\n{agent.log().strip()[-2000:]}")
+    except KeyboardInterrupt:
+        click.echo("stopping the emulated board", err=True)
+    finally:
+        agent.stop()
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     cli(prog_name="edgec")
 

@@ -146,7 +146,16 @@ class RemoteDevice(Device):
         return self.dev.dlpack_device_type() % RPC_SESS_MASK
 
     def close(self) -> None:
+        """End the RPC session, so that the board (which serves one session at a time) is free again.
+
+        TVM has no explicit close: the session ends when its last reference
+        goes, and ``session.cpu()`` devices hold one (``dev._rpc_sess``).
+        """
+        import gc
+
         self.session = None
+        self.dev = None
+        gc.collect()
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:

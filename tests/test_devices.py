@@ -30,9 +30,10 @@ from edgec.runtimes.session import LocalDevice, connect
 FAULT_BOUND_S = 45  # a fault must end in an error well within this (not a speed target)
 
 
-# Big enough (about 9 MMAC) that each kernel runs for far longer than the
-# VM's per-call overhead, so the profile's rows can add up to the whole.
-SMALL_SHAPE = (1, 3, 48, 48)
+# Big enough (about 50 MMAC, ~1 ms with the schedule library) that the VM's
+# per-instruction overhead (a few us) is small beside the kernels, so the
+# profile's rows can add up to the whole; at 48x48 (0.2 ms) it was 5-20%.
+SMALL_SHAPE = (1, 3, 112, 112)
 
 
 class SmallNet(nn.Module):
@@ -88,12 +89,18 @@ def server():
     assert server.proc is None
 
 
-def _nothing_listens(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
+def _nothing_listens(port: int, within: float = 10.0) -> bool:
+    """True once no process accepts connections on ``port`` (killed processes close their sockets a moment later)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
             return False
-    except OSError:
-        return True
+        time.sleep(0.5)
 
 
 def test_bench_local_checks_outputs_and_reports_statistics(x86_artifact):
@@ -105,7 +112,7 @@ def test_bench_local_checks_outputs_and_reports_statistics(x86_artifact):
 
 
 def test_profile_local_rows_sum_to_end_to_end(x86_artifact, tmp_path):
-    result = profile(x86_artifact, LocalDevice(), repeat=5)
+    result = profile(x86_artifact, LocalDevice(), repeat=10)
     kernels = {call["kernel"] for call in x86_artifact.manifest["kernels"]}
     assert {row.kernel for row in result.rows} == kernels
     assert 0.85 <= result.coverage <= 1.15, result.as_dict()
@@ -125,10 +132,15 @@ def test_bench_and_profile_over_rpc_match_local(x86_artifact, server):
     data = json.loads(done.stdout)
     assert data["device_info"]["agent"] == "edgec-python-server"
     assert data["check"]["ok"] is True and len(data["times_ms"]) == 3
-    done = runner.invoke(cli, ["profile", str(x86_artifact.path), "--rpc", address, "--repeat", "5", "--json"])
-    assert done.exit_code == 0, done.output
-    data = json.loads(done.stdout)
-    assert 0.85 <= data["coverage"] <= 1.15
+    # Two cores, shared: a burst of load from elsewhere during the end-to-end
+    # timing shows as low coverage, so one noisy run gets a second try.
+    for _attempt in range(2):
+        done = runner.invoke(cli, ["profile", str(x86_artifact.path), "--rpc", address, "--repeat", "10", "--json"])
+        assert done.exit_code == 0, done.output
+        data = json.loads(done.stdout)
+        if 0.85 <= data["coverage"] <= 1.15:
+            break
+    assert 0.85 <= data["coverage"] <= 1.15, data
     assert data["device"] == f"device at {address}"
 
 

@@ -1,0 +1,216 @@
+"""edgec bench / profile / device commands against emulated ARM boards (edgec-agent under qemu-user).
+
+What a user without hardware runs: `edgec device emulate -t cortex-a7`, then
+`edgec bench/profile ARTIFACT --rpc 127.0.0.1:PORT` or through a tracker by
+key. The board runs the target's real machine code (emulated), so outputs
+must match the local reference; timings are never asserted, only that the
+profile's kernel rows add up to the end-to-end time within 15%.
+
+Agents come from ~/.cache/edgec/agent (test_agent.py builds them first,
+bounded; a cold build here takes minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import edgec
+from edgec.cli import cli
+
+BOARDS = {"cortex-a7": "armv7", "cortex-a53": "aarch64"}  # preset -> cpu_arch the board reports
+QEMU = {"armv7": "qemu-arm-static", "aarch64": "qemu-aarch64-static"}
+SHAPE = (1, 3, 64, 64)
+# How close the profile's rows must add up to the end-to-end time. Under
+# qemu-arm (armv7) float code runs through softfloat whose speed depends on
+# the values: the same kernel measured 20 / 44 / 22 ms on random-normal /
+# non-negative / zero inputs, so per-kernel timings on random inputs cannot
+# match a run on real activations (coverage 0.73-1.13 over runs here). That is
+# the emulator, not the profiler; qemu-aarch64 measured 0.96-0.98.
+COVERAGE = {"cortex-a7": (0.6, 1.5), "cortex-a53": (0.85, 1.15)}
+EDGEC = [sys.executable, "-m", "edgec.cli"]
+
+pytestmark = pytest.mark.slow
+
+
+class Net(nn.Module):
+    """About 16 MMAC at 64x64: each kernel runs far longer than the VM's per-call overhead, even under qemu."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.conv3 = nn.Conv2d(32, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.clamp(self.conv2(y), 0, 6) + y
+        return self.head(torch.relu(self.conv3(y)).mean(dim=(2, 3)))
+
+
+def _require(preset: str) -> None:
+    from edgec.targets.presets import PRESETS
+
+    chain = PRESETS[preset].toolchain
+    if shutil.which(chain.compiler) is None:
+        pytest.skip(f"{chain.compiler} missing (apt-get install {chain.debian_package})")
+    if shutil.which(QEMU[BOARDS[preset]]) is None:
+        pytest.skip("qemu-user-static missing (apt-get install qemu-user-static)")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """preset -> artifact directory of Net, compiled once per preset."""
+    root = tmp_path_factory.mktemp("boards")
+    torch.manual_seed(0)
+    model_path = root / "net.pt"
+    torch.jit.save(torch.jit.script(Net().eval()), str(model_path))
+    built = {}
+    for preset in BOARDS:
+        _require(preset)
+        built[preset] = edgec.compile(edgec.load(model_path, input_shape=SHAPE), preset, root / preset).artifact.path
+    return built
+
+
+@contextlib.contextmanager
+def board(preset: str, *extra: str):
+    from edgec.runtimes.agent_build import build_agent
+    from edgec.runtimes.emulate import emulate
+
+    agent = emulate(preset, agent=build_agent(preset), extra_args=extra, timeout=60)
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+def invoke(*args: str) -> dict:
+    done = CliRunner().invoke(cli, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("preset", BOARDS)
+def test_bench_and_profile_on_emulated_board(artifacts, preset, tmp_path):
+    with board(preset) as agent:
+        address = f"127.0.0.1:{agent.port}"
+        data = invoke("bench", str(artifacts[preset]), "--rpc", address, "--repeat", "3", "--warmup", "1")
+        assert data["device_info"]["agent"] == "edgec-agent"
+        assert data["device_info"]["cpu_arch"] == BOARDS[preset] and data["emulated"] is True
+        assert data["check"]["ok"] is True and data["check"]["max_abs"] < 1e-4
+        html = tmp_path / "profile.html"
+        data = invoke("profile", str(artifacts[preset]), "--rpc", address, "--repeat", "5", "--html", str(html))
+        low, high = COVERAGE[preset]
+        assert low <= data["coverage"] <= high, data
+        assert data["emulated"] is True and any("Conv" in node for row in data["rows"] for node in row["onnx_nodes"])
+        assert "<table>" in html.read_text()
+
+
+def test_tracker_routes_keys_to_both_emulated_boards(artifacts):
+    from edgec.runtimes.emulate import free_port
+
+    port = free_port()
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1), "--silent"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_listening(port, tracker)
+        address = f"127.0.0.1:{port}"
+        with board("cortex-a7", "--tracker", address, "--key", "a7"), board("cortex-a53", "--tracker", address, "--key", "a53"):
+            _wait_registered(port, {"a7", "a53"})
+            for preset, key in (("cortex-a7", "a7"), ("cortex-a53", "a53")):
+                data = invoke("bench", str(artifacts[preset]), "--tracker", address, "--key", key, "--repeat", "2", "--warmup", "0")
+                assert data["device_info"]["cpu_arch"] == BOARDS[preset] and data["check"]["ok"] is True
+            _wait_registered(port, {"a7"})  # the a7 board offers itself again after its session
+            wrong = CliRunner().invoke(cli, ["bench", str(artifacts["cortex-a53"]), "--tracker", address, "--key", "a7"])
+            assert wrong.exit_code == 1 and "compiled for cortex-a53 (aarch64)" in wrong.output and "armv7" in wrong.output
+    finally:
+        os.killpg(tracker.pid, signal.SIGTERM)
+        tracker.wait(10)
+
+
+def _wait_listening(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the tracker exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listens on {port} after {seconds:g} s")
+
+
+def _wait_registered(port: int, keys: set[str], seconds: float = 60) -> None:
+    from tvm import rpc
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        queue = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
+        if all(queue.get(key, {}).get("free", 0) > 0 for key in keys):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"boards {sorted(keys)} not free at the tracker after {seconds:g} s")
+
+
+def test_device_emulate_command_serves_until_terminated(artifacts):
+    """`edgec device emulate` as a user runs it: a real process, stopped with SIGTERM, leaving no qemu behind."""
+    import psutil
+
+    from edgec.runtimes.emulate import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [*EDGEC, "device", "emulate", "-t", "cortex-a7", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        _wait_listening(port, process)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert any("qemu-arm" in " ".join(child.cmdline()) for child in children)
+        data = invoke("bench", str(artifacts["cortex-a7"]), "--rpc", f"127.0.0.1:{port}", "--repeat", "1", "--warmup", "0")
+        assert data["check"]["ok"] is True and data["emulated"] is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert f"emulated cortex-a7 board on 127.0.0.1:{port}" in err and "stopping" in err
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert not [child for child in children if child.is_running()]  # qemu and the agent's sessions are gone
+
+
+def test_device_commands_reject_bad_options(tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(cli, ["device", "emulate", "-t", "cortex-a7", "--key", "a7"])
+    assert done.exit_code == 1 and "--tracker" in done.output
+    done = runner.invoke(cli, ["device", "emulate", "-t", "x86"])
+    assert done.exit_code == 2 and "cortex-a7" in done.output
+    done = runner.invoke(cli, ["device", "build-agent", "-t", "cuda", "-o", str(tmp_path / "agent")])
+    assert done.exit_code == 1 and "CPU code only" in done.output
+    assert not (tmp_path / "agent").exists()
+
+
+@pytest.mark.parametrize("preset", BOARDS)
+def test_build_agent_command_writes_one_file(preset, tmp_path):
+    _require(preset)
+    done = CliRunner().invoke(cli, ["device", "build-agent", "-t", preset, "-o", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    binary = tmp_path / "edgec-agent"
+    header = binary.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == {"armv7": 40, "aarch64": 183}[BOARDS[preset]]
+    assert os.access(binary, os.X_OK) and str(binary) in done.output
