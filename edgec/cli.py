@@ -240,7 +240,7 @@ def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | No
 @click.argument("artifact_path", metavar="ARTIFACT", type=click.Path(path_type=Path))
 @_device_options
 @click.option("--repeat", type=click.IntRange(1), default=50, show_default=True, help="Timed runs.")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs first (and at least 0.2 s of them, so threads settle; 0: none).")
 @click.option("-i", "--input", "input_files", multiple=True, type=click.Path(path_type=Path), help="Input .npy per model input (default: seeded random).")
 @click.option("--rtol", type=float, default=1e-4, show_default=True, help="Output check tolerance (relative).")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Output check tolerance (absolute).")

@@ -64,6 +64,18 @@ class BenchResult:
         return data
 
 
+# Warm-up lasts at least this long: on a fresh thread pool the first tens of
+# milliseconds of runs were up to 2x slower here (a 0.3 ms model: ~45 slow
+# runs), until the worker threads had settled on their own cores.
+WARMUP_MS = 200
+
+
+def warm_up(device: Device, vm, runs: int) -> None:
+    """At least ``runs`` untimed runs and at least WARMUP_MS of them (none when ``runs`` is 0)."""
+    if runs:
+        vm.time_evaluator("invoke_stateful", device.dev, number=runs, repeat=1, min_repeat_ms=WARMUP_MS)("main")
+
+
 def load_vm(device: Device, artifact: Artifact):
     from tvm import relax
 
@@ -120,8 +132,7 @@ def bench(
     outputs = run_once(device, vm, inputs)
     check = reference_check(artifact, inputs, outputs, rtol, atol)
     with device.step("timing the model"):
-        if warmup:
-            vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=warmup)("main")
+        warm_up(device, vm, warmup)
         timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")
     return BenchResult(
         artifact=str(artifact.path),

@@ -21,8 +21,11 @@ import numpy as np
 
 from edgec.artifact import KERNEL_CONSTANTS, Artifact
 from edgec.errors import ArtifactError
-from edgec.runtimes.bench import load_vm
+from edgec.runtimes.bench import load_vm, warm_up
 from edgec.runtimes.session import Device
+
+
+WARMUP_RUNS = 3  # before the end-to-end timing (and at least bench.WARMUP_MS)
 
 
 @dataclasses.dataclass
@@ -112,6 +115,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
     with device.step("timing the model end to end"):
         vm.set_input("main", *(device.tensor(array) for array in inputs))
         vm.invoke_stateful("main")
+        warm_up(device, vm, WARMUP_RUNS)
         timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")
         end_to_end_ms = statistics.median(timed.results) * 1e3
     grouped: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()

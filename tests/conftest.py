@@ -11,6 +11,7 @@ Formats (``FORMATS``):
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,15 @@ def gpu_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0 and "GPU" in done.stdout
+
+
+@pytest.fixture(autouse=True)
+def _restore_tvm_num_threads(monkeypatch):
+    """CLI commands set TVM_NUM_THREADS in this process (--threads); undo it after each test."""
+    before = os.environ.get("TVM_NUM_THREADS")
+    monkeypatch.setenv("TVM_NUM_THREADS", before or "0")  # records what to restore, even "unset"
+    if before is None:
+        monkeypatch.delenv("TVM_NUM_THREADS")
 
 
 def pytest_collection_modifyitems(config, items):

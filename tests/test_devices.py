@@ -81,6 +81,26 @@ def a7_artifact(small_model_path, tmp_path_factory):
     return edgec.compile(model, "cortex-a7", output).artifact
 
 
+# Coverage is checked with one kernel thread. With two threads on this
+# 2-vCPU VM, whole-model runs are bimodal (this SmallNet 0.30 or 0.62 ms,
+# MobileNetV2 2.2 or 3.0 ms, process to process) while each kernel timed on
+# its own stays at the fast figure: the thread pool's workers wake late
+# between the model's kernels. That is the machine's threading, which a
+# per-kernel profile cannot see; the profile's own bookkeeping is what the
+# coverage test checks.
+@pytest.fixture()
+def one_thread(monkeypatch):
+    """TVM's thread pool in this process (and servers started now) with one thread; restored after."""
+    import tvm
+
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    configure(1, 1)
+    yield
+    monkeypatch.undo()
+    configure(1, 0)  # 0: TVM's default count again (TVM_NUM_THREADS or its own)
+
+
 @pytest.fixture()
 def server():
     server = start_server("127.0.0.1", _free_port())
@@ -111,7 +131,7 @@ def test_bench_local_checks_outputs_and_reports_statistics(x86_artifact):
     assert not result.emulated
 
 
-def test_profile_local_rows_sum_to_end_to_end(x86_artifact, tmp_path):
+def test_profile_local_rows_sum_to_end_to_end(x86_artifact, tmp_path, one_thread):
     result = profile(x86_artifact, LocalDevice(), repeat=10)
     kernels = {call["kernel"] for call in x86_artifact.manifest["kernels"]}
     assert {row.kernel for row in result.rows} == kernels
@@ -124,7 +144,7 @@ def test_profile_local_rows_sum_to_end_to_end(x86_artifact, tmp_path):
     assert all(row.kernel in page for row in result.rows) and "<table>" in page
 
 
-def test_bench_and_profile_over_rpc_match_local(x86_artifact, server):
+def test_bench_and_profile_over_rpc_match_local(x86_artifact, one_thread, server):
     runner = CliRunner()
     address = f"127.0.0.1:{server.port}"
     done = runner.invoke(cli, ["bench", str(x86_artifact.path), "--rpc", address, "--repeat", "3", "--warmup", "1", "--json"])
