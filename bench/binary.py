@@ -42,6 +42,7 @@ no slower than fp32.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
+from thread_count import use_threads  # bench/ is on sys.path: scripts run as python bench/NAME.py
 from edgec.passes import FoldBatchNormPass, LowerBinaryPass, LowerTernaryPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
@@ -224,7 +226,7 @@ def time_interleaved(variants: list[dict], rounds: int, repeat: int, seed: int =
     shape = [int(dim) for dim in graph.graph.inputs[0].shape]
     inputs = [np.random.default_rng(seed).standard_normal(shape).astype(np.float32)]
     runners = [LocalRunner(variant["artifact"]) for variant in variants]
-    session = onnxruntime_session(graph)
+    session = onnxruntime_session(graph, threads=int(os.environ["TVM_NUM_THREADS"]))
     feed = {session.get_inputs()[0].name: inputs[0]}
     for _ in range(3):
         session.run(None, feed)
@@ -271,7 +273,9 @@ def main() -> None:
     parser.add_argument("--model-repeat", type=int, default=5, help="timed runs per variant per round (model)")
     parser.add_argument("--no-model", action="store_true", help="layers only, no end-to-end ResNet-18")
     parser.add_argument("--no-layers", action="store_true", help="end to end only")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
+    args.threads = use_threads(args.threads)
 
     from edgec.ops.binary_conv import kernel_config
 
@@ -288,7 +292,7 @@ def main() -> None:
     print(
         f"\n{args.rounds} interleaved rounds x {args.repeat} (layers) / {args.model_repeat} (model) runs per variant, "
         f"batch 1; x86 ({config.word_bits}-bit words, {config.lanes} per vector, popcount: {config.popcount}); "
-        "ORT with all graph optimisations, default threads; weight bytes = graph initializers."
+        f"{args.threads} kernel threads for edgec and ORT; ORT with all graph optimisations; weight bytes = graph initializers."
     )
 
 

@@ -37,10 +37,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import logging
+import os
 import random
-import itertools
 import statistics
 import struct
 import sys
@@ -50,6 +51,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from thread_count import use_threads  # bench/ is on sys.path: scripts run as python bench/NAME.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 224
@@ -348,7 +350,7 @@ def bench_models(models: list[str], rounds: int, repeat: int, workdir: Path, kin
         timers["edgec dense"] = lambda runner=runner: runner.time_ms([x], repeat=repeat, warmup=1)
         base = edgec.load(path)
         info["edgec dense"] = {"weight_bytes": model_stats(base.graph).size_bytes, "max_abs_vs_reference": None}
-        session = onnxruntime_session(base.graph)
+        session = onnxruntime_session(base.graph, threads=int(os.environ["TVM_NUM_THREADS"]))
 
         def ort(session=session) -> list[float]:
             times = []
@@ -393,7 +395,7 @@ def bench_models(models: list[str], rounds: int, repeat: int, workdir: Path, kin
 
 
 def print_models(rows: list[dict]) -> None:
-    print("\n### End to end (batch 1, 224x224): median ms and speedups, same run\n")
+    print(f"\n### End to end (batch 1, 224x224, {os.environ['TVM_NUM_THREADS']} threads): median ms and speedups, same run\n")
     print("| model | variant | median ms | speedup vs edgec dense | vs ONNX Runtime | weights MB | packed layers: dense -> packed MB | max abs err |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -468,7 +470,7 @@ def to_onnx_ir(model, path: Path):
 def accuracy(graph, images, labels) -> float:
     from edgec.runtimes.reference import onnxruntime_session
 
-    session = onnxruntime_session(graph)
+    session = onnxruntime_session(graph, threads=int(os.environ["TVM_NUM_THREADS"]))
     return float(np.mean(session.run(None, {"x": images})[0].argmax(1) == labels))
 
 
@@ -583,7 +585,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--layer-repeat", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
+    args.threads = use_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     results: dict = {"command": " ".join(sys.argv)}
     with tempfile.TemporaryDirectory(prefix="edgec-blocksparse-") as tmp:

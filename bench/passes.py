@@ -24,6 +24,7 @@ MetaSchedule tuning), on whatever cores this machine has.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import statistics
 import sys
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 import edgec
+from thread_count import use_threads  # bench/ is on sys.path: scripts run as python bench/NAME.py
 from edgec.passes import FuseFiltersPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
@@ -153,7 +155,7 @@ def compile_variants(name: str, ratio: float, temperature: float, workdir: Path)
 def time_interleaved(variants: list[dict], inputs: list[np.ndarray], rounds: int, repeat: int) -> None:
     """Alternate the variants round by round; each round takes ``repeat`` timed runs of each."""
     runners = [LocalRunner(variant["artifact"]) for variant in variants]
-    session = onnxruntime_session(variants[0]["graph"])
+    session = onnxruntime_session(variants[0]["graph"], threads=int(os.environ["TVM_NUM_THREADS"]))
     feed = {value.name: array for value, array in zip(session.get_inputs(), inputs, strict=True)}
     for _ in range(2):  # warm up ONNX Runtime
         session.run(None, feed)
@@ -178,7 +180,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=FuseFiltersPass().temperature, help="[default: the pass's]")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per variant per round")
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
+    args.threads = use_threads(args.threads)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgec-bench-") as tmp:
@@ -196,7 +200,7 @@ def main() -> None:
             f"{row['model']:<13} {row['variant']:<24} {row['macs'] / 1e6:>7.0f}M {row['params'] / 1e6:>7.2f}M "
             f"{row['bytes'] / 2**20:>10.2f} MiB {row['median_ms']:>10.1f} {base['median_ms'] / row['median_ms']:>7.2f}x"
         )
-    print(f"\n{args.rounds} interleaved rounds x {args.repeat} runs per variant; batch 1, {RESOLUTION}x{RESOLUTION}; "
+    print(f"\n{args.rounds} interleaved rounds x {args.repeat} runs per variant; {args.threads} threads; batch 1, {RESOLUTION}x{RESOLUTION}; "
           f"edgec x86 (schedule library, untuned) and ONNX Runtime (all graph optimisations) on the same machine; "
           f"fuse-filters ratio {args.ratio:g}, temperature {args.temperature:g}.")
 
