@@ -116,6 +116,24 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
+class ProfileNet(nn.Module):
+    """conv-BN-ReLU, depthwise + ReLU6 with a residual, pointwise, pooled Linear head: for the
+    device tests, at inputs large enough that every kernel outlasts the VM's per-call overhead."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.conv3 = nn.Conv2d(32, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.clamp(self.conv2(y), 0, 6) + y
+        return self.head(torch.relu(self.conv3(y)).mean(dim=(2, 3)))
+
+
 MODELS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "mobilenet": (TinyMobileNetV2, IMAGE_SHAPE),
     "resnet": (TinyResNet, IMAGE_SHAPE),

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 import edgec
 from edgec.cli import cli
+from models import ProfileNet
 from edgec.errors import ArtifactError, DeviceError
 from edgec.runtimes.bench import bench
 from edgec.runtimes.io import random_inputs
@@ -30,26 +30,10 @@ from edgec.runtimes.session import LocalDevice, connect
 FAULT_BOUND_S = 45  # a fault must end in an error well within this (not a speed target)
 
 
-# Big enough (about 50 MMAC, ~1 ms with the schedule library) that the VM's
+# ProfileNet at 112x112: big enough (about 50 MMAC, 0.3-0.6 ms here) that the VM's
 # per-instruction overhead (a few us) is small beside the kernels, so the
 # profile's rows can add up to the whole; at 48x48 (0.2 ms) it was 5-20%.
 SMALL_SHAPE = (1, 3, 112, 112)
-
-
-class SmallNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
-        self.conv3 = nn.Conv2d(32, 64, 1)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.clamp(self.conv2(y), 0, 6) + y
-        y = torch.relu(self.conv3(y)).mean(dim=(2, 3))
-        return self.head(y)
 
 
 def _free_port() -> int:
@@ -61,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def small_model_path(tmp_path_factory):
     torch.manual_seed(0)
-    model = SmallNet().eval()
+    model = ProfileNet().eval()
     path = tmp_path_factory.mktemp("devices") / "small.pt"
     torch.jit.save(torch.jit.script(model), str(path))
     return path
@@ -82,7 +66,7 @@ def a7_artifact(small_model_path, tmp_path_factory):
 
 
 # Coverage is checked with one kernel thread. With two threads on this
-# 2-vCPU VM, whole-model runs are bimodal (this SmallNet 0.30 or 0.62 ms,
+# 2-vCPU VM, whole-model runs are bimodal (ProfileNet here 0.30 or 0.62 ms,
 # MobileNetV2 2.2 or 3.0 ms, process to process) while each kernel timed on
 # its own stays at the fast figure: the thread pool's workers wake late
 # between the model's kernels. That is the machine's threading, which a

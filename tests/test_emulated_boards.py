@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 import edgec
 from edgec.cli import cli
+from models import ProfileNet
 
 BOARDS = {"cortex-a7": "armv7", "cortex-a53": "aarch64"}  # preset -> cpu_arch the board reports
 QEMU = {"armv7": "qemu-arm-static", "aarch64": "qemu-aarch64-static"}
-SHAPE = (1, 3, 64, 64)
+SHAPE = (1, 3, 64, 64)  # ProfileNet: about 16 MMAC, each kernel far longer than the VM's per-call overhead under qemu
 # How close the profile's rows must add up to the end-to-end time. Under
 # qemu-arm (armv7) float code runs through softfloat whose speed depends on
 # the values: the same kernel measured 20 / 44 / 22 ms on random-normal /
@@ -44,23 +44,6 @@ COVERAGE = {"cortex-a7": (0.6, 1.5), "cortex-a53": (0.85, 1.15)}
 EDGEC = [sys.executable, "-m", "edgec.cli"]
 
 pytestmark = pytest.mark.slow
-
-
-class Net(nn.Module):
-    """About 16 MMAC at 64x64: each kernel runs far longer than the VM's per-call overhead, even under qemu."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=1, groups=32)
-        self.conv3 = nn.Conv2d(32, 64, 1)
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.clamp(self.conv2(y), 0, 6) + y
-        return self.head(torch.relu(self.conv3(y)).mean(dim=(2, 3)))
 
 
 def _require(preset: str) -> None:
@@ -75,11 +58,11 @@ def _require(preset: str) -> None:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """preset -> artifact directory of Net, compiled once per preset."""
+    """preset -> artifact directory of ProfileNet, compiled once per preset."""
     root = tmp_path_factory.mktemp("boards")
     torch.manual_seed(0)
     model_path = root / "net.pt"
-    torch.jit.save(torch.jit.script(Net().eval()), str(model_path))
+    torch.jit.save(torch.jit.script(ProfileNet().eval()), str(model_path))
     built = {}
     for preset in BOARDS:
         _require(preset)
