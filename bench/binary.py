@@ -55,7 +55,6 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from thread_count import use_threads  # bench/ is on sys.path: scripts run as python bench/NAME.py
 from edgec.passes import FoldBatchNormPass, LowerBinaryPass, LowerTernaryPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
@@ -275,6 +274,8 @@ def main() -> None:
     parser.add_argument("--no-layers", action="store_true", help="end to end only")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
+    from thread_count import use_threads  # bench/ is sys.path[0] when run as python bench/NAME.py
+
     args.threads = use_threads(args.threads)
 
     from edgec.ops.binary_conv import kernel_config

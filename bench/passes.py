@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 import edgec
-from thread_count import use_threads  # bench/ is on sys.path: scripts run as python bench/NAME.py
 from edgec.passes import FuseFiltersPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
@@ -182,6 +181,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per variant per round")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
+    from thread_count import use_threads  # bench/ is sys.path[0] when run as python bench/NAME.py
+
     args.threads = use_threads(args.threads)
 
     rows = []
