@@ -24,8 +24,8 @@ MetaSchedule tuning), on whatever cores this machine has.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile

@@ -386,7 +386,6 @@ def serve(host, port, tracker, key):
     serve_forever(server)
 
 
-
 @device.command("build-agent")
 @click.option("-t", "--target", "target_spec", required=True, metavar="TARGET", help="CPU preset of the board: cortex-a7 (armv7), cortex-a53/cortex-a72 (aarch64) or x86.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgec-agent"), show_default=True, help="Where to write the agent (a file, or a directory to put edgec-agent in).")
@@ -437,7 +436,7 @@ def emulate(target_spec, port, tracker, key):
         raise EdgecError("--key is the board's name at a tracker: give --tracker HOST:PORT with it")
     binary = build(target_spec, progress=ConsoleProgress())
     agent = start(target_spec, agent=binary, port=port, extra_args=extra)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops qemu too, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops qemu too, as Ctrl-C does
     where = f", registered at tracker {tracker} with key {key or target_spec!r}" if tracker else ""
     click.echo(f"emulated {target_spec} board on {agent.address}{where}; Ctrl-C to stop", err=True)
     try:
@@ -448,6 +447,8 @@ def emulate(target_spec, port, tracker, key):
         click.echo("stopping the emulated board", err=True)
     finally:
         agent.stop()
+        signal.signal(signal.SIGTERM, previous)
+
 
 def _interrupt(_signum, _frame):
     raise KeyboardInterrupt
