@@ -14,8 +14,9 @@ input feature, stored as in ``edgec.BlockSparseConv``::
 
 Kernel (CPU): a parallel loop over (row of x, block-row), the kept blocks of
 the block-row (reduction), and the block's N outputs as one vector (N lanes:
-one register when N is the target's width, split or partial otherwise); the
-bias and activation are applied before the one store. The work is
+one register when N is the target's width, split or partial otherwise),
+accumulated in registers from the bias; the activation is applied before the
+one store. The work is
 ``M * nnz * N`` multiply-adds: it scales with the kept blocks. CUDA decodes
 to a dense matmul with a warning.
 """
@@ -29,6 +30,7 @@ from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
 from edgec.ops.block_sparse_conv import (
+    ON_STACK,
     _activation,
     _activation_expr,
     _text,
@@ -87,14 +89,14 @@ def gemm_kernel(rows_in: int, features: int, blocks: int, block_size: int, nnz: 
     ):
         T.func_attr({"tirx.noalias": True})
         for task in T.parallel(rows_in * blocks):
-            acc = T.decl_buffer((n,), "float32", scope="local")
+            acc = T.alloc_buffer((n,), "float32", annotations=ON_STACK)
             for j in T.vectorized(n):
-                acc[j] = T.float32(0)
+                acc[j] = bias[task % blocks * n + j]
             for k in range(indptr[task % blocks], indptr[task % blocks + 1]):
                 for j in T.vectorized(n):
                     acc[j] = acc[j] + values[k, j] * x[task // blocks, indices[k]]
             for j in T.vectorized(n):
-                y[task // blocks, task % blocks * n + j] = act(acc[j] + bias[task % blocks * n + j])
+                y[task // blocks, task % blocks * n + j] = act(acc[j])
 
     return kernel
 
