@@ -291,6 +291,22 @@ def test_vector_shape_per_target():
     assert kernel_plan(16, 3136, 16, 32).positions == 24  # AVX-512: one zmm per position
 
 
+def test_blocks_narrower_than_the_vector_warn_once(caplog):
+    from edgec.ops.block_sparse_conv import _warn_narrow_blocks, warn_narrow_blocks
+    from edgec.targets import resolve
+
+    _warn_narrow_blocks.cache_clear()
+    a53 = resolve("cortex-a53")
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+        warn_narrow_blocks(a53, 4, 4)  # N fills a NEON register: nothing to say
+        assert not caplog.records
+        for _ in range(3):
+            warn_narrow_blocks(a53, 4, 16)
+    assert len(caplog.records) == 1
+    assert "N=4 on cortex-a53" in caplog.text and "4 of the CPU's 16 float lanes" in caplog.text
+    assert "prune with n=16" in caplog.text
+
+
 def small_sparse_model(activation: str = "Relu") -> ir.Model:
     sparse, _ = conv_models((1, 8, 6, 6), 16, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), activation)
     return sparse

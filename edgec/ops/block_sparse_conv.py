@@ -52,6 +52,7 @@ lowers to a dense conv2d (a warning is logged).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -73,6 +74,7 @@ __all__ = [
     "kernel_plan",
     "unpack_blocks",
     "vector_shape",
+    "warn_narrow_blocks",
 ]
 
 ACTIVATIONS = ("none", "Relu", "Clip")
@@ -223,6 +225,22 @@ def vector_shape(target) -> tuple[int, int]:
     if "avx2" in features or "avx" in features:
         return 8, 16
     return 4, 16
+
+
+def warn_narrow_blocks(target, block_size: int, lanes: int) -> None:
+    """Warn, once per (target, N), when a block's N channels fill less than a vector."""
+    if block_size < lanes:
+        _warn_narrow_blocks(getattr(target, "spec", "this machine"), block_size, lanes)
+
+
+@functools.cache
+def _warn_narrow_blocks(target: str, block_size: int, lanes: int) -> None:
+    log.warning(
+        "block-sparse N=%d on %s: the kernels vectorise over a block's N output channels and "
+        "fill %d of the CPU's %d float lanes, so they can run slower than dense (README: "
+        "block-sparse timings); prune with n=%d for this target",
+        block_size, target, block_size, lanes, lanes,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +521,7 @@ def lower_block_sparse_conv(bb, inputs, attrs, target):
         conv = relax.op.add(conv, relax.const(bias.reshape(1, -1, 1, 1)))
         return relax_activation(conv, activation, low, high)
     lanes, registers = vector_shape(target)
+    warn_narrow_blocks(target, block_size, lanes)
     extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
     plan = kernel_plan(block_size, extent, lanes, registers)
     kernel_shape = shape
