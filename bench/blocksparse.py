@@ -16,17 +16,19 @@ Three parts, each measured side by side in one run:
             block-sparse model at each (sparsity, N) compiled by edgec. Each
             sparse artifact is checked against the masked dense model (the
             pass with pack=false) under ONNX Runtime before it is timed.
-3. accuracy (--accuracy) the digits CNN (scikit-learn's 8x8 digits, a small
-            CNN trained here with torch): accuracy against sparsity for N = 4
-            with and without filter rearrangement, one-shot and after a short
-            masked fine-tuning (the paper prunes then trains).
+3. accuracy (--parts accuracy) the digits CNN (scikit-learn's 8x8 digits,
+            a small CNN trained here with torch): accuracy against sparsity
+            for N = 4 with and without filter rearrangement, one-shot and
+            after a short masked fine-tuning (the paper prunes then trains),
+            over --seeds runs, with the paired rearranged-minus-plain
+            difference (one seed: one split, initial model, batch order).
 
 Timings interleave the variants round by round (the order shuffled per
 round) so that load from other processes hits each alike; the tables give
 medians and ratios measured in the same run.
 
     python bench/blocksparse.py                                 # layers + models
-    python bench/blocksparse.py --parts accuracy
+    python bench/blocksparse.py --parts accuracy --seeds 20
     python bench/blocksparse.py --models mobilenet_v2 --rounds 9 --json out.json
 
 Weights are random (MobileNetV2 / ResNet-18 parts): speed and size only.
@@ -516,6 +518,7 @@ def digits_accuracy(sparsities, n: int, workdir: Path, epochs: int = 10, finetun
     from edgec.runtimes.reference import run_numpy_reference
 
     train_x, test_x, train_y, test_y = digits_split(seed)
+    torch.manual_seed(seed)  # the initial weights too: plain and rearranged runs start from one model
     model = digits_cnn()
     train(model, train_x, train_y, epochs, 5e-3, seed)
     trained = to_onnx_ir(model, workdir / "digits.onnx")
@@ -570,6 +573,13 @@ def print_accuracy(table: dict, n: int) -> None:
         means = [np.mean([table[seed][(sparsity, r)][kind] for seed in seeds])
                  for kind in ("one-shot", "fine-tuned") for r in (False, True)]  # fmt: skip
         print(f"| {sparsity} | mean | {means[0]:.3f} | {means[1]:.3f} | {means[2]:.3f} | {means[3]:.3f} | |")
+    print("\nRearranged minus plain, fine-tuned, paired by seed (one split, initial model and batch order "
+          "per seed): mean in points, its standard error, and per-seed wins / ties / losses\n")
+    for sparsity in sparsities:
+        diff = np.array([table[seed][(sparsity, True)]["fine-tuned"] - table[seed][(sparsity, False)]["fine-tuned"] for seed in seeds])
+        error = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("nan")
+        print(f"  {sparsity}: {100 * diff.mean():+.2f} +- {100 * error:.2f} points over {diff.size} seeds; "
+              f"{np.sum(diff > 0)} / {np.sum(diff == 0)} / {np.sum(diff < 0)}")
 
 
 # --------------------------------------------------------------------------
@@ -584,6 +594,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--layer-repeat", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--seeds", type=int, default=20, help="digits runs (seeds 0..SEEDS-1) for the accuracy part")
     parser.add_argument("--threads", type=int, default=None, help="kernel threads for every runtime [default: physical cores]")
     args = parser.parse_args()
     from thread_count import use_threads  # bench/ is sys.path[0] when run as python bench/NAME.py
@@ -603,7 +614,7 @@ def main() -> None:
             print_models(results["models"])
         if "accuracy" in args.parts:
             log("part 3: digits accuracy")
-            table = accuracy_table((0.3, 0.5, 0.7, 0.8), 4, (0, 1, 2), workdir)
+            table = accuracy_table((0.3, 0.5, 0.7, 0.8), 4, range(args.seeds), workdir)
             print_accuracy(table, 4)
             results["accuracy"] = {seed: {str(key): value for key, value in rows.items()} for seed, rows in table.items()}
     if args.json:

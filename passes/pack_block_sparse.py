@@ -10,12 +10,25 @@ consecutive output channels at one input channel::
 Pruning: the ``floor(sparsity * B * C_in)`` blocks of smallest norm are
 set to zero (ties: lower flat index first, as ``argsort(kind="stable")``).
 
-Filter rearrangement (done first): output channels are reordered by their
-filter norm ``||W[o]||_1``, largest first, so that filters of similar
-importance share a block (the paper's Sec. 3.3: a block's norm is then
-dominated by filters that deserve it, not mixed with weak ones)::
+Filter rearrangement (done first): output channels are reordered so that
+the filters sharing a block also share the input channels the block keeps.
+Three orders are tried and the one whose kept blocks hold the most L1 mass
+wins (``rearrangement``; the identity on a tie, so a rearranged layer never
+keeps less of its weight than the same layer unpermuted):
 
-    perm     = argsort(-||W[o]||_1, stable)      W' = W[perm],  b' = b[perm]
+- the identity;
+- the paper's (Sec. 3.3), by filter norm, largest first:
+  ``argsort(-||W[o]||_1, stable)`` (``filter_order``);
+- filters grouped greedily by the input channels they rely on
+  (``group_order``): the strongest free filter opens a group, then the free
+  filter with the most mass on the group's ``(1 - sparsity) * C_in``
+  strongest input channels joins, until the group holds ``n``.
+
+On the digits CNN (bench/blocksparse.py --parts accuracy, 20 seeds, fine-tuned),
+the norm order alone was -1.3 +- 1.2 points against no rearrangement at
+70% sparsity; choosing by kept mass, +0.3 +- 0.5. Then::
+
+    W' = W[perm],  b' = b[perm]
 
 The layer's output channel ``i`` is then the old channel ``perm[i]``: the
 permutation is compensated exactly by permuting, with ``perm``, everything
@@ -89,8 +102,11 @@ __all__ = [
     "block_sparsify",
     "element_mask",
     "filter_order",
+    "group_order",
+    "kept_mass",
     "pack_blocks",
     "prune_count",
+    "rearrangement",
 ]
 
 

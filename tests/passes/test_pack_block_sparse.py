@@ -28,8 +28,11 @@ from edgec.passes.pack_block_sparse import (
     block_sparsify,
     element_mask,
     filter_order,
+    group_order,
+    kept_mass,
     pack_blocks,
     prune_count,
+    rearrangement,
 )
 from edgec.passes.registry import parse
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
@@ -52,6 +55,26 @@ def test_block_norms_and_filter_order():
     assert list(filters[order]) == sorted(filters, reverse=True)
     with pytest.raises(ValueError, match="multiple of n=3"):
         block_norms(weight, 3)
+
+
+def test_group_order_puts_filters_that_share_input_channels_in_one_block():
+    # 8 filters of equal norm: the even ones read channels 0-3, the odd ones channels 4-7.
+    # In their own order (and in the paper's norm order, a tie) every block of 4 filters
+    # mixes both, so 50% block pruning drops half of every filter; grouped, it drops nothing.
+    weight = np.zeros((8, 8, 1, 1))
+    weight[0::2, :4] = 1.0
+    weight[1::2, 4:] = 1.0
+    order = group_order(weight, 4, 0.5)
+    assert sorted(order.tolist()) == list(range(8))
+    assert {frozenset(order[:4].tolist()), frozenset(order[4:].tolist())} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}
+    assert kept_mass(weight, np.arange(8), 4, 0.5) == pytest.approx(16.0)
+    assert kept_mass(weight, order, 4, 0.5) == pytest.approx(32.0)  # all of it
+    assert rearrangement(weight, 4, 0.5).tolist() == order.tolist()
+
+
+def test_rearrangement_is_the_identity_when_no_order_keeps_more():
+    weight = np.ones((8, 6, 3, 3))  # every order keeps the same mass
+    assert rearrangement(weight, 4, 0.5).tolist() == list(range(8))
 
 
 def test_block_mask_prunes_smallest_and_keeps_trained_zeros():
@@ -407,13 +430,12 @@ def digits_results(tmp_path_factory):
 
 def test_digits_accuracy_with_and_without_rearrangement(digits_results):
     """Thresholds and why: the dense CNN reaches >= 0.95 on the 540 held-out digits (0.98-0.99
-    with this seed); at 50% block sparsity, fine-tuned, >= 0.93 either way (0.96-0.98 measured).
-    Rearrangement "not worse" is NOT what this CNN shows: over three seeds (bench/blocksparse.py
-    --parts accuracy) rearranged trailed by 0.7% on average at 50% (per seed -1.6% to +0.9%)
-    and by 1.5% at 70%. So this bound is a regression guard, not the paper's claim: rearranged
-    within 3% (16 of 540 images) of plain; a broken permutation drops accuracy to chance. The
-    packed model (NumPy references of the custom ops) scores what the fine-tuned dense model
-    scores."""
+    with this seed); at 50% block sparsity, fine-tuned, >= 0.93 either way (0.965 plain, 0.978
+    rearranged with this seed). One run says little: over 20 seeds (bench/blocksparse.py
+    --parts accuracy) rearranged minus plain was +0.3 +- 0.3 points at 50% and +0.3 +- 0.5 at
+    70%, per seed from -2 to +4 points. So this bound is a regression guard: rearranged within
+    3% (16 of 540 images) of plain; a broken permutation drops accuracy to chance. The packed
+    model (NumPy references of the custom ops) scores what the fine-tuned dense model scores."""
     dense = digits_results["dense"]
     plain, rearranged = digits_results[(0.5, False)], digits_results[(0.5, True)]
     assert dense >= 0.95
@@ -424,8 +446,9 @@ def test_digits_accuracy_with_and_without_rearrangement(digits_results):
 
 
 def test_rearrangement_keeps_more_weight_mass():
-    """The paper's premise, deterministic: with filters grouped by norm, the kept blocks hold at
-    least as much of the layer's L1 mass as without (seeded weights, filter scales spread)."""
+    """With filters rearranged, the kept blocks hold at least as much of the layer's L1 mass as
+    without (seeded weights, filter scales spread; there the norm order and the grouping both
+    beat the identity by 5-13 points of mass, so the layer is rearranged)."""
     rng = np.random.default_rng(7)
     for shape in ((32, 16, 1, 1), (64, 32, 3, 3), (48, 96)):
         scales = rng.lognormal(0, 0.7, (shape[0],) + (1,) * (len(shape) - 1))
@@ -435,4 +458,4 @@ def test_rearrangement_keeps_more_weight_mass():
             decision = block_sparsify(weight, 4, 0.5, rearrange)
             norms = block_norms(weight[decision.perm], 4)
             kept[rearrange] = norms[decision.keep].sum() / norms.sum()
-        assert kept[True] >= kept[False]
+        assert kept[True] >= kept[False] + 0.03
