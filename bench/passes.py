@@ -11,7 +11,7 @@ statistics calibrated on seeded random batches), this script:
    ONNX Runtime, interleaved round by round so that load from other
    processes hits every variant alike;
 4. prints one table: model, variant, MACs, params, weight bytes, median ms,
-   speedup over the dense TVM build.
+   speedup over the dense edgec build.
 
     python bench/passes.py                        # both models, ratio 0.5
     python bench/passes.py --models resnet18 --rounds 5 --repeat 10
@@ -145,7 +145,7 @@ def compile_variants(name: str, ratio: float, temperature: float, workdir: Path)
               f"(verification: {result.manifest['verification']['status']})", file=sys.stderr, flush=True)
         stats = model_stats(model.graph)
         variants.append(
-            {"model": name, "variant": f"TVM {variant}", "graph": model.graph, "artifact": result.artifact,
+            {"model": name, "variant": f"edgec {variant}", "graph": model.graph, "artifact": result.artifact,
              "macs": stats.macs, "params": stats.params, "bytes": stats.size_bytes}
         )
     return variants
@@ -196,7 +196,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        base = next(other for other in rows if other["model"] == row["model"] and other["variant"] == "TVM dense")
+        base = next(other for other in rows if other["model"] == row["model"] and other["variant"] == "edgec dense")
         print(
             f"{row['model']:<13} {row['variant']:<24} {row['macs'] / 1e6:>7.0f}M {row['params'] / 1e6:>7.2f}M "
             f"{row['bytes'] / 2**20:>10.2f} MiB {row['median_ms']:>10.1f} {base['median_ms'] / row['median_ms']:>7.2f}x"
