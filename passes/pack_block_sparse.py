@@ -284,14 +284,22 @@ class PackBlockSparsePass(ir.passes.InPlacePass):
     cli_name: ClassVar[str] = "block-sparse"
 
     n: int = dataclasses.field(
-        default=4, metadata=option_help("block size: output channels per block (the paper's N; 4 fills a NEON vector)")
+        default=4,
+        metadata=option_help(
+            "block size: output channels per block (the paper's N); the kernels are fastest when it is "
+            "the target's float lanes: 4 NEON, 8 AVX2, 16 AVX-512"
+        ),
     )
     sparsity: float = dataclasses.field(
         default=0.5,
         metadata=option_help("fraction of blocks pruned per layer, smallest L1 norm first (0: only all-zero blocks)"),
     )
     rearrange: bool = dataclasses.field(
-        default=True, metadata=option_help("reorder output channels by filter norm first, compensated downstream")
+        default=True,
+        metadata=option_help(
+            "reorder output channels first (per layer, whichever of filter-norm order, grouping by shared "
+            "input channels or none keeps the most weight), compensated downstream"
+        ),
     )
     layers: tuple[str, ...] = dataclasses.field(
         default=(), metadata=option_help("only these Conv/Gemm node names (default: every eligible layer)")
