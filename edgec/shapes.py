@@ -19,7 +19,9 @@ def parse_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
         raise InputShapeError(
             f"bad input shape {text!r}: write comma-separated integers, e.g. 1,3,224,224 (or NAME:1,3,224,224)"
         ) from None
-    if not shape or any(dim <= 0 for dim in shape):
+    if not shape:
+        raise InputShapeError(f"empty input shape {text!r}: give its dimensions, e.g. 1,3,224,224 (or NAME:1,3,224,224)")
+    if any(dim <= 0 for dim in shape):
         raise InputShapeError(f"bad input shape {text!r}: every dimension must be a positive integer")
     return (name or None), shape
 

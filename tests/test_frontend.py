@@ -268,8 +268,8 @@ def test_matching_input_shape_is_accepted(saved_models):
         ("x:1;3;32;32", ("comma-separated integers",)),
         ("0,3,32,32", ("'0,3,32,32'", "positive integer")),
         ("-1,3,32,32", ("positive integer",)),
-        ("", ("positive integer",)),
-        ("x:", ("positive integer",)),
+        ("", ("empty input shape", "e.g. 1,3,224,224")),
+        ("x:", ("empty input shape 'x:'",)),
     ],
 )
 def test_bad_input_shape_strings(saved_models, text, words):
