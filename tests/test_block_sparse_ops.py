@@ -288,7 +288,21 @@ def test_vector_shape_per_target():
     assert lanes in (4, 8, 16) and registers in (16, 32)
     plan = kernel_plan(4, 3136, 4, 16)  # NEON armv7: 12 accumulators of one quad register each
     assert plan.positions == 12
-    assert kernel_plan(16, 3136, 16, 32).positions == 24  # AVX-512: one zmm per position
+    assert kernel_plan(8, 3136, 16, 32).positions == 24  # AVX-512: one (half) zmm per position
+    assert kernel_plan(16, 3136, 16, 32).positions == 15  # 15 x 16 floats: the tile stays under 1 KiB
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_accumulators_are_not_heap_allocated(n):
+    """TVM turns a kernel buffer of 1 KiB or more into a TVMBackendAllocWorkspace call per
+    parallel task (and LLVM then keeps the tile in memory): the plan keeps it smaller."""
+    import tvm
+
+    shape = ConvShape(1, 32, 28, 28, 192 // n, n, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+    prim = conv_kernel(shape, kernel_plan(n, 784, 16, 32), "Clip", 0.0, 6.0)
+    module = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
+    llvm_ir = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).mod.inspect_source("ll")
+    assert "define" in llvm_ir and "load ptr, ptr @__TVMBackendAllocWorkspace" not in llvm_ir
 
 
 def test_blocks_narrower_than_the_vector_warn_once(caplog):

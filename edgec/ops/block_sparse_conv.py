@@ -34,10 +34,10 @@ channels are the vector: one load of a block's N weights, multiplied with
 one broadcast input per position (the paper's kernel, vectorised over the N
 output channels: N = 4 fills a NEON register, 8 AVX2, 16 AVX-512; a smaller
 N runs in narrower vectors). ``positions`` fills the register file (24
-accumulators of 32 registers, 12 of 16). The accumulators start from the
-bias and the activation is applied to them before the one store (the fused
-epilogue); they are a stack buffer, which LLVM keeps in registers (see
-``ON_STACK``).
+accumulators of 32 registers, 12 of 16) within 1 KiB (``STACK_TILE_BYTES``:
+TVM puts a smaller tile on the stack, where LLVM keeps it in registers). The
+accumulators start from the bias and the activation is applied to them
+before the one store (the fused epilogue).
 
 The lowering wraps the kernel in NCHW -> NHWC -> NCHW ``permute_dims``: the
 ONNX graph is NCHW. Where the CPU schedule library makes the graph
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATIONS",
-    "ON_STACK",
+    "STACK_TILE_BYTES",
     "BlockSparseConv",
     "KernelPlan",
     "apply_activation",
@@ -243,6 +243,17 @@ def _warn_narrow_blocks(target: str, block_size: int, lanes: int) -> None:
     )  # fmt: skip
 
 
+# TVM 0.27 keeps a "global" CPU buffer of under 1 KiB on the stack, where LLVM keeps it in
+# registers; a larger one, or any "local" one, becomes a TVMBackendAllocWorkspace call (a
+# heap allocation) per iteration of the parallel loop, and the tile is then zeroed with a
+# memset, spilled after the reduction and reloaded for the epilogue. (The allocation
+# annotation "disable_lower_builtin" would keep any size on the stack, but StorageRewrite
+# drops it.) Measured on the x86 host (AVX-512, one thread), pointwise convs at 70%, N=16:
+# 16->96 @112 0.156 ms with 24 positions through the workspace, 0.088 ms with 15 on the
+# stack; 960->160 @7 0.0215 and 0.0226 ms.
+STACK_TILE_BYTES = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
     """How one kernel tiles its registers: ``positions`` output positions x the
@@ -261,21 +272,13 @@ def kernel_plan(block_size: int, extent: int, lanes: int, registers: int) -> Ker
 
     Accumulators may use the register file less room for the weight vector
     and the broadcast inputs (32 registers: 24; 16 registers: 12), each
-    position taking ``ceil(N / lanes)`` of them.
+    position taking ``ceil(N / lanes)`` of them; and the tile must stay under
+    ``STACK_TILE_BYTES`` (N=16: 15 positions).
     """
     budget = registers - 8 if registers > 16 else registers - 4
     per_position = -(-block_size // lanes)
-    return KernelPlan(lanes, max(1, min(extent, budget // per_position)))
-
-
-# An allocation annotated so that TVM keeps it a stack alloca whatever its size or scope.
-# Without it, TVM 0.27 turns a CPU buffer of 1 KiB or more, or any "local" one, into a
-# TVMBackendAllocWorkspace call (a heap allocation) per iteration of the parallel loop,
-# and LLVM cannot keep the accumulators in registers: the tile was zeroed with a memset,
-# spilled after the reduction and reloaded for the epilogue. Measured on the x86 host
-# (AVX-512, 2 threads), pointwise 32->192 @28 at 70%: N=16 0.0200 -> 0.0135 ms,
-# N=4 0.0589 -> 0.0293 ms.
-ON_STACK = {"disable_lower_builtin": True}
+    fits_stack = (STACK_TILE_BYTES - 1) // (4 * block_size)
+    return KernelPlan(lanes, max(1, min(extent, budget // per_position, fits_stack)))
 
 
 def _activation_expr(activation: str, low: float, high: float):
@@ -382,7 +385,7 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     @T.macro
     def register_tile(xf, vf, indices, indptr, bias, yf, image, oh, block, start, size):
         # ``size`` positions of output row ``oh`` from ``start``, x the N channels of ``block``
-        acc = T.alloc_buffer((size, n), "float32", annotations=ON_STACK)
+        acc = T.alloc_buffer((size, n), "float32")  # under STACK_TILE_BYTES: registers
         for t in T.unroll(size):
             for j in T.vectorized(n):
                 acc[t, j] = bias[block * n + j]

@@ -30,7 +30,6 @@ from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
 from edgec.ops.block_sparse_conv import (
-    ON_STACK,
     _activation,
     _activation_expr,
     _text,
@@ -91,7 +90,7 @@ def gemm_kernel(rows_in: int, features: int, blocks: int, block_size: int, nnz: 
     ):
         T.func_attr({"tirx.noalias": True})
         for task in T.parallel(rows_in * blocks):
-            acc = T.alloc_buffer((n,), "float32", annotations=ON_STACK)
+            acc = T.alloc_buffer((n,), "float32")  # "global" and under 1 KiB: on the stack, in registers
             for j in T.vectorized(n):
                 acc[j] = bias[task % blocks * n + j]
             for k in range(indptr[task % blocks], indptr[task % blocks + 1]):
