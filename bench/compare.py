@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -134,8 +133,6 @@ def paired_ratio(runner: Runner, reference: Runner) -> float:
 
 
 def bench_model(name: str, args, work: Path) -> dict:
-    import torch
-
     import edgec
     import models
 
@@ -143,7 +140,6 @@ def bench_model(name: str, args, work: Path) -> dict:
     source = models.save_torchscript(name, work / f"{name}.pt")
     model = edgec.load(source, input_shape=models.INPUT_SHAPE)
     x = np.random.default_rng(0).standard_normal(models.INPUT_SHAPE, dtype=np.float32)
-    torch.set_num_threads(args.threads)
     ort, want = ort_runner(model, x, args.threads)
     runners = [torch_runner(module, x), ort]
     runners.append(edgec_runner("edgec default Relax", model, x, want, work / f"{name}_default", schedules=False))
@@ -216,10 +212,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     args = parser.parse_args()
 
-    from edgec.targets.resolve import physical_cores
+    from thread_count import use_threads  # bench/ is sys.path[0] when run as python bench/NAME.py
 
-    args.threads = args.threads or physical_cores()
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
+    args.threads = use_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory(prefix="edgec-bench-") as work:
         for name in args.models.split(","):

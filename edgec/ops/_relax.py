@@ -8,6 +8,15 @@ import numpy as np
 
 from edgec.errors import BuildError
 
+# TVM 0.27 keeps a "global" CPU buffer of under this many bytes on the stack, where LLVM
+# keeps it in registers; a larger one, or any "local" one, becomes a
+# TVMBackendAllocWorkspace call (a heap allocation) per iteration of the parallel loop,
+# and a register tile is then zeroed with a memset, spilled after its reduction and
+# reloaded for its epilogue. (The allocation annotation "disable_lower_builtin" would keep
+# any size on the stack, but StorageRewrite drops it.) Kernels size their accumulator
+# tiles under it.
+STACK_TILE_BYTES = 1024
+
 
 def constant(expr, what: str) -> np.ndarray:
     """The NumPy value of a Relax constant input (initializer), or a BuildError naming it."""

@@ -95,6 +95,7 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
+from edgec.ops._relax import STACK_TILE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -433,9 +434,8 @@ def xnor_plan(shape: ConvShape, config: KernelConfig) -> XnorPlan:
     largest divisor of C_out within the accumulator budget (at most 16) whose tile stays
     under 1 KiB.
 
-    The 1 KiB: TVM 0.27 places a CPU buffer of under 1 KiB in "global" scope on the
-    stack, where LLVM promotes it to registers; anything larger (or in "local" scope)
-    becomes a TVMBackendAllocWorkspace call per iteration of the parallel loop. Measured
+    The 1 KiB is ``STACK_TILE_BYTES``: a larger tile (or a "local" one) becomes a
+    TVMBackendAllocWorkspace call per iteration of the parallel loop. Measured
     on the x86 host (AVX-512, vpopcntq) for the 3x3 layers of a ResNet-18 BNN: 8 channels
     x 1 vector in registers took 0.074 / 0.078 / 0.069 ms at 64x56x56 / 256x14x14 /
     512x7x7, against 0.104 / 0.107 / 0.077 ms for 16 channels through the workspace;
@@ -443,7 +443,7 @@ def xnor_plan(shape: ConvShape, config: KernelConfig) -> XnorPlan:
     """
     lanes = config.lanes
     vectors = 1
-    fits = 1023 // (lanes * config.word_bits // 8)  # tile bytes under 1 KiB
+    fits = (STACK_TILE_BYTES - 1) // (lanes * config.word_bits // 8)
     budget = max(1, min(16, config.accumulators, fits))
     out_tile = max(d for d in range(1, budget + 1) if shape.out_channels % d == 0)
     padded = -(-shape.out_width // lanes) * lanes

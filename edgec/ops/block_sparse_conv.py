@@ -60,12 +60,12 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
+from edgec.ops._relax import STACK_TILE_BYTES
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATIONS",
-    "STACK_TILE_BYTES",
     "BlockSparseConv",
     "KernelPlan",
     "apply_activation",
@@ -243,17 +243,6 @@ def _warn_narrow_blocks(target: str, block_size: int, lanes: int) -> None:
     )  # fmt: skip
 
 
-# TVM 0.27 keeps a "global" CPU buffer of under 1 KiB on the stack, where LLVM keeps it in
-# registers; a larger one, or any "local" one, becomes a TVMBackendAllocWorkspace call (a
-# heap allocation) per iteration of the parallel loop, and the tile is then zeroed with a
-# memset, spilled after the reduction and reloaded for the epilogue. (The allocation
-# annotation "disable_lower_builtin" would keep any size on the stack, but StorageRewrite
-# drops it.) Measured on the x86 host (AVX-512, one thread), pointwise convs at 70%, N=16:
-# 16->96 @112 0.156 ms with 24 positions through the workspace, 0.088 ms with 15 on the
-# stack; 960->160 @7 0.0215 and 0.0226 ms.
-STACK_TILE_BYTES = 1024
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
     """How one kernel tiles its registers: ``positions`` output positions x the
@@ -273,7 +262,9 @@ def kernel_plan(block_size: int, extent: int, lanes: int, registers: int) -> Ker
     Accumulators may use the register file less room for the weight vector
     and the broadcast inputs (32 registers: 24; 16 registers: 12), each
     position taking ``ceil(N / lanes)`` of them; and the tile must stay under
-    ``STACK_TILE_BYTES`` (N=16: 15 positions).
+    ``STACK_TILE_BYTES`` (N=16: 15 positions). Measured on the x86 host (AVX-512, one
+    thread), pointwise convs at 70%, N=16: 16->96 @112 0.156 ms with 24 positions through
+    the workspace, 0.088 ms with 15 on the stack; 960->160 @7 0.0215 and 0.0226 ms.
     """
     budget = registers - 8 if registers > 16 else registers - 4
     per_position = -(-block_size // lanes)
