@@ -91,7 +91,7 @@ def _random(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
     return np.zeros(shape, dtype=dtype)
 
 
-def _kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
+def kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
     """The integer constants kernels read (sparse indices): timing needs the real ones."""
     wanted = {spec["constant"] for call in artifact.manifest["kernels"] for spec in call["args"] if "constant" in spec}
     if not wanted:
@@ -102,6 +102,12 @@ def _kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
             return {key: stored[key] for key in wanted}
     except (OSError, KeyError, ValueError) as error:
         raise ArtifactError(f"artifact '{artifact.path}': cannot read {KERNEL_CONSTANTS} ({error}); recompile it") from error
+
+
+def kernel_arguments(call: dict[str, Any], constants: dict[str, np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """The arrays one kernel call is timed on: its integer constants as stored at compile time
+    (they decide how much work the kernel does), random tensors of the recorded shapes otherwise."""
+    return [constants[spec["constant"]] if "constant" in spec else _random(spec, rng) for spec in call["args"] + call["outputs"]]
 
 
 def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int = 0) -> ProfileResult:
@@ -121,7 +127,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
     grouped: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for call in calls:
         grouped.setdefault(call["kernel"], []).append(call)
-    constants = _kernel_constants(artifact)
+    constants = kernel_constants(artifact)
     evaluator = device.evaluator()
     rows = []
     for index, (kernel, kernel_calls) in enumerate(grouped.items()):
@@ -129,10 +135,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
         global_name = f"edgec.profile.kernel.{index}"
         with device.step(f"timing kernel {kernel}"):
             device.register_kernel(module, kernel, global_name)
-            arguments = [
-                device.tensor(constants[spec["constant"]] if "constant" in spec else _random(spec, rng))
-                for spec in first["args"] + first["outputs"]
-            ]
+            arguments = [device.tensor(array) for array in kernel_arguments(first, constants, rng)]
             dev = device.dev
             timer = evaluator(None, global_name, device.device_type_on_device(), dev.index, 1, repeat, 0, 100, 0, 1, 0, "")
             blob = timer(*arguments)

@@ -40,3 +40,20 @@ def elf_header(path: Path) -> dict[str, int]:
     order = "<" if ei_data == 1 else ">"
     e_type, e_machine = struct.unpack(order + "HH", data[16:20])
     return {"class": ei_class, "data": ei_data, "type": e_type, "machine": e_machine}
+
+
+def assert_profile_adds_up(data: dict, manifest: dict) -> None:
+    """Structural checks of an ``edgec profile`` result (``--json`` / ``as_dict()``) against the
+    artifact's kernel table. Deliberately no timing window: on a shared 2-core machine the ratio
+    of the kernels' sum to the end-to-end time moved between 0.83 and 1.34 run to run."""
+    calls: dict[str, int] = {}
+    for call in manifest["kernels"]:
+        calls[call["kernel"]] = calls.get(call["kernel"], 0) + 1
+    rows = data["rows"]
+    assert {row["kernel"]: row["calls"] for row in rows} == calls, "one row per kernel, with its number of calls"
+    assert data["end_to_end_ms"] > 0 and all(row["ms_per_call"] > 0 for row in rows)
+    for row in rows:
+        assert abs(row["total_ms"] - row["ms_per_call"] * row["calls"]) <= 1e-9 * max(1.0, row["total_ms"])
+    assert abs(data["kernels_ms"] - sum(row["total_ms"] for row in rows)) <= 1e-9 * max(1.0, data["kernels_ms"])
+    assert abs(data["coverage"] - data["kernels_ms"] / data["end_to_end_ms"]) <= 1e-9
+    assert [row["total_ms"] for row in rows] == sorted((row["total_ms"] for row in rows), reverse=True)

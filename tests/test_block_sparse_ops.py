@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgec
 from edgec.ops import DOMAIN, load_all
 from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks, vector_shape
+from backbone import assert_profile_adds_up
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
@@ -386,7 +387,7 @@ def test_ops_registered():
 
 def test_profile_times_the_sparse_kernel_with_its_real_indices(tmp_path):
     """The kernel's work depends on its index arrays: profile must feed the stored ones, not zeros."""
-    from edgec.runtimes.profile import profile
+    from edgec.runtimes.profile import kernel_constants, kernel_arguments, profile
     from edgec.runtimes.session import LocalDevice
 
     sparse, _ = conv_models((1, 96, 56, 56), 192, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "Relu")
@@ -397,5 +398,8 @@ def test_profile_times_the_sparse_kernel_with_its_real_indices(tmp_path):
     with np.load(artifact.path / "kernel_constants.npz") as stored:
         indices, indptr = (stored[key] for key in keys)
     assert indptr[-1] == len(indices) > 0 and (np.diff(indptr) >= 0).all()
+    fed = kernel_arguments(call, kernel_constants(artifact), np.random.default_rng(0))
+    fed_by_key = {spec["constant"]: array for spec, array in zip(call["args"], fed) if "constant" in spec}
+    assert all(np.array_equal(fed_by_key[key], stored) for key, stored in zip(keys, (indices, indptr)))
     result = profile(artifact, LocalDevice(), repeat=10)
-    assert 0.85 <= result.coverage <= 1.15, result.as_dict()
+    assert_profile_adds_up(result.as_dict(), artifact.manifest)
