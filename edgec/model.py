@@ -18,6 +18,10 @@ class Model:
     ``torch_reference`` runs the original PyTorch model (NumPy in, NumPy out)
     when the source was PyTorch; it is the reference before any lossy pass.
     ``pass_reports`` collects one report per applied pass, in order.
+    ``standard_graph`` is, once a pass has put edgec ops into ``graph``, the
+    same model in standard ONNX only: the passes' standard-ONNX outputs
+    (``pack=false``: masked dense weights, dequantized weights, Sign kept),
+    which ONNX Runtime runs as an independent reference for the build.
     """
 
     graph: ir.Model
@@ -26,6 +30,8 @@ class Model:
     source_sha256: str | None
     torch_reference: Callable[..., list[Any]] | None = None
     pass_reports: list[Any] = dataclasses.field(default_factory=list)
+    standard_graph: ir.Model | None = None
+    standard_note: str = ""  # why there is no standard_graph although graph has edgec ops
 
     @property
     def input_names(self) -> list[str]:

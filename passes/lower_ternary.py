@@ -52,7 +52,7 @@ from edgec.passes.lower_binary import (
     describe,
     relative_error,
 )
-from edgec.passes.registry import option_help
+from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,22 @@ class LowerTernaryPass(ir.passes.InPlacePass):
     exclude: tuple[str, ...] = dataclasses.field(
         default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
     )
+    pack: bool = dataclasses.field(
+        default=True,
+        metadata=option_help(
+            "false: keep float Conv/Gemm with the dequantized {-a, 0, +a} weights (the standard-ONNX "
+            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0, not {self.delta!r}")
         if self.scale not in ("per-channel", "per-tensor"):
             raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewriter = WeightRewriter(model)
@@ -159,6 +169,9 @@ class LowerTernaryPass(ir.passes.InPlacePass):
                 coded, note = self._codes(match.weight, per_tensor)
             except Skip as reason:
                 logger.info("%s not lowered: %s", describe(node), reason)
+                continue
+            if not self.pack:
+                lowered += rewriter.set_weight(match, coded.dequantize())
                 continue
             planes = ternary_planes(coded)
             scale, bias, fused = rewriter.epilogue(match, coded.scale)
