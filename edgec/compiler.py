@@ -76,6 +76,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     (``edgec tune``) whose records are applied to the kernels they match.
     """
     from edgec.build import BuildOptions, build, export
+    from edgec.frontend import check_static_outputs
     from edgec.lower import to_relax
     from edgec.runtimes.reference import has_custom_ops
 
@@ -84,6 +85,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
         verify = VerifyOptions(enabled=verify)
     resolved = resolve(target)
     require_linker(resolved.preset)  # a missing cross compiler fails before the build, not after
+    check_static_outputs(str(model.source or "the model"), model.graph)
     with staging(output) as directory:
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
