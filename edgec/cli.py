@@ -279,9 +279,11 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     from edgec.report import bench_summary
     from edgec.runtimes.bench import bench as run_bench
     from edgec.runtimes.io import random_inputs, read_inputs
+    from edgec.runtimes.local import check_inputs
 
     artifact = load_artifact(artifact_path)
     inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact)
+    check_inputs(artifact, inputs)  # what the compiled code does not check (Gather indices, NaN)
     progress = ConsoleProgress()
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
         device = _device(use_local, rpc, tracker, key, timeout)

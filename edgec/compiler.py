@@ -40,7 +40,7 @@ from edgec.artifact import (
     write_manifest,
 )
 from edgec.kernels import attach_onnx_nodes
-from edgec.model import Model, value_signature
+from edgec.model import Model, index_ranges, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
@@ -139,6 +139,12 @@ def save_onnx(graph: ir.Model, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _with_index_range(signature: dict[str, Any], ranges: dict[str, list[int]]) -> dict[str, Any]:
+    if signature["name"] in ranges:
+        signature["index_range"] = ranges[signature["name"]]  # checked by run/bench before running
+    return signature
+
+
 def build_manifest(
     model: Model,
     target: ResolvedTarget,
@@ -151,6 +157,7 @@ def build_manifest(
 
     graph = model.graph
     opset = graph.opset_imports.get("", None)
+    ranges = index_ranges(graph)
     return {
         "generator": GENERATOR,
         "format": MANIFEST_FORMAT,
@@ -172,7 +179,7 @@ def build_manifest(
             "host": target.host_json,
             "host_runnable": target.preset.host_runnable,
         },
-        "inputs": [value_signature(value) for value in graph.graph.inputs],
+        "inputs": [_with_index_range(value_signature(value), ranges) for value in graph.graph.inputs],
         "outputs": [value_signature(value) for value in graph.graph.outputs],
         "passes": [report.as_dict() for report in model.pass_reports],
         "stats": model_stats(graph).as_dict(),
