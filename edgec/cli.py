@@ -38,8 +38,10 @@ class EdgecGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         import signal
+        import threading
 
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except EdgecError as error:
@@ -53,7 +55,8 @@ class EdgecGroup(click.Group):
             click.echo("Error: stopped by SIGTERM; nothing half-written was left behind", err=True)
             ctx.exit(128 + signal.SIGTERM)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(verbosity: int) -> None:
