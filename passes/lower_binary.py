@@ -52,6 +52,14 @@ Weight bytes: float32 ``C_out * C_in/g * kh * kw * 4`` become
 ``C_out * kh * kw * ceil(C_in/g / 8)`` bits-bytes plus ``4 * C_out`` of scale:
 32x less when ``C_in/g`` is a multiple of 8 (logged per layer and in total).
 
+Standard form (``pack=false``): the same layers, decided the same way, keep
+their Conv/Gemm/MatMul and the binarising Sign/Where nodes, with the float32
+weights the codes stand for (``scale[o] * u``: the quantized weights under
+``quantize``, the original ones otherwise). ONNX Runtime runs that graph;
+edgec checks every packed build against it (edgec/apply_passes.py keeps it
+beside the packed graph), so the check shares no code with the op's
+kernels or its NumPy reference.
+
 Nothing is lowered, and an INFO line names the node and says why, when: the
 weight is not a constant, or not float32; it is not binary per channel
 (without ``quantize``; the channel and its values are named); the Conv is

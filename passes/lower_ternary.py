@@ -28,6 +28,11 @@ Weight bytes: float32 ``C_out * C_in/g * kh * kw * 4`` become
 ``2 * C_out * kh * kw * ceil(C_in/g / 8)`` plus ``4 * C_out`` of scale: 16x
 less when ``C_in/g`` is a multiple of 8 (logged per layer and in total).
 
+Standard form (``pack=false``): the same layers keep their Conv/Gemm/MatMul
+with the dequantized float32 weights ``a_o * t``, which ONNX Runtime runs
+as the independent reference of every packed build (see
+passes/lower_binary.py).
+
 Nothing is lowered, and an INFO line names the node and says why, for the
 reasons listed in passes/lower_binary.py (not constant, not float32, not
 ternary per channel without ``quantize``, not 2-D, auto_pad without static

@@ -128,6 +128,19 @@ def test_malicious_pt2_through_the_python_api(evil_pt2):
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # the guard is undone after the load
 
 
+def test_pt2_with_pickled_python_objects_is_refused(evil_pt2, tmp_path):
+    """Opaque and script-object constants are unpickled with pickle itself (weights_only cannot apply)."""
+    evil, marker = evil_pt2
+    opaque = tmp_path / "opaque.pt2"
+    with zipfile.ZipFile(evil) as source, zipfile.ZipFile(opaque, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info.filename))
+        prefix = source.namelist()[0].split("/")[0]
+        target.writestr(f"{prefix}/data/constants/opaque_obj_0", b"\x80\x04N.")
+    line = one_error_line(invoke("inspect", opaque), "opaque.pt2", "opaque_obj_0", "--trust-pickle")
+    assert "run code" in line and not marker.exists()
+
+
 # --------------------------------------------------------------------------
 # 2. Only what edgec wrote is ever replaced
 # --------------------------------------------------------------------------
