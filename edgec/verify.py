@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from edgec.errors import EmulatorError, VerificationError
 from edgec.model import Model, value_signature
 from edgec.numerics import compare
 from edgec.progress import Progress
+from edgec.runtimes.device_functions import cpu_arch
 from edgec.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)
@@ -111,10 +114,10 @@ def verify(
     runner = _runner(target, progress)
     if isinstance(runner, str):
         return {"status": "skipped", "reason": runner}
-    where, run = runner
+    where = runner.where
     inputs = input_arrays(model, options.seed)
     with progress.stage("verify", f"lib.so on {where} vs references"):
-        got = run(artifact, inputs)
+        got = runner.run(artifact, inputs)
         found = references(model, inputs, options.rtol)
         if not found:
             return {"status": "skipped", "reason": "no reference can run this graph (custom ops)"}
@@ -140,34 +143,42 @@ def verify(
     return result
 
 
-def _runner(target: ResolvedTarget, progress: Progress):
-    """(where, run(artifact, inputs) -> outputs) for the target, or the reason it cannot run here."""
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """Where the build runs (for the manifest and messages) and how: ``run(artifact, inputs) -> outputs``."""
+
+    where: str
+    run: Callable[[Artifact, list[np.ndarray]], list[np.ndarray]]
+
+
+def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
+    """How to run the target's code here, or the reason it cannot run here."""
     preset = target.preset
     if preset.host_runnable:
-        from edgec.runtimes.device_functions import cpu_arch
-
-        import platform
-
-        return f"this machine ({cpu_arch(platform.machine())})", _run_local
+        return Runner(f"this machine ({cpu_arch(platform.machine())})", _run_local)
+    cannot = f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
     if preset.kind != "llvm":
-        return f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
+        return cannot
     from edgec.runtimes.emulate import EMULATORS
 
     emulator = EMULATORS.get(preset.cpu_arch)
     if emulator is None or emulator.qemu is None:
-        return f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
-    if shutil.which(emulator.qemu) is None or not Path(emulator.sysroot, "lib").is_dir():
-        missing = emulator.qemu if shutil.which(emulator.qemu) is None else f"the target's C library ({emulator.sysroot})"
-        package = "qemu-user-static" if shutil.which(emulator.qemu) is None else emulator.sysroot_package
-        return (
-            f"{target.name} code was not run: {missing} is not installed (sudo apt-get install {package} runs it "
-            "on an emulated board); check it on the board with edgec bench"
-        )
-    from edgec.runtimes.agent_build import build_agent
+        return cannot
+    if shutil.which(emulator.qemu) is None:
+        missing, package = emulator.qemu, "qemu-user-static"
+    elif not Path(emulator.sysroot, "lib").is_dir():
+        missing, package = f"the target's C library ({emulator.sysroot})", emulator.sysroot_package
+    else:
+        from edgec.runtimes.agent_build import build_agent
 
-    agent = build_agent(target.name, progress=progress)  # cached after the first build (minutes)
-    where = f"emulated {target.name} ({Path(emulator.qemu).name})"
-    return where, lambda artifact, inputs: _run_emulated(target, agent, artifact, inputs)
+        agent = build_agent(target.name, progress=progress)  # cached after the first build (minutes)
+        return Runner(
+            f"emulated {target.name} ({emulator.qemu})", lambda artifact, inputs: _run_emulated(target, agent, artifact, inputs)
+        )
+    return (
+        f"{target.name} code was not run: {missing} is not installed (sudo apt-get install {package} runs it "
+        "on an emulated board); check it on the board with edgec bench"
+    )
 
 
 def _run_local(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
