@@ -357,7 +357,7 @@ def _export_torch(path: Path, module, shapes: shape_args.InputShapes, kind: str)
         if shape is None:
             raise InputShapeError(f"give one --input-shape per input, in order, for '{path}'")
         chosen.append(shape)
-    check_memory(path, {f"input {position}": shape for position, shape in enumerate(chosen)})
+    check_memory(path, {f"input {position}": (shape, 4) for position, shape in enumerate(chosen)})  # torch.randn: float32
     args = tuple(torch.randn(shape) for shape in chosen)
     try:  # PyTorch's own error for a wrong shape beats the exporter's
         with torch.no_grad(), warnings.catch_warnings():
@@ -378,18 +378,20 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(path: Path, tensors: dict[str, tuple[int, ...]], itemsize: int = 4) -> None:
-    """InputShapeError when the inputs plus the largest tensor cannot fit in this machine's memory
-    (edgec runs the model here to export and verify it): at least that much is alive at once."""
-    sizes = {name: math.prod(shape) * itemsize for name, shape in tensors.items()}
+def check_memory(path: Path, tensors: dict[str, tuple[tuple[int, ...], int]]) -> None:
+    """InputShapeError when the inputs plus the largest other tensor cannot fit in this machine's
+    memory (edgec runs the model here to export and verify it: at least that much is alive at
+    once). ``tensors``: ``"input 'x'"`` / ``"tensor 'y'"`` -> (shape, bytes per element)."""
+    sizes = {name: math.prod(shape) * itemsize for name, (shape, itemsize) in tensors.items()}
     if not sizes:
         return
-    largest = max(sizes, key=sizes.get)
     inputs = sum(size for name, size in sizes.items() if name.startswith("input"))
-    needed = inputs + (sizes[largest] if not largest.startswith("input") else 0)
+    others = {name: size for name, size in sizes.items() if not name.startswith("input")}
+    largest = max(others or sizes, key=sizes.get)
+    needed = inputs + others.get(largest, 0)
     available = memory_bytes()
     if needed > available:
-        shape = "x".join(map(str, tensors[largest]))
+        shape = "x".join(map(str, tensors[largest][0]))
         raise InputShapeError(
             f"'{path}' at this input shape needs at least {_gib(needed)} for its tensors ({largest} alone, {shape}, "
             f"is {_gib(sizes[largest])}), more than this machine's {_gib(available)} of memory; give a smaller --input-shape"
@@ -402,16 +404,13 @@ def _gib(size: int) -> str:
 
 def _check_graph_memory(path: Path, graph: ir.Model) -> None:
     """check_memory over the graph's inputs and every value with a static shape (after shape inference)."""
-    tensors: dict[str, tuple[int, ...]] = {}
-    itemsize = 4
-    for position, value in enumerate(graph.graph.inputs):
-        if value.shape is not None and all(isinstance(dim, int) for dim in value.shape):
-            tensors[f"input {value.name!r}"] = tuple(value.shape)
-    for node in graph.graph:
-        for value in node.outputs:
-            if value.shape is not None and all(isinstance(dim, int) for dim in value.shape):
-                tensors[f"tensor {value.name!r}"] = tuple(value.shape)
-    check_memory(path, tensors, itemsize)
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
+    for kind, values in (("input", graph.graph.inputs), ("tensor", (out for node in graph.graph for out in node.outputs))):
+        for value in values:
+            if _static(value):
+                itemsize = value.dtype.itemsize if value.dtype is not None else 4
+                tensors[f"{kind} {value.name!r}"] = (tuple(value.shape), itemsize)
+    check_memory(path, tensors)
 
 
 def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
