@@ -232,7 +232,7 @@ def failing_kernels(mod, target: ResolvedTarget, schedules: dict[str, str | None
         if not isinstance(func, tirx.PrimFunc) or rule is None or rule == "custom-op":
             continue
         try:
-            tvm.tirx.build(tvm.IRModule({gvar: func}), target=target.tvm_target())
+            tvm.tirx.build(tvm.IRModule({gvar: func.with_attr("global_symbol", gvar.name_hint)}), target=target.tvm_target())
         except Exception as error:  # noqa: BLE001 - this kernel is one that breaks the build
             broken[gvar.name_hint] = (rule, one_line(error))
     return broken
