@@ -118,8 +118,8 @@ def _relax_functions(mod) -> list:
 
 
 def _calls(func) -> list:
-    """The op calls (fences left out) bound in ``func``'s dataflow blocks, in order: fencing
-    adds only fences, so a position names the same op in the module and its fenced copy."""
+    """The op calls bound in ``func``'s dataflow blocks, in order, a fence standing where the op
+    it holds stood: a position names the same op in the module and in its fenced copy."""
     import tvm
     from tvm import relax
 
@@ -129,7 +129,7 @@ def _calls(func) -> list:
             continue
         for binding in block.bindings:
             value = getattr(binding, "value", None)
-            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and not _is_fence(value):
+            if isinstance(value, relax.Call) and (isinstance(value.op, tvm.ir.Op) or _is_fence(value)):
                 calls.append(value)
     return calls
 
