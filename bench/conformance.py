@@ -12,8 +12,9 @@ Cases (``onnx/backend/test/data``):
 - ``light/light_*.onnx``: model-zoo CNNs whose weights are constant subgraphs
   (ConstantOfShape); run on a seeded random input against ONNX Runtime.
 
-Each case runs in its own process (a crash or a hang costs that case only,
-``--timeout`` seconds at most) and is compiled twice in that process:
+Cases run in ``--jobs`` child processes, one case after another in each (a crash
+or a hang costs that case only, ``--timeout`` seconds at most, and the next case
+gets a fresh process); each case is compiled twice there:
 
 - plain TVM: ``relax.frontend.onnx.from_onnx`` + ``relax.build`` for edgec's x86
   target, run on TVM's Relax VM;
@@ -233,22 +234,62 @@ def run_case(case: Case, rtol: float = RTOL, atol: float = ATOL) -> dict:
     return {"tvm": dataclasses.asdict(tvm_outcome), "edgec": dataclasses.asdict(edgec_outcome)}
 
 
-def run_isolated(case: Case, timeout: float, rtol: float, atol: float) -> dict:
-    """``run_case`` in a child process: a crash or a timeout fails that case only."""
-    command = [sys.executable, __file__, "--worker", str(case.model), "--category", case.category,
-               "--name", case.name, "--rtol", str(rtol), "--atol", str(atol)]
-    env = {**os.environ, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "1")}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        failed = dataclasses.asdict(Outcome(False, f"timed out after {timeout:g} s", timeout))
-        return {"tvm": failed, "edgec": failed}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-    failed = dataclasses.asdict(Outcome(False, f"worker exited with status {done.returncode}: {tail}"))
-    return {"tvm": failed, "edgec": failed}
+class Worker:
+    """A child process that runs cases one after another (TVM and torch imported once): a crash
+    or a case over ``timeout`` costs that case only, and the next case gets a fresh child."""
+
+    def __init__(self, timeout: float, rtol: float, atol: float):
+        self.timeout, self.rtol, self.atol = timeout, rtol, atol
+        self.process = None
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        command = [sys.executable, __file__, "--serve", "--rtol", str(self.rtol), "--atol", str(self.atol)]
+        env = {**os.environ, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "1")}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, env=env, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda out=self.process.stdout, lines=self.lines: [lines.put(line) for line in out] and None
+                         or lines.put(None), daemon=True).start()
+
+    def run(self, case: Case) -> dict:
+        import queue
+
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        self.process.stdin.write(json.dumps(dataclasses.asdict(case), default=str) + "\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                failed = dataclasses.asdict(Outcome(False, f"timed out after {self.timeout:g} s", self.timeout))
+                return {"tvm": failed, "edgec": failed}
+            if line is None:  # the child died on this case
+                code = self.process.wait()
+                self.process = None
+                failed = dataclasses.asdict(Outcome(False, f"the process running it died (status {code})"))
+                return {"tvm": failed, "edgec": failed}
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        self.process = None
+
+
+def serve(rtol: float, atol: float) -> None:
+    """The child's side of ``Worker``: one case (JSON) per line in, one result per line out."""
+    for line in sys.stdin:
+        fields = json.loads(line)
+        case = Case(fields["name"], fields["category"], Path(fields["model"]), tuple(Path(p) for p in fields["data_sets"]))
+        print(json.dumps(run_case(case, rtol, atol)), flush=True)
 
 
 def summarise(results: dict[str, dict]) -> dict[str, int]:
@@ -300,14 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=RTOL)
     parser.add_argument("--atol", type=float, default=ATOL)
     parser.add_argument("--json", type=Path, help="also write every case's result here")
-    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--name", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        case = Case(args.name, args.category[0], args.worker, ())
-        if case.category != "light":
-            case = dataclasses.replace(case, data_sets=tuple(sorted(args.worker.parent.glob("test_data_set_*"))))
-        print(json.dumps(run_case(case, args.rtol, args.atol)))
+    if args.serve:
+        serve(args.rtol, args.atol)
         return 0
     cases = discover(categories=tuple(args.category or CATEGORIES))
     if args.only:
@@ -315,8 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     cases = cases[: args.limit] if args.limit else cases
     results: dict[str, dict] = {}
     start = time.perf_counter()
+    import queue
+
+    workers: queue.Queue = queue.Queue()
+    for _ in range(max(1, args.jobs)):
+        workers.put(Worker(args.timeout, args.rtol, args.atol))
+
+    def run_isolated(case: Case) -> dict:
+        worker = workers.get()
+        try:
+            return worker.run(case)
+        finally:
+            workers.put(worker)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_isolated, case, args.timeout, args.rtol, args.atol): case for case in cases}
+        futures = {pool.submit(run_isolated, case): case for case in cases}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             case = futures[future]
             results[case.name] = {"category": case.category, **future.result()}
@@ -326,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"TVM {status[results[case.name]['tvm']['passed']]}",
                 file=sys.stderr, flush=True,
             )
+    while not workers.empty():
+        workers.get().stop()
     results = {case.name: results[case.name] for case in cases}
     print(f"{len(cases)} cases in {time.perf_counter() - start:.0f} s, rtol {args.rtol:g}, atol {args.atol:g}\n")
     print_report(cases, results)
