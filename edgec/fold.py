@@ -77,6 +77,23 @@ def folding_pass() -> ir.passes.PassBase:
     )
 
 
+def _unsqueeze_axes_as_attribute(graph: ir.Model) -> None:
+    """onnxscript 0.7.2 rewrites ConcatFromSequence(new_axis=1) into Unsqueeze with ``axes`` as
+    an input (opset 13 and later) whatever the model's opset; before opset 13 ``axes`` is an
+    attribute, and TVM's importer (like ONNX shape inference) fails on the input form. Put such
+    constant ``axes`` back into the attribute."""
+    if graph.opset_imports.get("", 13) >= 13:
+        return
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        if node.op_type != "Unsqueeze" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        axes = node.inputs[1]
+        if axes is None or axes.const_value is None:
+            continue
+        node.attributes["axes"] = ir.AttrInt64s("axes", [int(axis) for axis in axes.const_value.numpy().reshape(-1)])
+        node.resize_inputs(1)
+
+
 def fold_constants(graph: ir.Model) -> FoldReport:
     """Fold constant subgraphs of ``graph`` into initializers, in place (the ``fold`` stage)."""
     import onnx_ir.passes.common as common
@@ -89,6 +106,7 @@ def fold_constants(graph: ir.Model) -> FoldReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipeline(graph)
+    _unsqueeze_axes_as_attribute(graph)
     after = Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(graph.graph))
     folded = {op: count - after.get(op, 0) for op, count in sorted(before.items()) if count > after.get(op, 0)}
     report = FoldReport(folded, sum(before.values()), sum(after.values()))
@@ -105,10 +123,13 @@ def cleanup(graph: ir.Model) -> None:
     """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place)."""
     import onnx_ir.passes.common as common
 
-    pipeline = ir.passes.Sequential(
+    folding = ir.passes.Sequential(
         common.InlinePass(),
         ir.passes.PassManager([folding_pass(), common.RemoveUnusedNodesPass()], steps=3, early_stop=True),
+    )
+    tidying = ir.passes.Sequential(
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.RemoveUnusedNodesPass(),
         common.RemoveUnusedFunctionsPass(),
         common.RemoveUnusedOpsetsPass(),
         common.ShapeInferencePass(),
@@ -116,4 +137,6 @@ def cleanup(graph: ir.Model) -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipeline(graph)
+        folding(graph)
+        _unsqueeze_axes_as_attribute(graph)
+        tidying(graph)
