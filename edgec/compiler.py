@@ -2,15 +2,24 @@
 
 The pipeline is one flat list of stages, in this order and for these reasons:
 
-1. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
-           (slow) build starts.
-2. build   tvm.relax.build for the target (CUDA: dlight GPU schedules).
-3. export  lib.so linked by the target's (cross) compiler, model.onnx,
+1. fold    constant subgraphs (ConstantOfShape, Reshape/Transpose/Cast/Mul of
+           constants, Constant nodes) become initializers (edgec/fold.py):
+           after the passes, which may leave some, and before lowering, so
+           that TVM sees constant weights and the schedule rules match.
+2. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
+           (slow) build starts; an importer failure names its node.
+3. build   tvm.relax.build for the target (CUDA: dlight GPU schedules). A graph
+           rewrite or schedule rule that fails falls back for its op or kernel
+           (edgec/build.py); each fallback is recorded in the manifest.
+4. export  lib.so linked by the target's (cross) compiler, model.onnx,
            into a temporary directory next to the output.
-4. verify  host-runnable targets run lib.so on a seeded random input
+5. verify  host-runnable targets run lib.so on a seeded random input
            against ONNX Runtime on the same ONNX (and PyTorch when the
-           source was PyTorch); a failure here leaves no artifact.
-5. commit  manifest.json written, the directory renamed into place.
+           source was PyTorch). When edgec's pipeline (graph rewrites,
+           schedules) misses and TVM's own pipeline verifies, the build is
+           redone with TVM's own pipeline and that is recorded as a fallback;
+           a failure of both leaves no artifact.
+6. commit  manifest.json written, the directory renamed into place.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from edgec import __version__
 from edgec.numerics import deviation
 from edgec.artifact import KERNEL_CONSTANTS, Artifact, staging, write_manifest
 from edgec.errors import VerificationError
+from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.kernels import attach_onnx_nodes
 from edgec.model import Model, value_signature
 from edgec.progress import Progress
@@ -74,7 +84,8 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
     """
-    from edgec.build import BuildOptions, build, export
+    from edgec.build import BuildOptions, Stages
+    from edgec.fold import fold_constants
     from edgec.lower import to_relax
 
     progress = progress or Progress()
@@ -83,27 +94,61 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     resolved = resolve(target)
     require_linker(resolved.preset)  # a missing cross compiler fails before the build, not after
     with staging(output) as directory:
+        with progress.stage("fold", "constant subgraphs -> initializers"):
+            folded = fold_constants(model.graph)
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
         options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None)
-        sink: dict[str, Any] = {}
-        with progress.stage("build", f"tvm.relax.build for {resolved.spec}"):
-            executable, kernels = build(mod, resolved, options, sink)
-            attach_onnx_nodes(kernels, model.graph)
-        with progress.stage("export", f"lib.so for {resolved.preset.cpu_arch}"):
-            files = export(executable, resolved, directory)
-            onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
-            files.append("model.onnx")
-            if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
-                np.savez(directory / KERNEL_CONSTANTS, **sink["kernel_constants"])
-                files.append(KERNEL_CONSTANTS)
-        verification = _verify(model, resolved, directory, verify, progress)
-        manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
-        manifest["kernels"] = kernels
-        manifest["schedules"] = schedule_summary(resolved, options, kernels, sink)
+        fallbacks = FallbackLog()
+        built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
+        try:
+            verification = _verify(model, resolved, directory, verify, progress)
+        except VerificationError as error:
+            stages = Stages.of(resolved, options)
+            if not (stages.graph or stages.schedules or stages.tuning_db):
+                raise
+            log.warning("%s; building again with TVM's own pipeline", error)
+            fallbacks.add(ALL_KERNELS, "verification", error, "rebuilt with TVM's own pipeline")
+            options = BuildOptions(schedules=False, tuning_db=None)
+            built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
+            verification = _verify(model, resolved, directory, verify, progress)
+        manifest = build_manifest(model, resolved, built.files, built.onnx_sha256, verification, progress.seconds)
+        manifest["constant_folding"] = {"nodes_folded": folded.nodes_before - folded.nodes_after, "by_op": folded.folded}
+        manifest["kernels"] = built.kernels
+        manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.sink)
+        manifest["schedules"]["fallbacks"] = fallbacks.as_list()
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))
+
+
+@dataclasses.dataclass
+class _Built:
+    kernels: list[dict[str, Any]]
+    files: list[str]
+    onnx_sha256: str
+    sink: dict[str, Any]
+
+
+def _build_and_export(model: Model, mod, target: ResolvedTarget, options, directory: Path, progress: Progress,
+                      fallbacks: FallbackLog) -> _Built:
+    """The build and export stages: lib.so, model.onnx (and kernel constants) in ``directory``."""
+    from edgec.build import build, export
+
+    sink: dict[str, Any] = {}
+    with progress.stage("build", f"tvm.relax.build for {target.spec}"):
+        executable, kernels = build(mod, target, options, sink, fallbacks)
+        attach_onnx_nodes(kernels, model.graph)
+    with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
+        files = export(executable, target, directory)
+        onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
+        files.append("model.onnx")
+        constants = directory / KERNEL_CONSTANTS
+        constants.unlink(missing_ok=True)  # from a build this one replaced
+        if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
+            np.savez(constants, **sink["kernel_constants"])
+            files.append(KERNEL_CONSTANTS)
+    return _Built(kernels, files, onnx_sha256, sink)
 
 
 def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], sink: dict) -> dict[str, Any]:
@@ -144,7 +189,6 @@ def _verify(
     from edgec.artifact import Artifact as _Artifact
     from edgec.frontend import input_arrays
     from edgec.runtimes.local import LocalRunner
-    from edgec.runtimes.reference import has_custom_ops, reference_outputs
 
     with progress.stage("verify", "lib.so vs ONNX Runtime" + (" and PyTorch" if model.torch_reference else "")):
         inputs = input_arrays(model, options.seed)
@@ -155,9 +199,11 @@ def _verify(
         got = LocalRunner(_Artifact(directory, signature)).run(inputs)
         result: dict[str, Any] = {"status": "passed", "rtol": options.rtol, "atol": options.atol, "seed": options.seed}
         checks = []
-        reference = reference_outputs(model.graph, inputs)
+        reference, name = _reference(model, inputs)
         if reference is not None:
-            checks.append(("numpy" if has_custom_ops(model.graph) else "onnxruntime", reference, True))
+            checks.append((name, reference, True))
+        else:
+            unchecked = name
         if model.torch_reference is not None:
             exact_passes = all(
                 report.max_abs_deviation is not None and report.max_rel_deviation <= options.rtol
@@ -168,7 +214,8 @@ def _verify(
         for name, want, enforced in checks:
             max_abs, max_rel = deviation(got, want)
             close = all(
-                g.shape == w.shape and np.allclose(g, w, rtol=options.rtol, atol=options.atol)
+                # NaN where the reference has NaN (a log of a negative input) is a match
+                g.shape == w.shape and np.allclose(g, w, rtol=options.rtol, atol=options.atol, equal_nan=True)
                 for g, w in zip(got, want, strict=True)
             )
             result[name] = {"max_abs": max_abs, "max_rel": max_rel, "within_tolerance": close, "enforced": enforced}
@@ -179,8 +226,30 @@ def _verify(
                     "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
                 )
         if not checks:
-            result = {"status": "skipped", "reason": "no reference can run this graph (custom ops)"}
+            result = {"status": "skipped", "reason": unchecked}
     return result
+
+
+def _reference(model: Model, inputs: list[np.ndarray]) -> tuple[list[np.ndarray] | None, str]:
+    """(outputs, name) of the reference run on ``inputs``: ONNX Runtime, else onnx's reference
+    evaluator ("numpy": custom ops, and graphs ONNX Runtime refuses, such as opsets before 7,
+    "Could not find an implementation for AveragePool(1)"); (None, why) when neither runs it."""
+    from edgec.runtimes.reference import has_custom_ops, reference_outputs, run_numpy_reference
+
+    try:
+        outputs = reference_outputs(model.graph, inputs)
+        if outputs is None:
+            return None, "no reference can run this graph (custom ops)"
+        return outputs, "numpy" if has_custom_ops(model.graph) else "onnxruntime"
+    except Exception as error:  # noqa: BLE001 - onnxruntime refuses the graph: try onnx's own evaluator
+        ort_error = one_line(error)
+    log.info("ONNX Runtime cannot run this graph (%s); checking against onnx's reference evaluator", ort_error)
+    try:
+        return run_numpy_reference(model.graph, inputs), "numpy"
+    except Exception as error:  # noqa: BLE001 - no reference runs this graph
+        reason = f"no reference runs this graph (ONNX Runtime: {ort_error}; onnx reference: {one_line(error)})"
+        log.warning("verification skipped: %s", reason)
+        return None, reason
 
 
 def build_manifest(

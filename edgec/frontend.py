@@ -11,9 +11,10 @@ Formats, sniffed from the bytes (not the extension):
   code, so only with ``trust_pickle=True``; needs ``input_shape``.
 - A bare ``state_dict`` holds no architecture: refused with what to give.
 
-After export the graph gets the standard clean-ups: function inlining,
-constant folding, unused-node removal, constants lifted to initializers,
-ONNX shape inference. Batch norms are *not* fused here; that is the
+After loading, every format gets the same clean-ups (edgec/fold.py):
+function inlining, constant folding (constant subgraphs such as
+ConstantOfShape become initializers), unused-node removal, constants lifted
+to initializers, ONNX shape inference. Batch norms are *not* fused here; that is the
 ``fold-bn`` pass's job, so that its effect is reported.
 """
 
@@ -354,27 +355,10 @@ def _torch_runner(module) -> Callable[..., list[np.ndarray]]:
 
 
 def cleanup(graph: ir.Model) -> None:
-    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place)."""
-    import onnx_ir.passes.common as common
-    from onnxscript.optimizer import _constant_folding
+    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place): see edgec/fold.py."""
+    from edgec.fold import cleanup as clean
 
-    fold = _constant_folding.FoldConstantsPass(
-        shape_inference=True,
-        input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-        output_size_limit=1 << 26,
-    )
-    pipeline = ir.passes.Sequential(
-        common.InlinePass(),
-        ir.passes.PassManager([fold, common.RemoveUnusedNodesPass()], steps=3, early_stop=True),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.RemoveUnusedFunctionsPass(),
-        common.RemoveUnusedOpsetsPass(),
-        common.ShapeInferencePass(),
-        common.TopologicalSortPass(),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipeline(graph)
+    clean(graph)
 
 
 def _last_line(error: BaseException) -> str:
