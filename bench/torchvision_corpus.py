@@ -18,14 +18,10 @@ input 1x3x224x224), in a process of its own (``--timeout`` bounds it):
   runner in its own process, rounds alternated, ratio = median of per-round
   ratios (2 threads each, as bench/compare.py).
 
-torchvision itself: PyPI's wheel is built against the CUDA torch, and importing
-it next to torch 2.13.0+cpu fails in ``torchvision._meta_registrations``
-(``operator torchvision::nms does not exist``: its C ops did not load). The model
-builders are pure Python, so this script installs torchvision (``--no-deps``,
-with pillow, which its ``datasets`` import needs) into
-``~/.cache/edgec/torchvision-<version>`` on first use and imports it with that one
-module replaced by an empty one: only fake-tensor kernels for detection ops
-are lost, which no classification model uses.
+torchvision itself: PyPI's wheel does not import next to torch 2.13.0+cpu; its
+model builders are pure Python. bench/models.py (``torchvision_models``) installs
+it without dependencies into ~/.cache/edgec/torchvision and imports
+``torchvision.models`` without running the package's ``__init__``.
 """
 
 from __future__ import annotations
@@ -38,34 +34,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-TORCHVISION = "0.28.0"  # the release paired with torch 2.13
-CACHE = Path.home() / ".cache" / "edgec" / f"torchvision-{TORCHVISION}"
 SHAPE = (1, 3, 224, 224)
 SEED = 0
 ARM = ("cortex-a53", "cortex-a7")
 
 
 def import_torchvision():
-    """torchvision's model builders from the cache (installed there on first use)."""
-    if not (CACHE / "torchvision" / "__init__.py").is_file():
-        print(f"installing torchvision {TORCHVISION} (no dependencies) and pillow into {CACHE}", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-             "--target", str(CACHE), f"torchvision=={TORCHVISION}", "pillow"],
-            check=True,
-        )
-    if str(CACHE) not in sys.path:
-        sys.path.append(str(CACHE))
-    # registers fake kernels of torchvision's C ops, which did not load: see the module docstring
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    import torchvision
+    """torchvision's model builders (bench/models.py installs and imports them)."""
+    import models as bench_models
 
-    return torchvision
+    bench_models.torchvision_models()
+    return sys.modules["torchvision"]
 
 
 def model_names() -> list[str]:
