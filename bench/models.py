@@ -124,12 +124,58 @@ def squeezenet1_1(seed: int = 0) -> nn.Module:
     return _calibrate(SqueezeNet11(), seed)
 
 
+# torchvision's classification builders, for models this file does not define. PyPI's
+# torchvision does not import beside torch 2.13.0+cpu (its C ops are built for the CUDA
+# torch: "operator torchvision::nms does not exist", raised by the package's __init__); the
+# model builders are pure Python. So the wheel (and Pillow, which torchvision.utils imports)
+# is unpacked into ~/.cache/edgec/torchvision and `torchvision` is made a bare namespace
+# whose __init__ never runs: `torchvision.models` imports, the C ops are never touched.
+TORCHVISION = ("torchvision==0.28.0", "pillow==13.0.0")
+
+
+def torchvision_models():
+    """The ``torchvision.models`` module, installed on first use (network: PyPI) and cached."""
+    import importlib
+    import subprocess
+    import types
+
+    if "torchvision.models" in sys.modules:
+        return sys.modules["torchvision.models"]
+    site = Path.home() / ".cache" / "edgec" / "torchvision" / "-".join(spec.replace("==", "") for spec in TORCHVISION)
+    if not (site / "torchvision" / "models").is_dir():
+        partial = site.with_name(site.name + ".partial")
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial), *TORCHVISION]
+        subprocess.run(command, check=True)
+        partial.rename(site)
+    sys.path.append(str(site))  # Pillow
+    package = types.ModuleType("torchvision")
+    package.__path__ = [str(site / "torchvision")]
+    package.__version__ = TORCHVISION[0].split("==")[1]
+    sys.modules["torchvision"] = package
+    return importlib.import_module("torchvision.models")
+
+
+def torchvision_model(name: str, seed: int = 0) -> nn.Module:
+    """torchvision's ``name`` with seeded random weights and measured BN statistics."""
+    torch.manual_seed(seed)
+    return _calibrate(torchvision_models().get_model(name, weights=None), seed)
+
+
 MODELS = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18, "squeezenet1_1": squeezenet1_1}
+# the issue-14 set: the three above plus torchvision's small mobile CNNs
+TORCHVISION_MODELS = ("shufflenet_v2_x0_5", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0")
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A benchmark model by name: one of MODELS, else a torchvision classification model."""
+    if name in MODELS:
+        return MODELS[name](seed)
+    return torchvision_model(name, seed)
 
 
 def save_torchscript(name: str, path: Path, seed: int = 0) -> Path:
     """Build model ``name`` and save it as TorchScript at ``path`` (what `edgec compile` takes)."""
-    model = MODELS[name](seed)
+    model = build(name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(model), str(path))
     return path

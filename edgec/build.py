@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from edgec.errors import BuildError
+from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,36 @@ class BuildOptions:
     tuning_db: Path | None = None
 
 
-def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | None = None):
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """Which of edgec's own pipeline stages one build attempt runs (see ``build``)."""
+
+    graph: bool  # the channels-last graph rewrites (targets/schedules/graph.py)
+    schedules: bool  # the schedule library
+    tuning_db: Path | None  # records of a tuning database
+
+    @classmethod
+    def of(cls, target: ResolvedTarget, options: BuildOptions) -> Stages:
+        cpu = target.preset.kind != "cuda"
+        tuned = options.tuning_db if cpu else None
+        return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned)
+
+
+@dataclasses.dataclass
+class Attempt:
+    """What one build attempt keeps out: schedule rules that failed late, per kernel."""
+
+    stages: Stages
+    skip: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+
+
+def relax_pipeline(
+    target: ResolvedTarget,
+    sink: dict,
+    options: BuildOptions | None = None,
+    fallbacks: FallbackLog | None = None,
+    attempt: Attempt | None = None,
+):
     """TVM's default Relax pipeline for the target family, spelled out, in order:
 
     library dispatch
@@ -47,7 +77,8 @@ def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | N
 
     ``sink`` receives ``"mod"`` (the captured IRModule), ``"schedules"`` (kernel ->
     rule name, ``"tuning-db"``, or None where nothing scheduled it) and ``"tuning"``
-    (what the database gave).
+    (what the database gave). ``fallbacks`` receives what a rewrite or a rule could
+    not handle; ``attempt`` (default: all of ``options``) says which stages run.
     """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_family
@@ -56,21 +87,24 @@ def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | N
     from edgec.kernels import capture_pass
 
     options = options or BuildOptions()
+    attempt = attempt or Attempt(Stages.of(target, options))
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
+    stages = attempt.stages
     tvm_target = target.tvm_target()
-    cpu = target.preset.kind != "cuda"
-    family = cpu_family if cpu else cuda_family
-    graph, tuned, scheduled = graph_stage(target, options), [], []
-    if cpu and (options.schedules or options.tuning_db is not None):
+    family = cpu_family if target.preset.kind != "cuda" else cuda_family
+    graph = _graph_passes(target, fallbacks) if stages.graph else []
+    tuned, scheduled = [], []
+    if stages.schedules or stages.tuning_db is not None:
         from edgec.targets.schedules import apply_schedules, cpu_vector, default_rules
 
         rules = default_rules(cpu_vector(target))
         report = sink.setdefault("schedules", {})
-        if options.schedules:
-            scheduled = [apply_schedules(rules, report)]
-        if options.tuning_db is not None:
+        if stages.schedules:
+            scheduled = [apply_schedules(rules, report, fallbacks, attempt.skip)]
+        if stages.tuning_db is not None:
             from edgec.tune import apply_database_pass
 
-            tuned = [apply_database_pass(options.tuning_db, rules, report, sink.setdefault("tuning", {}))]
+            tuned = [apply_database_pass(stages.tuning_db, rules, report, sink.setdefault("tuning", {}), attempt.skip)]
     passes = [
         *family.library_dispatch_passes(tvm_target),
         *graph,
@@ -90,19 +124,30 @@ def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | N
     return _pipeline
 
 
-def graph_stage(target: ResolvedTarget, options: BuildOptions) -> list:
+def graph_stage(target: ResolvedTarget, options: BuildOptions, fallbacks: FallbackLog | None = None) -> list:
     """The Relax passes between library dispatch and legalization: on CPUs with the
     schedule library or a tuning database, the channels-last graph the kernels are
     written (and tuned) for; nothing otherwise. ``edgec tune`` runs the same."""
-    if target.preset.kind == "cuda" or not (options.schedules or options.tuning_db is not None):
+    if not Stages.of(target, options).graph:
         return []
+    return _graph_passes(target, fallbacks if fallbacks is not None else FallbackLog())
+
+
+def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
     from edgec.ops._relax import cancel_transposes
     from edgec.targets.schedules import cpu_vector, graph_passes
+    from edgec.targets.schedules.graph import guarded
 
-    return [*graph_passes(cpu_vector(target)), cancel_transposes()]  # custom ops' NCHW<->NHWC wrappers cancel here
+    # custom ops' NCHW<->NHWC wrappers cancel in the last one
+    return [*graph_passes(cpu_vector(target), fallbacks), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]
 
 
-def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink: dict | None = None):
+# at most this many builds, each keeping out the schedules that broke the one before
+MAX_ATTEMPTS = 6
+
+
+def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink: dict | None = None,
+          fallbacks: FallbackLog | None = None):
     """``tvm.relax.build`` for ``target``; returns (executable, kernel calls in order).
 
     On CPUs with the schedule library or a tuning database, each kernel call records
@@ -110,7 +155,15 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
     MetaSchedule found that measured faster than the library's), ``"custom-op"`` (an
     edgec custom op's kernel, scheduled by its own lowering), or None (left as
     LegalizeOps wrote it).
-    ``sink`` (optional) receives what ``relax_pipeline`` reports.
+
+    A schedule rule or graph rewrite never fails the build. Those that raise fall back
+    for their kernel or op while the pipeline runs (see ``fallbacks``). A schedule that
+    applies but breaks later (lowering, LLVM codegen) is found by compiling each
+    scheduled kernel alone; the build is then retried without that schedule for that
+    kernel. A failure no kernel explains is retried without the schedule library, then
+    without edgec's graph rewrites too (TVM's own pipeline): each step is recorded as a
+    fallback of kernel ``*``. Only a model TVM's own pipeline cannot build fails.
+    ``sink`` (optional) receives what ``relax_pipeline`` reports, ``fallbacks`` what fell back.
     """
     from tvm import relax
 
@@ -118,16 +171,71 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
 
     sink = {} if sink is None else sink
     options = options or BuildOptions()
-    try:
-        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
-    except Exception as error:  # noqa: BLE001
-        raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
+    attempt = Attempt(Stages.of(target, options))
+    for _ in range(MAX_ATTEMPTS):
+        for key in ("mod", "schedules", "tuning"):
+            sink.pop(key, None)
+        try:
+            pipeline = relax_pipeline(target, sink, options, fallbacks, attempt)
+            executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline)
+            break
+        except Exception as error:  # noqa: BLE001 - find what broke it, keep it out, build again
+            attempt = _next_attempt(attempt, error, target, sink, fallbacks)
+    else:  # pragma: no cover - every attempt keeps more out; the last is TVM's own pipeline
+        raise BuildError(f"TVM build for {target.spec} failed {MAX_ATTEMPTS} times; see the fallbacks logged with -v")
     sink["kernel_constants"] = {}
     calls = kernel_calls(sink["mod"], sink["kernel_constants"])
     if "schedules" in sink:
         for call in calls:
             call["schedule"] = sink["schedules"].get(call["kernel"])
+    failed_rules: dict[str, list[str]] = {}
+    for record in fallbacks:
+        failed_rules.setdefault(record.kernel, []).append(record.rule)
+    for call in calls:
+        if call["kernel"] in failed_rules:
+            call["fallbacks"] = failed_rules[call["kernel"]]
     return executable, calls
+
+
+def _next_attempt(attempt: Attempt, error: Exception, target: ResolvedTarget, sink: dict, fallbacks: FallbackLog) -> Attempt:
+    """The attempt after ``attempt`` failed with ``error``: the same without the schedules
+    that do not compile alone, else one stage less; BuildError when nothing is left."""
+    stages = attempt.stages
+    broken = failing_kernels(sink["mod"], target, sink.get("schedules", {})) if "mod" in sink else {}
+    skip = dict(attempt.skip)
+    for kernel, (rule, reason) in broken.items():
+        if rule in skip.get(kernel, frozenset()):
+            continue
+        skip[kernel] = skip.get(kernel, frozenset()) | {rule}
+        fallbacks.add(kernel, rule, f"the scheduled kernel does not compile: {reason}", "rebuilding it without this schedule")
+    if skip != attempt.skip:
+        return Attempt(stages, skip)
+    if stages.schedules or stages.tuning_db is not None:
+        fallbacks.add(ALL_KERNELS, "schedules", error, "rebuilding with TVM's default kernels")
+        return Attempt(Stages(graph=stages.graph, schedules=False, tuning_db=None))
+    if stages.graph:
+        fallbacks.add(ALL_KERNELS, "graph", error, "rebuilding with TVM's own pipeline")
+        return Attempt(Stages(graph=False, schedules=False, tuning_db=None))
+    raise BuildError(f"TVM build for {target.spec} failed: {one_line(error)}") from error
+
+
+def failing_kernels(mod, target: ResolvedTarget, schedules: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """Kernels of ``mod`` scheduled by edgec (a library rule or the tuning database) that
+    do not compile on their own for ``target``: kernel -> (schedule, one-line error)."""
+    import tvm
+    from tvm import tirx
+
+    broken = {}
+    for gvar, func in mod.functions_items():
+        rule = schedules.get(gvar.name_hint)
+        if not isinstance(func, tirx.PrimFunc) or rule is None or rule == "custom-op":
+            continue
+        try:
+            tvm.tirx.build(tvm.IRModule({gvar: func.with_attr("global_symbol", gvar.name_hint)}), target=target.tvm_target())
+        except Exception as error:  # noqa: BLE001 - this kernel is one that breaks the build
+            broken[gvar.name_hint] = (rule, one_line(error))
+    return broken
 
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:

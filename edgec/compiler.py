@@ -2,17 +2,25 @@
 
 The pipeline is one flat list of stages, in this order and for these reasons:
 
-1. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
-           (slow) build starts.
-2. build   tvm.relax.build for the target (CUDA: dlight GPU schedules).
-3. export  lib.so linked by the target's (cross) compiler, model.onnx,
+1. fold    constant subgraphs (ConstantOfShape, Reshape/Transpose/Cast/Mul of
+           constants, Constant nodes) become initializers (edgec/fold.py):
+           after the passes, which may leave some, and before lowering, so
+           that TVM sees constant weights and the schedule rules match.
+2. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
+           (slow) build starts; an importer failure names its node.
+3. build   tvm.relax.build for the target (CUDA: dlight GPU schedules). A graph
+           rewrite or schedule rule that fails falls back for its op or kernel
+           (edgec/build.py); each fallback is recorded in the manifest.
+4. export  lib.so linked by the target's (cross) compiler, model.onnx,
            into a temporary directory next to the output.
-4. verify  lib.so runs on a seeded random input, here (x86) or on an
+5. verify  lib.so runs on a seeded random input, here (x86) or on an
            emulated board (ARM, qemu-user), against ONNX Runtime on the
            same graph or on its standard-ONNX equivalent (edgec ops), and
-           PyTorch when the source was PyTorch (edgec/verify.py); a failure
-           here leaves no artifact.
-5. commit  manifest.json written (with the sha256 of every file), the
+           PyTorch when the source was PyTorch (edgec/verify.py). When
+           edgec's pipeline (graph rewrites, schedules) misses and TVM's own
+           pipeline verifies, the build is redone with TVM's own pipeline and
+           that is recorded as a fallback; a failure of both leaves no artifact.
+6. commit  manifest.json written (with the sha256 of every file), the
            directory renamed into place.
 """
 
@@ -39,12 +47,15 @@ from edgec.artifact import (
     staging,
     write_manifest,
 )
+from edgec.errors import VerificationError
+from edgec.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
 from edgec.model import Model, index_ranges, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
-from edgec.verify import VerifyOptions, verify as verify_build
+from edgec.verify import VerifyOptions
+from edgec.verify import verify as _verify
 
 log = logging.getLogger(__name__)
 
@@ -75,43 +86,76 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
     """
-    from edgec.build import BuildOptions, build, export
-    from edgec.frontend import check_static_outputs
+    from edgec.build import BuildOptions, Stages
+    from edgec.fold import fold_constants
     from edgec.lower import to_relax
-    from edgec.runtimes.reference import has_custom_ops
 
     progress = progress or Progress()
     if isinstance(verify, bool):
         verify = VerifyOptions(enabled=verify)
     resolved = resolve(target)
     require_linker(resolved.preset)  # a missing cross compiler fails before the build, not after
-    check_static_outputs(str(model.source or "the model"), model.graph)
     with staging(output) as directory:
+        with progress.stage("fold", "constant subgraphs -> initializers"):
+            folded = fold_constants(model.graph)
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
         options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None)
-        sink: dict[str, Any] = {}
-        with progress.stage("build", f"tvm.relax.build for {resolved.spec}"):
-            executable, kernels = build(mod, resolved, options, sink)
-            attach_onnx_nodes(kernels, model.graph)
-        with progress.stage("export", f"lib.so for {resolved.preset.cpu_arch}"):
-            files = export(executable, resolved, directory)
-            onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
-            files.append("model.onnx")
-            if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
-                save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
-                files.append(REFERENCE_ONNX)
-            if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
-                np.savez(directory / KERNEL_CONSTANTS, **sink["kernel_constants"])
-                files.append(KERNEL_CONSTANTS)
-        verification = verify_build(model, resolved, directory, verify, progress)
-        manifest = build_manifest(model, resolved, files, onnx_sha256, verification, progress.seconds)
-        manifest["kernels"] = kernels
-        manifest["schedules"] = schedule_summary(resolved, options, kernels, sink)
-        manifest["sha256"] = {name: file_sha256(directory / name) for name in files}
+        fallbacks = FallbackLog()
+        built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
+        try:
+            verification = _verify(model, resolved, directory, verify, progress)
+        except VerificationError as error:
+            stages = Stages.of(resolved, options)
+            if not (stages.graph or stages.schedules or stages.tuning_db):
+                raise
+            log.warning("%s; building again with TVM's own pipeline", error)
+            fallbacks.add(ALL_KERNELS, "verification", error, "rebuilt with TVM's own pipeline")
+            options = BuildOptions(schedules=False, tuning_db=None)
+            built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
+            verification = _verify(model, resolved, directory, verify, progress)
+        manifest = build_manifest(model, resolved, built.files, built.onnx_sha256, verification, progress.seconds)
+        manifest["constant_folding"] = {"nodes_folded": folded.nodes_before - folded.nodes_after, "by_op": folded.folded}
+        manifest["kernels"] = built.kernels
+        manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.sink)
+        manifest["schedules"]["fallbacks"] = fallbacks.as_list()
+        manifest["sha256"] = {name: file_sha256(directory / name) for name in built.files}
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))
+
+
+@dataclasses.dataclass
+class _Built:
+    kernels: list[dict[str, Any]]
+    files: list[str]
+    onnx_sha256: str
+    sink: dict[str, Any]
+
+
+def _build_and_export(model: Model, mod, target: ResolvedTarget, options, directory: Path, progress: Progress,
+                      fallbacks: FallbackLog) -> _Built:
+    """The build and export stages: lib.so, model.onnx (and kernel constants) in ``directory``."""
+    from edgec.build import build, export
+    from edgec.runtimes.reference import has_custom_ops
+
+    sink: dict[str, Any] = {}
+    with progress.stage("build", f"tvm.relax.build for {target.spec}"):
+        executable, kernels = build(mod, target, options, sink, fallbacks)
+        attach_onnx_nodes(kernels, model.graph)
+    with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
+        files = export(executable, target, directory)
+        onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
+        files.append("model.onnx")
+        if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
+            save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
+            files.append(REFERENCE_ONNX)
+        constants = directory / KERNEL_CONSTANTS
+        constants.unlink(missing_ok=True)  # from a build this one replaced
+        if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
+            np.savez(constants, **sink["kernel_constants"])
+            files.append(KERNEL_CONSTANTS)
+    return _Built(kernels, files, onnx_sha256, sink)
 
 
 def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], sink: dict) -> dict[str, Any]:

@@ -11,9 +11,10 @@ Formats, sniffed from the bytes (not the extension):
   code, so only with ``trust_pickle=True``; needs ``input_shape``.
 - A bare ``state_dict`` holds no architecture: refused with what to give.
 
-After export the graph gets the standard clean-ups: function inlining,
-constant folding, unused-node removal, constants lifted to initializers,
-ONNX shape inference. Batch norms are *not* fused here; that is the
+After loading, every format gets the same clean-ups (edgec/fold.py):
+function inlining, constant folding (constant subgraphs such as
+ConstantOfShape become initializers), unused-node removal, constants lifted
+to initializers, ONNX shape inference. Batch norms are *not* fused here; that is the
 ``fold-bn`` pass's job, so that its effect is reported.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec import shapes as shape_args
-from edgec.errors import InputShapeError, LoadError, UnsupportedOpError
+from edgec.errors import InputShapeError, LoadError
 from edgec.model import Model
 
 log = logging.getLogger(__name__)
@@ -193,33 +194,6 @@ def check_static_inputs(path: Path, graph: ir.Model) -> None:
                 f"input {value.name!r} of '{path}' has a dynamic shape ({dims}); "
                 f"give a static one with --input-shape {value.name}:1,3,224,224"
             )
-
-
-def check_static_outputs(name: str, graph: ir.Model) -> None:
-    """UnsupportedOpError unless every graph output has a static shape after shape inference;
-    it names the first node whose output shape is not static although its inputs' are (an
-    Expand/Reshape/... whose shape comes from a graph input, not from a constant)."""
-    dynamic = [value for value in graph.graph.outputs if not _static(value)]
-    if not dynamic:
-        return
-    culprit = next(
-        (node for node in graph.graph if any(not _static(value) for value in node.outputs)
-         and all(value is None or _static(value) for value in node.inputs)),
-        None,
-    )  # fmt: skip
-    because = ""
-    if culprit is not None:
-        fed = [value for value in culprit.inputs if value is not None and value.is_graph_input()]
-        integer = [value for value in fed if value.dtype is not None and value.dtype.is_integer()]
-        sources = [value.name for value in integer or fed]
-        because = (
-            f": {culprit.op_type} '{culprit.name or culprit.outputs[0].name}' computes its output shape from "
-            f"{'graph input ' + repr(sources[0]) if sources else 'values known only at run time'}"
-        )
-    raise UnsupportedOpError(
-        f"output {dynamic[0].name!r} of '{name}' has no static shape{because}; edgec compiles static shapes only: "
-        "make the shape a constant in the model"
-    )
 
 
 def _static(value: ir.Value) -> bool:
@@ -520,27 +494,10 @@ def _torch_runner(module) -> Callable[..., list[np.ndarray]]:
 
 
 def cleanup(graph: ir.Model) -> None:
-    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place)."""
-    import onnx_ir.passes.common as common
-    from onnxscript.optimizer import _constant_folding
+    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place): see edgec/fold.py."""
+    from edgec.fold import cleanup as clean
 
-    fold = _constant_folding.FoldConstantsPass(
-        shape_inference=True,
-        input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-        output_size_limit=1 << 26,
-    )
-    pipeline = ir.passes.Sequential(
-        common.InlinePass(),
-        ir.passes.PassManager([fold, common.RemoveUnusedNodesPass()], steps=3, early_stop=True),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.RemoveUnusedFunctionsPass(),
-        common.RemoveUnusedOpsetsPass(),
-        common.ShapeInferencePass(),
-        common.TopologicalSortPass(),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipeline(graph)
+    clean(graph)
 
 
 @contextlib.contextmanager

@@ -266,9 +266,16 @@ def profile_summary(result, as_json: bool, html_path) -> None:
         table.add_column(column, justify="right" if column in ("calls", "ms", "%", "GFLOP/s") else "left", overflow="fold")
     for row in result.rows:
         nodes = ", ".join(row.onnx_nodes[:3]) + (f" +{len(row.onnx_nodes) - 3}" if len(row.onnx_nodes) > 3 else "")
-        table.add_row(row.kernel, nodes or "-", row.shapes, str(row.calls), f"{row.total_ms:.3f}", f"{result.percent(row):.1f}", f"{row.gflops:.2f}")
+        kernel = row.kernel + (" *" if row.fallbacks else "")
+        table.add_row(kernel, nodes or "-", row.shapes, str(row.calls), f"{row.total_ms:.3f}", f"{result.percent(row):.1f}", f"{row.gflops:.2f}")
     console = _console()
     console.print(table)
+    for row in result.rows:
+        if row.fallbacks:
+            console.print(f"* {row.kernel}: fell back from {', '.join(row.fallbacks)} (schedules.fallbacks in manifest.json)")
+    whole = [record for record in result.fallbacks if record["kernel"] == "*"]
+    for record in whole:
+        console.print(f"* every kernel: {record['rule']} fell back ({record['reason']})")
     console.print(
         f"end to end {result.end_to_end_ms:.3f} ms (median); kernels sum {result.kernels_ms:.3f} ms = "
         f"{100 * result.coverage:.1f}% of end to end" + (" (emulated)" if result.emulated else "")

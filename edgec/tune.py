@@ -111,7 +111,10 @@ def fused_module(model: Model, target: ResolvedTarget):
         return tvm.transform.Sequential(passes)(to_relax(model.graph))
 
 
-def apply_database_pass(database_dir: Path, rules: list, schedules: dict[str, str | None], report: dict[str, Any]):
+def apply_database_pass(
+    database_dir: Path, rules: list, schedules: dict[str, str | None], report: dict[str, Any],
+    skip: dict[str, frozenset[str]] | None = None,
+):
     """A module pass giving each kernel with a record in ``database_dir`` its best measured schedule.
 
     ``edgec tune`` records the schedule library's own schedule with its measured
@@ -120,7 +123,8 @@ def apply_database_pass(database_dir: Path, rules: list, schedules: dict[str, st
     name in the first case and ``"tuning-db"`` in the second; ``report`` gets
     ``"database"``, ``"records"`` (tuning records in it), ``"kernels"``
     (kernels whose tuned schedule beat the library's) and ``"library_best"``
-    (kernels whose best record is the library's schedule).
+    (kernels whose best record is the library's schedule). Kernels whose ``skip`` names
+    ``"tuning-db"`` (their record broke an earlier build) keep their unscheduled form.
     """
     import tvm
     import tvm_ffi
@@ -137,8 +141,11 @@ def apply_database_pass(database_dir: Path, rules: list, schedules: dict[str, st
         with database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         tuned, library_best = [], []
-        for gvar, func in mod.functions_items():
+        for gvar, func in list(mod.functions_items()):
             name = gvar.name_hint
+            if name in originals and "tuning-db" in (skip or {}).get(name, ()):
+                mod[gvar] = originals[name]
+                continue
             if name not in originals or _scheduled(originals[name]) or not _scheduled(func):
                 continue
             library, rule = schedule_func(originals[name], rules)

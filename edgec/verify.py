@@ -37,6 +37,7 @@ import numpy as np
 
 from edgec.artifact import REFERENCE_ONNX, Artifact
 from edgec.errors import EmulatorError, VerificationError
+from edgec.fallbacks import one_line
 from edgec.model import Model, value_signature
 from edgec.numerics import compare
 from edgec.progress import Progress
@@ -65,13 +66,18 @@ class Reference:
     graph: str = ""  # which graph ONNX Runtime ran
 
 
-def references(model: Model, inputs: list[np.ndarray], rtol: float) -> list[Reference]:
-    """Every reference that can run ``model`` on ``inputs`` (see the module docstring)."""
+def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[list[Reference], str]:
+    """Every reference that can run ``model`` on ``inputs`` (see the module docstring), and why
+    none could when the list is empty."""
     from edgec.runtimes import reference
 
-    found = []
+    found: list[Reference] = []
+    unchecked = ""
     if not reference.has_custom_ops(model.graph):
-        found.append(Reference("onnxruntime", reference.reference_outputs(model.graph, inputs), True, "model.onnx"))
+        try:
+            found.append(Reference("onnxruntime", reference.reference_outputs(model.graph, inputs), True, "model.onnx"))
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime refuses the graph (e.g. opsets before 7)
+            unchecked = _numpy_instead(model, inputs, found, f"ONNX Runtime: {one_line(error)}")
     else:
         if model.standard_graph is not None:
             standard = reference.reference_outputs(model.standard_graph, inputs)  # ONNX Runtime: no edgec ops in it
@@ -81,6 +87,8 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> list[Refe
         numpy_outputs = reference.run_numpy_reference(model.graph, inputs)
         if numpy_outputs is not None:
             found.append(Reference("numpy", numpy_outputs, True))
+        elif not found:
+            unchecked = "no reference can run this graph (custom ops)"
     if model.torch_reference is not None:
         exact = all(
             report.max_abs_deviation is not None and report.max_rel_deviation <= rtol
@@ -88,7 +96,21 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> list[Refe
             if report.modified
         )
         found.append(Reference("pytorch", model.torch_reference(*inputs), exact))
-    return found
+    return found, unchecked
+
+
+def _numpy_instead(model: Model, inputs: list[np.ndarray], found: list[Reference], ort_error: str) -> str:
+    """onnx's reference evaluator where ONNX Runtime refused the graph; the reason when it fails too."""
+    from edgec.runtimes import reference
+
+    log.info("%s; checking against onnx's reference evaluator", ort_error)
+    try:
+        found.append(Reference("numpy", reference.run_numpy_reference(model.graph, inputs), True))
+    except Exception as error:  # noqa: BLE001 - no reference runs this graph
+        reason = f"no reference runs this graph ({ort_error}; onnx reference: {one_line(error)})"
+        log.warning("verification skipped: %s", reason)
+        return reason
+    return ""
 
 
 def standard_note(model: Model) -> str:
@@ -118,9 +140,9 @@ def verify(
     inputs = input_arrays(model, options.seed)
     with progress.stage("verify", f"lib.so on {where} vs references"):
         got = runner.run(artifact, inputs)
-        found = references(model, inputs, options.rtol)
+        found, unchecked = references(model, inputs, options.rtol)
         if not found:
-            return {"status": "skipped", "reason": "no reference can run this graph (custom ops)"}
+            return {"status": "skipped", "reason": unchecked}
         result: dict[str, Any] = {
             "status": "passed", "ran_on": where, "rtol": options.rtol, "atol": options.atol, "seed": options.seed,
             "rule": "per output: |got - want| <= atol + rtol * max|want|",

@@ -36,6 +36,7 @@ class KernelRow:
     calls: int
     ms_per_call: float
     flops_per_call: float
+    fallbacks: list[str] = dataclasses.field(default_factory=list)  # schedule rules that failed on it
 
     @property
     def total_ms(self) -> float:
@@ -54,6 +55,7 @@ class ProfileResult:
     emulated: bool
     end_to_end_ms: float
     rows: list[KernelRow]
+    fallbacks: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest's schedules.fallbacks
 
     @property
     def kernels_ms(self) -> float:
@@ -76,6 +78,7 @@ class ProfileResult:
             "end_to_end_ms": self.end_to_end_ms,
             "kernels_ms": self.kernels_ms,
             "coverage": self.coverage,
+            "fallbacks": self.fallbacks,
             "rows": [
                 {**dataclasses.asdict(row), "total_ms": row.total_ms, "percent": self.percent(row), "gflops": row.gflops}
                 for row in self.rows
@@ -145,7 +148,10 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
             nodes.extend(node for node in call.get("onnx_nodes", []) if node not in nodes)
         shapes = " ".join("x".join(map(str, spec["shape"] or [])) for spec in first["args"][:2])
         shapes += " -> " + " ".join("x".join(map(str, spec["shape"] or [])) for spec in first["outputs"])
-        rows.append(KernelRow(kernel, nodes, shapes, len(kernel_calls), statistics.median(seconds) * 1e3, first["flops"]))
+        fell_back = sorted({rule for call in kernel_calls for rule in call.get("fallbacks", [])})
+        rows.append(
+            KernelRow(kernel, nodes, shapes, len(kernel_calls), statistics.median(seconds) * 1e3, first["flops"], fell_back)
+        )
     rows.sort(key=lambda row: -row.total_ms)
     return ProfileResult(
         artifact=str(artifact.path),
@@ -154,6 +160,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
         emulated=device.emulated,
         end_to_end_ms=end_to_end_ms,
         rows=rows,
+        fallbacks=list(artifact.manifest.get("schedules", {}).get("fallbacks", [])),
     )
 
 
@@ -169,8 +176,9 @@ def write_html(result: ProfileResult, path) -> None:
     for row in result.rows:
         width = 100.0 * row.total_ms / top
         nodes = html.escape(", ".join(row.onnx_nodes) or "-")
+        mark = f" <span class='warn'>fell back: {html.escape(', '.join(row.fallbacks))}</span>" if row.fallbacks else ""
         lines.append(
-            f"<tr><td class='k'>{html.escape(row.kernel)}</td><td>{nodes}</td><td>{html.escape(row.shapes)}</td>"
+            f"<tr><td class='k'>{html.escape(row.kernel)}{mark}</td><td>{nodes}</td><td>{html.escape(row.shapes)}</td>"
             f"<td class='n'>{row.calls}</td><td class='n'>{row.total_ms:.3f}</td><td class='n'>{result.percent(row):.1f}</td>"
             f"<td class='n'>{row.gflops:.2f}</td><td class='bar'><div style='width:{width:.1f}%'></div></td></tr>"
         )

@@ -34,7 +34,7 @@ import edgec.lower
 from backbone import leftovers, tree_bytes
 from edgec.artifact import MANIFEST, REFERENCE_ONNX, load_artifact, staging
 from edgec.cli import cli
-from edgec.errors import ArtifactError, InputDataError, InputShapeError, LoadError, PassError, UnsupportedOpError, VerificationError
+from edgec.errors import ArtifactError, InputDataError, LoadError, PassError, VerificationError
 from edgec.numerics import compare
 from edgec.passes import LowerBinaryPass, LowerTernaryPass, PackBlockSparsePass
 from edgec.runtimes.reference import has_custom_ops, run_onnxruntime
@@ -423,20 +423,6 @@ def test_torchscript_with_a_wrong_shape_says_why_and_keeps_stdout_clean(saved_mo
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr and "graph(" not in done.stderr
     assert "1,3,32" in errors[0] and "--input-shape" in errors[0] and "channels" in errors[0]  # PyTorch's own reason
-
-
-def test_expand_with_a_shape_input_is_one_line(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("Expand", ["x", "shape"], ["y"], name="expand")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 1, 1]), helper.make_tensor_value_info("shape", TensorProto.INT64, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "expand.onnx")
-    one_error_line(
-        invoke("compile", tmp_path / "expand.onnx", "-t", "x86", "-o", tmp_path / "out"), "'y'", "Expand 'expand'", "'shape'"
-    )
-    with pytest.raises(UnsupportedOpError, match="static shape"):
-        edgec.compile(edgec.load(tmp_path / "expand.onnx"), "x86", tmp_path / "out")
 
 
 def test_run_output_is_written_where_it_says(artifact_copy, tmp_path):

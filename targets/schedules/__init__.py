@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from edgec.fallbacks import FallbackLog
 from edgec.targets.schedules.common import CpuVector, Rule
 
 log = logging.getLogger(__name__)
@@ -68,40 +69,67 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     return [Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
 
 
-def graph_passes(vector: CpuVector | None = None) -> list:
+def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None) -> list:
     from edgec.targets.schedules.graph import graph_passes as passes
 
-    return passes(vector.lanes if vector else None)
+    return passes(vector.lanes if vector else None, fallbacks)
 
 
-def first_schedule(func, rules: list[Rule]) -> tuple[Any, str | None]:
-    """(s_tir.Schedule, rule name) of the first rule that matches ``func`` and succeeds, else (None, None)."""
+def first_schedule(
+    func, rules: list[Rule], kernel: str = "", fallbacks: FallbackLog | None = None, skip: frozenset[str] = frozenset()
+) -> tuple[Any, str | None]:
+    """(s_tir.Schedule, rule name) of the first rule that matches ``func`` and succeeds, else (None, None).
+
+    A rule that raises falls back to the rules after it (TVM's default loop nest when none
+    is left); ``fallbacks`` (optional) records it under ``kernel``. Rules named in ``skip``
+    are not tried (they failed on this kernel later in an earlier build).
+    """
+    failed = []
+    found: tuple[Any, str | None] = (None, None)
     for rule in rules:
+        if rule.name in skip:
+            continue
         try:
             sch = rule.apply(func)
         except Exception as error:  # noqa: BLE001 - a schedule primitive refused: try the next rule
-            log.debug("schedule rule %s failed: %s", rule.name, str(error).splitlines()[0] if str(error) else error)
+            failed.append((rule.name, error))
             continue
         if sch is not None:
-            return sch, rule.name
-    return None, None
+            found = (sch, rule.name)
+            break
+    for name, error in failed:
+        instead = f"scheduled by {found[1]}" if found[1] else "left as TVM's default loop nest"
+        if fallbacks is not None:
+            fallbacks.add(kernel or "?", name, error, instead)
+        else:
+            log.debug("schedule rule %s failed on %s: %s; %s", name, kernel or "a kernel", error, instead)
+    return found
 
 
-def schedule_func(func, rules: list[Rule]) -> tuple[Any, str | None]:
-    """(scheduled PrimFunc, rule name) for the first rule that matches and succeeds, else (func, None)."""
-    sch, name = first_schedule(func, rules)
+def schedule_func(func, rules: list[Rule], **kwargs) -> tuple[Any, str | None]:
+    """(scheduled PrimFunc, rule name) for the first rule that matches and succeeds, else (func, None);
+    ``kwargs`` as for ``first_schedule``."""
+    sch, name = first_schedule(func, rules, **kwargs)
     if sch is None:
         return func, None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
 
 
-def apply_schedules(rules: list[Rule], report: dict[str, str | None]):
+def apply_schedules(
+    rules: list[Rule],
+    report: dict[str, str | None],
+    fallbacks: FallbackLog | None = None,
+    skip: dict[str, frozenset[str]] | None = None,
+):
     """A module pass scheduling every not-yet-scheduled PrimFunc; ``report[kernel] = rule name``
-    (``None``: no rule applied, the kernel stays the naive loop nest)."""
+    (``None``: no rule applied, the kernel stays the naive loop nest). ``fallbacks`` records
+    rules that failed; ``skip[kernel]`` names rules not to try on that kernel."""
     import tvm
     from tvm import tirx
 
     from edgec.ops._relax import CUSTOM_KERNEL_ATTR
+
+    skip = skip or {}
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecCpuSchedules")
     def _pass(mod, _ctx):
@@ -114,12 +142,13 @@ def apply_schedules(rules: list[Rule], report: dict[str, str | None]):
                 custom = CUSTOM_KERNEL_ATTR in func.attrs
                 report.setdefault(gvar.name_hint, "custom-op" if custom else "tuning-db")
                 continue
-            scheduled, rule = schedule_func(func, rules)
-            report[gvar.name_hint] = rule
+            name = gvar.name_hint
+            scheduled, rule = schedule_func(func, rules, kernel=name, fallbacks=fallbacks, skip=skip.get(name, frozenset()))
+            report[name] = rule
             if rule is None:
-                log.info("kernel %s: no schedule rule applies; left as the naive loop nest", gvar.name_hint)
+                log.info("kernel %s: no schedule rule applies; left as the naive loop nest", name)
             else:
-                log.debug("kernel %s: scheduled by %s", gvar.name_hint, rule)
+                log.debug("kernel %s: scheduled by %s", name, rule)
                 updates[gvar] = scheduled
         for gvar, func in updates.items():
             mod[gvar] = func

@@ -35,6 +35,15 @@ in order, and why:
 Constant folding is done in NumPy for a small table of ops: TVM's
 FoldConstant compiles one LLVM kernel per op and shape, which took 30 s for a
 MobileNetV2 on two cores.
+
+No rewrite here can fail a build. Each one leaves alone the op it cannot
+handle (the NumPy folder an op it cannot evaluate, BN a batch norm whose
+statistics it cannot read, the layout pass an op whose layout rules break,
+see layout.py) and records a fallback naming the op and its shapes; a pass
+that fails as a whole is skipped, the module it got passed on unchanged
+(``guarded``), and recorded with the kernel ``*``. Later passes and the
+schedule library then see the original op, which TVM's default lowering
+computes correctly.
 """
 
 from __future__ import annotations
@@ -43,27 +52,70 @@ import logging
 
 import numpy as np
 
+from edgec.fallbacks import ALL_KERNELS, FallbackLog
+
 log = logging.getLogger(__name__)
 
 # channels-last for every 2-D convolution; everything else follows the data
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def graph_passes(lanes: int | None = None) -> list:
-    """The Relax passes above, in order; ``lanes`` (float32 per vector) enables step 6."""
+def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None) -> list:
+    """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
+    step 6; ``fallbacks`` receives what a rewrite left alone."""
     from tvm import relax
 
+    from edgec.targets.schedules.layout import convert_layout
+
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
-        numpy_fold_constants(),
-        clip_as_relax_ops(),
-        batch_norm_as_scale_shift(),
-        numpy_fold_constants(),
-        relax.transform.ConvertLayout(DESIRED_LAYOUTS),
-        numpy_fold_constants(),
+        ("graph:fold-constants", numpy_fold_constants(fallbacks)),
+        ("graph:clip", clip_as_relax_ops(fallbacks)),
+        ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
+        ("graph:fold-constants", numpy_fold_constants(fallbacks)),
+        ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),
+        ("graph:fold-constants", numpy_fold_constants(fallbacks)),
     ]
     if lanes and lanes > 1:
-        passes.append(pad_output_channels(lanes))
-    return [*passes, relax.transform.DeadCodeElimination()]
+        passes.append(("graph:pad-channels", pad_output_channels(lanes, fallbacks)))
+    passes.append(("graph:dead-code", relax.transform.DeadCodeElimination()))
+    return [guarded(inner, rule, fallbacks) for rule, inner in passes]
+
+
+def guarded(inner, rule: str, fallbacks: FallbackLog):
+    """``inner`` (a module pass), except that when it raises, the module passes on unchanged
+    and the failure is recorded as a fallback of every kernel (``*``) for ``rule``."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecGuarded")
+    def _pass(mod, _ctx):
+        snapshot = mod.clone()  # Python passes update the module they get in place
+        try:
+            return inner(mod)
+        except Exception as error:  # noqa: BLE001 - any failure of a rewrite: skip the rewrite
+            fallbacks.add(ALL_KERNELS, rule, error, "the graph passes on without this rewrite")
+            return snapshot
+
+    return _pass
+
+
+def describe_call(call) -> str:
+    """``relax.nn.conv2d(1x3x224x224, 64x3x7x7) -> 1x64x112x112``: an op and its shapes, how a
+    fallback names the region a graph rewrite left alone (no kernel names exist yet)."""
+    op = getattr(call.op, "name", None) or getattr(call.op, "name_hint", None) or str(call.op)
+    arguments = ", ".join(_describe_type(getattr(arg, "ty", None)) for arg in call.args)
+    return f"{op}({arguments}) -> {_describe_type(getattr(call, 'ty', None))}"
+
+
+def _describe_type(ty) -> str:
+    from tvm import relax, tirx
+
+    if isinstance(ty, relax.TupleType):
+        return "(" + ", ".join(_describe_type(field) for field in ty.fields) + ")"
+    shape = getattr(ty, "shape", None)
+    if isinstance(ty, relax.TensorType) and shape is not None:
+        return "x".join(str(int(dim)) if isinstance(dim, tirx.IntImm) else str(dim) for dim in shape) or "scalar"
+    return "?"
 
 
 # --- 1 and 5: constant folding in NumPy ------------------------------------------------------
@@ -146,10 +198,13 @@ def _fold_call(call, known: dict):
     return relax.const(np.require(result, requirements="C"), dtype)
 
 
-def numpy_fold_constants():
-    """Replace calls of ``_FOLDERS`` ops whose arguments are all constants by their value."""
+def numpy_fold_constants(fallbacks: FallbackLog | None = None):
+    """Replace calls of ``_FOLDERS`` ops whose arguments are all constants by their value;
+    a call NumPy cannot evaluate stays (computed at run time) and is recorded."""
     import tvm
     from tvm import relax
+
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
     @relax.expr_functor.mutator
     class _Folder(relax.PyExprMutator):
@@ -161,7 +216,11 @@ def numpy_fold_constants():
                     bound = self.lookup_binding(arg)
                     if isinstance(bound, tvm.ir.expr.Constant):
                         known[arg] = bound.value.numpy()
-            folded = _fold_call(call, known)
+            try:
+                folded = _fold_call(call, known)
+            except Exception as error:  # noqa: BLE001 - NumPy refused: leave the op to run time
+                fallbacks.add(describe_call(call), "graph:fold-constants", error, "computed at run time")
+                return call
             return call if folded is None else folded
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecNumpyFoldConstants")
@@ -206,18 +265,23 @@ def elementwise_clip_kind(func) -> str | None:
     return None
 
 
-def clip_as_relax_ops():
+def clip_as_relax_ops(fallbacks: FallbackLog | None = None):
     import tvm
     from tvm import relax
     from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, rewrite_call, wildcard
 
     callee, tensor, bound = GlobalVarPattern(), wildcard(), wildcard()
     pattern = is_op("relax.call_tir")(callee, TuplePattern([tensor, bound]))
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecClipAsRelaxOps")
     def _pass(mod, _ctx):
         def rewriter(expr, matches):
-            kind = elementwise_clip_kind(mod[matches[callee]])
+            try:
+                kind = elementwise_clip_kind(mod[matches[callee]])
+            except Exception as error:  # noqa: BLE001 - an unexpected PrimFunc: keep the call_tir
+                fallbacks.add(describe_call(expr), "graph:clip", error, "kept as TVM imported it")
+                return expr
             if kind is None:
                 log.debug("call_tir %s is not an element-wise max/min with a scalar: kept", matches[callee].name_hint)
                 return expr
@@ -242,7 +306,7 @@ def batch_norm_scale_shift(gamma, beta, mean, var, epsilon: float) -> tuple[np.n
     return scale.astype(gamma.dtype), shift.astype(beta.dtype)
 
 
-def batch_norm_as_scale_shift():
+def batch_norm_as_scale_shift(fallbacks: FallbackLog | None = None):
     import tvm
     from tvm import relax
     from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
@@ -251,8 +315,16 @@ def batch_norm_as_scale_shift():
     gamma, beta, mean, var = is_const(), is_const(), is_const(), is_const()
     norm = is_op("relax.nn.batch_norm")(data, gamma, beta, mean, var)
     pattern = TupleGetItemPattern(norm, 0)
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
     def rewriter(expr, matches):
+        try:
+            return scale_shift(matches)
+        except Exception as error:  # noqa: BLE001 - unexpected attributes or shapes: keep the batch norm
+            fallbacks.add(describe_call(matches[norm]), "graph:batch-norm", error, "kept as relax.nn.batch_norm")
+            return expr
+
+    def scale_shift(matches):
         attrs = matches[norm].attrs
         ndim = len(matches[data].ty.shape)
         axis = int(attrs.axis) % ndim
@@ -289,7 +361,7 @@ def padded_channels(channels: int, lanes: int) -> int | None:
     return padded
 
 
-def pad_output_channels(lanes: int):
+def pad_output_channels(lanes: int, fallbacks: FallbackLog | None = None):
     """``conv2d(x, w)`` (NHWC/HWIO, groups 1, constant w with F output channels) ->
     ``strided_slice(conv2d(x, w padded with zero filters to F'), channels [0, F))``."""
     import tvm
@@ -298,8 +370,16 @@ def pad_output_channels(lanes: int):
 
     data, weight = wildcard(), is_const()
     conv = is_op("relax.nn.conv2d")(data, weight)
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
     def rewriter(expr, matches):
+        try:
+            return padded(expr, matches)
+        except Exception as error:  # noqa: BLE001 - keep the convolution as it is
+            fallbacks.add(describe_call(expr), "graph:pad-channels", error, "left unpadded")
+            return expr
+
+    def padded(expr, matches):
         attrs = matches[conv].attrs
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout, int(attrs.groups))
         if layouts != ("NHWC", "HWIO", "NHWC", 1):

@@ -1,0 +1,396 @@
+"""edgec against the runtimes a user could pick instead, each in its own process.
+
+Runtimes (``--runtimes``; the peers install with ``pip install -e '.[peers]'``):
+
+    edgec        edgec.compile(..., "x86") with its defaults, run by the Relax VM
+    ort          ONNX Runtime, CPU EP, ORT_ENABLE_ALL, on the same ONNX edgec compiles
+    openvino     OpenVINO CPU, INFERENCE_PRECISION_HINT=f32, PERFORMANCE_HINT=LATENCY
+    executorch   ExecuTorch + XNNPACK (to_edge_transform_and_lower of a torch.export program)
+    ncnn         ncnn, converted from TorchScript by pnnx
+    torch        PyTorch eager, inference mode
+
+Every runtime runs in a worker process of its own (``--worker``): it loads or
+converts the model, runs it once on the shared seeded input, and sends back its
+output, which the driver checks against PyTorch's (``|got - want| <= 1e-4 *
+max|want| + 1e-5``; a peer with wrong outputs is shown as WRONG and not counted
+as a peer). Then the driver interleaves rounds: in each round every worker runs
+``--repeat`` timed inferences (wall clock around one inference call, the same
+for all runtimes), with a pause between workers so the previous runtime's
+spinning threads go idle. Per runtime: the median over all runs; edgec's ratio
+to the best valid peer is the median over rounds of (edgec's round median / the
+best peer's round median in that round).
+
+    python bench/peers.py [--models mobilenet_v2,resnet18,...] [--threads N]
+                          [--rounds 11] [--repeat 10] [--runtimes edgec,ort,...] [-o table.md] [--json raw.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+RUNTIMES = ("edgec", "ort", "openvino", "executorch", "ncnn", "torch")
+DEFAULT_MODELS = "mobilenet_v2,resnet18,squeezenet1_1,shufflenet_v2_x0_5,mobilenet_v3_small,mnasnet0_5,efficientnet_b0"
+PAUSE_S = 0.25
+REL_TOLERANCE, ABS_TOLERANCE = 1e-4, 1e-5
+
+
+# --- the worker: one runtime, one model ---------------------------------------------------------
+
+
+def _prepare(runtime: str, work: Path, threads: int):
+    """Load ``runtime`` on the model in ``work``; return a callable running one inference -> output."""
+    x = np.load(work / "input.npy")
+    if runtime == "edgec":
+        import tvm
+        from tvm import relax
+
+        import edgec
+
+        model = edgec.load(work / "model.pt", input_shape=x.shape)
+        artifact = edgec.compile(model, "x86", work / "edgec", verify=False).artifact
+        device = tvm.cpu()
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.lib)), device)
+        vm.set_input("main", tvm.runtime.tensor(x, device))
+
+        def run():
+            vm.invoke_stateful("main")
+            return vm.get_outputs("main")
+
+        def output():
+            return _first_array(run())
+
+        return run, output
+    if runtime == "ort":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(work / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        return (lambda: session.run(None, feed)), (lambda: session.run(None, feed)[0])
+    if runtime == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+        }
+        compiled = core.compile_model(str(work / "model.onnx"), "CPU", config)
+        request = compiled.create_infer_request()
+        tensor = ov.Tensor(x)
+
+        def run():
+            request.infer({0: tensor})
+
+        def output():
+            run()
+            return np.array(request.get_output_tensor(0).data)
+
+        return run, output
+    if runtime == "executorch":
+        import torch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.extension.pybindings import portable_lib
+
+        module = _module(work)
+        exported = torch.export.export(module, (torch.from_numpy(x),))
+        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
+        path = work / "model.pte"
+        path.write_bytes(program.buffer)
+        portable_lib._unsafe_reset_threadpool(threads)
+        loaded = portable_lib._load_for_executorch(str(path))
+        tensor = torch.from_numpy(x)
+        return (lambda: loaded.forward([tensor])), (lambda: loaded.forward([tensor])[0].numpy())
+    if runtime == "ncnn":
+        import ncnn
+
+        ncnn_dir = work / "ncnn"
+        ncnn_dir.mkdir(exist_ok=True)
+        shape = ",".join(str(d) for d in x.shape)
+        command = ["pnnx", str(work / "model.pt"), f"inputshape=[{shape}]f32"]
+        done = subprocess.run(command, cwd=ncnn_dir, capture_output=True, text=True, check=False)
+        param = ncnn_dir / "model.ncnn.param"
+        if done.returncode != 0 or not param.is_file():
+            raise RuntimeError(f"pnnx failed ({done.returncode}): {done.stderr[-500:]}")
+        net = ncnn.Net()
+        net.opt.num_threads = threads
+        net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
+        net.opt.use_bf16_storage = False
+        if net.load_param(str(param)) != 0 or net.load_model(str(ncnn_dir / "model.ncnn.bin")) != 0:
+            raise RuntimeError("ncnn could not load pnnx's model files")
+        image = ncnn.Mat(np.ascontiguousarray(x[0]))
+
+        def run():
+            with net.create_extractor() as extractor:
+                extractor.input("in0", image)
+                _, out = extractor.extract("out0")
+                return out
+
+        return run, (lambda: np.array(run()).reshape(1, -1))
+    if runtime == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        module = _module(work)
+        tensor = torch.from_numpy(x)
+
+        def run():
+            with torch.inference_mode():
+                return module(tensor)
+
+        return run, (lambda: run().numpy())
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def _module(work: Path):
+    """The model as a PyTorch module, rebuilt from its name and seed (bench/models.py)."""
+    import models
+
+    return models.build((work / "model.name").read_text(), seed=0)
+
+
+def _first_array(result) -> np.ndarray:
+    while not hasattr(result, "numpy"):
+        result = result[0]
+    return result.numpy()
+
+
+def worker(runtime: str, work: Path, threads: int) -> int:
+    """Line protocol on stdin/stdout: after loading, one JSON line {"ok", "output" file, "load_s"};
+    then each line ``N`` -> a JSON list of N latencies in ms; an empty line ends."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # converters print; only protocol lines go to the real stdout
+    start = time.perf_counter()
+    try:
+        run, output = _prepare(runtime, work, threads)
+        got = np.asarray(output(), dtype=np.float32)
+        np.save(work / f"out_{runtime}.npy", got)
+        reply = {"ok": True, "load_s": time.perf_counter() - start}
+    except Exception as error:  # noqa: BLE001 - reported to the driver as this runtime's failure
+        reply = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"}
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
+    if not reply["ok"]:
+        return 1
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        count = int(line)
+        times = []
+        for _ in range(count):
+            begin = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - begin) * 1e3)
+        out.write(json.dumps(times) + "\n")
+        out.flush()
+    return 0
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, runtime: str, work: Path, threads: int):
+        self.runtime = runtime
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", runtime, "--work", str(work), "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(work / f"{runtime}.log", "w"),  # noqa: SIM115 - lives as long as the worker
+            text=True,
+            env=env,
+        )
+        self.samples: list[float] = []
+        self.round_medians: list[float] = []
+        self.status = ""
+        self.valid = False
+        self.load_s = float("nan")
+
+    def handshake(self, want: np.ndarray, work: Path) -> None:
+        line = self.process.stdout.readline()
+        reply = json.loads(line) if line else {"ok": False, "error": "worker died; see its log"}
+        if not reply["ok"]:
+            self.status = f"FAILED: {reply['error'][:120]}"
+            return
+        self.load_s = reply["load_s"]
+        got = np.load(work / f"out_{self.runtime}.npy").reshape(want.shape)
+        error = float(np.max(np.abs(got - want)))
+        scale = float(np.max(np.abs(want)))
+        self.valid = error <= REL_TOLERANCE * scale + ABS_TOLERANCE
+        self.status = f"{'ok' if self.valid else 'WRONG'} (max abs err {error:.1e} of {scale:.1e})"
+
+    def run(self, count: int) -> list[float]:
+        self.process.stdin.write(f"{count}\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write("\n")
+                self.process.stdin.flush()
+                self.process.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples)) if self.samples else float("nan")
+
+
+def prepare_model(name: str, work: Path) -> np.ndarray:
+    """Write the model (TorchScript, pickled module, ONNX as edgec exports it) and the input; return PyTorch's output."""
+    import torch
+
+    import edgec
+    import models
+
+    module = models.build(name, seed=0)
+    (work / "model.name").write_text(name)
+    torch.jit.save(torch.jit.script(module) if _scriptable(module) else torch.jit.trace(module, torch.zeros(models.INPUT_SHAPE)), str(work / "model.pt"))
+    x = np.random.default_rng(0).standard_normal(models.INPUT_SHAPE, dtype=np.float32)
+    np.save(work / "input.npy", x)
+    model = edgec.load(work / "model.pt", input_shape=models.INPUT_SHAPE)
+    from edgec.compiler import save_onnx
+
+    save_onnx(model.graph, work / "model.onnx")
+    with torch.inference_mode():
+        return module(torch.from_numpy(x)).numpy()
+
+
+def _scriptable(module) -> bool:
+    import torch
+
+    try:
+        torch.jit.script(module)
+    except Exception:  # noqa: BLE001 - torchvision models with Python-only constructs
+        return False
+    return True
+
+
+def bench_model(name: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"edgec-peers-{name}-") as directory:
+        work = Path(directory)
+        print(f"{name}: preparing", file=sys.stderr)
+        want = prepare_model(name, work)
+        workers = []
+        for runtime in args.runtimes:  # one at a time: each loads/compiles with the machine to itself
+            print(f"{name}: loading {runtime}", file=sys.stderr)
+            current = Worker(runtime, work, args.threads)
+            current.handshake(want, work)
+            workers.append(current)
+        live = [w for w in workers if w.status and not w.status.startswith("FAILED")]
+        try:
+            for current in live:
+                current.run(3)  # warm-up
+            for index in range(args.rounds):
+                print(f"{name}: round {index + 1}/{args.rounds}", file=sys.stderr)
+                for current in live:
+                    time.sleep(PAUSE_S)
+                    block = current.run(args.repeat)
+                    current.samples += block
+                    current.round_medians.append(float(np.median(block)))
+        finally:
+            for current in workers:
+                current.close()
+    return {"model": name, "workers": workers}
+
+
+def best_peer_ratio(workers: list[Worker]) -> tuple[float, str] | None:
+    """(median over rounds of edgec / best valid peer in that round, the peer that was best most often)."""
+    edgec = next((w for w in workers if w.runtime == "edgec" and w.valid and w.round_medians), None)
+    peers = [w for w in workers if w.runtime != "edgec" and w.valid and w.round_medians]
+    if edgec is None or not peers:
+        return None
+    ratios, winners = [], []
+    for index, mine in enumerate(edgec.round_medians):
+        best = min(peers, key=lambda w: w.round_medians[index])
+        ratios.append(mine / best.round_medians[index])
+        winners.append(best.runtime)
+    return float(np.median(ratios)), max(set(winners), key=winners.count)
+
+
+def table(results: list[dict], args) -> str:
+    lines = [
+        f"threads {args.threads}, {args.rounds} rounds x {args.repeat} runs, interleaved, each runtime in its own "
+        "process; median ms over all runs; outputs vs PyTorch",
+        "",
+        "| model | " + " | ".join(args.runtimes) + " | edgec / best peer |",
+        "|---|" + "---:|" * len(args.runtimes) + "---:|",
+    ]
+    notes = []
+    for result in results:
+        cells = []
+        for current in result["workers"]:
+            if current.valid:
+                cells.append(f"{current.median:.2f}")
+            else:
+                cells.append("failed" if current.status.startswith("FAILED") else "wrong")
+                notes.append(f"{result['model']} / {current.runtime}: {current.status}")
+        ratio = best_peer_ratio(result["workers"])
+        summary = f"{ratio[0]:.2f}x ({ratio[1]})" if ratio else "n/a"
+        lines.append(f"| {result['model']} | " + " | ".join(cells) + f" | {summary} |")
+    if notes:
+        lines += ["", "Not counted:", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument("--threads", type=int, default=None, help="threads for every runtime [default: physical cores]")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("-o", "--output", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.work, args.threads)
+
+    from edgec.targets.resolve import physical_cores
+
+    args.threads = args.threads or physical_cores()
+    args.runtimes = [name.strip() for name in args.runtimes.split(",")]
+    unknown = sorted(set(args.runtimes) - set(RUNTIMES))
+    if unknown:
+        parser.error(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    results = [bench_model(name.strip(), args) for name in args.models.split(",")]
+    text = table(results, args)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    if args.json:
+        raw = {
+            result["model"]: {w.runtime: {"samples": w.samples, "status": w.status, "load_s": w.load_s} for w in result["workers"]}
+            for result in results
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""torchvision corpus: every torchvision classification model, compiled by edgec and by plain TVM.
+
+    python bench/torchvision_corpus.py                              # all 80 constructors, smallest first
+    python bench/torchvision_corpus.py --models resnet18,mobilenet_v2 --emulate 2
+    python bench/torchvision_corpus.py --budget-minutes 60 --timeout 1200 --json tv.json
+
+Per model (random weights, seeded; BatchNorm statistics randomised; eval mode;
+input 1x3x224x224), in a process of its own (``--timeout`` bounds it):
+
+- exported as TorchScript (``torch.jit.trace``) and as torch.export; for each:
+  plain TVM (``from_onnx`` + ``relax.build`` for x86, built only) and ``edgec
+  compile -t x86`` with the compiler's own check (ONNX Runtime and PyTorch,
+  rtol/atol 1e-4: a mismatch fails the model);
+- the TorchScript one also ``edgec compile`` for cortex-a53 and cortex-a7 (built;
+  with ``--emulate N`` the first N models are run on the emulated boards and
+  checked against ONNX Runtime);
+- the x86 artifact timed against ONNX Runtime on the same model.onnx, each
+  runner in its own process, rounds alternated, ratio = median of per-round
+  ratios (2 threads each, as bench/compare.py).
+
+torchvision itself: PyPI's wheel does not import next to torch 2.13.0+cpu; its
+model builders are pure Python. bench/models.py (``torchvision_models``) installs
+it without dependencies into ~/.cache/edgec/torchvision and imports
+``torchvision.models`` without running the package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (1, 3, 224, 224)
+SEED = 0
+ARM = ("cortex-a53", "cortex-a7")
+
+
+def import_torchvision():
+    """torchvision's model builders (bench/models.py installs and imports them)."""
+    import models as bench_models
+
+    bench_models.torchvision_models()
+    return sys.modules["torchvision"]
+
+
+def model_names() -> list[str]:
+    """Every classification constructor, fewest parameters first (from the weights' metadata)."""
+    models = import_torchvision().models
+
+    def params(name: str) -> int:
+        weights = list(models.get_model_weights(name))
+        return min(weight.meta.get("num_params", 1 << 40) for weight in weights) if weights else 1 << 40
+
+    return sorted(models.list_models(module=models), key=lambda name: (params(name), name))
+
+
+def build_model(name: str):
+    """``name`` with seeded random weights and randomised BatchNorm statistics, in eval mode."""
+    import torch
+
+    models = import_torchvision().models
+    torch.manual_seed(SEED)
+    model = models.get_model(name, weights=None)
+    generator = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                channels = module.num_features
+                module.running_mean.copy_(torch.rand(channels, generator=generator) * 0.2 - 0.1)
+                module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+                if module.weight is not None:
+                    module.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+                    module.bias.copy_(torch.rand(channels, generator=generator) * 0.2 - 0.1)
+    return model.eval()
+
+
+def save(model, fmt: str, path: Path) -> None:
+    import torch
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), str(path))
+        else:
+            torch.export.save(torch.export.export(model, (x,)), str(path))
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:200]
+
+
+def plain_tvm(graph) -> dict:
+    """from_onnx + relax.build for x86 on the ONNX edgec loaded: does plain TVM build it?"""
+    import contextlib
+    import io
+    import warnings
+
+    import onnx_ir as ir
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgec.targets import resolve
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            relax.build(from_onnx(ir.serde.serialize_model(graph), keep_params_in_input=False), target=resolve("x86").tvm_target())
+    except Exception as error:  # noqa: BLE001
+        return {"status": "fails", "reason": one_line(error), "seconds": time.perf_counter() - start}
+    return {"status": "builds", "seconds": time.perf_counter() - start}
+
+
+def edgec_compile(path: Path, target: str, output: Path) -> dict:
+    import edgec
+
+    start = time.perf_counter()
+    try:
+        model = edgec.load(path, input_shape=SHAPE)
+        result = edgec.compile(model, target, output)
+    except Exception as error:  # noqa: BLE001 - EdgecError, or a bug in edgec
+        return {"status": "fails", "reason": one_line(error), "seconds": time.perf_counter() - start}
+    manifest = result.manifest
+    verification = manifest["verification"]
+    return {
+        "status": "matches" if verification["status"] == "passed" else "built",
+        "seconds": time.perf_counter() - start,
+        "max_abs": {name: verification[name]["max_abs"] for name in ("onnxruntime", "pytorch") if name in verification},
+        "fallbacks": manifest["schedules"].get("fallbacks", []),
+    }
+
+
+def run_model(name: str, work: Path) -> dict:
+    """Everything for one model, in this process; see the module docstring."""
+    import edgec  # noqa: F401 - fail early if edgec is missing
+
+    result: dict = {"model": name}
+    try:
+        model = build_model(name)
+    except Exception as error:  # noqa: BLE001
+        return {**result, "error": f"construct: {one_line(error)}"}
+    result["params"] = sum(p.numel() for p in model.parameters())
+    for fmt, suffix in (("torchscript", "pt"), ("torch.export", "pt2")):
+        path = work / f"{name}.{suffix}"
+        try:
+            save(model, fmt, path)
+        except Exception as error:  # noqa: BLE001
+            result[fmt] = {"export": one_line(error)}
+            continue
+        entry = {}
+        try:
+            import edgec
+
+            entry["tvm"] = plain_tvm(edgec.load(path, input_shape=SHAPE).graph)
+        except Exception as error:  # noqa: BLE001 - edgec.load failed: edgec_compile reports it
+            entry["tvm"] = {"status": "not run", "reason": f"load: {one_line(error)}"}
+        entry["x86"] = edgec_compile(path, "x86", work / f"{name}-{suffix}-x86")
+        if fmt == "torchscript":
+            for target in ARM:
+                entry[target] = edgec_compile(path, target, work / f"{name}-{suffix}-{target}")
+        result[fmt] = entry
+    return result
+
+
+def time_runner(kind: str, path: Path, repeat: int) -> list[float]:
+    """Milliseconds per run of edgec's artifact or ONNX Runtime on its model.onnx (this process only)."""
+    os.environ["TVM_NUM_THREADS"] = "2"
+    x = np.random.default_rng(SEED).standard_normal(SHAPE).astype(np.float32)
+    if kind == "edgec":
+        import edgec
+        from edgec.runtimes.local import LocalRunner
+
+        return LocalRunner(edgec.load_artifact(path)).time_ms([x], repeat=repeat, warmup=3)
+    import onnx_ir as ir
+
+    from edgec.runtimes.reference import onnxruntime_session
+
+    session = onnxruntime_session(ir.load(str(path / "model.onnx")), threads=2)
+    feed = {session.get_inputs()[0].name: x}
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(artifact: Path, rounds: int, repeat: int) -> dict:
+    """edgec / ORT: each runner in its own process per round, rounds alternated."""
+    medians = {"edgec": [], "ort": []}
+    for _ in range(rounds):
+        for kind in medians:
+            done = subprocess.run([sys.executable, __file__, "--time", kind, str(artifact), "--repeat", str(repeat)],
+                                  capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0:
+                return {"error": f"{kind} timing: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"}
+            medians[kind].append(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
+    ratios = [e / o for e, o in zip(medians["edgec"], medians["ort"], strict=True)]
+    return {"edgec_ms": statistics.median(medians["edgec"]), "ort_ms": statistics.median(medians["ort"]),
+            "ratio": statistics.median(ratios)}
+
+
+def emulated_check(artifact: Path, preset: str) -> dict:
+    """Run an ARM artifact once on the emulated board; its outputs checked against ONNX Runtime."""
+    import edgec
+    from edgec.runtimes.agent_build import build_agent
+    from edgec.runtimes.bench import bench
+    from edgec.runtimes.emulate import emulate
+    from edgec.runtimes.io import random_inputs
+    from edgec.runtimes.session import connect
+
+    loaded = edgec.load_artifact(artifact)
+    agent = emulate(preset, agent=build_agent(preset), timeout=120)
+    try:
+        with connect(rpc=f"127.0.0.1:{agent.port}", timeout=600) as device:
+            result = bench(loaded, device, random_inputs(loaded), repeat=1, warmup=0, rtol=1e-4, atol=1e-4)
+    finally:
+        agent.stop()
+    return {"ok": bool(result.check.get("ok")), "max_abs": result.check.get("max_abs")}
+
+
+def status(entry: dict) -> tuple[str, str]:
+    """(status, reason) of one format's x86 result, judged against plain TVM."""
+    if "export" in entry:
+        return "export fails", entry["export"]
+    x86, tvm = entry.get("x86", {}), entry.get("tvm", {})
+    if x86.get("status") == "matches":
+        fell = len(x86.get("fallbacks", []))
+        return "ok", f"{fell} fallbacks" if fell else ""
+    reason = x86.get("reason", "")
+    if tvm.get("status") == "builds":
+        return "FAILS (TVM builds)", reason
+    return "fails (TVM too)", reason
+
+
+def print_table(results: list[dict]) -> None:
+    print("| model | params | format | compile s (x86) | edgec ms | ORT ms | edgec / ORT | status | reason |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---|")
+    for result in results:
+        if "error" in result:
+            print(f"| {result['model']} | | | | | | | error | {result['error']} |")
+            continue
+        for fmt in ("torchscript", "torch.export"):
+            entry = result.get(fmt)
+            if entry is None:
+                continue
+            state, reason = status(entry)
+            x86 = entry.get("x86", {})
+            timing = entry.get("timing", {})
+            cells = [
+                result["model"], f"{result['params'] / 1e6:.1f}M", fmt,
+                f"{x86['seconds']:.0f}" if "seconds" in x86 else "",
+                f"{timing['edgec_ms']:.2f}" if "edgec_ms" in timing else "",
+                f"{timing['ort_ms']:.2f}" if "ort_ms" in timing else "",
+                f"{timing['ratio']:.2f}x" if "ratio" in timing else "",
+                state, reason.replace("|", "/"),
+            ]
+            print("| " + " | ".join(cells) + " |")
+    print("\n| model | cortex-a53 | cortex-a7 | emulated run |")
+    print("|---|---|---|---|")
+    for result in results:
+        entry = result.get("torchscript", {})
+        if not entry or "export" in entry:
+            continue
+        arm = [entry.get(target, {}).get("status", "-") for target in ARM]
+        emulated = ", ".join(f"{preset} {'ok' if check.get('ok') else check.get('error', 'differs')}"
+                             for preset, check in entry.get("emulated", {}).items()) or "-"
+        print(f"| {result['model']} | {arm[0]} | {arm[1]} | {emulated} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated constructor names [default: all, fewest parameters first]")
+    parser.add_argument("--limit", type=int, help="only the first N models")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="start no model after this much time")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (compiles; timing is extra)")
+    parser.add_argument("--emulate", type=int, default=3, help="run the ARM builds of the first N models on emulated boards")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--time", nargs=2, metavar=("KIND", "ARTIFACT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.time:
+        print(json.dumps(time_runner(args.time[0], Path(args.time[1]), args.repeat)))
+        return 0
+    if args.worker:
+        print(json.dumps(run_model(args.worker, args.work)))
+        return 0
+    names = args.models.split(",") if args.models else model_names()
+    names = names[: args.limit] if args.limit else names
+    results, start, emulated = [], time.perf_counter(), 0
+    with tempfile.TemporaryDirectory(prefix="edgec-torchvision-") as root:
+        for index, name in enumerate(names, 1):
+            if args.budget_minutes is not None and time.perf_counter() - start > 60 * args.budget_minutes:
+                results.extend({"model": left, "error": "not run: --budget-minutes spent"} for left in names[index - 1 :])
+                break
+            work = Path(root) / name
+            work.mkdir()
+            print(f"[{index}/{len(names)}] {name}", file=sys.stderr, flush=True)
+            try:
+                done = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work)],
+                                      capture_output=True, text=True, timeout=args.timeout, check=False)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                result = json.loads(lines[-1]) if lines else {
+                    "model": name, "error": f"worker exited {done.returncode}: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"}
+            except subprocess.TimeoutExpired:
+                result = {"model": name, "error": f"timed out after {args.timeout:g} s"}
+            entry = result.get("torchscript", {})
+            if entry.get("x86", {}).get("status") == "matches":
+                entry["timing"] = measure(work / f"{name}-pt-x86", args.rounds, args.repeat)
+            if emulated < args.emulate and all(entry.get(target, {}).get("status") == "built" for target in ARM):
+                entry["emulated"] = {}
+                for target in ARM:
+                    try:
+                        entry["emulated"][target] = emulated_check(work / f"{name}-pt-{target}", target)
+                    except Exception as error:  # noqa: BLE001
+                        entry["emulated"][target] = {"ok": False, "error": one_line(error)}
+                emulated += 1
+            results.append(result)
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+    print(f"{len(results)} models in {time.perf_counter() - start:.0f} s\n")
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
