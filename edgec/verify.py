@@ -216,8 +216,9 @@ def _run_emulated(target: ResolvedTarget, agent: Path, artifact: Artifact, input
 
     try:
         board = emulate(target.name, agent=agent, timeout=120)
-    except EmulatorError as error:
-        raise VerificationError(f"the emulated {target.name} board did not start: {error}; --no-verify skips the check") from None
+    except EmulatorError as error:  # not a VerificationError: rebuilding would not help
+        raise EmulatorError(f"the emulated {target.name} board that verifies the build did not start: {error}; "
+                            "--no-verify skips the check") from None
     with board, connect(rpc=board.address, timeout=120) as device:
         device.check_artifact(artifact)
         _module, vm = load_vm(device, artifact)
