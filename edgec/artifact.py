@@ -187,11 +187,15 @@ def _bad(manifest_path: Path, key: str, kind, value: Any) -> None:
     raise ArtifactError(f"'{manifest_path}': '{key}' should be {wanted}, not {shown}; recompile the model")
 
 
-def check_replaceable(output: Path) -> None:
+def check_replaceable(output: Path, retries: int = 20) -> None:
     """ArtifactError unless ``output`` is absent, an empty directory, or an edgec artifact
-    holding only the files its manifest lists (so replacing it loses nothing edgec did not write)."""
+    holding only the files its manifest lists (so replacing it loses nothing edgec did not write).
+    The listing and the manifest are read from one open directory, so that another compile
+    renaming its artifact into place meanwhile cannot mix two directories."""
+    if output.is_symlink():
+        raise ArtifactError(f"'{output}' is a symbolic link; refusing to replace it. Give the real directory as -o")
     try:
-        entries = set(os.listdir(output))
+        directory = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return
     except NotADirectoryError:
@@ -204,17 +208,21 @@ def check_replaceable(output: Path) -> None:
         raise ArtifactError(f"cannot create '{output}': '{blocking}' is a file, not a directory; choose another -o") from None
     except OSError as error:
         raise ArtifactError(f"cannot read '{output}': {error.strerror}; choose another -o") from None
-    if output.is_symlink():
-        raise ArtifactError(f"'{output}' is a symbolic link; refusing to replace it. Give the real directory as -o")
+    try:
+        entries = set(os.listdir(directory))
+        manifest = _read_manifest_at(directory) if MANIFEST in entries else None
+        moved = not _same_inode(directory, output)
+    finally:
+        os.close(directory)
+    if moved:  # another compile moved it aside (and may be deleting it) while it was read: look again
+        if retries:
+            return check_replaceable(output, retries - 1)
+        raise ArtifactError(f"'{output}' kept changing while this compile looked at it; retry")
     if not entries:
         return
     refuse = f"'{output}' exists and is not an edgec artifact; refusing to overwrite it. Choose another -o or remove it"
     if MANIFEST not in entries:
         raise ArtifactError(f"{refuse} (it has no {MANIFEST})")
-    try:
-        manifest = json.loads((output / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
     if not is_edgec_manifest(manifest):
         raise ArtifactError(f"{refuse} (its {MANIFEST} was not written by edgec)")
     listed = {name for name in manifest.get("files", []) if isinstance(name, str)} | {MANIFEST}
@@ -225,6 +233,23 @@ def check_replaceable(output: Path) -> None:
             f"{' ...' if len(foreign) > 5 else ''}, which edgec did not write; refusing to delete them. "
             "Move them out or choose another -o"
         )
+
+
+def _same_inode(directory: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(directory), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _read_manifest_at(directory: int) -> Any:
+    """The parsed manifest.json inside the open directory ``directory``; None if unreadable."""
+    try:
+        with open(os.open(MANIFEST, os.O_RDONLY, dir_fd=directory), "rb") as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

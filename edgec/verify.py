@@ -41,7 +41,6 @@ from edgec.fallbacks import one_line
 from edgec.model import Model, value_signature
 from edgec.numerics import compare
 from edgec.progress import Progress
-from edgec.runtimes.device_functions import cpu_arch
 from edgec.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,9 @@ def verify(
                     f"{agreement.max_abs:.3g}, max rel {agreement.max_rel:.3g}; no artifact was written. "
                     "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
                 )
-        if model.standard_graph is None and "numpy" in result:
+        from edgec.runtimes.reference import has_custom_ops
+
+        if has_custom_ops(model.graph) and model.standard_graph is None:
             result["independent_reference"] = f"none: {standard_note(model)}"
     return result
 
@@ -177,6 +178,8 @@ def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
     """How to run the target's code here, or the reason it cannot run here."""
     preset = target.preset
     if preset.host_runnable:
+        from edgec.runtimes.device_functions import cpu_arch
+
         return Runner(f"this machine ({cpu_arch(platform.machine())})", _run_local)
     cannot = f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
     if preset.kind != "llvm":
