@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import shutil
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgec.errors import BuildError
 from edgec.targets import ResolvedTarget, require_linker
 
 log = logging.getLogger(__name__)
+
+FORCE_SOURCE_ENV = "TVM_COMPILE_FORCE_FALLBACK"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,8 @@ def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | N
     library dispatch
     -> graph      CPU + schedules or tuning_db: BN as scale/shift, Clip as Relax ops, NHWC layout,
                   constants folded (targets/schedules/graph.py); before legalize
-                  because kernels are written for the layout chosen here
+                  because kernels are written for the layout chosen here.
+                  CUDA float16: convolutions and matmuls on float16 (float16_passes)
     -> legalize + fuse (CUDA: + dlight GPU schedules)
     -> tuned      CPU + tuning_db: kernels with a record in the database get its
                   best measured schedule (the library's own is measured and recorded
@@ -93,8 +98,12 @@ def relax_pipeline(target: ResolvedTarget, sink: dict, options: BuildOptions | N
 def graph_stage(target: ResolvedTarget, options: BuildOptions) -> list:
     """The Relax passes between library dispatch and legalization: on CPUs with the
     schedule library or a tuning database, the channels-last graph the kernels are
-    written (and tuned) for; nothing otherwise. ``edgec tune`` runs the same."""
-    if target.preset.kind == "cuda" or not (options.schedules or options.tuning_db is not None):
+    written (and tuned) for; for ``cuda:dtype=float16``, float16 convolutions and matmuls
+    (float32 accumulation; weights cast once, at compile time); nothing otherwise.
+    ``edgec tune`` runs the same."""
+    if target.preset.kind == "cuda":
+        return float16_passes() if target.dtype == "float16" else []
+    if not (options.schedules or options.tuning_db is not None):
         return []
     from edgec.ops._relax import cancel_transposes
     from edgec.targets.schedules import cpu_vector, graph_passes
@@ -119,7 +128,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
     sink = {} if sink is None else sink
     options = options or BuildOptions()
     try:
-        executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
+        with _cuda_source_modules(target):
+            executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
     sink["kernel_constants"] = {}
@@ -128,6 +138,40 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
         for call in calls:
             call["schedule"] = sink["schedules"].get(call["kernel"])
     return executable, calls
+
+
+def float16_passes() -> list:
+    """Convolutions and matmuls on float16 operands, accumulated in float32; element-wise ops,
+    BN and the graph's inputs and outputs stay float32 (TVM's ToMixedPrecision)."""
+    from tvm import relax
+
+    return [
+        relax.transform.ConvertToDataflow(),  # ToMixedPrecision rewrites dataflow blocks only
+        relax.transform.ToMixedPrecision(out_dtype="float32"),
+        relax.transform.FoldConstant(),  # the weights' float16 casts, done here rather than on every run
+    ]
+
+
+@contextlib.contextmanager
+def _cuda_source_modules(target: ResolvedTarget) -> Iterator[None]:
+    """CUDA builds keep their kernels as CUDA source inside lib.so, even where TVM's CUDA
+    runtime is loaded (which would otherwise compile them now, with NVRTC, for the arch
+    named in the target only): the same lib.so comes out with or without a GPU, and
+    loading it compiles or fetches the kernels for the GPU at hand (runtimes/cuda.py).
+    ``TVM_COMPILE_FORCE_FALLBACK`` is TVM's switch for this (read when each CUDA module is
+    created); it is set for the build only."""
+    if target.preset.kind != "cuda":
+        yield
+        return
+    before = os.environ.get(FORCE_SOURCE_ENV)
+    os.environ[FORCE_SOURCE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_SOURCE_ENV, None)
+        else:
+            os.environ[FORCE_SOURCE_ENV] = before
 
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:
@@ -163,20 +207,28 @@ def device_sources(executable, kind: str) -> list[str]:
 
 
 def _export_cuda_kernels(executable, target: ResolvedTarget, directory: Path) -> list[str]:
+    """kernels.cu (the CUDA source inside lib.so) and, where nvcc is installed, kernels.fatbin:
+    compiled the way TVM compiles CUDA with nvcc, for the target's arch, with its PTX kept so
+    that newer GPUs run it too. ``edgec run/bench/profile`` load this fatbin instead of
+    compiling the source again on the GPU machine (runtimes/cuda.py)."""
     sources = device_sources(executable, "cuda")
     if not sources:
         raise BuildError(f"the {target.spec} build holds no CUDA module")
     source = directory / "kernels.cu"
     source.write_text("\n".join(sources))
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    if shutil.which("nvcc") is None:
         log.warning("nvcc not found: CUDA kernels written to kernels.cu but not compiled")
         return ["kernels.cu"]
+    from tvm.support import nvcc
+
     arch = target.options["arch"]
-    fatbin = directory / "kernels.fatbin"
-    command = [nvcc, f"-arch={arch}", "--fatbin", "-w", "-o", str(fatbin), str(source)]
-    log.info("checking CUDA kernels: %s", " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BuildError(f"nvcc could not compile the generated CUDA kernels for {arch}:\n{done.stderr[-2000:]}")
+    number = arch.removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{number},code=sm_{number}", "-gencode", f"arch=compute_{number},code=compute_{number}"]
+    log.info("checking CUDA kernels: nvcc --fatbin %s", " ".join(gencode))
+    try:
+        with target.tvm_target():  # TVM's nvcc driver reads the arch's major version from the current target
+            nvcc.compile_cuda(source.read_text(), target_format="fatbin", arch=gencode, compiler="nvcc", path_target=str(directory / "kernels.fatbin"))
+    except RuntimeError as error:
+        detail = str(error).rpartition("Compilation error:")[2].strip()  # TVM puts the whole source first
+        raise BuildError(f"nvcc could not compile the generated CUDA kernels for {arch}:\n{detail[-2000:]}") from None
     return ["kernels.cu", "kernels.fatbin"]
