@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
 
     sink = {} if sink is None else sink
     options = options or BuildOptions()
+    if target.preset.kind == "cuda" and target.dtype == "float16":
+        _import_tensor_core_intrinsics()
     try:
         with _cuda_source_modules(target):
             executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
@@ -150,6 +153,37 @@ def float16_passes() -> list:
         relax.transform.ToMixedPrecision(out_dtype="float32"),
         relax.transform.FoldConstant(),  # the weights' float16 casts, done here rather than on every run
     ]
+
+
+def _import_tensor_core_intrinsics() -> None:
+    """Import TVM's tensor-core intrinsics, which dlight's Matmul rule imports for float16.
+
+    They are TVMScript, parsed at import; the parser calls ``inspect.stack()`` for each of
+    its ~250 functions, and ``inspect.getmodule`` scans all of ``sys.modules`` for every
+    frame whose file is not a real one (``<frozen importlib._bootstrap>``): the import took
+    175 s here in a process with TVM alone and 369 s with torch loaded. With getmodule's
+    answer for such pseudo-files kept for the import (None: no module lives in them) it
+    took 13 s. Once per process.
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        return
+    import inspect
+
+    original = inspect.getmodule
+    pseudo_files: dict[str, object] = {}
+
+    def getmodule(obj, _filename=None):
+        if isinstance(_filename, str) and _filename.startswith("<"):
+            if _filename not in pseudo_files:
+                pseudo_files[_filename] = original(obj, _filename)
+            return pseudo_files[_filename]
+        return original(obj, _filename)
+
+    inspect.getmodule = getmodule
+    try:
+        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401 - registers the intrinsics
+    finally:
+        inspect.getmodule = original
 
 
 @contextlib.contextmanager
