@@ -442,7 +442,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--torch-python", help="a Python whose torch is a CUDA build [default: search]")
     parser.add_argument("--arch", default="sm_80", help="--dry-run only: the arch to compile for [sm_80]")
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: compile for CUDA, bench with the CPU standing in")
+    parser.add_argument("--dry-run", action="store_true", help="compile for CUDA, bench with the CPU standing in for the GPU")
     parser.add_argument("-o", "--output", type=Path, help="also write the table (markdown) here")
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     # a child process (one runner): internal
@@ -461,7 +461,7 @@ def main() -> int:
         print("no GPU that edgec can use here (see above): nothing was compiled or timed; "
               "`--dry-run` checks this script without one", file=sys.stderr)
         return 2
-    device = "gpu" if gpu is not None else "cpu"
+    device = "cpu" if args.dry_run else "gpu"
     arch = gpu.arch if gpu is not None else args.arch
     candidates = [args.torch_python] if args.torch_python else [sys.executable, "python3"]
     if device == "gpu":
@@ -473,7 +473,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgec-gpu-check-") as work:
         for name in (item.strip() for item in args.models.split(",") if item.strip()):
             results.append(bench_model(name, args, Path(work), device, arch, torch_python, torch_note))
-    what = f"GPU 0 {gpu.name} ({gpu.arch})" if gpu is not None else "DRY RUN: the CPU stands in for the GPU; timings say nothing about GPUs"
+    what = f"GPU 0 {gpu.name} ({gpu.arch})" if device == "gpu" else "DRY RUN: the CPU stands in for the GPU; timings say nothing about GPUs"
     header = (f"{what}; batch 1, 1x3x224x224; {args.rounds} rounds x {args.repeat} runs, interleaved, each runner in its own "
               "process; median ms over all runs; ratios: median over rounds of the ratio of round medians; edgec timed by "
               "TVM's time evaluator on the device, ORT (I/O bound on the device) and PyTorch by the wall clock around a "

@@ -128,10 +128,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
 
     sink = {} if sink is None else sink
     options = options or BuildOptions()
-    if target.preset.kind == "cuda" and target.dtype == "float16":
-        _import_tensor_core_intrinsics()
     try:
-        with _cuda_source_modules(target):
+        with _cuda_source_modules(target), _fast_tvmscript_import(target):
             executable = relax.build(mod, target=target.tvm_target(), relax_pipeline=relax_pipeline(target, sink, options))
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"TVM build for {target.spec} failed: {error}") from error
@@ -155,17 +153,20 @@ def float16_passes() -> list:
     ]
 
 
-def _import_tensor_core_intrinsics() -> None:
-    """Import TVM's tensor-core intrinsics, which dlight's Matmul rule imports for float16.
+@contextlib.contextmanager
+def _fast_tvmscript_import(target: ResolvedTarget) -> Iterator[None]:
+    """For float16 CUDA builds, speed up the import of TVM's tensor-core intrinsics, which
+    dlight's Matmul rule imports when it tensorizes a float16 kernel.
 
     They are TVMScript, parsed at import; the parser calls ``inspect.stack()`` for each of
     its ~250 functions, and ``inspect.getmodule`` scans all of ``sys.modules`` for every
     frame whose file is not a real one (``<frozen importlib._bootstrap>``): the import took
-    175 s here in a process with TVM alone and 369 s with torch loaded. With getmodule's
-    answer for such pseudo-files kept for the import (None: no module lives in them) it
-    took 13 s. Once per process.
+    175 s here in a process with TVM alone and 369 s with torch loaded (ResNet-18 float16:
+    256 s of build). With getmodule's answer for such pseudo-files kept during the build
+    (None: no module lives in them) it took 13 s (ResNet-18: 32 s of build).
     """
-    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+    if target.preset.kind != "cuda" or target.dtype != "float16" or "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        yield
         return
     import inspect
 
@@ -181,7 +182,7 @@ def _import_tensor_core_intrinsics() -> None:
 
     inspect.getmodule = getmodule
     try:
-        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401 - registers the intrinsics
+        yield
     finally:
         inspect.getmodule = original
 
