@@ -105,6 +105,8 @@ def _ort_child(args):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if args.device == "gpu":
+        if hasattr(ort, "preload_dlls"):  # CUDA, cuBLAS, cuDNN from NVIDIA's pip wheels (onnxruntime-gpu[cuda,cudnn])
+            ort.preload_dlls()
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)")
         providers = [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"})]

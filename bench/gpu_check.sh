@@ -50,7 +50,7 @@ if [ ! -x "$PY" ]; then
 fi
 if [ "$dry_run" = 1 ]; then
   echo "dry run: would run: $PY -m pip install ${pip_options[*]} -e '.[cuda]'"
-  [ "${ORT_GPU:-1}" = 0 ] || echo "dry run: would replace onnxruntime by onnxruntime-gpu==$($PY -c 'import onnxruntime; print(onnxruntime.__version__)')"
+  [ "${ORT_GPU:-1}" = 0 ] || echo "dry run: would replace onnxruntime by onnxruntime-gpu[cuda,cudnn]==$($PY -c 'import onnxruntime; print(onnxruntime.__version__)') + nvidia-cublas"
 else
   $PY -m pip install "${pip_options[@]}" -e '.[cuda]' \
     || echo "WARNING: the [cuda] extra did not install; edgec will look for libcudart.so.13 elsewhere (CUDA_HOME, /usr/local/cuda, ldconfig)"
@@ -59,7 +59,8 @@ else
     if ! $PY -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())'; then
       # both wheels install the same onnxruntime package: one at a time
       $PY -m pip uninstall -q -y onnxruntime
-      if ! $PY -m pip install "${pip_options[@]}" "onnxruntime-gpu==$ort_version"; then
+      # its CUDA EP links CUDA 13, cuBLAS 13, cuRAND and cuDNN 9: NVIDIA's wheels, found by ort.preload_dlls()
+      if ! $PY -m pip install "${pip_options[@]}" "onnxruntime-gpu[cuda,cudnn]==$ort_version" nvidia-cublas; then
         echo "WARNING: onnxruntime-gpu $ort_version did not install; back to onnxruntime (no ORT-CUDA column)"
         $PY -m pip install "${pip_options[@]}" "onnxruntime==$ort_version"
       fi
