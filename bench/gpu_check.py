@@ -80,7 +80,7 @@ def _edgec_child(args):
     runner = LocalRunner(artifact)  # CUDA artifacts: GPU 0; x86 (dry run): this CPU
     x = np.load(args.input)
     output = runner.run([x])[0]
-    device = "GPU 0 (TVM time evaluator)" if artifact.manifest["target"]["arch"] == "cuda" else "CPU (dry run)"
+    device = "GPU 0 (TVM time evaluator)" if artifact.manifest["target"]["arch"] == "cuda" else "CPU (dry run: the x86 float32 build)"
 
     def time_ms(count: int) -> list[float]:
         return runner.time_ms([x], repeat=count, warmup=1)

@@ -157,7 +157,7 @@ class RemoteDevice(Device):
                     "edgec); start `edgec device serve` on the GPU machine"
                 ) from None
             info = json.loads(probe())
-        if not info["ok"]:
+        if not info.pop("ok"):
             raise NoCudaDeviceError(f"{self.label}: {info['reason'].removeprefix('no CUDA device: ')}")
         self._gpu_found(info, artifact)
         self.dev = self.session.cuda(0)
