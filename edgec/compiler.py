@@ -181,11 +181,19 @@ def _verify(
 ) -> dict[str, Any]:
     if not options.enabled:
         return {"status": "skipped", "reason": "--no-verify"}
-    if not target.preset.host_runnable:
+    if target.preset.kind == "cuda":
+        from edgec.runtimes.cuda import unavailable_reason
+
+        reason = unavailable_reason(target.options["arch"])
+        if reason is not None:
+            return {"status": "skipped", "reason": f"{reason}; check it on a GPU with edgec bench"}
+    elif not target.preset.host_runnable:
         return {
             "status": "skipped",
             "reason": f"{target.name} code cannot run on this machine; check it on the board with edgec bench",
         }
+    floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
+    options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
     from edgec.artifact import Artifact as _Artifact
     from edgec.frontend import input_arrays
     from edgec.runtimes.local import LocalRunner
@@ -193,7 +201,7 @@ def _verify(
     with progress.stage("verify", "lib.so vs ONNX Runtime" + (" and PyTorch" if model.torch_reference else "")):
         inputs = input_arrays(model, options.seed)
         signature = {
-            "target": {"preset": target.name, "host_runnable": True},
+            "target": {"preset": target.name, "arch": target.preset.arch, "tvm": target.tvm_json, "host_runnable": True},
             "inputs": [value_signature(value) for value in model.graph.graph.inputs],
         }
         got = LocalRunner(_Artifact(directory, signature)).run(inputs)
@@ -283,6 +291,8 @@ def build_manifest(
             "tvm": target.tvm_json,
             "host": target.host_json,
             "host_runnable": target.preset.host_runnable,
+            "dtype": target.dtype,
+            "min_tolerance": target.min_tolerance,
         },
         "inputs": [value_signature(value) for value in graph.graph.inputs],
         "outputs": [value_signature(value) for value in graph.graph.outputs],
