@@ -117,10 +117,12 @@ def mobilenet_v2(seed: int = 0) -> nn.Module:
 
 
 def resnet18(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # before construction: Linear's default init draws from the global RNG
     return _calibrate(ResNet18(), seed)
 
 
 def squeezenet1_1(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return _calibrate(SqueezeNet11(), seed)
 
 

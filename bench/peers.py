@@ -121,31 +121,35 @@ def _prepare(runtime: str, work: Path, threads: int):
         tensor = torch.from_numpy(x)
         return (lambda: loaded.forward([tensor])), (lambda: loaded.forward([tensor])[0].numpy())
     if runtime == "ncnn":
+        import importlib.util
+
         import ncnn
 
-        ncnn_dir = work / "ncnn"
-        ncnn_dir.mkdir(exist_ok=True)
+        # pnnx's executable, found without importing the pnnx package: that imports torch, and
+        # ncnn segfaults in a process that has loaded torch (two OpenMP runtimes)
+        pnnx_dir = importlib.util.find_spec("pnnx").submodule_search_locations[0]
         shape = ",".join(str(d) for d in x.shape)
-        command = ["pnnx", str(work / "model.pt"), f"inputshape=[{shape}]f32"]
-        done = subprocess.run(command, cwd=ncnn_dir, capture_output=True, text=True, check=False)
-        param = ncnn_dir / "model.ncnn.param"
+        command = [str(Path(pnnx_dir) / "pnnx"), "model.pt", f"inputshape=[{shape}]f32", "fp16=0"]  # writes model.ncnn.* beside it
+        done = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
+        param, weights = work / "model.ncnn.param", work / "model.ncnn.bin"
         if done.returncode != 0 or not param.is_file():
-            raise RuntimeError(f"pnnx failed ({done.returncode}): {done.stderr[-500:]}")
+            raise RuntimeError(f"pnnx failed ({done.returncode}): {done.stderr[-300:]}")
         net = ncnn.Net()
         net.opt.num_threads = threads
         net.opt.use_fp16_packed = net.opt.use_fp16_storage = net.opt.use_fp16_arithmetic = False
         net.opt.use_bf16_storage = False
-        if net.load_param(str(param)) != 0 or net.load_model(str(ncnn_dir / "model.ncnn.bin")) != 0:
+        if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
             raise RuntimeError("ncnn could not load pnnx's model files")
-        image = ncnn.Mat(np.ascontiguousarray(x[0]))
+        planes = np.ascontiguousarray(x[0])
+        image = ncnn.Mat(planes)
 
-        def run():
-            with net.create_extractor() as extractor:
+        def run(copy: bool = False, _alive=(planes, image)):  # image wraps planes' memory
+            with net.create_extractor() as extractor:  # its blobs (and the output Mat) die with it
                 extractor.input("in0", image)
                 _, out = extractor.extract("out0")
-                return out
+                return np.array(out).reshape(1, -1) if copy else None
 
-        return run, (lambda: np.array(run()).reshape(1, -1))
+        return run, (lambda: run(copy=True))
     if runtime == "torch":
         import torch
 
@@ -229,7 +233,11 @@ class Worker:
 
     def handshake(self, want: np.ndarray, work: Path) -> None:
         line = self.process.stdout.readline()
-        reply = json.loads(line) if line else {"ok": False, "error": "worker died; see its log"}
+        if not line:
+            self.process.wait()
+            log = (work / f"{self.runtime}.log").read_text(errors="replace").strip().splitlines()
+            line = json.dumps({"ok": False, "error": f"worker died ({self.process.returncode}): {log[-1] if log else ''}"})
+        reply = json.loads(line)
         if not reply["ok"]:
             self.status = f"FAILED: {reply['error'][:120]}"
             return
@@ -260,7 +268,7 @@ class Worker:
 
 
 def prepare_model(name: str, work: Path) -> np.ndarray:
-    """Write the model (TorchScript, pickled module, ONNX as edgec exports it) and the input; return PyTorch's output."""
+    """Write the model (traced TorchScript, ONNX as edgec exports it, its name) and the input; return PyTorch's output."""
     import torch
 
     import edgec
@@ -268,8 +276,9 @@ def prepare_model(name: str, work: Path) -> np.ndarray:
 
     module = models.build(name, seed=0)
     (work / "model.name").write_text(name)
-    torch.jit.save(torch.jit.script(module) if _scriptable(module) else torch.jit.trace(module, torch.zeros(models.INPUT_SHAPE)), str(work / "model.pt"))
     x = np.random.default_rng(0).standard_normal(models.INPUT_SHAPE, dtype=np.float32)
+    # traced, not scripted: pnnx converts traced TorchScript only, and every runtime gets the same graph
+    torch.jit.save(torch.jit.trace(module, torch.from_numpy(x)), str(work / "model.pt"))
     np.save(work / "input.npy", x)
     model = edgec.load(work / "model.pt", input_shape=models.INPUT_SHAPE)
     from edgec.compiler import save_onnx
@@ -277,16 +286,6 @@ def prepare_model(name: str, work: Path) -> np.ndarray:
     save_onnx(model.graph, work / "model.onnx")
     with torch.inference_mode():
         return module(torch.from_numpy(x)).numpy()
-
-
-def _scriptable(module) -> bool:
-    import torch
-
-    try:
-        torch.jit.script(module)
-    except Exception:  # noqa: BLE001 - torchvision models with Python-only constructs
-        return False
-    return True
 
 
 def bench_model(name: str, args) -> dict:

@@ -47,6 +47,7 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "target.arch": str,
     "target.cpu_arch": str,
     "target.host_runnable": bool,
+    "target.tvm": dict,
     "inputs": list,
     "outputs": list,
     "files": list,

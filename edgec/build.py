@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import shutil
-import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgec.errors import BuildError
@@ -13,6 +16,8 @@ from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
 
 log = logging.getLogger(__name__)
+
+FORCE_SOURCE_ENV = "TVM_COMPILE_FORCE_FALLBACK"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +70,8 @@ def relax_pipeline(
     library dispatch
     -> graph      CPU + schedules or tuning_db: BN as scale/shift, Clip as Relax ops, NHWC layout,
                   constants folded (targets/schedules/graph.py); before legalize
-                  because kernels are written for the layout chosen here
+                  because kernels are written for the layout chosen here.
+                  CUDA float16: convolutions and matmuls on float16 (float16_passes)
     -> legalize + fuse (CUDA: + dlight GPU schedules)
     -> tuned      CPU + tuning_db: kernels with a record in the database get its
                   best measured schedule (the library's own is measured and recorded
@@ -92,7 +98,7 @@ def relax_pipeline(
     stages = attempt.stages
     tvm_target = target.tvm_target()
     family = cpu_family if target.preset.kind != "cuda" else cuda_family
-    graph = _graph_passes(target, fallbacks) if stages.graph else []
+    graph = _graph_stage(target, stages, fallbacks)
     tuned, scheduled = [], []
     if stages.schedules or stages.tuning_db is not None:
         from edgec.targets.schedules import apply_schedules, cpu_vector, default_rules
@@ -127,10 +133,16 @@ def relax_pipeline(
 def graph_stage(target: ResolvedTarget, options: BuildOptions, fallbacks: FallbackLog | None = None) -> list:
     """The Relax passes between library dispatch and legalization: on CPUs with the
     schedule library or a tuning database, the channels-last graph the kernels are
-    written (and tuned) for; nothing otherwise. ``edgec tune`` runs the same."""
-    if not Stages.of(target, options).graph:
-        return []
-    return _graph_passes(target, fallbacks if fallbacks is not None else FallbackLog())
+    written (and tuned) for; for ``cuda:dtype=float16``, float16 convolutions and matmuls
+    (float32 accumulation; weights cast once, at compile time); nothing otherwise.
+    ``edgec tune`` runs the same."""
+    return _graph_stage(target, Stages.of(target, options), fallbacks if fallbacks is not None else FallbackLog())
+
+
+def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog) -> list:
+    if target.preset.kind == "cuda":
+        return float16_passes() if target.dtype == "float16" else []
+    return _graph_passes(target, fallbacks) if stages.graph else []
 
 
 def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
@@ -178,7 +190,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
             sink.pop(key, None)
         try:
             pipeline = relax_pipeline(target, sink, options, fallbacks, attempt)
-            executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline)
+            with _cuda_source_modules(target), _fast_tvmscript_import(target):
+                executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline)
             break
         except Exception as error:  # noqa: BLE001 - find what broke it, keep it out, build again
             attempt = _next_attempt(attempt, error, target, sink, fallbacks)
@@ -238,6 +251,74 @@ def failing_kernels(mod, target: ResolvedTarget, schedules: dict[str, str | None
     return broken
 
 
+def float16_passes() -> list:
+    """Convolutions and matmuls on float16 operands, accumulated in float32; element-wise ops,
+    BN and the graph's inputs and outputs stay float32 (TVM's ToMixedPrecision)."""
+    from tvm import relax
+
+    return [
+        relax.transform.ConvertToDataflow(),  # ToMixedPrecision rewrites dataflow blocks only
+        relax.transform.ToMixedPrecision(out_dtype="float32"),
+        relax.transform.FoldConstant(),  # the weights' float16 casts, done here rather than on every run
+    ]
+
+
+@contextlib.contextmanager
+def _fast_tvmscript_import(target: ResolvedTarget) -> Iterator[None]:
+    """For float16 CUDA builds, speed up the import of TVM's tensor-core intrinsics, which
+    dlight's Matmul rule imports when it tensorizes a float16 kernel.
+
+    They are TVMScript, parsed at import; the parser calls ``inspect.stack()`` for each of
+    its ~250 functions, and ``inspect.getmodule`` scans all of ``sys.modules`` for every
+    frame whose file is not a real one (``<frozen importlib._bootstrap>``): the import took
+    175 s here in a process with TVM alone and 369 s with torch loaded (ResNet-18 float16:
+    256 s of build). With getmodule's answer for such pseudo-files kept during the build
+    (None: no module lives in them) it took 13 s (ResNet-18: 32 s of build).
+    """
+    if target.preset.kind != "cuda" or target.dtype != "float16" or "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        yield
+        return
+    import inspect
+
+    original = inspect.getmodule
+    pseudo_files: dict[str, object] = {}
+
+    def getmodule(obj, _filename=None):
+        if isinstance(_filename, str) and _filename.startswith("<"):
+            if _filename not in pseudo_files:
+                pseudo_files[_filename] = original(obj, _filename)
+            return pseudo_files[_filename]
+        return original(obj, _filename)
+
+    inspect.getmodule = getmodule
+    try:
+        yield
+    finally:
+        inspect.getmodule = original
+
+
+@contextlib.contextmanager
+def _cuda_source_modules(target: ResolvedTarget) -> Iterator[None]:
+    """CUDA builds keep their kernels as CUDA source inside lib.so, even where TVM's CUDA
+    runtime is loaded (which would otherwise compile them now, with NVRTC, for the arch
+    named in the target only): the same lib.so comes out with or without a GPU, and
+    loading it compiles or fetches the kernels for the GPU at hand (runtimes/cuda.py).
+    ``TVM_COMPILE_FORCE_FALLBACK`` is TVM's switch for this (read when each CUDA module is
+    created); it is set for the build only."""
+    if target.preset.kind != "cuda":
+        yield
+        return
+    before = os.environ.get(FORCE_SOURCE_ENV)
+    os.environ[FORCE_SOURCE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_SOURCE_ENV, None)
+        else:
+            os.environ[FORCE_SOURCE_ENV] = before
+
+
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:
     """Write ``lib.so`` (and, for CUDA, ``kernels.cu`` checked by nvcc); return file names."""
     from tvm.support import cc
@@ -271,20 +352,28 @@ def device_sources(executable, kind: str) -> list[str]:
 
 
 def _export_cuda_kernels(executable, target: ResolvedTarget, directory: Path) -> list[str]:
+    """kernels.cu (the CUDA source inside lib.so) and, where nvcc is installed, kernels.fatbin:
+    compiled the way TVM compiles CUDA with nvcc, for the target's arch, with its PTX kept so
+    that newer GPUs run it too. ``edgec run/bench/profile`` load this fatbin instead of
+    compiling the source again on the GPU machine (runtimes/cuda.py)."""
     sources = device_sources(executable, "cuda")
     if not sources:
         raise BuildError(f"the {target.spec} build holds no CUDA module")
     source = directory / "kernels.cu"
     source.write_text("\n".join(sources))
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    if shutil.which("nvcc") is None:
         log.warning("nvcc not found: CUDA kernels written to kernels.cu but not compiled")
         return ["kernels.cu"]
+    from tvm.support import nvcc
+
     arch = target.options["arch"]
-    fatbin = directory / "kernels.fatbin"
-    command = [nvcc, f"-arch={arch}", "--fatbin", "-w", "-o", str(fatbin), str(source)]
-    log.info("checking CUDA kernels: %s", " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BuildError(f"nvcc could not compile the generated CUDA kernels for {arch}:\n{done.stderr[-2000:]}")
+    number = arch.removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{number},code=sm_{number}", "-gencode", f"arch=compute_{number},code=compute_{number}"]
+    log.info("checking CUDA kernels: nvcc --fatbin %s", " ".join(gencode))
+    try:
+        with target.tvm_target():  # TVM's nvcc driver reads the arch's major version from the current target
+            nvcc.compile_cuda(source.read_text(), target_format="fatbin", arch=gencode, compiler="nvcc", path_target=str(directory / "kernels.fatbin"))
+    except RuntimeError as error:
+        detail = str(error).rpartition("Compilation error:")[2].strip()  # TVM puts the whole source first
+        raise BuildError(f"nvcc could not compile the generated CUDA kernels for {arch}:\n{detail[-2000:]}") from None
     return ["kernels.cu", "kernels.fatbin"]

@@ -196,7 +196,7 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
 @_threads_option
 def run(artifact_path, input_files, use_random, seed, output, as_json):
-    """Run a compiled ARTIFACT on this machine (x86 artifacts)."""
+    """Run a compiled ARTIFACT on this machine (x86 artifacts; CUDA artifacts on its GPU)."""
     from edgec.artifact import load_artifact
     from edgec.report import output_summary
     from edgec.runtimes.io import random_inputs, read_inputs, write_outputs

@@ -222,6 +222,8 @@ def build_manifest(
             "tvm": target.tvm_json,
             "host": target.host_json,
             "host_runnable": target.preset.host_runnable,
+            "dtype": target.dtype,
+            "min_tolerance": target.min_tolerance,
         },
         "inputs": [_with_index_range(value_signature(value), ranges) for value in graph.graph.inputs],
         "outputs": [value_signature(value) for value in graph.graph.outputs],

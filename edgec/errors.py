@@ -60,6 +60,13 @@ class DeviceError(EdgecError):
     """A device (local or over RPC) could not be reached, or failed during a run."""
 
 
+class NoCudaDeviceError(DeviceError):
+    """A CUDA artifact needs a GPU here and a piece is missing: the CUDA runtime, the driver, or a GPU."""
+
+    def __init__(self, what: str):
+        super().__init__(f"no CUDA device: {what}")
+
+
 class AgentBuildError(BuildError):
     """Cross-building the native device agent (edgec-agent) failed."""
 

@@ -243,6 +243,9 @@ def bench_summary(result, as_json: bool) -> None:
     table.add_row("runs", f"{result.repeat} (+{result.warmup} warm-up)")
     info = result.device_info
     table.add_row("device", f"{info.get('agent')} {info.get('machine')} ({info.get('cpu_arch')}, {info.get('num_cores')} cores)")
+    if info.get("gpu"):
+        gpu = info["gpu"]
+        table.add_row("GPU", f"{gpu['name']} ({gpu['arch']}), driver runs CUDA {gpu.get('driver_cuda', '?')}")
     check = result.check
     if check.get("ok") is None:
         table.add_row("output check", check.get("note", "not run"))

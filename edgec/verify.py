@@ -7,7 +7,8 @@ lib.so runs on a seeded random input:
   ``edgec device emulate`` starts; the agent is built once per CPU and
   cached): the target's own machine code runs. Skipped, with the reason,
   only when qemu-user or the target's C library is not installed;
-- CUDA: skipped (the pip TVM wheel has no CUDA runtime).
+- CUDA: on GPU 0 when this machine has one (runtimes/cuda.py), else
+  skipped with the reason.
 
 Its outputs are compared (edgec.numerics.compare) with these references:
 
@@ -124,9 +125,11 @@ def verify(
         return {"status": "skipped", "reason": "--no-verify"}
     from edgec.frontend import input_arrays
 
+    floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
+    options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
     signature = {
         "target": {
-            "preset": target.name, "spec": target.spec, "arch": target.preset.arch,
+            "preset": target.name, "spec": target.spec, "arch": target.preset.arch, "tvm": target.tvm_json,
             "cpu_arch": target.preset.cpu_arch, "host_runnable": target.preset.host_runnable,
         },
         "inputs": [value_signature(value) for value in model.graph.graph.inputs],
@@ -177,6 +180,13 @@ class Runner:
 def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
     """How to run the target's code here, or the reason it cannot run here."""
     preset = target.preset
+    if preset.kind == "cuda":
+        from edgec.runtimes.cuda import unavailable_reason
+
+        reason = unavailable_reason(target.options["arch"])
+        if reason is not None:
+            return f"{reason}; check it on a GPU with edgec bench"
+        return Runner("GPU 0 (CUDA)", _run_local)
     if preset.host_runnable:
         from edgec.runtimes.device_functions import cpu_arch
 

@@ -4,6 +4,9 @@
     edgec.profile.register_kernel(module, kernel, global_name)
         makes ``module``'s kernel (found through its imports) a global function on
         the device, so that TVM's own ``runtime.RPCTimeEvaluator`` can time it there.
+    edgec.device.cuda()                              -> JSON string: {"ok": true, name, arch, ...} or
+        {"ok": false, "reason": ...}; loads TVM's CUDA runtime on first call
+        (runtimes/cuda.py). Python server only: the native agent runs no CUDA.
 
 Both are tiny on purpose: all timing is TVM's time evaluator, on the device.
 """
@@ -55,3 +58,10 @@ def register() -> None:
 
     tvm.register_global_func("edgec.device.info", device_info, override=True)
     tvm.register_global_func("edgec.profile.register_kernel", register_kernel, override=True)
+    tvm.register_global_func("edgec.device.cuda", cuda_info, override=True)
+
+
+def cuda_info() -> str:
+    from edgec.runtimes.cuda import gpu_info_json
+
+    return gpu_info_json()

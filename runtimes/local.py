@@ -1,4 +1,4 @@
-"""Run a compiled artifact on this machine with TVM's Relax VM."""
+"""Run a compiled artifact on this machine with TVM's Relax VM (CPU, or GPU 0 for CUDA artifacts)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,20 @@ class LocalRunner:
         import tvm
         from tvm import relax
 
-        if not artifact.manifest["target"].get("host_runnable", False):
+        self.artifact = artifact
+        if artifact.manifest["target"].get("arch") == "cuda":
+            from edgec.runtimes import cuda
+
+            self.device, module = cuda.load_module(artifact)  # GPU 0; NoCudaDeviceError without one
+        elif not artifact.manifest["target"].get("host_runnable", False):
             raise ArtifactError(
                 f"artifact '{artifact.path}' was compiled for {artifact.target_name}, which this machine cannot run; "
                 "run it on the board (edgec bench --rpc HOST:PORT) or compile for x86"
             )
-        self.artifact = artifact
-        self.device = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.lib)), self.device)
+        else:
+            self.device = tvm.cpu()
+            module = tvm.runtime.load_module(str(artifact.lib))
+        self.vm = relax.VirtualMachine(module, self.device)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         import tvm

@@ -38,19 +38,28 @@ class Device:
         return bool(self.info.get("emulated"))
 
     def check_artifact(self, artifact: Artifact) -> None:
-        """Refuse an artifact built for another CPU architecture than the device's."""
+        """Refuse an artifact built for another CPU architecture than the device's; for a
+        CUDA artifact, find the device's GPU (NoCudaDeviceError without one) and run there."""
         wanted = artifact.manifest["target"]["cpu_arch"]
         have = self.info.get("cpu_arch")
         if artifact.manifest["target"]["arch"] == "cuda":
-            raise ArtifactError(
-                f"artifact '{artifact.path}' is a CUDA build; edgec bench/profile run CPU artifacts only "
-                "(the pip TVM wheel has no CUDA runtime)"
-            )
+            self.use_gpu(artifact)
         if wanted != have:
             raise ArtifactError(
                 f"artifact '{artifact.path}' was compiled for {artifact.target_name} ({wanted}), but {self.label} is "
                 f"{have} ({self.info.get('machine')}); compile for a matching target (see `edgec targets`)"
             )
+
+    def use_gpu(self, artifact: Artifact) -> None:
+        """Make GPU 0 the device that tensors, runs and timers use, or raise NoCudaDeviceError."""
+        raise NotImplementedError
+
+    def _gpu_found(self, gpu: dict[str, Any], artifact: Artifact) -> None:
+        from edgec.runtimes import cuda
+
+        cuda.check_arch(artifact.manifest["target"]["tvm"]["arch"], gpu, f"artifact '{artifact.path}'")
+        self.info = {**self.info, "gpu": gpu}
+        self.label = f"{self.label}, GPU 0 {gpu['name']} ({gpu['arch']})"
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
@@ -84,10 +93,22 @@ class LocalDevice(Device):
         self.info = {**json.loads(device_functions.device_info()), "agent": "edgec (in-process)"}
         self.dev = tvm.cpu()
 
+    def use_gpu(self, artifact: Artifact) -> None:
+        import tvm
+
+        from edgec.runtimes import cuda
+
+        self._gpu_found(cuda.gpu().as_dict(), artifact)
+        self.dev = tvm.cuda(0)
+
     def load(self, artifact: Artifact):
         import tvm
 
+        from edgec.runtimes import cuda
+
         with self.step("loading lib.so"):
+            if artifact.manifest["target"]["arch"] == "cuda":
+                return cuda.load_module(artifact)[1]
             return tvm.runtime.load_module(str(artifact.lib))
 
     def tensor(self, array: np.ndarray):
@@ -124,9 +145,32 @@ class RemoteDevice(Device):
             self.info = json.loads(info())
         self.dev = session.cpu()
 
+    def use_gpu(self, artifact: Artifact) -> None:
+        from edgec.errors import NoCudaDeviceError
+
+        with self.step("asking the device for its GPU (edgec.device.cuda)"):
+            try:
+                probe = self.session.get_function("edgec.device.cuda")
+            except Exception:  # noqa: BLE001 - TVM raises when the server lacks the function
+                raise NoCudaDeviceError(
+                    f"{self.label} runs no CUDA (its server has no edgec.device.cuda: an edgec-agent or an older "
+                    "edgec); start `edgec device serve` on the GPU machine"
+                ) from None
+            info = json.loads(probe())
+        if not info.pop("ok"):
+            raise NoCudaDeviceError(f"{self.label}: {info['reason'].removeprefix('no CUDA device: ')}")
+        self._gpu_found(info, artifact)
+        self.dev = self.session.cuda(0)
+
     def load(self, artifact: Artifact):
+        from edgec.runtimes import cuda
+
+        kernels = cuda.artifact_kernels(artifact.path) if artifact.manifest["target"]["arch"] == "cuda" else None
         with self.step("uploading lib.so"):
             self.session.upload(str(artifact.lib), "edgec_model.so")
+            if kernels is not None:  # the server's kernel compiler serves it (runtimes/cuda.py)
+                key = cuda.source_key(kernels[0])
+                self.session.upload(str(artifact.path / cuda.KERNELS_BINARY), f"{cuda.RPC_KERNELS_PREFIX}{key}.fatbin")
         with self.step("loading lib.so on the device"):
             return self.session.load_module("edgec_model.so")
 

@@ -28,7 +28,7 @@ class TargetPreset:
     ...) of the code that runs on the CPU; for CUDA it is the host part. ``mcpu``
     ``None`` means "the CPU of the machine compiling" (LLVM rejects "native").
     ``options`` are the user-settable options with their defaults
-    (``--target cuda:arch=sm_86``). ``vector_lanes`` (float32 lanes of one
+    (``--target cuda:arch=sm_86,dtype=float16``). ``vector_lanes`` (float32 lanes of one
     SIMD register) and ``vector_registers`` shape the CPU schedule library's
     tiles; ``None`` means "detect the compiling machine" (AVX-512: 16 and 32,
     AVX2: 8 and 16).
@@ -89,10 +89,11 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
     ),
     TargetPreset(
-        name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code x86-64)",
-        kind="cuda", arch="cuda", cpu_arch="x86_64", mtriple=None, mcpu=None,
+        name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code generic x86-64)",
+        # the host part (the VM's glue, kernel launches) runs on whatever x86-64 CPU the GPU server has
+        kind="cuda", arch="cuda", cpu_arch="x86_64", mtriple=None, mcpu="x86-64",
         toolchain=None, elf_machine="x86-64", elf_bits=64,
-        options=(("arch", "sm_80"),),
+        options=(("arch", "sm_80"), ("dtype", "float32")),
     ),
 )}
 # fmt: on

@@ -11,6 +11,14 @@ from edgec.targets.host import host_cpu_name
 from edgec.targets.presets import PRESETS, TargetPreset
 
 _CUDA_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
+CUDA_DTYPES = ("float32", "float16")
+
+# ``cuda:dtype=float16``: convolutions and matmuls read float16 operands and accumulate in
+# float32 (TVM's ToMixedPrecision); the rest stays float32. Built for this CPU from the
+# same graph (seeded weights, 3 inputs each), MobileNetV2's outputs needed rtol=atol of
+# 1.0e-2 to 1.2e-2 against float32 and ResNet-18's 1.9e-3 to 2.3e-3: checks of float16
+# builds use at least this tolerance.
+FLOAT16_TOLERANCE = 5e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +33,16 @@ class ResolvedTarget:
     @property
     def name(self) -> str:
         return self.preset.name
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype of convolutions and matmuls (``cuda:dtype=float16``); float32 elsewhere."""
+        return self.options.get("dtype", "float32")
+
+    @property
+    def min_tolerance(self) -> float:
+        """The smallest rtol/atol that output checks of this build use (float16 is lossy)."""
+        return FLOAT16_TOLERANCE if self.dtype == "float16" else 0.0
 
     @property
     def spec(self) -> str:
@@ -86,6 +104,8 @@ def resolve(spec: str | ResolvedTarget) -> ResolvedTarget:
     if preset.kind == "cuda":
         if not _CUDA_ARCH.match(options["arch"]):
             raise TargetError(f"bad CUDA arch {options['arch']!r}: expected sm_XY, e.g. sm_80 (A100), sm_90 (H100)")
+        if options["dtype"] not in CUDA_DTYPES:
+            raise TargetError(f"bad CUDA dtype {options['dtype']!r}: choose one of {', '.join(CUDA_DTYPES)}")
         return ResolvedTarget(preset, options, {"kind": "cuda", "arch": options["arch"]}, llvm_json(preset))
     return ResolvedTarget(preset, options, llvm_json(preset), None)
 

@@ -114,7 +114,7 @@ def test_targets_table_and_json():
     by_name = {row["name"]: row for row in rows}
     assert by_name["cortex-a7"]["tvm_target"] == resolve("cortex-a7").tvm_json
     assert by_name["cuda"]["tvm_target"] == {"kind": "cuda", "arch": "sm_80"}
-    assert by_name["cuda"]["options"] == {"arch": "sm_80"}
+    assert by_name["cuda"]["options"] == {"arch": "sm_80", "dtype": "float32"}
     assert by_name["x86"]["runs_here"] is True and by_name["cortex-a53"]["runs_here"] is False
     assert by_name["cortex-a53"]["toolchain"][0]["tool"] == "aarch64-linux-gnu-g++"
 

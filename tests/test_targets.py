@@ -83,8 +83,8 @@ def test_x86_falls_back_to_a_generic_cpu(monkeypatch, fresh_host_cpu, detected):
 def test_cuda_default_and_host():
     resolved = resolve("cuda")
     assert resolved.tvm_json == {"kind": "cuda", "arch": "sm_80"}
-    assert resolved.host_json["kind"] == "llvm" and resolved.host_json["mcpu"] != "native"
-    assert resolved.spec == "cuda:arch=sm_80"
+    assert resolved.host_json == {"kind": "llvm", "mcpu": "x86-64"}  # generic: any GPU server's CPU
+    assert resolved.spec == "cuda:arch=sm_80,dtype=float32"
     target = resolved.tvm_target()
     assert str(target.kind.name) == "cuda"
     assert str(target.attrs["arch"]) == "sm_80"
@@ -95,8 +95,8 @@ def test_cuda_default_and_host():
 def test_cuda_arch_option(arch):
     resolved = resolve(f"cuda:arch={arch}")
     assert resolved.tvm_json == {"kind": "cuda", "arch": arch}
-    assert resolved.options == {"arch": arch}
-    assert resolved.spec == f"cuda:arch={arch}"
+    assert resolved.options == {"arch": arch, "dtype": "float32"}
+    assert resolved.spec == f"cuda:arch={arch},dtype=float32"
     assert resolve(resolved.spec) == resolved
 
 
