@@ -173,3 +173,72 @@ def test_python_guest_counts_its_calls(plugin):
     assert once["number"] == 1 and twice["number"] == 2 and once["other_threads"] == [0, 0]
     small, large = once["instructions"][0], twice["instructions"][0] / 2
     assert small > 20000 and large == pytest.approx(2 * small, rel=0.05)  # Python's interpreter is near-deterministic
+
+
+# ---- the client side (runtimes/icount.py) and what the CLI says ---------------------------
+
+
+class FakeDevice:
+    """A Device whose edgec.device.count_evaluator answers ``reply`` (as JSON)."""
+
+    label = "fake board"
+
+    def __init__(self, reply: dict):
+        self.reply = reply
+        self.info = {"counts_instructions": True, "emulated_cpu": "cortex-a7"}
+        self.calls = []
+
+    def step(self, what):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def count_evaluator(self):
+        import json
+
+        def make(module, name, number, repeat):
+            self.calls.append((module, name, number, repeat))
+            return lambda *args: json.dumps(self.reply)
+
+        return make
+
+
+def test_count_reads_the_devices_answer():
+    from edgec.runtimes.icount import count, counts_instructions
+
+    device = FakeDevice({"number": 2, "instructions": [2000, 2002], "other_threads": [0, 5]})
+    counted = count(device, None, "kernel", [], number=2)
+    assert device.calls == [(None, "kernel", 2, 2)]
+    assert counted.runs == (1000, 1001) and counted.per_call == 1000 and not counted.deterministic
+    assert counted.other_threads == 5 and counted.cpu == "cortex-a7" and counts_instructions(device)
+
+
+def test_count_rejects_a_foreign_answer():
+    from edgec.errors import DeviceError
+    from edgec.runtimes.icount import count
+
+    with pytest.raises(DeviceError, match="not edgec's"):
+        count(FakeDevice({"number": 1, "instructions": [1]}), None, "kernel", [], number=1, repeat=2)
+
+
+def test_instruction_summary_says_what_was_counted():
+    from edgec.report import instruction_summary
+    from edgec.runtimes.icount import InstructionCount
+
+    exact = InstructionCount(per_call=139_612_004, runs=(139_612_004, 139_612_004), other_threads=0, cpu="cortex-a7")
+    assert instruction_summary(exact, 0.4634) == "139,612,004 (emulated cortex-a7, deterministic); 0.46 per MAC"
+    shaky = InstructionCount(per_call=10, runs=(9, 11), other_threads=7, cpu=None)
+    text = instruction_summary(shaky, None)
+    assert "NOT deterministic: runs counted 9, 11" in text and "other threads ran 7" in text and "per MAC" not in text
+
+
+def test_this_machine_counts_nothing_and_emulate_help_says_it_counts():
+    from click.testing import CliRunner
+
+    from edgec.cli import cli
+    from edgec.runtimes.icount import counts_instructions
+    from edgec.runtimes.session import LocalDevice
+
+    assert not counts_instructions(LocalDevice())
+    done = CliRunner().invoke(cli, ["device", "emulate", "--help"])
+    assert done.exit_code == 0 and "counts the ARM instructions" in done.output and "--no-count" in done.output
