@@ -26,6 +26,7 @@ from typing import Any
 SYSCALL = 0xEDC0  # EDGEC_ICOUNT_SYSCALL
 ASK = 0x45444743  # EDGEC_ICOUNT_ASK, "EDGC"
 ANSWER = 0x49434E54  # EDGEC_ICOUNT_ANSWER, "ICNT"
+UNCOUNTED_CALLS = 2  # EDGEC_ICOUNT_UNCOUNTED_CALLS: calls before counting
 
 
 class _Request(ctypes.Structure):
@@ -53,7 +54,8 @@ def read_counts() -> tuple[int, int] | None:
 def count_calls(function: Callable[[], Any], number: int, repeat: int) -> dict[str, Any]:
     """Guest instructions of ``number`` calls of ``function``, ``repeat`` times, on this thread.
 
-    The first call is not counted (lazy initialisation). Each count is net of
+    The first UNCOUNTED_CALLS calls are not counted (as in edgec-agent's count
+    evaluator: lazy initialisation, then the heap settling). Each count is net of
     the instructions of reading the counter (measured between two reads), so
     what remains is the calls and this loop. ``other_threads``: instructions
     other threads ran meanwhile.
@@ -65,7 +67,8 @@ def count_calls(function: Callable[[], Any], number: int, repeat: int) -> dict[s
             "this process counts no instructions: that needs qemu-user with edgec's counting plugin "
             "(real boards report time only)"
         )
-    function()
+    for _ in range(UNCOUNTED_CALLS):
+        function()
     first, second = read_counts(), read_counts()
     reading = second[0] - first[0]
     instructions, other_threads = [], []

@@ -61,7 +61,7 @@ def counts_instructions(device) -> bool:
 def count(device, module, name: str, arguments: Sequence[Any], *, number: int = 1, repeat: int = COUNT_REPEAT) -> InstructionCount:
     """Count ``module[name](*arguments)`` (``module`` None: the global function ``name``) on ``device``.
 
-    One untimed call first; then ``repeat`` runs of ``number`` calls each.
+    Two uncounted calls first; then ``repeat`` runs of ``number`` calls each.
     """
     with device.step(f"counting the instructions of {name}"):
         evaluator = device.count_evaluator()(module, name, number, repeat)

@@ -37,6 +37,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace {
 namespace ffi = tvm::ffi;
@@ -133,9 +134,9 @@ bool g_counts_instructions = false;  // probed once at start
 // edgec.device.count_evaluator(module, name, number, repeat) -> f(args...) -> JSON string
 // {"number": N, "instructions": [...], "other_threads": [...]}: like runtime.RPCTimeEvaluator,
 // but per repeat the guest instructions that `number` calls of the function executed on the
-// calling thread (after one untimed call, which does lazy initialisation), net of the count
-// read itself; "other_threads" the instructions other threads ran meanwhile (0 when the
-// kernels run on one thread; otherwise the calling thread's count is only its share).
+// calling thread, net of the count read itself; "other_threads" the instructions other
+// threads ran meanwhile (0 when the kernels run on one thread; otherwise the calling
+// thread's count is only its share). EDGEC_ICOUNT_UNCOUNTED_CALLS calls first, not counted.
 ffi::Function CountEvaluator(ffi::Optional<ffi::Module> module, const std::string& name, int number, int repeat) {
   if (!g_counts_instructions)
     TVM_FFI_THROW(RuntimeError) << "this device counts no instructions: that needs edgec-agent under qemu-user with "
@@ -146,19 +147,24 @@ ffi::Function CountEvaluator(ffi::Optional<ffi::Module> module, const std::strin
   if (!found.has_value()) TVM_FFI_THROW(ValueError) << "no function '" << name << "' to count";
   ffi::Function f = *found;
   return ffi::Function::FromPacked([f, number, repeat](const ffi::AnyView* args, int num_args, ffi::Any* rv) {
+    // Nothing allocates between the uncounted calls and the last count: the heap's state
+    // decides how many instructions malloc takes, and it must be the same for every run.
+    std::vector<Counts> befores(repeat), afters(repeat);
     ffi::Any ignored;
-    f.CallPacked(args, num_args, &ignored);
-    Counts before, after;
-    ReadCounts(&before), ReadCounts(&after);
-    const uint64_t reading = after.thread - before.thread;  // instructions between two reads
+    for (int i = 0; i < EDGEC_ICOUNT_UNCOUNTED_CALLS; ++i) f.CallPacked(args, num_args, &ignored);
+    Counts first, second;
+    ReadCounts(&first), ReadCounts(&second);
+    for (int r = 0; r < repeat; ++r) {
+      ReadCounts(&befores[r]);
+      for (int i = 0; i < number; ++i) f.CallPacked(args, num_args, &ignored);
+      ReadCounts(&afters[r]);
+    }
+    const uint64_t reading = second.thread - first.thread;  // instructions between two reads
     json::Array instructions, other_threads;
     for (int r = 0; r < repeat; ++r) {
-      ReadCounts(&before);
-      for (int i = 0; i < number; ++i) f.CallPacked(args, num_args, &ignored);
-      ReadCounts(&after);
-      uint64_t own = after.thread - before.thread;
+      uint64_t own = afters[r].thread - befores[r].thread;
       instructions.push_back(static_cast<int64_t>(own - reading));
-      other_threads.push_back(static_cast<int64_t>(after.all_threads - before.all_threads - own));
+      other_threads.push_back(static_cast<int64_t>(afters[r].all_threads - befores[r].all_threads - own));
     }
     *rv = json::Stringify(json::Object{{"number", static_cast<int64_t>(number)}, {"instructions", instructions},
                                        {"other_threads", other_threads}});
