@@ -121,7 +121,7 @@ def emulate(
     if emulator is None:
         raise EmulatorError(f"no emulator for target {preset!r}")
     counting = count_instructions and emulator.qemu is not None
-    command = _emulator_command(emulator, target.mcpu, build_counter_plugin() if counting else None)
+    command = _emulator_command(emulator, target.mcpu, counting)
     binary = Path(agent) if agent is not None else build_agent(preset)
     port = port or free_port(host)
     handle, log_name = tempfile.mkstemp(prefix="edgec-agent-", suffix=".log")
@@ -156,16 +156,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _emulator_command(emulator: Emulator, cpu: str | None, plugin: Path | None) -> list[str]:
-    """qemu and its options, ``plugin`` loaded when given (then the dynamic qemu-user)."""
+def _emulator_command(emulator: Emulator, cpu: str | None, counting: bool) -> list[str]:
+    """qemu and its options; ``counting``: the dynamic qemu-user with the counting plugin (built here)."""
     if emulator.qemu is None:
         return []
     from shutil import which
 
-    name, package = (emulator.counting_qemu, COUNTING_QEMU_PACKAGE) if plugin else (emulator.qemu, QEMU_PACKAGE)
+    name, package = (emulator.counting_qemu, COUNTING_QEMU_PACKAGE) if counting else (emulator.qemu, QEMU_PACKAGE)
     qemu = which(name)
     if qemu is None:
-        hint = " (qemu-user-static cannot load plugins; without counting: --no-count)" if plugin else ""
+        hint = " (qemu-user-static cannot load plugins; without counting: --no-count)" if counting else ""
         raise EmulatorError(f"'{name}' is not installed; install it with: sudo apt-get install {package}{hint}")
     if not Path(emulator.sysroot, "lib").is_dir():
         raise EmulatorError(
@@ -175,8 +175,8 @@ def _emulator_command(emulator: Emulator, cpu: str | None, plugin: Path | None) 
     command = [qemu, "-L", emulator.sysroot]
     if cpu:
         command += ["-cpu", cpu]
-    if plugin:
-        command += ["-plugin", str(plugin)]
+    if counting:
+        command += ["-plugin", str(build_counter_plugin())]
     return command
 
 
