@@ -74,7 +74,7 @@ ROWS = (
     "shufflenet_v2_x0_5:dense", "mobilenet_v3_small:dense", "bnn_resnet18:fp32", "bnn_resnet18:binary",
 )  # fmt: skip
 RATIOS = (("mobilenet_v2", "1x4", "dense"), ("resnet18", "1x4", "dense"), ("bnn_resnet18", "binary", "fp32"))
-PEER_TOLERANCE = 1e-2  # ncnn vs PyTorch: max |difference| <= this x max |PyTorch output| (wrong conversions are far off)
+PEER_TOLERANCE = 1e-3  # ncnn vs PyTorch: max |difference| <= this x max |PyTorch output| (wrong conversions are far off)
 
 # What the arm64 userland is made of (Debian bookworm, arm64) and what runs in it.
 DEBIAN_PACKAGES = (
@@ -281,7 +281,9 @@ def ncnn_count(model: Model, workdir: Path, plugin: Path, userland: Path, pnnx: 
     traced = directory / model.traced.name
     shutil.copy2(model.traced, traced)
     try:
-        run([str(pnnx), traced.name, f"inputshape=[{','.join(map(str, SHAPE))}]"], timeout=900, cwd=directory)
+        # fp16=0: float32 weights, as edgec's (pnnx stores ncnn weights as float16 by default, which
+        # moved MobileNetV2's outputs by 1% of their range)
+        run([str(pnnx), traced.name, f"inputshape=[{','.join(map(str, SHAPE))}]", "fp16=0"], timeout=900, cwd=directory)
     except RuntimeError as error:
         return {"error": f"pnnx: {str(error).splitlines()[-1]}"}
     stem = traced.stem
@@ -388,13 +390,19 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peers_arm-")))
         addresses = stack.enter_context(emulated_boards(boards))
-        models: dict[str, Model] = {}
+        models: dict[str, Model | None] = {}
         results: dict[str, dict] = {}
         for row in args.rows:
             name, variant = row.split(":")
             if name not in models:
                 log(f"peers: {name}: building the PyTorch model")
-                models[name] = prepare(name, workdir)
+                try:
+                    models[name] = prepare(name, workdir)
+                except (SystemExit, Exception) as error:  # noqa: BLE001 - one model's failure is one row's
+                    log(f"peers: {name}: {error}")
+                    models[name] = None
+            if models[name] is None:
+                continue
             results[row] = {"edgec": {}}
             for board in boards:
                 start = time.perf_counter()
