@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from edgec.errors import DeviceError
 from edgec.runtimes import guest_counter
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
@@ -245,3 +246,15 @@ def test_this_machine_counts_nothing_and_emulate_help_says_it_counts():
     assert not counts_instructions(LocalDevice())
     done = CliRunner().invoke(cli, ["device", "emulate", "--help"])
     assert done.exit_code == 0 and "counts the ARM instructions" in done.output and "--no-count" in done.output
+
+
+def test_counting_on_this_machine_says_why_not():
+    """The Python device functions (`edgec device serve`) count only under qemu with the plugin."""
+    import tvm
+
+    from edgec.runtimes.icount import count
+    from edgec.runtimes.session import LocalDevice
+
+    tvm.register_global_func("edgec.test.noop", lambda: None, override=True)
+    with pytest.raises(DeviceError, match="counts no instructions"):
+        count(LocalDevice(), None, "edgec.test.noop", [])
