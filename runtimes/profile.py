@@ -257,7 +257,7 @@ def write_html(result: ProfileResult, path) -> None:
         banner = "<p class='warn'>Emulated device (qemu): these timings say nothing about real hardware."
         if counted:
             cpu = html.escape(result.end_to_end_instructions.cpu or "the emulated CPU")
-            banner += f" Instruction counts are exact and deterministic for {cpu}."
+            banner += f" Instruction counts are exact for {cpu}."
         banner += "</p>"
     lines = []
     for row in result.rows:
@@ -279,7 +279,7 @@ def write_html(result: ProfileResult, path) -> None:
     if counted:
         whole = result.end_to_end_instructions
         summary = (
-            f"<p>instructions per inference {whole.per_call:,} ({'deterministic' if whole.deterministic else 'NOT deterministic: ' + ', '.join(map(str, whole.runs))}); "
+            f"<p>instructions per inference {whole.per_call:,} ({'deterministic' if whole.deterministic else 'NOT deterministic: runs counted ' + ', '.join(f'{run:,}' for run in whole.runs)}); "
             f"{_ratio(result.instructions_per_mac)} per MAC; kernels sum {result.kernels_instructions:,} "
             f"({100 * result.instruction_coverage:.1f}% of the whole; the rest is the VM's own work)</p>"
         )
@@ -302,7 +302,7 @@ td.bar div {{ background: #3b82f6; height: 14px; }}
 <p>end to end (median) {result.end_to_end_ms:.3f} ms; kernels sum {result.kernels_ms:.3f} ms
 ({100 * result.coverage:.1f}% of end to end; the rest is VM overhead)</p>
 <table><thead><tr><th>kernel</th><th>ONNX nodes</th><th>shapes (inputs -> output)</th><th>calls</th>
-{count_heads}<th>ms</th><th>%</th><th>GFLOP/s</th><th>{'instructions' if counted else 'time'}</th></tr></thead><tbody>
+{count_heads}<th>ms{' (emulated)' if result.emulated else ''}</th><th>%</th><th>GFLOP/s</th><th>{'instructions' if counted else 'time'} (bar)</th></tr></thead><tbody>
 {chr(10).join(lines)}
 </tbody></table></body></html>
 """
