@@ -127,12 +127,12 @@ def test_twice_the_pixels_count_about_twice_the_instructions(artifacts, tmp_path
     with board(preset) as agent:
         address = f"127.0.0.1:{agent.port}"
         small, large = (invoke("profile", str(path), "--rpc", address, "--repeat", "1") for path in (artifacts[preset], wide))
-    assert large["instructions"]["per_inference"] == pytest.approx(2 * small["instructions"]["per_inference"], rel=0.1)
+    assert large["instructions"]["per_inference"] == pytest.approx(2 * small["instructions"]["per_inference"], rel=0.05)
     by_nodes = {tuple(row["onnx_nodes"]): row for row in small["rows"] if row["onnx_nodes"]}
     for row in large["rows"]:
         if any("Conv" in node for node in row["onnx_nodes"]):
             before = by_nodes[tuple(row["onnx_nodes"])]["instructions"]["total"]
-            assert row["instructions"]["total"] == pytest.approx(2 * before, rel=0.1), row["kernel"]
+            assert row["instructions"]["total"] == pytest.approx(2 * before, rel=0.05), row["kernel"]  # 1.996-2.005x measured
 
 
 def test_tracker_routes_keys_to_both_emulated_boards(artifacts):
