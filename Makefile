@@ -9,8 +9,10 @@ EDGEC := $(VENV)/bin/edgec
 STAMP := $(VENV)/.edgec-installed
 export PIP_CACHE_DIR ?= $(HOME)/.cache/edgec/pip
 # tool:debian-package pairs: the ARM targets' cross compilers, and qemu-user for the emulated boards
+# (qemu-user-static runs them; Debian's dynamic qemu-user also loads the instruction-counting plugin)
 CROSS_TOOLS := arm-linux-gnueabihf-g++:g++-arm-linux-gnueabihf aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
-	qemu-arm-static:qemu-user-static qemu-aarch64-static:qemu-user-static
+	qemu-arm-static:qemu-user-static qemu-aarch64-static:qemu-user-static \
+	qemu-arm:qemu-user qemu-aarch64:qemu-user gcc:gcc
 DEMO := build/examples
 
 .PHONY: setup toolchains demo test clean

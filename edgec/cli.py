@@ -275,7 +275,10 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
 
     The device's outputs are checked against ONNX Runtime on the artifact's
-    model.onnx first; a mismatch exits with status 1.
+    model.onnx first; a mismatch exits with status 1. On a board from `edgec
+    device emulate` the device also counts the instructions of one inference
+    (twice: equal counts show they are deterministic) and their ratio to the
+    model's MACs.
     """
     from edgec.artifact import load_artifact
     from edgec.progress import ConsoleProgress
@@ -307,7 +310,10 @@ def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_p
 
     Each compiled kernel is timed on the device by TVM's time evaluator with
     the shapes recorded at compile time; rows show the ONNX nodes the kernel
-    came from, calls, time, share of the end-to-end time and GFLOP/s.
+    came from, calls, time, share of the end-to-end time and GFLOP/s. On a
+    board from `edgec device emulate` rows also show each kernel's
+    instructions (all its calls), their share of the whole model's and
+    instructions per MAC, and are sorted by instructions.
     """
     from edgec.artifact import load_artifact
     from edgec.progress import ConsoleProgress
@@ -434,12 +440,16 @@ def build_agent(target_spec, output, jobs):
 @click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True, help="Loopback port to listen on.")
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
 @click.option("--key", metavar="KEY", help="Device key at the tracker [default: the target name].")
-def emulate(target_spec, port, tracker, key):
+@click.option("--no-count", is_flag=True, help="Do not count instructions: qemu-user-static, no plugin, the agent's default threads.")
+def emulate(target_spec, port, tracker, key, no_count):
     """Run an emulated ARM board on 127.0.0.1: edgec-agent under qemu-user.
 
-    For tests and for trying edgec without hardware: `edgec bench MODEL
-    --rpc 127.0.0.1:PORT` then runs the target's code for real, but its
-    timings are those of an emulator (bench and profile say so).
+    The board counts the ARM instructions it executes (a QEMU plugin, one
+    counter per thread, the target's -cpu, kernels on one thread): `edgec
+    bench/profile MODEL --rpc 127.0.0.1:PORT` then report instructions per
+    inference and per kernel, exact and the same on every run, beside the
+    emulated times, which mean nothing (bench and profile say so). Needs
+    Debian's qemu-user (make setup installs it).
     """
     import signal
     import time
@@ -456,10 +466,11 @@ def emulate(target_spec, port, tracker, key):
     elif key:
         raise EdgecError("--key is the board's name at a tracker: give --tracker HOST:PORT with it")
     binary = build(target_spec, progress=ConsoleProgress())
-    agent = start(target_spec, agent=binary, port=port, extra_args=extra)
+    agent = start(target_spec, agent=binary, port=port, extra_args=extra, count_instructions=not no_count)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops qemu too, as Ctrl-C does
     where = f", registered at tracker {tracker} with key {key or target_spec!r}" if tracker else ""
-    click.echo(f"emulated {target_spec} board on {agent.address}{where}; Ctrl-C to stop", err=True)
+    counting = "" if no_count else ", counting instructions"
+    click.echo(f"emulated {target_spec} board on {agent.address}{where}{counting}; Ctrl-C to stop", err=True)
     try:
         while agent.process.poll() is None:
             time.sleep(0.5)

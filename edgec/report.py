@@ -224,6 +224,17 @@ def passes_list(as_json: bool) -> None:
 
 
 EMULATED_NOTE = "EMULATED device (qemu): timings are meaningless, only correctness counts"
+COUNTED_NOTE = "EMULATED device (qemu): timings are meaningless; instruction counts are exact for the emulated CPU, not a time"
+
+
+def instruction_summary(count, per_mac: float | None) -> str:
+    """'139,612,004 (emulated cortex-a7, deterministic); 0.46 per MAC' for an InstructionCount (runtimes/icount.py)."""
+    where = f"emulated {count.cpu}" if count.cpu else "emulated"
+    how = "deterministic" if count.deterministic else "NOT deterministic: runs counted " + ", ".join(f"{run:,}" for run in count.runs)
+    if count.other_threads:
+        how += f"; other threads ran {count.other_threads:,} meanwhile, so this is one thread's share"
+    text = f"{count.per_call:,} ({where}, {how})"
+    return text + (f"; {per_mac:.2f} per MAC" if per_mac is not None else "")
 
 
 def bench_summary(result, as_json: bool) -> None:
@@ -241,6 +252,8 @@ def bench_summary(result, as_json: bool) -> None:
         table.add_row(f"{name} ms{suffix}", f"{value:.3f}")
     table.add_row(f"throughput /s{suffix}", f"{result.throughput:.2f}")
     table.add_row("runs", f"{result.repeat} (+{result.warmup} warm-up)")
+    if result.instructions is not None:
+        table.add_row("instructions / inference", instruction_summary(result.instructions, result.instructions_per_mac))
     info = result.device_info
     table.add_row("device", f"{info.get('agent')} {info.get('machine')} ({info.get('cpu_arch')}, {info.get('num_cores')} cores)")
     if info.get("gpu"):
@@ -254,8 +267,10 @@ def bench_summary(result, as_json: bool) -> None:
         table.add_row(f"output vs {check['reference']}", f"{verdict}: max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e}")
     console = _console()
     console.print(table)
+    if result.instructions is not None:
+        console.print(f"instructions per inference {instruction_summary(result.instructions, result.instructions_per_mac)}")
     if result.emulated:
-        console.print(f"[bold yellow]{EMULATED_NOTE}[/]")
+        console.print(f"[bold yellow]{COUNTED_NOTE if result.instructions is not None else EMULATED_NOTE}[/]")
 
 
 def profile_summary(result, as_json: bool, html_path) -> None:
@@ -265,12 +280,21 @@ def profile_summary(result, as_json: bool, html_path) -> None:
     from rich.table import Table
 
     table = Table(title=f"edgec profile {result.artifact} ({result.target}) on {result.device}", title_justify="left")
-    for column in ("kernel", "ONNX nodes", "shapes", "calls", "ms", "%", "GFLOP/s"):
-        table.add_column(column, justify="right" if column in ("calls", "ms", "%", "GFLOP/s") else "left", overflow="fold")
+    counted = result.counted
+    columns = ["kernel", "ONNX nodes", "shapes", "calls"]
+    columns += ["instructions", "% instr.", "instr./MAC"] if counted else []
+    columns += ["ms (emulated)" if result.emulated else "ms", "%", "GFLOP/s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("kernel", "ONNX nodes", "shapes") else "right", overflow="fold")
     for row in result.rows:
         nodes = ", ".join(row.onnx_nodes[:3]) + (f" +{len(row.onnx_nodes) - 3}" if len(row.onnx_nodes) > 3 else "")
         kernel = row.kernel + (" *" if row.fallbacks else "")
-        table.add_row(kernel, nodes or "-", row.shapes, str(row.calls), f"{row.total_ms:.3f}", f"{result.percent(row):.1f}", f"{row.gflops:.2f}")
+        cells = [kernel, nodes or "-", row.shapes, str(row.calls)]
+        if counted:
+            percent, per_mac = result.instruction_percent(row), row.instructions_per_mac
+            cells += [f"{row.total_instructions:,}", f"{percent:.1f}", "-" if per_mac is None else f"{per_mac:.2f}"]
+        cells += [f"{row.total_ms:.3f}", f"{result.percent(row):.1f}", f"{row.gflops:.2f}"]
+        table.add_row(*cells)
     console = _console()
     console.print(table)
     for row in result.rows:
@@ -279,11 +303,16 @@ def profile_summary(result, as_json: bool, html_path) -> None:
     whole = [record for record in result.fallbacks if record["kernel"] == "*"]
     for record in whole:
         console.print(f"* every kernel: {record['rule']} fell back ({record['reason']})")
+    if counted:
+        console.print(
+            f"instructions per inference {instruction_summary(result.end_to_end_instructions, result.instructions_per_mac)}; "
+            f"kernels sum {result.kernels_instructions:,} = {100 * result.instruction_coverage:.1f}% of the whole"
+        )
     console.print(
         f"end to end {result.end_to_end_ms:.3f} ms (median); kernels sum {result.kernels_ms:.3f} ms = "
         f"{100 * result.coverage:.1f}% of end to end" + (" (emulated)" if result.emulated else "")
     )
     if result.emulated:
-        console.print(f"[bold yellow]{EMULATED_NOTE}[/]")
+        console.print(f"[bold yellow]{COUNTED_NOTE if counted else EMULATED_NOTE}[/]")
     if html_path:
         console.print(f"HTML report: {html_path}")

@@ -228,7 +228,7 @@ def _run_emulated(target: ResolvedTarget, agent: Path, artifact: Artifact, input
     from edgec.runtimes.session import connect
 
     try:
-        board = emulate(target.name, agent=agent, timeout=120)
+        board = emulate(target.name, agent=agent, timeout=120, count_instructions=False)  # qemu-user-static, no plugin
     except EmulatorError as error:  # not a VerificationError: rebuilding would not help
         raise EmulatorError(f"the emulated {target.name} board that verifies the build did not start: {error}; "
                             "--no-verify skips the check") from None

@@ -19,6 +19,11 @@ covering sources, headers, flags and compiler version; a single file to copy
 to the board. Presets map to compilers by data: cortex-a7 -> armv7
 (arm-linux-gnueabihf-g++), cortex-a53/a72 -> aarch64 (aarch64-linux-gnu-g++),
 x86 -> this machine's g++.
+
+``build_counter_plugin`` builds the other half of an emulated board: edgec's
+instruction-counting QEMU plugin (``agent/plugin/icount.c``), a shared library
+for this machine's qemu, made with the host's C compiler and cached the same
+way under ``~/.cache/edgec/agent/plugin-<hash>/``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ log = logging.getLogger(__name__)
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 BINARY_NAME = "edgec-agent"
 # Bump when this driver changes how objects or the binary are made.
-DRIVER_REVISION = "1"
+DRIVER_REVISION = "2"
 
 # The runtime subset that serves RPC and runs a Relax VM on a CPU (measured to be enough).
 FFI_SOURCES = (
@@ -84,6 +89,12 @@ LINK_FLAGS = (
     *(f"-Wl,--export-dynamic-symbol={symbol}" for symbol in EXPORTED), "-ldl",
 )  # fmt: skip
 HEADER_SUFFIXES = (".h", ".hpp")
+# Headers beside agent.cc that only agent.cc includes: part of its own key, not of every object's.
+AGENT_LOCAL_HEADERS = ("icount.h",)
+
+PLUGIN_NAME = "libedgec-icount.so"
+PLUGIN_SOURCES = ("plugin/icount.c", "plugin/qemu_plugin_api.h", "src/icount.h")  # under agent/
+PLUGIN_FLAGS = ("-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-fvisibility=hidden")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,19 +161,30 @@ class Snapshot:
         for name in RUNTIME_SOURCES:
             files[f"src/runtime/{name}"] = (tree.runtime / name).read_bytes()
         files["agent/agent.cc"] = (AGENT_DIR / "src" / "agent.cc").read_bytes()
+        for name in AGENT_LOCAL_HEADERS:
+            files[f"agent/{name}"] = (AGENT_DIR / "src" / name).read_bytes()
         digest = hashlib.sha256()
         for name, data in sorted(files.items()):
-            if name.endswith(HEADER_SUFFIXES):
+            if name.endswith(HEADER_SUFFIXES) and not name.startswith("agent/"):
                 digest.update(name.encode() + b"\0" + data)
+        # Named relative to site-packages: every checkout's virtualenv with the same wheels shares objects.
+        site = tree.tvm.parent
         for directory in [*tree.include_dirs(), tree.ffi / "src"]:
             for path in sorted(p for p in directory.rglob("*") if p.suffix in HEADER_SUFFIXES):
-                digest.update(str(path).encode() + b"\0" + path.read_bytes())
+                name = path.relative_to(site) if path.is_relative_to(site) else path
+                digest.update(str(name).encode() + b"\0" + path.read_bytes())
         sources = [str(tree.ffi / "src" / "ffi" / s) for s in FFI_SOURCES]
         sources += [f"src/runtime/{name}" for name in RUNTIME_SOURCES] + ["agent/agent.cc"]
         return cls(files, sources, digest.hexdigest())
 
     def content(self, source: str) -> bytes:
         return self.files[source] if source in self.files else Path(source).read_bytes()
+
+    def key_content(self, source: str) -> bytes:
+        """What decides ``source``'s object: its bytes, and for agent.cc also the headers beside it."""
+        if source.startswith("agent/"):
+            return b"\0".join([self.content(source), *(self.files[f"agent/{name}"] for name in AGENT_LOCAL_HEADERS)])
+        return self.content(source)
 
     def write(self, stage: Path) -> None:
         for name, data in self.files.items():
@@ -194,7 +216,7 @@ def build_agent(target_preset_name: str, output: Path | None = None, progress: P
     tree = SourceTree.find()
     tools = _toolset(preset)
     snapshot = Snapshot.take(tree)
-    contents = [_sha(snapshot.content(source)) for source in snapshot.sources]
+    contents = [_sha(snapshot.key_content(source)) for source in snapshot.sources]
     full_key = _hash(tools.identity, *tools.cflags, *tools.ldflags, snapshot.header_digest, *contents)[:16]
     build_dir = cache_root() / f"{tools.cpu_arch}-{full_key}"
     binary = build_dir / BINARY_NAME
@@ -210,6 +232,38 @@ def build_agent(target_preset_name: str, output: Path | None = None, progress: P
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(binary, target)
     return target
+
+
+def build_counter_plugin() -> Path:
+    """Build (or reuse from the cache) the instruction-counting QEMU plugin; return the library's path.
+
+    A QEMU TCG plugin is loaded into this machine's qemu-user (``-plugin``), so it
+    is built by the host's C compiler; it links against nothing (qemu exports the
+    plugin API) and takes well under a second to compile.
+    """
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise ToolchainError("building the instruction-counting qemu plugin needs a C compiler; install it with: sudo apt-get install gcc")
+    sources = {name: (AGENT_DIR / name).read_bytes() for name in PLUGIN_SOURCES}
+    identity = _run([compiler, "--version"]).splitlines()[0]
+    key = _hash(identity, *PLUGIN_FLAGS, DRIVER_REVISION, *(f"{name}\0{_sha(data)}" for name, data in sources.items()))[:16]
+    build_dir = cache_root() / f"plugin-{key}"
+    library = build_dir / PLUGIN_NAME
+    if library.is_file():
+        return library
+    stage = build_dir / "src"
+    for name, data in sources.items():
+        (stage / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(stage / name, data)
+    temporary = library.with_suffix(f".{os.getpid()}.tmp")
+    command = [compiler, *PLUGIN_FLAGS, f"-I{stage / 'src'}", str(stage / "plugin" / "icount.c"), "-o", str(temporary)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        temporary.unlink(missing_ok=True)
+        raise AgentBuildError(f"compiling the instruction-counting qemu plugin failed:\n{_first_errors(done.stderr)}")
+    temporary.replace(library)
+    log.info("built %s", library)
+    return library
 
 
 def cache_root() -> Path:
@@ -253,7 +307,7 @@ def _build(tools: Toolset, tree: SourceTree, snapshot: Snapshot, build_dir: Path
     plan = []  # (file the compiler reads, object path)
     for source in snapshot.sources:
         stem = _object_stem(source, tree)
-        key = _hash(tools.identity, *tools.cflags, snapshot.header_digest, _sha(snapshot.content(source)), stem)[:16]
+        key = _hash(tools.identity, *tools.cflags, snapshot.header_digest, _sha(snapshot.key_content(source)), stem)[:16]
         plan.append((Path(source) if Path(source).is_absolute() else stage / source, objects_dir / f"{stem}-{key}.o"))
     todo = [(src, obj) for src, obj in plan if not obj.is_file() and not _reuse(obj, tools.cpu_arch)]
     log.info("agent %s: %d of %d objects to compile", tools.cpu_arch, len(todo), len(plan))

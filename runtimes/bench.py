@@ -3,7 +3,9 @@
 The device's own timer (TVM's time evaluator around ``invoke_stateful``)
 does the timing; the device's outputs are checked against the local
 reference (ONNX Runtime on the artifact's model.onnx), so wrong code on a
-board is caught, not timed.
+board is caught, not timed. On an emulated board that counts instructions
+(``edgec device emulate``) the device also counts the instructions of one
+inference (runtimes/icount.py), twice, to show the count is deterministic.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from edgec.artifact import Artifact
 from edgec.errors import InputDataError, VerificationError
 from edgec.numerics import compare
+from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
 
 
@@ -32,6 +35,14 @@ class BenchResult:
     warmup: int
     times_ms: list[float]
     check: dict[str, Any]
+    macs: int = 0  # of the compiled model (manifest stats)
+    instructions: InstructionCount | None = None  # per inference, on boards that count them
+
+    @property
+    def instructions_per_mac(self) -> float | None:
+        if self.instructions is None or self.macs <= 0:
+            return None
+        return self.instructions.per_call / self.macs
 
     @property
     def mean_ms(self) -> float:
@@ -60,7 +71,10 @@ class BenchResult:
         data.update(
             mean_ms=self.mean_ms, median_ms=self.median_ms, p90_ms=self.p90_ms, stdev_ms=self.stdev_ms,
             throughput_per_s=self.throughput,
-        )
+            instructions=None if self.instructions is None else {
+                **self.instructions.as_dict(), "per_inference": self.instructions.per_call, "per_mac": self.instructions_per_mac,
+            },
+        )  # fmt: skip
         return data
 
 
@@ -147,6 +161,7 @@ def bench(
     with device.step("timing the model"):
         warm_up(device, vm, warmup)
         timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")
+    instructions = count(device, vm.module, "invoke_stateful", ["main"]) if counts_instructions(device) else None
     return BenchResult(
         artifact=str(artifact.path),
         target=artifact.manifest["target"]["spec"],
@@ -157,4 +172,6 @@ def bench(
         warmup=warmup,
         times_ms=[seconds * 1e3 for seconds in timed.results],
         check=check,
+        macs=int(artifact.manifest.get("stats", {}).get("macs", 0)),
+        instructions=instructions,
     )

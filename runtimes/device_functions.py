@@ -1,14 +1,18 @@
 """Functions edgec registers on a device (the Python RPC server and, in C++, the native agent).
 
-    edgec.device.info()                              -> JSON string: agent, version, machine, cpu_arch, num_cores, emulated
+    edgec.device.info()                              -> JSON string: agent, version, machine, cpu_arch, num_cores,
+                                                        emulated, emulated_cpu, counts_instructions
     edgec.profile.register_kernel(module, kernel, global_name)
         makes ``module``'s kernel (found through its imports) a global function on
         the device, so that TVM's own ``runtime.RPCTimeEvaluator`` can time it there.
     edgec.device.cuda()                              -> JSON string: {"ok": true, name, arch, ...} or
         {"ok": false, "reason": ...}; loads TVM's CUDA runtime on first call
         (runtimes/cuda.py). Python server only: the native agent runs no CUDA.
+    edgec.device.count_evaluator(module, name, number, repeat) -> f(*args) -> JSON string
+        like the time evaluator, but counts guest instructions (runtimes/guest_counter.py);
+        only under qemu-user with edgec's counting plugin.
 
-Both are tiny on purpose: all timing is TVM's time evaluator, on the device.
+All are tiny on purpose: all timing is TVM's time evaluator, on the device.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import json
 import os
 import platform
 
+from edgec.runtimes import guest_counter
+
 AGENT_VERSION = "0.1.0"
 EMULATED_ENV = "EDGEC_EMULATED"
+EMULATED_CPU_ENV = "EDGEC_EMULATED_CPU"  # qemu's -cpu, set by runtimes/emulate.py
 
 _CPU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -41,6 +48,8 @@ def device_info() -> str:
             "cpu_arch": cpu_arch(machine),
             "num_cores": os.cpu_count() or 1,
             "emulated": os.environ.get(EMULATED_ENV, "") == "1",
+            "emulated_cpu": os.environ.get(EMULATED_CPU_ENV) or None,
+            "counts_instructions": guest_counter.read_counts() is not None,
         }
     )
 
@@ -52,6 +61,13 @@ def register_kernel(module, kernel: str, global_name: str) -> None:
     tvm.register_global_func(global_name, function, override=True)
 
 
+def count_evaluator(module, name: str, number: int, repeat: int):
+    import tvm
+
+    function = module.get_function(name, query_imports=True) if module is not None else tvm.get_global_func(name)
+    return guest_counter.count_evaluator(function, number, repeat)
+
+
 def register() -> None:
     """Register the device functions in this process (a server's init callback)."""
     import tvm
@@ -59,6 +75,7 @@ def register() -> None:
     tvm.register_global_func("edgec.device.info", device_info, override=True)
     tvm.register_global_func("edgec.profile.register_kernel", register_kernel, override=True)
     tvm.register_global_func("edgec.device.cuda", cuda_info, override=True)
+    tvm.register_global_func("edgec.device.count_evaluator", count_evaluator, override=True)
 
 
 def cuda_info() -> str:

@@ -1,13 +1,23 @@
 """Run edgec-agent for an ARM preset on this x86 machine, under qemu-user.
 
-    with emulate("cortex-a7") as agent:          # builds the agent (cached) if needed
+    with emulate("cortex-a7") as agent:          # builds the agent and the plugin (cached) if needed
         remote = tvm.rpc.connect("127.0.0.1", agent.port)
 
-The agent runs as ``qemu-arm-static -L /usr/arm-linux-gnueabihf edgec-agent
---port P`` (aarch64: ``qemu-aarch64-static -L /usr/aarch64-linux-gnu``) in its
-own process group, with ``EDGEC_EMULATED=1`` so that ``edgec.device.info``
-says the timings mean nothing. An x86 preset runs the host build directly.
-Only loopback addresses: an agent runs whatever code it is sent.
+By default the board counts instructions: the agent runs as ``qemu-arm -L
+/usr/arm-linux-gnueabihf -cpu cortex-a7 -plugin libedgec-icount.so
+edgec-agent --port P`` (aarch64: ``qemu-aarch64 -L /usr/aarch64-linux-gnu
+-cpu cortex-a53``), Debian's dynamic qemu-user, the only one that loads TCG
+plugins. ``-cpu`` is the preset's CPU, so that code which detects CPU features
+at run time takes the board's paths. Kernels run on one thread
+(``TVM_NUM_THREADS=1``): the plugin counts per thread, and the count of the
+thread that runs the model is then all of the model's work, with no idle
+worker spinning in it. ``count_instructions=False`` runs ``qemu-arm-static``
+(qemu-user-static) without the plugin, with the agent's default threads.
+
+The process group is the agent's own; ``EDGEC_EMULATED=1`` and
+``EDGEC_EMULATED_CPU`` tell ``edgec.device.info`` that timings mean nothing
+and which CPU is emulated. An x86 preset runs the host build directly. Only
+loopback addresses: an agent runs whatever code it is sent.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import time
 from pathlib import Path
 
 from edgec.errors import EmulatorError
-from edgec.runtimes.agent_build import build_agent
+from edgec.runtimes.agent_build import build_agent, build_counter_plugin
 from edgec.targets.presets import PRESETS
 
 
@@ -31,17 +41,19 @@ from edgec.targets.presets import PRESETS
 class Emulator:
     """How to run a binary of one CPU architecture here."""
 
-    qemu: str | None  # None: runs natively
+    qemu: str | None  # qemu-user-static's binary; None: runs natively
+    counting_qemu: str | None  # qemu-user's dynamic binary, which loads the counting plugin
     sysroot: str | None
     sysroot_package: str | None
 
 
 EMULATORS = {
-    "armv7": Emulator("qemu-arm-static", "/usr/arm-linux-gnueabihf", "libc6-armhf-cross"),
-    "aarch64": Emulator("qemu-aarch64-static", "/usr/aarch64-linux-gnu", "libc6-arm64-cross"),
-    "x86_64": Emulator(None, None, None),
+    "armv7": Emulator("qemu-arm-static", "qemu-arm", "/usr/arm-linux-gnueabihf", "libc6-armhf-cross"),
+    "aarch64": Emulator("qemu-aarch64-static", "qemu-aarch64", "/usr/aarch64-linux-gnu", "libc6-arm64-cross"),
+    "x86_64": Emulator(None, None, None, None),
 }
 QEMU_PACKAGE = "qemu-user-static"
+COUNTING_QEMU_PACKAGE = "qemu-user"
 
 
 class EmulatedAgent:
@@ -94,23 +106,31 @@ def emulate(
     host: str = "127.0.0.1",
     extra_args: tuple[str, ...] = (),
     timeout: float = 60.0,
+    count_instructions: bool = True,
 ) -> EmulatedAgent:
     """Start the agent for ``preset`` (built if ``agent`` is not given) and wait until it accepts connections.
 
     ``port``: None picks a free loopback port. ``extra_args`` go to the agent
     (``--tracker``, ``--key``, ``--workdir``). ``timeout`` bounds the wait.
+    ``count_instructions``: run under qemu-user with the counting plugin (see above).
     """
     if preset not in PRESETS:
         raise EmulatorError(f"unknown target preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-    emulator = EMULATORS.get(PRESETS[preset].cpu_arch)
+    target = PRESETS[preset]
+    emulator = EMULATORS.get(target.cpu_arch)
     if emulator is None:
         raise EmulatorError(f"no emulator for target {preset!r}")
-    command = _emulator_command(emulator)
+    counting = count_instructions and emulator.qemu is not None
+    command = _emulator_command(emulator, target.mcpu, counting)
     binary = Path(agent) if agent is not None else build_agent(preset)
     port = port or free_port(host)
     handle, log_name = tempfile.mkstemp(prefix="edgec-agent-", suffix=".log")
     log_path = Path(log_name)
     env = dict(os.environ, EDGEC_EMULATED="1" if emulator.qemu else "0")
+    if emulator.qemu:
+        env["EDGEC_EMULATED_CPU"] = target.mcpu or ""
+    if counting:
+        env["TVM_NUM_THREADS"] = "1"
     with os.fdopen(handle, "wb") as log_file:
         process = subprocess.Popen(
             [*command, str(binary), "--host", host, "--port", str(port), *extra_args],
@@ -136,22 +156,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _emulator_command(emulator: Emulator) -> list[str]:
+def _emulator_command(emulator: Emulator, cpu: str | None, counting: bool) -> list[str]:
+    """qemu and its options; ``counting``: the dynamic qemu-user with the counting plugin (built here)."""
     if emulator.qemu is None:
         return []
     from shutil import which
 
-    qemu = which(emulator.qemu)
+    name, package = (emulator.counting_qemu, COUNTING_QEMU_PACKAGE) if counting else (emulator.qemu, QEMU_PACKAGE)
+    qemu = which(name)
     if qemu is None:
-        raise EmulatorError(
-            f"'{emulator.qemu}' is not installed; install it with: sudo apt-get install {QEMU_PACKAGE}"
-        )
+        hint = " (qemu-user-static cannot load plugins; without counting: --no-count)" if counting else ""
+        raise EmulatorError(f"'{name}' is not installed; install it with: sudo apt-get install {package}{hint}")
     if not Path(emulator.sysroot, "lib").is_dir():
         raise EmulatorError(
             f"the target's C library is missing under {emulator.sysroot}; "
             f"install it with: sudo apt-get install {emulator.sysroot_package}"
         )
-    return [qemu, "-L", emulator.sysroot]
+    command = [qemu, "-L", emulator.sysroot]
+    if cpu:
+        command += ["-cpu", cpu]
+    if counting:
+        command += ["-plugin", str(build_counter_plugin())]
+    return command
 
 
 def _wait_until_listening(agent: EmulatedAgent, timeout: float) -> None:

@@ -127,6 +127,9 @@ class LocalDevice(Device):
     def device_type_on_device(self) -> int:
         return self.dev.dlpack_device_type()
 
+    def count_evaluator(self):
+        return device_functions.count_evaluator
+
 
 class RemoteDevice(Device):
     """A board (or an emulated one) reached over TVM RPC."""
@@ -184,6 +187,10 @@ class RemoteDevice(Device):
 
     def evaluator(self):
         return self.session.get_function("runtime.RPCTimeEvaluator")
+
+    def count_evaluator(self):
+        """The device's edgec.device.count_evaluator (an emulated board's; see runtimes/icount.py)."""
+        return self.session.get_function("edgec.device.count_evaluator")
 
     def device_type_on_device(self) -> int:
         """The device type as the board sees it (without the client's RPC session mask)."""

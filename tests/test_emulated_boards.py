@@ -5,6 +5,9 @@ What a user without hardware runs: `edgec device emulate -t cortex-a7`, then
 key. The board runs the target's real machine code (emulated), so outputs
 must match the local reference; timings are never asserted, only the
 profile's structure (one row per kernel of the manifest, with its calls).
+Instruction counts are deterministic, so they are asserted: the same count
+on every run and in every session, the kernels' sum within a few percent of
+the whole model's, twice the pixels about twice the instructions.
 
 Agents come from ~/.cache/edgec/agent (test_agent.py builds them first,
 bounded; a cold build here takes minutes).
@@ -34,6 +37,7 @@ from models import ProfileNet
 
 BOARDS = {"cortex-a7": "armv7", "cortex-a53": "aarch64"}  # preset -> cpu_arch the board reports
 QEMU = {"armv7": "qemu-arm-static", "aarch64": "qemu-aarch64-static"}
+COUNTING_QEMU = {"armv7": "qemu-arm", "aarch64": "qemu-aarch64"}
 SHAPE = (1, 3, 64, 64)  # ProfileNet: about 16 MMAC, each kernel far longer than the VM's per-call overhead under qemu
 EDGEC = [sys.executable, "-m", "edgec.cli"]
 
@@ -48,16 +52,18 @@ def _require(preset: str) -> None:
         pytest.skip(f"{chain.compiler} missing (apt-get install {chain.debian_package})")
     if shutil.which(QEMU[BOARDS[preset]]) is None:
         pytest.skip("qemu-user-static missing (apt-get install qemu-user-static)")
+    if shutil.which(COUNTING_QEMU[BOARDS[preset]]) is None:
+        pytest.skip("qemu-user missing (apt-get install qemu-user): it runs the counting boards")
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """preset -> artifact directory of ProfileNet, compiled once per preset."""
+    """preset -> artifact directory of ProfileNet, compiled once per preset; "model" -> its TorchScript."""
     root = tmp_path_factory.mktemp("boards")
     torch.manual_seed(0)
     model_path = root / "net.pt"
     torch.jit.save(torch.jit.script(ProfileNet().eval()), str(model_path))
-    built = {}
+    built = {"model": model_path}
     for preset in BOARDS:
         _require(preset)
         built[preset] = edgec.compile(edgec.load(model_path, input_shape=SHAPE), preset, root / preset).artifact.path
@@ -86,15 +92,47 @@ def invoke(*args: str) -> dict:
 def test_bench_and_profile_on_emulated_board(artifacts, preset, tmp_path):
     with board(preset) as agent:
         address = f"127.0.0.1:{agent.port}"
-        data = invoke("bench", str(artifacts[preset]), "--rpc", address, "--repeat", "3", "--warmup", "1")
-        assert data["device_info"]["agent"] == "edgec-agent"
-        assert data["device_info"]["cpu_arch"] == BOARDS[preset] and data["emulated"] is True
-        assert data["check"]["ok"] is True and data["check"]["max_abs"] < 1e-4
+        bench = invoke("bench", str(artifacts[preset]), "--rpc", address, "--repeat", "3", "--warmup", "1")
+        assert bench["device_info"]["agent"] == "edgec-agent"
+        assert bench["device_info"]["cpu_arch"] == BOARDS[preset] and bench["emulated"] is True
+        assert bench["check"]["ok"] is True and bench["check"]["max_abs"] < 1e-4
         html = tmp_path / "profile.html"
         data = invoke("profile", str(artifacts[preset]), "--rpc", address, "--repeat", "5", "--html", str(html))
         assert_profile_adds_up(data, edgec.load_artifact(artifacts[preset]).manifest)
         assert data["emulated"] is True and any("Conv" in node for row in data["rows"] for node in row["onnx_nodes"])
-        assert "<table>" in html.read_text()
+        assert "<table>" in html.read_text() and "instructions per inference" in html.read_text()
+    counted = bench["instructions"]
+    assert counted["cpu"] == preset and counted["other_threads"] == 0
+    assert counted["deterministic"] and len(set(counted["runs"])) == 1
+    # bench and profile: separate sessions (forked processes), the same count to the instruction
+    assert data["instructions"]["per_inference"] == counted["per_inference"] == counted["runs"][0]
+    assert counted["per_mac"] == pytest.approx(counted["per_inference"] / bench["macs"]) and bench["macs"] > 10_000_000
+    assert 0.2 < counted["per_mac"] < 10  # vectorised kernels: a few instructions per MAC, not thousands
+    rows = data["rows"]
+    for row in rows:
+        assert row["instructions"]["deterministic"] and row["instructions"]["total"] == row["instructions"]["per_call"] * row["calls"]
+    kernels = sum(row["instructions"]["total"] for row in rows)
+    assert data["instructions"]["kernels"] == kernels
+    # the kernels are almost all of the work; the rest is the VM's (allocation, calls)
+    assert 0.95 * counted["per_inference"] <= kernels <= counted["per_inference"]
+    assert sum(row["instructions"]["percent"] for row in rows) == pytest.approx(100 * kernels / counted["per_inference"])
+    convs = [row for row in rows if any("Conv" in node for node in row["onnx_nodes"])]
+    assert convs and all(row["macs_per_call"] > 0 and row["instructions"]["per_mac"] > 0 for row in convs)
+
+
+def test_twice_the_pixels_count_about_twice_the_instructions(artifacts, tmp_path):
+    """ProfileNet at 64x128 against 64x64 on the same emulated cortex-a53: per kernel and whole."""
+    preset = "cortex-a53"
+    wide = edgec.compile(edgec.load(artifacts["model"], input_shape=(1, 3, 64, 128)), preset, tmp_path / "wide").artifact.path
+    with board(preset) as agent:
+        address = f"127.0.0.1:{agent.port}"
+        small, large = (invoke("profile", str(path), "--rpc", address, "--repeat", "1") for path in (artifacts[preset], wide))
+    assert large["instructions"]["per_inference"] == pytest.approx(2 * small["instructions"]["per_inference"], rel=0.05)
+    by_nodes = {tuple(row["onnx_nodes"]): row for row in small["rows"] if row["onnx_nodes"]}
+    for row in large["rows"]:
+        if any("Conv" in node for node in row["onnx_nodes"]):
+            before = by_nodes[tuple(row["onnx_nodes"])]["instructions"]["total"]
+            assert row["instructions"]["total"] == pytest.approx(2 * before, rel=0.05), row["kernel"]  # 1.996-2.005x measured
 
 
 def test_tracker_routes_keys_to_both_emulated_boards(artifacts):
@@ -151,20 +189,21 @@ def test_device_emulate_command_serves_until_terminated(artifacts):
 
     port = free_port()
     process = subprocess.Popen(
-        [*EDGEC, "device", "emulate", "-t", "cortex-a7", "--port", str(port)],
+        [*EDGEC, "device", "emulate", "-t", "cortex-a7", "--port", str(port), "--no-count"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         _wait_listening(port, process)
         children = psutil.Process(process.pid).children(recursive=True)
-        assert any("qemu-arm" in " ".join(child.cmdline()) for child in children)
+        assert any("qemu-arm-static" in " ".join(child.cmdline()) for child in children)  # --no-count: no plugin
         data = invoke("bench", str(artifacts["cortex-a7"]), "--rpc", f"127.0.0.1:{port}", "--repeat", "1", "--warmup", "0")
         assert data["check"]["ok"] is True and data["emulated"] is True
+        assert data["instructions"] is None and data["device_info"]["counts_instructions"] is False
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert f"emulated cortex-a7 board on 127.0.0.1:{port}" in err and "stopping" in err
+    assert f"emulated cortex-a7 board on 127.0.0.1:{port};" in err and "stopping" in err
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert not [child for child in children if child.is_running()]  # qemu and the agent's sessions are gone

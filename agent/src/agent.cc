@@ -17,6 +17,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -26,6 +27,8 @@
 #include <tvm/ffi/function.h>
 #include <unistd.h>
 
+#include "icount.h"
+
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -34,6 +37,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <vector>
 
 namespace {
 namespace ffi = tvm::ffi;
@@ -109,14 +113,75 @@ std::string WorkPath(const std::string& name) {
     TVM_FFI_THROW(ValueError) << "'" << name << "' is not a plain path inside the agent's workdir";
   return g_workdir + "/" + name;
 }
+
+// ---- instruction counts on emulated boards (agent/plugin/icount.c) -----------------------
+struct Counts {
+  uint64_t thread = 0, all_threads = 0;
+};
+// This thread's and all threads' guest instruction counts so far, from edgec's qemu plugin;
+// false on a real board or under qemu without the plugin (the system call does nothing there).
+bool ReadCounts(Counts* counts) {
+  edgec_icount request{EDGEC_ICOUNT_ASK, 0, 0, 0};
+  int saved = errno;
+  syscall(EDGEC_ICOUNT_SYSCALL, static_cast<long>(EDGEC_ICOUNT_ASK), &request);
+  errno = saved;  // ENOSYS, whether the plugin answered or not
+  if (request.magic != EDGEC_ICOUNT_ANSWER) return false;
+  counts->thread = request.thread, counts->all_threads = request.all_threads;
+  return true;
+}
+bool g_counts_instructions = false;  // probed once at start
+
+// edgec.device.count_evaluator(module, name, number, repeat) -> f(args...) -> JSON string
+// {"number": N, "instructions": [...], "other_threads": [...]}: like runtime.RPCTimeEvaluator,
+// but per repeat the guest instructions that `number` calls of the function executed on the
+// calling thread, net of the count read itself; "other_threads" the instructions other
+// threads ran meanwhile (0 when the kernels run on one thread; otherwise the calling
+// thread's count is only its share). EDGEC_ICOUNT_UNCOUNTED_CALLS calls first, not counted.
+ffi::Function CountEvaluator(ffi::Optional<ffi::Module> module, const std::string& name, int number, int repeat) {
+  if (!g_counts_instructions)
+    TVM_FFI_THROW(RuntimeError) << "this device counts no instructions: that needs edgec-agent under qemu-user with "
+                                   "edgec's counting plugin (edgec device emulate); real boards report time only";
+  if (number < 1 || repeat < 1) TVM_FFI_THROW(ValueError) << "number and repeat must be >= 1";
+  ffi::Optional<ffi::Function> found =
+      module.has_value() ? module.value()->GetFunction(name, /*query_imports=*/true) : ffi::Function::GetGlobal(name);
+  if (!found.has_value()) TVM_FFI_THROW(ValueError) << "no function '" << name << "' to count";
+  ffi::Function f = *found;
+  return ffi::Function::FromPacked([f, number, repeat](const ffi::AnyView* args, int num_args, ffi::Any* rv) {
+    // Nothing allocates between the uncounted calls and the last count: the heap's state
+    // decides how many instructions malloc takes, and it must be the same for every run.
+    std::vector<Counts> befores(repeat), afters(repeat);
+    ffi::Any ignored;
+    for (int i = 0; i < EDGEC_ICOUNT_UNCOUNTED_CALLS; ++i) f.CallPacked(args, num_args, &ignored);
+    Counts first, second;
+    ReadCounts(&first), ReadCounts(&second);
+    for (int r = 0; r < repeat; ++r) {
+      ReadCounts(&befores[r]);
+      for (int i = 0; i < number; ++i) f.CallPacked(args, num_args, &ignored);
+      ReadCounts(&afters[r]);
+    }
+    const uint64_t reading = second.thread - first.thread;  // instructions between two reads
+    json::Array instructions, other_threads;
+    for (int r = 0; r < repeat; ++r) {
+      uint64_t own = afters[r].thread - befores[r].thread;
+      instructions.push_back(static_cast<int64_t>(own - reading));
+      other_threads.push_back(static_cast<int64_t>(afters[r].all_threads - befores[r].all_threads - own));
+    }
+    *rv = json::Stringify(json::Object{{"number", static_cast<int64_t>(number)}, {"instructions", instructions},
+                                       {"other_threads", other_threads}});
+  });
+}
+
 std::string DeviceInfo() {
   utsname u{};
   uname(&u);
   const char* emulated = std::getenv("EDGEC_EMULATED");
+  const char* cpu = std::getenv("EDGEC_EMULATED_CPU");
   json::Object info{{"agent", ffi::String("edgec-agent")}, {"version", ffi::String(kVersion)},
                     {"machine", ffi::String(u.machine)}, {"cpu_arch", ffi::String(kCpuArch)},
                     {"num_cores", static_cast<int64_t>(sysconf(_SC_NPROCESSORS_ONLN))},
-                    {"emulated", emulated != nullptr && std::string(emulated) == "1"}};
+                    {"emulated", emulated != nullptr && std::string(emulated) == "1"},
+                    {"emulated_cpu", cpu != nullptr && *cpu ? json::Value(ffi::String(cpu)) : json::Value(nullptr)},
+                    {"counts_instructions", g_counts_instructions}};
   return json::Stringify(info);
 }
 void RegisterServerFunctions() {
@@ -152,6 +217,10 @@ void RegisterServerFunctions() {
         ffi::Optional<ffi::Function> f = module->GetFunction(kernel, /*query_imports=*/true);
         if (!f.has_value()) TVM_FFI_THROW(ValueError) << "no kernel '" << kernel << "' in the module or its imports";
         ffi::Function::SetGlobal(global_name, *f, true);
+      }));
+  def("edgec.device.count_evaluator",
+      ffi::Function::FromTyped([](ffi::Optional<ffi::Module> module, std::string name, int number, int repeat) {
+        return CountEvaluator(module, name, number, repeat);
       }));
 }
 
@@ -345,6 +414,8 @@ int main(int argc, char** argv) {
   }
   char resolved[PATH_MAX];
   g_workdir = realpath(workdir.c_str(), resolved) ? resolved : workdir;
+  Counts probe;
+  g_counts_instructions = ReadCounts(&probe);
   RegisterServerFunctions();
 
   int listen_fd = -1;
