@@ -4,6 +4,17 @@ Each pass runs in place on ``model.graph``; around it edgec measures nodes,
 parameters, MACs and weight bytes, and the output deviation against the
 graph before the pass on a fixed seeded input (ONNX Runtime). The reports
 go to ``model.pass_reports`` and into ``manifest.json`` at compile time.
+
+The standard twin. A pass that emits edgec ops (it has a ``pack`` option)
+can make the same decisions in standard ONNX (``pack=false``: masked dense
+weights, dequantized weights, the Sign nodes kept). From the first such pass
+on, ``model.standard_graph`` is a copy of the graph to which every later
+pass is applied in its standard form, so that the compiled build can be
+checked against ONNX Runtime, not only against edgec's own NumPy versions
+of its ops. When a pass acts differently on the two graphs (it changed a
+different number of nodes in each, e.g. fuse-filters after a packing pass
+that hides the layers from it), the twin is dropped and
+``model.standard_note`` says why.
 """
 
 from __future__ import annotations
@@ -84,6 +95,45 @@ def _signatures(graph: ir.Model) -> collections.Counter:
     return counter
 
 
+def standard_equivalent(graph_pass: ir.passes.PassBase) -> ir.passes.PassBase:
+    """The pass that makes ``graph_pass``'s decisions in standard ONNX: ``pack=False`` for a pass
+    with a true ``pack`` option (it emits edgec ops), ``graph_pass`` itself for the others."""
+    if dataclasses.is_dataclass(graph_pass) and "pack" in {field.name for field in dataclasses.fields(graph_pass)}:
+        if graph_pass.pack:
+            return dataclasses.replace(graph_pass, pack=False)
+    return graph_pass
+
+
+def copy_graph(graph: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(graph))
+
+
+def _changed(before: collections.Counter, graph: ir.Model) -> int:
+    after = _signatures(graph)
+    return sum(((before - after) + (after - before)).values())
+
+
+def _apply_to_twin(model: Model, graph_pass: ir.passes.PassBase, changed: int) -> None:
+    """Apply ``graph_pass``'s standard equivalent to ``model.standard_graph`` (see the module docstring)."""
+    twin_pass = standard_equivalent(graph_pass)
+    twin = model.standard_graph
+    before = _signatures(twin) if twin_pass is graph_pass else None
+    try:
+        result = twin_pass(twin)
+    except (ir.passes.PassError, ir.passes.InvariantError) as error:
+        model.standard_graph, model.standard_note = None, f"pass {pass_name(graph_pass)!r} failed on the standard twin: {error}"
+        return
+    model.standard_graph = result.model
+    if before is not None and _changed(before, result.model) != changed:
+        model.standard_graph = None
+        model.standard_note = (
+            f"pass {pass_name(graph_pass)!r} changed {changed} node(s) of the graph but a different number of its "
+            "standard-ONNX twin (it acts on layers an earlier pass turned into edgec ops)"
+        )
+    if model.standard_graph is None:
+        log.warning("no standard-ONNX equivalent of this graph for ONNX Runtime: %s", model.standard_note)
+
+
 def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool = True, seed: int = 0) -> list[PassReport]:
     """Run ``passes`` in order on ``model`` (in place) and return one report per pass.
 
@@ -91,7 +141,7 @@ def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool =
     models); everything else is still reported.
     """
     from edgec.frontend import input_arrays
-    from edgec.runtimes.reference import reference_outputs
+    from edgec.runtimes.reference import has_custom_ops, reference_outputs
 
     reports = []
     for graph_pass in passes:
@@ -101,6 +151,11 @@ def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool =
         before_signatures = _signatures(model.graph)
         inputs = input_arrays(model, seed) if measure else None
         before_outputs = reference_outputs(model.graph, inputs) if measure else None
+        if model.standard_graph is None and not model.standard_note and standard_equivalent(graph_pass) is not graph_pass:
+            if has_custom_ops(model.graph):
+                model.standard_note = "the graph held edgec ops before any pass with a standard-ONNX form ran"
+            else:
+                model.standard_graph = copy_graph(model.graph)
         start = time.perf_counter()
         try:
             result = graph_pass(model.graph)
@@ -110,7 +165,9 @@ def apply(model: Model, passes: Sequence[ir.passes.PassBase], *, measure: bool =
         if result.model is not model.graph:
             model.graph = result.model
         after_stats = model_stats(model.graph)
-        changed = sum(((before_signatures - _signatures(model.graph)) + (_signatures(model.graph) - before_signatures)).values())
+        changed = _changed(before_signatures, model.graph)
+        if model.standard_graph is not None:
+            _apply_to_twin(model, graph_pass, changed)
         abs_dev = rel_dev = None
         note = ""
         if measure and before_outputs is not None:

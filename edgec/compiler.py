@@ -13,13 +13,15 @@ The pipeline is one flat list of stages, in this order and for these reasons:
            (edgec/build.py); each fallback is recorded in the manifest.
 4. export  lib.so linked by the target's (cross) compiler, model.onnx,
            into a temporary directory next to the output.
-5. verify  host-runnable targets run lib.so on a seeded random input
-           against ONNX Runtime on the same ONNX (and PyTorch when the
-           source was PyTorch). When edgec's pipeline (graph rewrites,
-           schedules) misses and TVM's own pipeline verifies, the build is
-           redone with TVM's own pipeline and that is recorded as a fallback;
-           a failure of both leaves no artifact.
-6. commit  manifest.json written, the directory renamed into place.
+5. verify  lib.so runs on a seeded random input, here (x86) or on an
+           emulated board (ARM, qemu-user), against ONNX Runtime on the
+           same graph or on its standard-ONNX equivalent (edgec ops), and
+           PyTorch when the source was PyTorch (edgec/verify.py). When
+           edgec's pipeline (graph rewrites, schedules) misses and TVM's own
+           pipeline verifies, the build is redone with TVM's own pipeline and
+           that is recorded as a fallback; a failure of both leaves no artifact.
+6. commit  manifest.json written (with the sha256 of every file), the
+           directory renamed into place.
 """
 
 from __future__ import annotations
@@ -35,27 +37,27 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec import __version__
-from edgec.numerics import deviation
-from edgec.artifact import KERNEL_CONSTANTS, Artifact, staging, write_manifest
+from edgec.artifact import (
+    GENERATOR,
+    KERNEL_CONSTANTS,
+    MANIFEST_FORMAT,
+    REFERENCE_ONNX,
+    Artifact,
+    file_sha256,
+    staging,
+    write_manifest,
+)
 from edgec.errors import VerificationError
-from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
+from edgec.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
-from edgec.model import Model, value_signature
+from edgec.model import Model, index_ranges, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.verify import VerifyOptions
+from edgec.verify import verify as _verify
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyOptions:
-    """Tolerances of the post-build check: pass when |got - want| <= atol + rtol * |want|."""
-
-    enabled: bool = True
-    rtol: float = 1e-4
-    atol: float = 1e-4
-    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -117,6 +119,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
         manifest["kernels"] = built.kernels
         manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.sink)
         manifest["schedules"]["fallbacks"] = fallbacks.as_list()
+        manifest["sha256"] = {name: file_sha256(directory / name) for name in built.files}
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))
@@ -134,6 +137,7 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
                       fallbacks: FallbackLog) -> _Built:
     """The build and export stages: lib.so, model.onnx (and kernel constants) in ``directory``."""
     from edgec.build import build, export
+    from edgec.runtimes.reference import has_custom_ops
 
     sink: dict[str, Any] = {}
     with progress.stage("build", f"tvm.relax.build for {target.spec}"):
@@ -143,6 +147,9 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
         files = export(executable, target, directory)
         onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
         files.append("model.onnx")
+        if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
+            save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
+            files.append(REFERENCE_ONNX)
         constants = directory / KERNEL_CONSTANTS
         constants.unlink(missing_ok=True)  # from a build this one replaced
         if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
@@ -176,88 +183,10 @@ def save_onnx(graph: ir.Model, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _verify(
-    model: Model, target: ResolvedTarget, directory: Path, options: VerifyOptions, progress: Progress
-) -> dict[str, Any]:
-    if not options.enabled:
-        return {"status": "skipped", "reason": "--no-verify"}
-    if target.preset.kind == "cuda":
-        from edgec.runtimes.cuda import unavailable_reason
-
-        reason = unavailable_reason(target.options["arch"])
-        if reason is not None:
-            return {"status": "skipped", "reason": f"{reason}; check it on a GPU with edgec bench"}
-    elif not target.preset.host_runnable:
-        return {
-            "status": "skipped",
-            "reason": f"{target.name} code cannot run on this machine; check it on the board with edgec bench",
-        }
-    floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
-    options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
-    from edgec.artifact import Artifact as _Artifact
-    from edgec.frontend import input_arrays
-    from edgec.runtimes.local import LocalRunner
-
-    with progress.stage("verify", "lib.so vs ONNX Runtime" + (" and PyTorch" if model.torch_reference else "")):
-        inputs = input_arrays(model, options.seed)
-        signature = {
-            "target": {"preset": target.name, "arch": target.preset.arch, "tvm": target.tvm_json, "host_runnable": True},
-            "inputs": [value_signature(value) for value in model.graph.graph.inputs],
-        }
-        got = LocalRunner(_Artifact(directory, signature)).run(inputs)
-        result: dict[str, Any] = {"status": "passed", "rtol": options.rtol, "atol": options.atol, "seed": options.seed}
-        checks = []
-        reference, name = _reference(model, inputs)
-        if reference is not None:
-            checks.append((name, reference, True))
-        else:
-            unchecked = name
-        if model.torch_reference is not None:
-            exact_passes = all(
-                report.max_abs_deviation is not None and report.max_rel_deviation <= options.rtol
-                for report in model.pass_reports
-                if report.modified
-            )
-            checks.append(("pytorch", model.torch_reference(*inputs), exact_passes))
-        for name, want, enforced in checks:
-            max_abs, max_rel = deviation(got, want)
-            close = all(
-                # NaN where the reference has NaN (a log of a negative input) is a match
-                g.shape == w.shape and np.allclose(g, w, rtol=options.rtol, atol=options.atol, equal_nan=True)
-                for g, w in zip(got, want, strict=True)
-            )
-            result[name] = {"max_abs": max_abs, "max_rel": max_rel, "within_tolerance": close, "enforced": enforced}
-            if not close and enforced:
-                raise VerificationError(
-                    f"compiled outputs differ from {name}: max abs error {max_abs:.3g}, max rel {max_rel:.3g} "
-                    f"(tolerance rtol={options.rtol:g}, atol={options.atol:g}); no artifact was written. "
-                    "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
-                )
-        if not checks:
-            result = {"status": "skipped", "reason": unchecked}
-    return result
-
-
-def _reference(model: Model, inputs: list[np.ndarray]) -> tuple[list[np.ndarray] | None, str]:
-    """(outputs, name) of the reference run on ``inputs``: ONNX Runtime, else onnx's reference
-    evaluator ("numpy": custom ops, and graphs ONNX Runtime refuses, such as opsets before 7,
-    "Could not find an implementation for AveragePool(1)"); (None, why) when neither runs it."""
-    from edgec.runtimes.reference import has_custom_ops, reference_outputs, run_numpy_reference
-
-    try:
-        outputs = reference_outputs(model.graph, inputs)
-        if outputs is None:
-            return None, "no reference can run this graph (custom ops)"
-        return outputs, "numpy" if has_custom_ops(model.graph) else "onnxruntime"
-    except Exception as error:  # noqa: BLE001 - onnxruntime refuses the graph: try onnx's own evaluator
-        ort_error = one_line(error)
-    log.info("ONNX Runtime cannot run this graph (%s); checking against onnx's reference evaluator", ort_error)
-    try:
-        return run_numpy_reference(model.graph, inputs), "numpy"
-    except Exception as error:  # noqa: BLE001 - no reference runs this graph
-        reason = f"no reference runs this graph (ONNX Runtime: {ort_error}; onnx reference: {one_line(error)})"
-        log.warning("verification skipped: %s", reason)
-        return None, reason
+def _with_index_range(signature: dict[str, Any], ranges: dict[str, list[int]]) -> dict[str, Any]:
+    if signature["name"] in ranges:
+        signature["index_range"] = ranges[signature["name"]]  # checked by run/bench before running
+    return signature
 
 
 def build_manifest(
@@ -272,8 +201,10 @@ def build_manifest(
 
     graph = model.graph
     opset = graph.opset_imports.get("", None)
+    ranges = index_ranges(graph)
     return {
-        "format": 1,
+        "generator": GENERATOR,
+        "format": MANIFEST_FORMAT,
         "edgec_version": __version__,
         "tvm_version": tvm.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -294,7 +225,7 @@ def build_manifest(
             "dtype": target.dtype,
             "min_tolerance": target.min_tolerance,
         },
-        "inputs": [value_signature(value) for value in graph.graph.inputs],
+        "inputs": [_with_index_range(value_signature(value), ranges) for value in graph.graph.inputs],
         "outputs": [value_signature(value) for value in graph.graph.outputs],
         "passes": [report.as_dict() for report in model.pass_reports],
         "stats": model_stats(graph).as_dict(),

@@ -52,6 +52,10 @@ class InputDataError(EdgecError):
     """Input data given to run/bench does not fit the model."""
 
 
+class OutputError(EdgecError):
+    """A result file cannot be written where it was asked for."""
+
+
 class DeviceError(EdgecError):
     """A device (local or over RPC) could not be reached, or failed during a run."""
 

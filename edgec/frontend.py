@@ -24,9 +24,11 @@ import contextlib
 import hashlib
 import io
 import logging
+import math
+import os
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,7 @@ def load(
         module = _load_torchscript(path)
         graph, reference = _export_torch(path, module, _require_shapes(path, "TorchScript archive", shapes), kind)
     elif kind == "torch.export":
-        graph, reference = _load_exported_program(path, shapes)
+        graph, reference = _load_exported_program(path, data, shapes, trust_pickle)
     elif kind == "pickle":
         module = _load_pickle(path, trust_pickle)
         graph, reference = _export_torch(path, module, _require_shapes(path, "pickled nn.Module", shapes), kind)
@@ -81,6 +83,7 @@ def load(
         raise LoadError(f"'{path}': unknown format {kind}")
     cleanup(graph)
     check_static_inputs(path, graph)
+    _check_graph_memory(path, graph)
     return Model(graph=graph, source=path, source_format=kind, source_sha256=sha256, torch_reference=reference)
 
 
@@ -138,6 +141,7 @@ def _load_onnx(path: Path, data: bytes, shapes: shape_args.InputShapes) -> ir.Mo
     graph = ir.serde.deserialize_model(proto)
     _drop_initializer_inputs(graph)
     _apply_shapes(path, graph, shapes)
+    _check_graph_memory(path, graph)  # before the clean-ups fold constants at this size
     return graph
 
 
@@ -192,6 +196,10 @@ def check_static_inputs(path: Path, graph: ir.Model) -> None:
             )
 
 
+def _static(value: ir.Value) -> bool:
+    return value.shape is not None and all(isinstance(dim, int) for dim in value.shape)
+
+
 def _load_torchscript(path: Path):
     import torch
 
@@ -237,14 +245,63 @@ def _load_pickle(path: Path, trust_pickle: bool):
     return obj.eval()
 
 
-def _load_exported_program(path: Path, shapes: shape_args.InputShapes) -> tuple[ir.Model, Callable]:
+# torch.export archive parts that torch unpickles with the full pickle module (code runs), whatever
+# weights_only says: opaque objects (pickle.loads) and script objects (torch._C._pickle_load_obj)
+_UNSAFE_PT2_PARTS = ("/constants/opaque_obj", "/constants/custom_obj")
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """Every torch.load inside runs with weights_only=True (only tensors and plain containers,
+    no code), whatever its caller asked: torch.export.load retries a failed safe load with
+    weights_only=False, which would run code from the file. torch reads the
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD switch on each call."""
+    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _load_exported_program(
+    path: Path, data: bytes, shapes: shape_args.InputShapes, trust_pickle: bool
+) -> tuple[ir.Model, Callable]:
+    """torch.export.load of ``data`` (the bytes already read: nothing can swap the file meanwhile),
+    with every pickled part loaded weights-only unless ``trust_pickle``."""
+    import pickle
+
     import torch
 
+    refuse = (
+        "edgec does not run code from a model file: pass --trust-pickle (trust_pickle=True) only if you trust "
+        "where this file came from"
+    )
+    unsafe = [name for name in zipfile.ZipFile(io.BytesIO(data)).namelist() if any(part in name for part in _UNSAFE_PT2_PARTS)]
+    if unsafe and not trust_pickle:
+        raise LoadError(f"'{path}' is a torch.export archive with pickled Python objects ({unsafe[0]}), which run code when loaded; {refuse}")
+    guard = contextlib.nullcontext() if trust_pickle else _weights_only_unpickling()
     try:
-        program = torch.export.load(str(path))
+        with guard, warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(io.BytesIO(data))
+    except pickle.UnpicklingError as error:
+        if trust_pickle:
+            raise LoadError(f"'{path}': torch.export.load failed: {_last_line(error)}") from None
+        blocked = _blocked_global(error)
+        raise LoadError(
+            f"'{path}' is a torch.export archive holding a pickle that is not plain tensors"
+            f"{f' (it calls {blocked})' if blocked else ''}: loading it would run code from the file; {refuse}"
+        ) from None
     except Exception as error:  # noqa: BLE001
         raise LoadError(f"'{path}' is a torch.export archive that torch.export.load cannot read: {_last_line(error)}") from None
     args, _ = program.example_inputs or ((), {})
+    if not all(isinstance(arg, torch.Tensor) for arg in args):
+        kinds = ", ".join(sorted({type(arg).__name__ for arg in args if not isinstance(arg, torch.Tensor)}))
+        raise LoadError(f"'{path}': the archive's sample inputs hold {kinds}, not tensors; re-export it with tensor inputs")
     if not args:
         placeholders = [
             node for node in program.graph.nodes if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
@@ -266,26 +323,78 @@ def _load_exported_program(path: Path, shapes: shape_args.InputShapes) -> tuple[
 def _export_torch(path: Path, module, shapes: shape_args.InputShapes, kind: str) -> tuple[ir.Model, Callable]:
     import torch
 
-    args = []
+    chosen = []
     for position in range(len(shapes)):
         shape = shapes.get(position)
         if shape is None:
             shape = next(iter(shapes.values())) if len(shapes) == 1 else None
         if shape is None:
             raise InputShapeError(f"give one --input-shape per input, in order, for '{path}'")
-        args.append(torch.randn(shape))
-    graph = _run_exporter(path, module, tuple(args), dynamo=kind != "torchscript")
+        chosen.append(shape)
+    check_memory(path, {f"input {position}": (shape, 4) for position, shape in enumerate(chosen)})  # torch.randn: float32
+    args = tuple(torch.randn(shape) for shape in chosen)
+    try:  # PyTorch's own error for a wrong shape beats the exporter's
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module(*args)
+    except Exception as error:  # noqa: BLE001 - shape errors come as RuntimeError, ValueError, ...
+        given = " and ".join(",".join(map(str, shape)) for shape in chosen)
+        raise InputShapeError(
+            f"'{path}' does not run on a random input of shape {given}: {_last_line(error)}; "
+            "give the shape the model expects with --input-shape"
+        ) from None
+    graph = _run_exporter(path, module, args, dynamo=kind != "torchscript")
     return graph, _torch_runner(module)
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(path: Path, tensors: dict[str, tuple[tuple[int, ...], int]]) -> None:
+    """InputShapeError when the inputs plus the largest other tensor cannot fit in this machine's
+    memory (edgec runs the model here to export and verify it: at least that much is alive at
+    once). ``tensors``: ``"input 'x'"`` / ``"tensor 'y'"`` -> (shape, bytes per element)."""
+    sizes = {name: math.prod(shape) * itemsize for name, (shape, itemsize) in tensors.items()}
+    if not sizes:
+        return
+    inputs = sum(size for name, size in sizes.items() if name.startswith("input"))
+    others = {name: size for name, size in sizes.items() if not name.startswith("input")}
+    largest = max(others or sizes, key=sizes.get)
+    needed = inputs + others.get(largest, 0)
+    available = memory_bytes()
+    if needed > available:
+        shape = "x".join(map(str, tensors[largest][0]))
+        raise InputShapeError(
+            f"'{path}' at this input shape needs at least {_gib(needed)} for its tensors ({largest} alone, {shape}, "
+            f"is {_gib(sizes[largest])}), more than this machine's {_gib(available)} of memory; give a smaller --input-shape"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def _check_graph_memory(path: Path, graph: ir.Model) -> None:
+    """check_memory over the graph's inputs and every value with a static shape (after shape inference)."""
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
+    for kind, values in (("input", graph.graph.inputs), ("tensor", (out for node in graph.graph for out in node.outputs))):
+        for value in values:
+            if _static(value):
+                itemsize = value.dtype.itemsize if value.dtype is not None else 4
+                tensors[f"{kind} {value.name!r}"] = (tuple(value.shape), itemsize)
+    check_memory(path, tensors)
+
+
 def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
-    """torch.onnx.export into memory; its chatter goes to the log, not stdout."""
+    """torch.onnx.export into memory; its chatter (Python and C++ alike) goes to the log, not the terminal."""
     import onnx
     import torch
 
-    sink = io.StringIO()
+    output: list[str] = []
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with warnings.catch_warnings(), captured_output(output):
             warnings.simplefilter("ignore")
             if dynamo:
                 program = torch.onnx.export(
@@ -308,14 +417,44 @@ def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
     except InputShapeError:
         raise
     except Exception as error:  # noqa: BLE001 - exporter errors come in many types
-        log.debug("exporter output:\n%s", sink.getvalue())
+        log.debug("exporter output:\n%s", "".join(output))
         raise LoadError(
-            f"exporting '{path}' to ONNX failed: {_last_line(error)}. "
+            f"exporting '{path}' to ONNX failed: {_first_line(error)}. "
             "Check that --input-shape matches what the model expects"
         ) from None
-    log.debug("exporter output:\n%s", sink.getvalue())
+    log.debug("exporter output:\n%s", "".join(output))
     _name_outputs(graph)
     return graph
+
+
+@contextlib.contextmanager
+def captured_output(sink: list[str]) -> Iterator[None]:
+    """Everything written to stdout and stderr inside, by Python or by C++ code (file
+    descriptors 1 and 2: the TorchScript exporter prints its IR from C++), is appended to
+    ``sink`` instead of reaching the terminal."""
+    import ctypes
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        python_out = stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        python_err = stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        try:
+            saved = [os.dup(1), os.dup(2)]
+        except OSError:  # no such descriptors: nothing C++ writes can reach a terminal
+            saved = []
+        scratch = stack.enter_context(tempfile.TemporaryFile())
+        try:
+            for fd in (1, 2) if saved else ():
+                os.dup2(scratch.fileno(), fd)
+            yield
+        finally:
+            if saved:
+                ctypes.CDLL(None).fflush(None)  # C stdio buffers still hold what C++ wrote to a pipe
+            for fd, copy in zip((1, 2), saved, strict=False):
+                os.dup2(copy, fd)
+                os.close(copy)
+            scratch.seek(0)
+            sink.append(python_out.getvalue() + python_err.getvalue() + scratch.read().decode(errors="replace"))
 
 
 def _torchscript_input_names(module, count: int) -> list[str]:
@@ -359,6 +498,33 @@ def cleanup(graph: ir.Model) -> None:
     from edgec.fold import cleanup as clean
 
     clean(graph)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs a traceback when its safe load fails: keep it off the user's terminal
+    (the LoadError says what happened); -vv shows it."""
+    logger = logging.getLogger("torch._export.serde.serialize")
+    previous = logger.level
+    if not log.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _blocked_global(error: BaseException) -> str:
+    """The callable a weights-only unpickler refused (e.g. 'posix.system'), from its message."""
+    import re
+
+    found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(error))
+    return found.group(1) if found else ""
+
+
+def _first_line(error: BaseException) -> str:
+    text = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (text[0] if text else error.__class__.__name__)[:300]
 
 
 def _last_line(error: BaseException) -> str:

@@ -18,6 +18,10 @@ class Model:
     ``torch_reference`` runs the original PyTorch model (NumPy in, NumPy out)
     when the source was PyTorch; it is the reference before any lossy pass.
     ``pass_reports`` collects one report per applied pass, in order.
+    ``standard_graph`` is, once a pass has put edgec ops into ``graph``, the
+    same model in standard ONNX only: the passes' standard-ONNX outputs
+    (``pack=false``: masked dense weights, dequantized weights, Sign kept),
+    which ONNX Runtime runs as an independent reference for the build.
     """
 
     graph: ir.Model
@@ -26,6 +30,8 @@ class Model:
     source_sha256: str | None
     torch_reference: Callable[..., list[Any]] | None = None
     pass_reports: list[Any] = dataclasses.field(default_factory=list)
+    standard_graph: ir.Model | None = None
+    standard_note: str = ""  # why there is no standard_graph although graph has edgec ops
 
     @property
     def input_names(self) -> list[str]:
@@ -43,3 +49,26 @@ def value_signature(value: ir.Value) -> dict[str, Any]:
         shape = [dim if isinstance(dim, int) else str(dim) for dim in value.shape]
     dtype = value.dtype.numpy().name if value.dtype is not None else None
     return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def index_ranges(graph: ir.Model) -> dict[str, list[int]]:
+    """``[low, high]`` of the integer graph inputs that a Gather reads as indices, by input name:
+    ``[-s, s - 1]`` for a gathered axis of size ``s`` (the intersection when several Gathers read
+    one input). Compiled Gathers do not check their indices (ONNX Runtime does), so run and
+    bench check these inputs before running. Indices reaching a Gather through other ops are
+    not covered."""
+    ranges: dict[str, list[int]] = {}
+    for node in graph.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or len(node.inputs) < 2:
+            continue
+        data, indices = node.inputs[0], node.inputs[1]
+        if indices is None or not indices.is_graph_input() or data is None or data.shape is None:
+            continue
+        axis = node.attributes.get_int("axis", 0)
+        rank = len(data.shape)
+        size = data.shape[axis % rank] if -rank <= axis < rank else None
+        if not isinstance(size, int):
+            continue
+        low, high = ranges.get(indices.name, [-size, size - 1])
+        ranges[indices.name] = [max(low, -size), min(high, size - 1)]
+    return ranges

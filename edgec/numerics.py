@@ -1,7 +1,27 @@
-"""How far apart two sets of outputs are."""
+"""How far apart two sets of outputs are, and whether they agree as float32 results should.
+
+One rule, used by ``edgec compile``'s verification and by ``edgec bench``'s
+check on the device. For each output tensor, with ``want`` the reference::
+
+    scale   = max |want|                       (finite values; 0 for an empty tensor)
+    allowed = atol + rtol * scale
+    agree   <=>  |got - want| <= allowed for every element
+                 (NaN only where the reference has NaN, +-inf only where it has the same inf)
+
+Why the tensor's scale and not ``|want|`` element by element: float32
+rounding error of a sum grows with the magnitude of its terms, not with its
+result. An output element near zero that came out of terms of size 10^3
+carries an error of about 10^3 * 2^-24 * sqrt(terms), which an element-wise
+``atol + rtol * |want|`` (numpy.allclose) refuses although the build is
+right. A wrong kernel is still caught: its errors are of the order of the
+values it computes, far above ``rtol`` (1e-4) of the tensor's scale.
+What the rule cannot see: an error confined to elements many orders of
+magnitude below the tensor's largest one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,3 +40,64 @@ def deviation(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> t
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float(diff.max()) / scale)
     return max_abs, max_rel
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """The verdict of :func:`compare`: ``ok``, the largest errors, and in ``detail`` the element
+    that breaks the rule the most (or the closest call when all agree)."""
+
+    ok: bool
+    max_abs: float
+    max_rel: float  # max |got - want| / max |want|, per tensor, the largest over tensors
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "within_tolerance": self.ok, "detail": self.detail}
+
+
+def compare(
+    got: Sequence[np.ndarray],
+    want: Sequence[np.ndarray],
+    *,
+    rtol: float,
+    atol: float,
+    names: Sequence[str] | None = None,
+) -> Agreement:
+    """Whether ``got`` agrees with ``want`` under the module's rule; the detail names the element."""
+    names = list(names) if names is not None else [f"#{index}" for index in range(len(want))]
+    if len(got) != len(want):
+        return Agreement(False, float("inf"), float("inf"), f"{len(got)} outputs, the reference has {len(want)}")
+    max_abs = max_rel = 0.0
+    worst: tuple[float, str] | None = None  # (error / allowed, sentence) of the worst element so far
+    for name, actual, reference in zip(names, got, want, strict=True):
+        actual, reference = np.asarray(actual), np.asarray(reference)
+        if actual.shape != reference.shape:
+            return Agreement(
+                False, float("inf"), float("inf"), f"output '{name}' has shape {actual.shape}, the reference {reference.shape}"
+            )
+        if reference.size == 0:
+            continue
+        a = actual.astype(np.float64)
+        b = reference.astype(np.float64)
+        finite = np.isfinite(b)
+        scale = float(np.max(np.abs(b[finite]))) if finite.any() else 0.0
+        allowed = atol + rtol * scale
+        same_special = (np.isnan(a) & np.isnan(b)) | (np.isinf(b) & (a == b))
+        error = np.where(same_special, 0.0, np.abs(a - b))
+        error = np.where(np.isnan(error), np.inf, error)  # NaN where the reference is a number
+        index = np.unravel_index(int(np.argmax(error)), error.shape)
+        largest = float(error[index])
+        max_abs = max(max_abs, largest)
+        max_rel = max(max_rel, largest / scale if scale > 0 else (0.0 if largest == 0 else float("inf")))
+        ratio = largest / allowed if allowed > 0 else (0.0 if largest == 0 else float("inf"))
+        if worst is None or ratio > worst[0]:
+            where = ", ".join(str(int(i)) for i in index)
+            sentence = (
+                f"output '{name}' element [{where}]: got {a[index]:.6g}, want {b[index]:.6g}, |error| {largest:.3g} "
+                f"{'>' if ratio > 1 else '<='} {allowed:.3g} allowed (atol {atol:g} + rtol {rtol:g} x {scale:.4g}, "
+                "the output's largest |value|: float32 rounding grows with it)"
+            )
+            worst = (ratio, sentence)
+    ok = worst is None or worst[0] <= 1.0
+    return Agreement(ok, max_abs, max_rel, worst[1] if worst else "no output elements")

@@ -48,10 +48,14 @@ def compile_summary(result) -> None:
     if verification["status"] == "skipped":
         table.add_row("verification", f"skipped: {verification['reason']}")
     else:
+        if "ran_on" in verification:
+            table.add_row("verified on", verification["ran_on"])
         for reference in ("onnxruntime", "numpy", "pytorch"):
             if reference in verification:
                 check = verification[reference]
                 verdict = "ok" if check["within_tolerance"] else ("FAILED" if check["enforced"] else "differs (lossy passes)")
+                if reference == "onnxruntime" and check.get("graph", "model.onnx") != "model.onnx":
+                    verdict += ", on reference.onnx (standard-ONNX equivalent)"
                 table.add_row(
                     f"vs {reference}",
                     f"max abs {check['max_abs']:.2e}, max rel {check['max_rel']:.2e} "

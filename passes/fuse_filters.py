@@ -103,7 +103,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.registry import option_help
+from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +341,10 @@ class FuseFiltersPass(ir.passes.InPlacePass):
             raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name, output_names=True)
+        require_node_names(model, self.layer_ratios, "layer_ratios", self.cli_name, output_names=True)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         analysis = _Analysis(model.graph, masked=self.mode == "masked")

@@ -52,6 +52,14 @@ Weight bytes: float32 ``C_out * C_in/g * kh * kw * 4`` become
 ``C_out * kh * kw * ceil(C_in/g / 8)`` bits-bytes plus ``4 * C_out`` of scale:
 32x less when ``C_in/g`` is a multiple of 8 (logged per layer and in total).
 
+Standard form (``pack=false``): the same layers, decided the same way, keep
+their Conv/Gemm/MatMul and the binarising Sign/Where nodes, with the float32
+weights the codes stand for (``scale[o] * u``: the quantized weights under
+``quantize``, the original ones otherwise). ONNX Runtime runs that graph;
+edgec checks every packed build against it (edgec/apply_passes.py keeps it
+beside the packed graph), so the check shares no code with the op's
+kernels or its NumPy reference.
+
 Nothing is lowered, and an INFO line names the node and says why, when: the
 weight is not a constant, or not float32; it is not binary per channel
 (without ``quantize``; the channel and its values are named); the Conv is
@@ -72,7 +80,7 @@ import onnx_ir as ir
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.ops.binary_conv import pack_bits
 from edgec.passes.fold_batchnorm import batchnorm_scale_shift
-from edgec.passes.registry import option_help
+from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -526,6 +534,21 @@ class WeightRewriter:
 
     # ---- rewriting --------------------------------------------------------
 
+    def set_weight(self, match: LayerMatch, weight: np.ndarray) -> bool:
+        """Give the layer the float32 ``weight`` (output channels first, as ``match.weight``) in
+        its node's own layout: the standard-ONNX form of a lowered layer (``pack=false``).
+        False, and nothing changed, when that is its weight already."""
+        weight = np.asarray(weight, np.float32)
+        if np.array_equal(weight, match.weight):
+            return False
+        node = match.node
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0))
+        old = node.inputs[1]
+        array = np.ascontiguousarray(weight.T if transposed else weight)
+        node.replace_input_with(1, self.new_initializer(array, f"{node.name or node.op_type}_weight"))
+        self.drop_if_dead(old)
+        return True
+
     def replace(self, match: LayerMatch, op_type: str, arrays: dict[str, np.ndarray], attributes: dict, data: ir.Value) -> ir.Node:
         """Put ``edgec.<op_type>(data, *arrays)`` in place of the layer; its output keeps the old name."""
         node = match.node
@@ -699,12 +722,22 @@ class LowerBinaryPass(ir.passes.InPlacePass):
     exclude: tuple[str, ...] = dataclasses.field(
         default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
     )
+    pack: bool = dataclasses.field(
+        default=True,
+        metadata=option_help(
+            "false: keep float Conv/Gemm with the +-a weights and the Sign nodes (the standard-ONNX "
+            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.encoding not in ("sign", "magnitude"):
             raise ValueError(f"encoding must be sign or magnitude, not {self.encoding!r}")
         if self.scale not in ("per-channel", "per-tensor"):
             raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewriter = WeightRewriter(model)
@@ -722,6 +755,9 @@ class LowerBinaryPass(ir.passes.InPlacePass):
                 coded, note = self._codes(match.weight, per_tensor)
             except Skip as reason:
                 logger.info("%s not lowered: %s", describe(node), reason)
+                continue
+            if not self.pack:
+                lowered += rewriter.set_weight(match, coded.dequantize())
                 continue
             mode, binarizer = rewriter.binarized_input(match) if self.binary_activations else ("none", None)
             if mode != "none" and match.is_conv and match.group != 1:

@@ -28,6 +28,11 @@ Weight bytes: float32 ``C_out * C_in/g * kh * kw * 4`` become
 ``2 * C_out * kh * kw * ceil(C_in/g / 8)`` plus ``4 * C_out`` of scale: 16x
 less when ``C_in/g`` is a multiple of 8 (logged per layer and in total).
 
+Standard form (``pack=false``): the same layers keep their Conv/Gemm/MatMul
+with the dequantized float32 weights ``a_o * t``, which ONNX Runtime runs
+as the independent reference of every packed build (see
+passes/lower_binary.py).
+
 Nothing is lowered, and an INFO line names the node and says why, for the
 reasons listed in passes/lower_binary.py (not constant, not float32, not
 ternary per channel without ``quantize``, not 2-D, auto_pad without static
@@ -52,7 +57,7 @@ from edgec.passes.lower_binary import (
     describe,
     relative_error,
 )
-from edgec.passes.registry import option_help
+from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +142,22 @@ class LowerTernaryPass(ir.passes.InPlacePass):
     exclude: tuple[str, ...] = dataclasses.field(
         default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
     )
+    pack: bool = dataclasses.field(
+        default=True,
+        metadata=option_help(
+            "false: keep float Conv/Gemm with the dequantized {-a, 0, +a} weights (the standard-ONNX "
+            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0, not {self.delta!r}")
         if self.scale not in ("per-channel", "per-tensor"):
             raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewriter = WeightRewriter(model)
@@ -159,6 +174,9 @@ class LowerTernaryPass(ir.passes.InPlacePass):
                 coded, note = self._codes(match.weight, per_tensor)
             except Skip as reason:
                 logger.info("%s not lowered: %s", describe(node), reason)
+                continue
+            if not self.pack:
+                lowered += rewriter.set_weight(match, coded.dequantize())
                 continue
             planes = ternary_planes(coded)
             scale, bias, fused = rewriter.epilogue(match, coded.scale)

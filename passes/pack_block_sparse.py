@@ -90,7 +90,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.registry import option_help
+from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +320,9 @@ class PackBlockSparsePass(ir.passes.InPlacePass):
         unknown = sorted(set(self.kinds) - set(_KINDS))
         if unknown:
             raise ValueError(f"unknown layer kind(s) {', '.join(unknown)}; choose from {', '.join(_KINDS)}")
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.layers, "layers", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewriter = _Rewriter(model, self)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edgec.numerics import deviation
 from edgec.artifact import Artifact
-from edgec.errors import InputDataError
+from edgec.errors import InputDataError, VerificationError
+from edgec.numerics import compare
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
 
@@ -114,19 +114,26 @@ def _flat(value) -> list:
 
 
 def reference_check(artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
-    """Compare device outputs with ONNX Runtime on the artifact's model.onnx."""
+    """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
+    standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
+    artifact has no reference.onnx. The rule is compile's (edgec.numerics.compare)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import has_custom_ops, reference_outputs
+    from edgec.runtimes.reference import has_custom_ops, reference_outputs, run_onnxruntime
 
-    graph = ir.load(str(artifact.onnx))
-    want = reference_outputs(graph, inputs)
+    if artifact.reference_onnx is not None:
+        name, want = "onnxruntime (reference.onnx)", run_onnxruntime(ir.load(str(artifact.reference_onnx)), inputs)
+    else:
+        graph = ir.load(str(artifact.onnx))
+        name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
+        want = reference_outputs(graph, inputs)
     if want is None:
         return {"reference": None, "ok": None, "note": "no reference for this graph's custom ops"}
-    max_abs, max_rel = deviation(outputs, want)
-    ok = all(got.shape == ref.shape and np.allclose(got, ref, rtol=rtol, atol=atol) for got, ref in zip(outputs, want, strict=True))
-    name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
-    return {"reference": name, "ok": ok, "max_abs": max_abs, "max_rel": max_rel, "rtol": rtol, "atol": atol}
+    agreement = compare(outputs, want, rtol=rtol, atol=atol, names=[spec["name"] for spec in artifact.outputs])
+    return {
+        "reference": name, "ok": agreement.ok, "max_abs": agreement.max_abs, "max_rel": agreement.max_rel,
+        "detail": agreement.detail, "rtol": rtol, "atol": atol,
+    }
 
 
 def bench(
@@ -146,6 +153,11 @@ def bench(
     outputs = run_once(device, vm, inputs)
     floor = artifact.manifest["target"].get("min_tolerance", 0.0)  # float16 builds are checked at least this loosely
     check = reference_check(artifact, inputs, outputs, max(rtol, floor), max(atol, floor))
+    if check["ok"] is False:  # wrong code is not timed
+        raise VerificationError(
+            f"the outputs of {device.label} differ from {check['reference']}: {check['detail']}; not timed. "
+            "The code on the device is wrong, or --rtol/--atol too tight"
+        )
     with device.step("timing the model"):
         warm_up(device, vm, warmup)
         timed = vm.time_evaluator("invoke_stateful", device.dev, number=1, repeat=repeat)("main")

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from edgec.artifact import Artifact
-from edgec.errors import InputDataError
+from edgec.errors import InputDataError, OutputError
 
 
 def random_inputs(artifact: Artifact, seed: int = 0) -> list[np.ndarray]:
+    """Seeded inputs: standard normal floats; integers 0 or 1, or within an input's Gather index range."""
     rng = np.random.default_rng(seed)
     arrays = []
     for spec in artifact.inputs:
@@ -19,7 +20,8 @@ def random_inputs(artifact: Artifact, seed: int = 0) -> list[np.ndarray]:
         if np.issubdtype(dtype, np.floating):
             arrays.append(rng.standard_normal(spec["shape"]).astype(dtype))
         else:
-            arrays.append(rng.integers(0, 2, size=spec["shape"]).astype(dtype))
+            low, high = spec.get("index_range", [0, 1])
+            arrays.append(rng.integers(max(low, 0), min(high, 1) + 1, size=spec["shape"]).astype(dtype))
     return arrays
 
 
@@ -62,11 +64,23 @@ def read_inputs(artifact: Artifact, paths: Sequence[Path]) -> list[np.ndarray]:
 
 
 def write_outputs(artifact: Artifact, outputs: Sequence[np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npz":
-        names = [spec["name"] for spec in artifact.outputs]
-        np.savez(path, **dict(zip(names, outputs, strict=True)))
-    elif len(outputs) == 1:
-        np.save(path, outputs[0])
-    else:
-        raise InputDataError(f"the model has {len(outputs)} outputs: write them to an .npz file, not '{path}'")
+    """Write ``outputs`` to exactly ``path``: .npy (one output) or .npz (by output name).
+
+    NumPy appends .npy to any other name, so that writing ``out`` would make ``out.npy``
+    while the user looks for ``out``: other names are refused instead.
+    """
+    if path.is_dir():
+        raise OutputError(f"-o '{path}' is a directory; give a file name ending in .npy (one output) or .npz")
+    if path.suffix not in (".npy", ".npz"):
+        raise OutputError(f"-o '{path}': give a file name ending in .npy (one output) or .npz (by output name)")
+    if path.suffix == ".npy" and len(outputs) != 1:
+        raise OutputError(f"the model has {len(outputs)} outputs: write them to an .npz file, not '{path}'")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".npz":
+            names = [spec["name"] for spec in artifact.outputs]
+            np.savez(path, **dict(zip(names, outputs, strict=True)))
+        else:
+            np.save(path, outputs[0])
+    except OSError as error:
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from edgec.artifact import Artifact
 from edgec.errors import ArtifactError, InputDataError
+
+log = logging.getLogger(__name__)
 
 
 class LocalRunner:
@@ -70,6 +73,30 @@ def check_inputs(artifact: Artifact, inputs: Sequence[np.ndarray]) -> None:
             )
         if array.dtype.name != spec["dtype"]:
             raise InputDataError(f"input {spec['name']!r} needs dtype {spec['dtype']}, got {array.dtype.name}")
+        check_values(spec, array)
+
+
+def check_values(spec: dict, array: np.ndarray) -> None:
+    """Checks the compiled code does not make: Gather indices in range (InputDataError; out of range
+    they read other memory or crash), NaN/Inf in float inputs (a warning: compiled kernels need not
+    propagate NaN as ONNX Runtime does, e.g. a ReLU may turn it into 0)."""
+    if "index_range" in spec and array.size:
+        low, high = spec["index_range"]
+        bad = np.flatnonzero((array < low) | (array > high))
+        if bad.size:
+            where = np.unravel_index(int(bad[0]), array.shape)
+            raise InputDataError(
+                f"input {spec['name']!r} holds {bad.size} Gather index(es) outside [{low}, {high}], e.g. "
+                f"{int(array[where])} at {list(map(int, where))}; the compiled model does not check its indices"
+            )
+    if np.issubdtype(array.dtype, np.floating):
+        special = int(np.count_nonzero(~np.isfinite(array)))
+        if special:
+            log.warning(
+                "input %r holds %d NaN/Inf value(s): compiled kernels do not propagate them as ONNX Runtime does "
+                "(a ReLU or max-pool may turn NaN into a number); its outputs are not meaningful",
+                spec["name"], special,
+            )  # fmt: skip
 
 
 def _names(specs) -> str:

@@ -213,6 +213,8 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise DeviceError(f"bad {what} address {text!r}: write HOST:PORT, e.g. 127.0.0.1:9090")
+    if not 0 < int(port) < 65536:
+        raise DeviceError(f"bad {what} address {text!r}: port {int(port)} is not a TCP port (1-65535)")
     return host, int(port)
 
 
@@ -240,6 +242,8 @@ def connect(rpc: str | None = None, tracker: str | None = None, key: str | None 
     """A LocalDevice, or a RemoteDevice reached directly (``rpc``) or through a tracker."""
     if rpc and tracker:
         raise DeviceError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
+    if not timeout > 0:
+        raise DeviceError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     if tracker and not key:
         raise DeviceError("--tracker needs --key (the device key the board registered with, e.g. a7)")
     if not rpc and not tracker:

@@ -42,6 +42,23 @@ def elf_header(path: Path) -> dict[str, int]:
     return {"class": ei_class, "data": ei_data, "type": e_type, "machine": e_machine}
 
 
+def assert_board_verified(manifest: dict, preset: str) -> None:
+    """An ARM build is verified on the emulated board (edgec-agent under qemu-user) when qemu is
+    installed, and skipped with that reason only when it is not."""
+    import shutil
+
+    from edgec.runtimes.emulate import EMULATORS
+    from edgec.targets.presets import PRESETS
+
+    verification = manifest["verification"]
+    if shutil.which(EMULATORS[PRESETS[preset].cpu_arch].qemu) is None:
+        assert verification["status"] == "skipped" and "qemu-user-static" in verification["reason"]
+        return
+    assert verification["status"] == "passed", verification
+    assert verification["ran_on"].startswith(f"emulated {preset}")
+    assert all(check["within_tolerance"] for key, check in verification.items() if isinstance(check, dict))
+
+
 def assert_profile_adds_up(data: dict, manifest: dict) -> None:
     """Structural checks of an ``edgec profile`` result (``--json`` / ``as_dict()``) against the
     artifact's kernel table. Deliberately no timing window: on a shared 2-core machine the ratio

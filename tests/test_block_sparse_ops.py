@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgec
 from edgec.ops import DOMAIN, load_all
 from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks, vector_shape
-from backbone import assert_profile_adds_up
+from backbone import assert_board_verified, assert_profile_adds_up
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
@@ -333,7 +333,7 @@ def test_arm_cross_compiles(preset, tmp_path):
     lib = (tmp_path / preset / "lib.so").read_bytes()
     machine = int.from_bytes(lib[18:20], "little")
     assert machine == {"cortex-a7": 40, "cortex-a53": 183}[preset]  # EM_ARM, EM_AARCH64
-    assert result.manifest["verification"]["status"] == "skipped"  # cannot run here: see the qemu test
+    assert_board_verified(result.manifest, preset)
     sparse = [call for call in result.manifest["kernels"] if call["kernel"].startswith("edgec_block_sparse_conv")]
     assert sparse and all(call["schedule"] == "custom-op" for call in sparse)
     assert result.manifest["schedules"]["by_rule"]["custom-op"] >= 1

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import edgec
-from backbone import ATOL, RTOL, SOURCE_FORMAT, X86_SOURCE, elf_header
+from backbone import ATOL, RTOL, SOURCE_FORMAT, X86_SOURCE, assert_board_verified, elf_header
 from edgec.artifact import load_artifact
 from edgec.errors import UnsupportedOpError
 from edgec.lower import supported_onnx_ops
@@ -136,8 +136,7 @@ def test_cross_compile_elf_header(artifacts, name, target, tool, header):
     manifest = result.manifest
     assert manifest["target"]["tvm"]["mtriple"] == edgec.targets.PRESETS[target].mtriple
     assert manifest["target"]["host_runnable"] is False
-    assert manifest["verification"]["status"] == "skipped"
-    assert "edgec bench" in manifest["verification"]["reason"]
+    assert_board_verified(manifest, target)
     with pytest.raises(edgec.errors.ArtifactError, match=target):
         LocalRunner(load_artifact(path))
 

@@ -289,7 +289,6 @@ def test_grouped_conv_is_excluded_with_a_reason(caplog):
         ({"n": 3}, "16 output channels are not a multiple of n=3"),
         ({"sparsity": 0.0}, "no block to drop"),
         ({"kinds": ("conv",)}, "a pointwise layer, and kinds=conv"),
-        ({"layers": ("other",)}, "not in layers=other"),
     ],
 )
 def test_non_match_is_unmodified_with_a_reason(options, reason, caplog):
@@ -300,6 +299,13 @@ def test_non_match_is_unmodified_with_a_reason(options, reason, caplog):
     assert result.modified is False
     assert reason in caplog.text
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_layers_naming_a_missing_node_is_refused():
+    """A typo in layers= used to match nothing, silently."""
+    model = single_layer("pointwise")
+    with pytest.raises(ir.passes.PreconditionError, match="layers='other' names no node"):
+        PackBlockSparsePass(layers=("other",))(model)
 
 
 def test_non_constant_weight_is_skipped(caplog):

@@ -1,0 +1,238 @@
+"""Does the compiled lib.so compute what the model computes? (``edgec compile``'s verify stage)
+
+lib.so runs on a seeded random input:
+
+- host-runnable targets (x86): in this process;
+- ARM targets: on an emulated board, edgec-agent under qemu-user (what
+  ``edgec device emulate`` starts; the agent is built once per CPU and
+  cached): the target's own machine code runs. Skipped, with the reason,
+  only when qemu-user or the target's C library is not installed;
+- CUDA: on GPU 0 when this machine has one (runtimes/cuda.py), else
+  skipped with the reason.
+
+Its outputs are compared (edgec.numerics.compare) with these references:
+
+- ``onnxruntime``: ONNX Runtime on the compiled graph or, when that holds
+  edgec ops, on its standard-ONNX equivalent (``model.standard_graph``, the
+  passes run with ``pack=false``: masked dense weights, dequantized weights,
+  Sign activations kept), which is saved as reference.onnx. It shares no
+  code with edgec's kernels or with edgec's NumPy versions of its ops.
+  Enforced.
+- ``numpy``: onnx's ReferenceEvaluator with edgec's NumPy versions of its
+  ops, for graphs with edgec ops. Enforced, but not independent.
+- ``pytorch``: the source model, when it was PyTorch. Enforced unless a
+  lossy pass changed the function (the other references carry the check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.artifact import REFERENCE_ONNX, Artifact
+from edgec.errors import EmulatorError, VerificationError
+from edgec.fallbacks import one_line
+from edgec.model import Model, value_signature
+from edgec.numerics import compare
+from edgec.progress import Progress
+from edgec.targets import ResolvedTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """Tolerances of the post-build check: per output, pass when every
+    |got - want| <= atol + rtol * max|want| (see edgec.numerics)."""
+
+    enabled: bool = True
+    rtol: float = 1e-4
+    atol: float = 1e-4
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    name: str  # the manifest's key: onnxruntime, numpy, pytorch
+    outputs: list[np.ndarray]
+    enforced: bool
+    graph: str = ""  # which graph ONNX Runtime ran
+
+
+def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[list[Reference], str]:
+    """Every reference that can run ``model`` on ``inputs`` (see the module docstring), and why
+    none could when the list is empty."""
+    from edgec.runtimes import reference
+
+    found: list[Reference] = []
+    unchecked = ""
+    if not reference.has_custom_ops(model.graph):
+        try:
+            found.append(Reference("onnxruntime", reference.reference_outputs(model.graph, inputs), True, "model.onnx"))
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime refuses the graph (e.g. opsets before 7)
+            unchecked = _numpy_instead(model, inputs, found, f"ONNX Runtime: {one_line(error)}")
+    else:
+        if model.standard_graph is not None:
+            standard = reference.reference_outputs(model.standard_graph, inputs)  # ONNX Runtime: no edgec ops in it
+            found.append(Reference("onnxruntime", standard, True, f"{REFERENCE_ONNX} (the standard-ONNX equivalent of the edgec ops)"))
+        else:
+            log.warning("the build is checked against edgec's NumPy references only: %s", standard_note(model))
+        numpy_outputs = reference.run_numpy_reference(model.graph, inputs)
+        if numpy_outputs is not None:
+            found.append(Reference("numpy", numpy_outputs, True))
+        elif not found:
+            unchecked = "no reference can run this graph (custom ops)"
+    if model.torch_reference is not None:
+        exact = all(
+            report.max_abs_deviation is not None and report.max_rel_deviation <= rtol
+            for report in model.pass_reports
+            if report.modified
+        )
+        found.append(Reference("pytorch", model.torch_reference(*inputs), exact))
+    return found, unchecked
+
+
+def _numpy_instead(model: Model, inputs: list[np.ndarray], found: list[Reference], ort_error: str) -> str:
+    """onnx's reference evaluator where ONNX Runtime refused the graph; the reason when it fails too."""
+    from edgec.runtimes import reference
+
+    log.info("%s; checking against onnx's reference evaluator", ort_error)
+    try:
+        found.append(Reference("numpy", reference.run_numpy_reference(model.graph, inputs), True))
+    except Exception as error:  # noqa: BLE001 - no reference runs this graph
+        reason = f"no reference runs this graph ({ort_error}; onnx reference: {one_line(error)})"
+        log.warning("verification skipped: %s", reason)
+        return reason
+    return ""
+
+
+def standard_note(model: Model) -> str:
+    return model.standard_note or "no pass of edgec produced its edgec ops (no standard-ONNX equivalent is known)"
+
+
+def verify(
+    model: Model, target: ResolvedTarget, directory: Path, options: VerifyOptions, progress: Progress
+) -> dict[str, Any]:
+    """Run the build in ``directory`` and check it; the manifest's ``verification`` entry, or VerificationError."""
+    if not options.enabled:
+        return {"status": "skipped", "reason": "--no-verify"}
+    from edgec.frontend import input_arrays
+
+    floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
+    options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
+    signature = {
+        "target": {
+            "preset": target.name, "spec": target.spec, "arch": target.preset.arch, "tvm": target.tvm_json,
+            "cpu_arch": target.preset.cpu_arch, "host_runnable": target.preset.host_runnable,
+        },
+        "inputs": [value_signature(value) for value in model.graph.graph.inputs],
+    }
+    artifact = Artifact(directory, signature)
+    runner = _runner(target, progress)
+    if isinstance(runner, str):
+        return {"status": "skipped", "reason": runner}
+    where = runner.where
+    inputs = input_arrays(model, options.seed)
+    with progress.stage("verify", f"lib.so on {where} vs references"):
+        got = runner.run(artifact, inputs)
+        found, unchecked = references(model, inputs, options.rtol)
+        if not found:
+            return {"status": "skipped", "reason": unchecked}
+        result: dict[str, Any] = {
+            "status": "passed", "ran_on": where, "rtol": options.rtol, "atol": options.atol, "seed": options.seed,
+            "rule": "per output: |got - want| <= atol + rtol * max|want|",
+        }
+        names = [value.name for value in model.graph.graph.outputs]
+        for reference in found:
+            agreement = compare(got, reference.outputs, rtol=options.rtol, atol=options.atol, names=names)
+            entry = {**agreement.as_dict(), "enforced": reference.enforced}
+            if reference.graph:
+                entry["graph"] = reference.graph
+            result[reference.name] = entry
+            if not agreement.ok and reference.enforced:
+                raise VerificationError(
+                    f"compiled outputs ({where}) differ from {reference.name}: {agreement.detail}; max abs error "
+                    f"{agreement.max_abs:.3g}, max rel {agreement.max_rel:.3g}; no artifact was written. "
+                    "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
+                )
+        from edgec.runtimes.reference import has_custom_ops
+
+        if has_custom_ops(model.graph) and model.standard_graph is None:
+            result["independent_reference"] = f"none: {standard_note(model)}"
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """Where the build runs (for the manifest and messages) and how: ``run(artifact, inputs) -> outputs``."""
+
+    where: str
+    run: Callable[[Artifact, list[np.ndarray]], list[np.ndarray]]
+
+
+def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
+    """How to run the target's code here, or the reason it cannot run here."""
+    preset = target.preset
+    if preset.kind == "cuda":
+        from edgec.runtimes.cuda import unavailable_reason
+
+        reason = unavailable_reason(target.options["arch"])
+        if reason is not None:
+            return f"{reason}; check it on a GPU with edgec bench"
+        return Runner("GPU 0 (CUDA)", _run_local)
+    if preset.host_runnable:
+        from edgec.runtimes.device_functions import cpu_arch
+
+        return Runner(f"this machine ({cpu_arch(platform.machine())})", _run_local)
+    cannot = f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
+    if preset.kind != "llvm":
+        return cannot
+    from edgec.runtimes.emulate import EMULATORS
+
+    emulator = EMULATORS.get(preset.cpu_arch)
+    if emulator is None or emulator.qemu is None:
+        return cannot
+    if shutil.which(emulator.qemu) is None:
+        missing, package = emulator.qemu, "qemu-user-static"
+    elif not Path(emulator.sysroot, "lib").is_dir():
+        missing, package = f"the target's C library ({emulator.sysroot})", emulator.sysroot_package
+    else:
+        from edgec.runtimes.agent_build import build_agent
+
+        agent = build_agent(target.name, progress=progress)  # cached after the first build (minutes)
+        return Runner(
+            f"emulated {target.name} ({emulator.qemu})", lambda artifact, inputs: _run_emulated(target, agent, artifact, inputs)
+        )
+    return (
+        f"{target.name} code was not run: {missing} is not installed (sudo apt-get install {package} runs it "
+        "on an emulated board); check it on the board with edgec bench"
+    )
+
+
+def _run_local(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    from edgec.runtimes.local import LocalRunner
+
+    return LocalRunner(artifact).run(inputs)
+
+
+def _run_emulated(target: ResolvedTarget, agent: Path, artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    from edgec.runtimes.bench import load_vm, run_once
+    from edgec.runtimes.emulate import emulate
+    from edgec.runtimes.session import connect
+
+    try:
+        board = emulate(target.name, agent=agent, timeout=120, count_instructions=False)  # qemu-user-static, no plugin
+    except EmulatorError as error:  # not a VerificationError: rebuilding would not help
+        raise EmulatorError(f"the emulated {target.name} board that verifies the build did not start: {error}; "
+                            "--no-verify skips the check") from None
+    with board, connect(rpc=board.address, timeout=120) as device:
+        device.check_artifact(artifact)
+        _module, vm = load_vm(device, artifact)
+        return run_once(device, vm, inputs)
