@@ -8,6 +8,7 @@ tuning run, shared by the tests.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,14 @@ def test_later_compile_applies_the_database_by_default(cache, tmp_path):
     summary = manifest["schedules"]
     assert summary["tuning_db"] == str(default_database(resolve("x86")))
     assert summary["tuning_db_records"] >= 1
-    # every MLP kernel has a record (the library's schedule, measured, at least); the ones where
-    # MetaSchedule's candidate measured faster run it and say so in the kernel table
-    assert summary["tuning_db_matched"] == len({call["kernel"] for call in manifest["kernels"]})
+    # every MLP kernel whose library schedule was measured has a record and takes it; a build or
+    # run the tuner reported as failed (MetaSchedule's workers time out on a loaded machine)
+    # leaves that kernel without one. The ones where MetaSchedule's candidate measured faster
+    # run it and say so in the kernel table.
+    kernels = len({call["kernel"] for call in manifest["kernels"]})
+    unmeasured = len(re.findall(r"library schedule of \S+ did not (?:build|run)", done.stderr))
+    assert 1 <= summary["tuning_db_matched"] <= kernels
+    assert summary["tuning_db_matched"] >= kernels - unmeasured
     tuned = {call["kernel"] for call in manifest["kernels"] if call["schedule"] == "tuning-db"}
     assert len(tuned) == summary["from_tuning_db"]
     assert manifest["verification"]["status"] == "passed"  # database schedules compute the same
