@@ -15,11 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.ops import DOMAIN, load_all
-from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks, vector_shape
+from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks
+from edgec.targets.vector import CpuVector, cpu_vector
 from backbone import assert_board_verified, assert_profile_adds_up
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
+AVX512 = CpuVector(lanes=16, registers=32)
 
 
 def random_blocks(rng, out_channels: int, in_channels: int, n: int, kernel=(1, 1), keep: float = 0.4):
@@ -223,7 +225,7 @@ def test_kernel_work_scales_with_kept_blocks(kernel):
         indices = np.nonzero(mask)[1].astype(np.int32)
         pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
         shape = ConvShape(1, channels, 6, 5, out_channels // n, n, indices.size, kernel, (1, 1), pads, (1, 1))
-        prim = conv_kernel(shape, kernel_plan(n, 30, 16, 32), "Relu")
+        prim = conv_kernel(shape, kernel_plan(n, 30, AVX512), "Relu")
         counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
         # exactly the kept blocks' work: nnz * N * kh * kw per output position, nothing for pruned blocks
         assert counts[keep] == indices.size * n * kernel[0] * kernel[1] * 6 * 5 == shape.multiply_adds
@@ -283,14 +285,14 @@ def test_cancel_transposes_rules():
 def test_vector_shape_per_target():
     from edgec.targets import resolve
 
-    assert vector_shape(resolve("cortex-a7")) == (4, 16)
-    assert vector_shape(resolve("cortex-a53")) == (4, 32)
-    lanes, registers = vector_shape(resolve("x86"))
-    assert lanes in (4, 8, 16) and registers in (16, 32)
-    plan = kernel_plan(4, 3136, 4, 16)  # NEON armv7: 12 accumulators of one quad register each
+    armv7, aarch64, x86 = (cpu_vector(resolve(name)) for name in ("cortex-a7", "cortex-a53", "x86"))
+    assert (armv7.lanes, armv7.registers) == (4, 16)
+    assert (aarch64.lanes, aarch64.registers) == (4, 32)
+    assert x86.lanes in (4, 8, 16) and x86.registers in (16, 32)
+    plan = kernel_plan(4, 3136, armv7)  # NEON armv7: 12 accumulators of one quad register each
     assert plan.positions == 12
-    assert kernel_plan(8, 3136, 16, 32).positions == 24  # AVX-512: one (half) zmm per position
-    assert kernel_plan(16, 3136, 16, 32).positions == 15  # 15 x 16 floats: the tile stays under 1 KiB
+    assert kernel_plan(8, 3136, AVX512).positions == 24  # AVX-512: one (half) zmm per position
+    assert kernel_plan(16, 3136, AVX512).positions == 15  # 15 x 16 floats: the tile stays under 1 KiB
 
 
 @pytest.mark.parametrize("n", [4, 16])
@@ -300,7 +302,7 @@ def test_accumulators_are_not_heap_allocated(n):
     import tvm
 
     shape = ConvShape(1, 32, 28, 28, 192 // n, n, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
-    prim = conv_kernel(shape, kernel_plan(n, 784, 16, 32), "Clip", 0.0, 6.0)
+    prim = conv_kernel(shape, kernel_plan(n, 784, AVX512), "Clip", 0.0, 6.0)
     module = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
     llvm_ir = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).mod.inspect_source("ll")
     assert "define" in llvm_ir and "load ptr, ptr @__TVMBackendAllocWorkspace" not in llvm_ir

@@ -23,9 +23,10 @@ from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import PRESETS, resolve
-from edgec.targets.schedules import CpuVector, cpu_vector, default_rules, schedule_func
+from edgec.targets.schedules import default_rules, schedule_func
 from edgec.targets.schedules.common import register_tile, vector_tile
 from edgec.targets.schedules.graph import batch_norm_scale_shift, elementwise_clip_kind, padded_channels
+from edgec.targets.vector import CpuVector, cpu_vector
 
 AVX512 = CpuVector(lanes=16, registers=32)
 NEON32 = CpuVector(lanes=4, registers=16)

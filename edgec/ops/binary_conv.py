@@ -96,6 +96,7 @@ from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
 from edgec.ops._relax import STACK_TILE_BYTES
+from edgec.targets.vector import CpuVector, cpu_vector, vectorize_innermost
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,11 @@ __all__ = [
     "BinaryConv",
     "BinaryGemm",
     "ConvShape",
-    "KernelConfig",
     "XnorPlan",
     "apply_activation",
     "binarize",
     "conv2d_nchw",
     "decode_kernel",
-    "kernel_config",
     "pack_bits",
     "pack_kernel",
     "unit_weights",
@@ -275,95 +274,6 @@ class BinaryGemm(OpRun):
 
 
 # --------------------------------------------------------------------------
-# The target's vector shape for bit kernels.
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Word and vector sizes of the bit kernels for one CPU.
-
-    ``word_bits``: bits of one packed word (64; 32 on armv7, whose general
-    registers are 32-bit). ``vector_bits``: width of a vector register
-    (AVX-512 512, AVX2 256, SSE and NEON 128). ``registers``: architectural
-    vector registers. ``popcount``: how the CPU counts bits in a vector, as
-    LLVM will emit it (for the log and the manifest's reader).
-    """
-
-    word_bits: int
-    vector_bits: int
-    registers: int
-    popcount: str
-
-    @property
-    def dtype(self) -> str:
-        return f"uint{self.word_bits}"
-
-    @property
-    def lanes(self) -> int:
-        """Words per vector register."""
-        return max(1, self.vector_bits // self.word_bits)
-
-    @property
-    def accumulators(self) -> int:
-        """Vector registers a register tile may hold, leaving room for loads and broadcasts."""
-        return self.registers - 8 if self.registers > 16 else self.registers - 6
-
-
-def _x86_features(target) -> set[str]:
-    import tvm
-    from tvm.target import codegen
-
-    if target is None:
-        from edgec.targets.host import host_cpu_name
-
-        spec = {"kind": "llvm", "mcpu": host_cpu_name()}
-    else:
-        spec = dict(target.host_json or target.tvm_json)
-    try:
-        return set(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
-    except Exception as error:  # noqa: BLE001 - an FFI error type varies by build
-        log.warning("could not read the CPU features of %s (%s): assuming SSE", spec.get("mcpu"), error)
-        return set()
-
-
-def kernel_config(target) -> KernelConfig:
-    """The :class:`KernelConfig` of a ResolvedTarget (``None``: this machine).
-
-    ARM presets are NEON (128-bit; 16 quad registers on armv7, 32 on
-    aarch64). x86: the preset's ``vector_lanes`` (float32 lanes) when set,
-    else the CPU features LLVM reports for the target's mcpu.
-    """
-    preset = getattr(target, "preset", None)
-    arch = getattr(preset, "cpu_arch", "x86_64")
-    if arch == "armv7":
-        return KernelConfig(32, 128, int(getattr(preset, "vector_registers", None) or 16), "NEON vcnt.8 + vpaddl")
-    if arch == "aarch64":
-        return KernelConfig(64, 128, int(getattr(preset, "vector_registers", None) or 32), "NEON cnt + uaddlp")
-    features = _x86_features(target)
-    lanes = getattr(preset, "vector_lanes", None)
-    registers = getattr(preset, "vector_registers", None)
-    if lanes:
-        vector_bits = int(lanes) * 32
-    elif "avx512f" in features:
-        vector_bits = 512
-    elif "avx2" in features:
-        vector_bits = 256
-    else:
-        vector_bits = 128
-    registers = int(registers or (32 if vector_bits == 512 else 16))
-    if "avx512vpopcntdq" in features and vector_bits == 512:
-        popcount = "AVX-512 vpopcntq"
-    elif vector_bits == 512:
-        popcount = "AVX-512BW vpshufb nibble table"
-    elif vector_bits == 256:
-        popcount = "AVX2 vpshufb nibble table"
-    else:
-        popcount = "SSE pshufb nibble table" if "ssse3" in features else "scalar popcnt"
-    return KernelConfig(64, vector_bits, registers, popcount)
-
-
-# --------------------------------------------------------------------------
 # Shapes and the register tile.
 # --------------------------------------------------------------------------
 
@@ -410,7 +320,7 @@ class XnorPlan:
     ``columns`` is a whole number of vectors.
     """
 
-    config: KernelConfig
+    vector: CpuVector
     words: int
     out_tile: int
     vectors: int
@@ -420,8 +330,22 @@ class XnorPlan:
     columns: int
 
     @property
+    def word_bits(self) -> int:
+        """Bits of one packed word: the CPU's general-purpose register (64; 32 on armv7)."""
+        return self.vector.word_bits
+
+    @property
+    def dtype(self) -> str:
+        return self.vector.word_dtype
+
+    @property
+    def lanes(self) -> int:
+        """Words per vector register."""
+        return self.vector.lanes_of(self.dtype)
+
+    @property
     def column_tile(self) -> int:
-        return self.config.lanes * self.vectors
+        return self.lanes * self.vectors
 
     @property
     def plane_shape(self) -> tuple[int, ...]:
@@ -429,10 +353,15 @@ class XnorPlan:
         return (self.rows, 2, self.words, self.phases, self.columns)
 
 
-def xnor_plan(shape: ConvShape, config: KernelConfig) -> XnorPlan:
+# Vector registers the popcount loop keeps beside its accumulators: the broadcast weight word,
+# the s and m vectors, the xor/and result and the popcount's temporaries.
+XNOR_OPERANDS = 6
+
+
+def xnor_plan(shape: ConvShape, vector: CpuVector) -> XnorPlan:
     """The register tile: one vector of output columns x ``out_tile`` output channels, the
-    largest divisor of C_out within the accumulator budget (at most 16) whose tile stays
-    under 1 KiB.
+    largest divisor of C_out within the accumulator budget (``XNOR_OPERANDS`` registers
+    left for operands; at most 16) whose tile stays under 1 KiB.
 
     The 1 KiB is ``STACK_TILE_BYTES``: a larger tile (or a "local" one) becomes a
     TVMBackendAllocWorkspace call per iteration of the parallel loop. Measured
@@ -441,10 +370,11 @@ def xnor_plan(shape: ConvShape, config: KernelConfig) -> XnorPlan:
     512x7x7, against 0.104 / 0.107 / 0.077 ms for 16 channels through the workspace;
     2-4 vectors of columns were up to 2x slower.
     """
-    lanes = config.lanes
+    word_bits = vector.word_bits
+    lanes = vector.lanes_of(vector.word_dtype)
     vectors = 1
-    fits = (STACK_TILE_BYTES - 1) // (lanes * config.word_bits // 8)
-    budget = max(1, min(16, config.accumulators, fits))
+    fits = (STACK_TILE_BYTES - 1) // (lanes * word_bits // 8)
+    budget = max(1, min(16, vector.accumulator_budget(XNOR_OPERANDS), fits))
     out_tile = max(d for d in range(1, budget + 1) if shape.out_channels % d == 0)
     padded = -(-shape.out_width // lanes) * lanes
     sh, sw = shape.strides
@@ -452,27 +382,13 @@ def xnor_plan(shape: ConvShape, config: KernelConfig) -> XnorPlan:
     kh, kw = shape.kernel
     rows = (shape.out_height - 1) * sh + (kh - 1) * dh + 1
     columns = -(-(padded + ((kw - 1) * dw) // sw) // lanes) * lanes  # whole vectors
-    words = -(-shape.channels // config.word_bits)
-    return XnorPlan(config, words, out_tile, vectors, padded, rows, sw, columns)
+    words = -(-shape.channels // word_bits)
+    return XnorPlan(vector, words, out_tile, vectors, padded, rows, sw, columns)
 
 
 # --------------------------------------------------------------------------
 # The TIR kernels.
 # --------------------------------------------------------------------------
-
-
-def _vectorize(sch, loop, lanes: int) -> None:
-    """Vectorise ``loop``, splitting off at most 4 registers' worth when it is long."""
-    extent = int(sch.get(loop).extent)
-    if extent <= 4 * lanes:
-        if extent > 1:
-            sch.vectorize(loop)
-        return
-    for width in (4 * lanes, 2 * lanes, lanes):
-        if extent % width == 0:
-            _, inner = sch.split(loop, [None, width])
-            sch.vectorize(inner)
-            return
 
 
 def _window(shape: ConvShape, n, oh, ow, kh, kw, word):
@@ -495,7 +411,7 @@ def pack_kernel(shape: ConvShape, plan: XnorPlan, binarize_input: str, encoding:
 
     batch, channels, height, width = shape.batch, shape.channels, shape.height, shape.width
     top, left, _, _ = shape.pads
-    word, bits = plan.config.dtype, plan.config.word_bits
+    word, bits = plan.dtype, plan.word_bits
     one, zero = tirx.const(1, word), tirx.const(0, word)
     x = te.placeholder((batch, channels, height, width), "float32", name="x")
     bit = te.reduce_axis((0, bits), name="bit")
@@ -532,28 +448,28 @@ def pack_kernel(shape: ConvShape, plan: XnorPlan, binarize_input: str, encoding:
 
     base = te.compute((batch, shape.out_height, plan.padded_width), base_term, name="base")
     sch = s_tir.Schedule(te.create_prim_func([x, planes, base]))
-    lanes = plan.config.lanes
+    lanes = plan.lanes
     block = sch.get_sblock("planes")
     loops = sch.get_loops(block)
     rows = sch.fuse(loops[0], loops[1])
     sch.parallel(rows)
-    _vectorize(sch, loops[-1], lanes)
+    vectorize_innermost(sch, loops[-1], lanes)
     bits_block = sch.get_sblock("bits")
     sch.compute_at(bits_block, rows, preserve_unit_loops=True)
     sch.set_scope(bits_block, 0, "local")  # one row per iteration of the parallel loop, private to it
     *_, plane_loop, word_loop, w, bit_loop = sch.get_loops(bits_block)
     sch.reorder(word_loop, bit_loop, plane_loop, w)  # both planes from one load of x
-    _vectorize(sch, w, lanes)
+    vectorize_innermost(sch, w, lanes)
     sch.unroll(plane_loop)
     init = sch.decompose_reduction(bits_block, bit_loop)
-    _vectorize(sch, sch.get_loops(init)[-1], lanes)
+    vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
     block = sch.get_sblock("base")
     n, oh, ow, r_kh, r_kw, r_word = sch.get_loops(block)
     sch.reorder(n, oh, r_kh, r_kw, r_word, ow)
     sch.parallel(sch.fuse(n, oh))
-    _vectorize(sch, ow, lanes)
+    vectorize_innermost(sch, ow, lanes)
     init = sch.decompose_reduction(block, r_kh)
-    _vectorize(sch, sch.get_loops(init)[-1], lanes)
+    vectorize_innermost(sch, sch.get_loops(init)[-1], lanes)
     return sch.mod["main"]
 
 
@@ -577,7 +493,7 @@ def xnor_conv_kernel(
     """The scheduled PrimFunc ``(planes, base, weight_words, scale, bias, y)``, y NCHW float32."""
     from tvm import s_tir, te, tirx
 
-    word = plan.config.dtype
+    word = plan.dtype
     batch, out_channels = shape.batch, shape.out_channels
     out_h, out_w = shape.out_height, shape.out_width
     kh_size, kw_size = shape.kernel
@@ -730,17 +646,17 @@ def op_attributes(op: str, attrs: dict) -> tuple[str, str, str, float, float]:
     return encoding, mode, activation, low, high
 
 
-def weight_words(bits: np.ndarray, channels: int, encoding: str, config: KernelConfig) -> np.ndarray:
+def weight_words(bits: np.ndarray, channels: int, encoding: str, word_bits: int) -> np.ndarray:
     """The op's uint8 bits ``(O, kh, kw, ceil(C/8))`` -> the kernel's sign-bit words
     ``(O, kh, kw, ceil(C / word_bits))`` (magnitude: the complement, ``u_sign = 2u - 1``)."""
     unpacked = unpack_bits(bits, channels)
     if encoding == "magnitude":
         unpacked = 1 - unpacked
-    words = -(-channels // config.word_bits)
-    padded = np.zeros((*unpacked.shape[:-1], words * config.word_bits), np.uint8)
+    words = -(-channels // word_bits)
+    padded = np.zeros((*unpacked.shape[:-1], words * word_bits), np.uint8)
     padded[..., :channels] = unpacked
     packed = pack_bits(padded)  # little-endian bytes = little-endian words
-    return np.ascontiguousarray(packed).view(f"<u{config.word_bits // 8}").astype(config.dtype)
+    return np.ascontiguousarray(packed).view(f"<u{word_bits // 8}").astype(f"uint{word_bits}")
 
 
 def decode_bits(bits_oc: np.ndarray, channels: int) -> np.ndarray:
@@ -757,19 +673,19 @@ def emit_xnor_conv(bb, x, shape: ConvShape, bits, scale, bias, attrs: tuple, tar
     from edgec.ops._relax import emit_kernel
 
     encoding, mode, activation, low, high = attrs
-    config = kernel_config(target)
-    plan = xnor_plan(shape, config)
+    vector = cpu_vector(target)
+    plan = xnor_plan(shape, vector)
     log.info(
         "BinaryConv %dx%d %d->%d at %dx%d: %d-bit words, %d per vector (%s), tile %d channels x %d columns",
         *shape.kernel, shape.channels, shape.out_channels, shape.height, shape.width,
-        config.word_bits, config.lanes, config.popcount, plan.out_tile, plan.column_tile,
+        plan.word_bits, plan.lanes, vector.popcount, plan.out_tile, plan.column_tile,
     )  # fmt: skip
-    planes_type = relax.TensorType([shape.batch, *plan.plane_shape], config.dtype)
+    planes_type = relax.TensorType([shape.batch, *plan.plane_shape], plan.dtype)
     base_type = relax.TensorType([shape.batch, shape.out_height, plan.padded_width], "int32")
     pack = pack_kernel(shape, plan, mode, encoding)
     packed = bb.emit(emit_kernel(bb, pack, "edgec_binary_pack", [x], [planes_type, base_type]))
     planes, base = (bb.emit(relax.TupleGetItem(packed, index)) for index in range(2))
-    words = weight_words(bits, shape.channels, encoding, config)
+    words = weight_words(bits, shape.channels, encoding, plan.word_bits)
     kernel = xnor_conv_kernel(shape, plan, encoding, activation, low, high)
     kernel = kernel.with_attr("edgec.flops", 2.0 * shape.multiply_adds)
     out_type = relax.TensorType([shape.batch, shape.out_channels, shape.out_height, shape.out_width], "float32")

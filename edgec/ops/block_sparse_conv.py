@@ -61,6 +61,7 @@ from onnx.reference.op_run import OpRun
 
 from edgec.ops import DOMAIN, CustomOp, register
 from edgec.ops._relax import STACK_TILE_BYTES
+from edgec.targets.vector import CpuVector, cpu_vector
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ __all__ = [
     "conv_kernel",
     "kernel_plan",
     "unpack_blocks",
-    "vector_shape",
     "warn_narrow_blocks",
 ]
 
@@ -186,47 +186,6 @@ class BlockSparseConv(OpRun):
 # The CPU kernel.
 # --------------------------------------------------------------------------
 
-# (lanes, registers) when the preset does not say: per CPU architecture
-_ARCH_VECTORS = {"armv7": (4, 16), "aarch64": (4, 32)}
-
-
-def vector_shape(target) -> tuple[int, int]:
-    """(float32 lanes, vector registers) of a ResolvedTarget's CPU.
-
-    The preset's ``vector_lanes``/``vector_registers`` when set; else by
-    architecture (NEON: 4 lanes, 16 quad registers on armv7, 32 on aarch64);
-    for x86 read from the CPU features LLVM reports for the target's mcpu
-    (AVX-512: 16 and 32, AVX2: 8 and 16, SSE: 4 and 16). ``None``: this machine.
-    """
-    import tvm
-    from tvm.target import codegen
-
-    preset = getattr(target, "preset", None)
-    lanes = getattr(preset, "vector_lanes", None)
-    registers = getattr(preset, "vector_registers", None)
-    if lanes and registers:
-        return int(lanes), int(registers)
-    arch = getattr(preset, "cpu_arch", "x86_64")
-    if arch in _ARCH_VECTORS:
-        return _ARCH_VECTORS[arch]
-    if target is None:
-        from edgec.targets.host import host_cpu_name
-
-        spec = {"kind": "llvm", "mcpu": host_cpu_name()}
-    else:
-        spec = dict(target.host_json or target.tvm_json)
-    try:
-        features = set(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
-    except Exception as error:  # noqa: BLE001 - an FFI error type varies by build
-        log.warning("could not read the CPU features of %s (%s): assuming SSE, 4 lanes", spec.get("mcpu"), error)
-        return 4, 16
-    if "avx512f" in features:
-        return 16, 32
-    if "avx2" in features or "avx" in features:
-        return 8, 16
-    return 4, 16
-
-
 def warn_narrow_blocks(target, block_size: int, lanes: int) -> None:
     """Warn, once per (target, N), when a block's N channels fill less than a vector."""
     if block_size < lanes:
@@ -256,20 +215,19 @@ class KernelPlan:
         return -(-block_size // self.lanes)
 
 
-def kernel_plan(block_size: int, extent: int, lanes: int, registers: int) -> KernelPlan:
+def kernel_plan(block_size: int, extent: int, vector: CpuVector) -> KernelPlan:
     """The register tile for blocks of ``block_size`` channels over ``extent`` positions.
 
     Accumulators may use the register file less room for the weight vector
-    and the broadcast inputs (32 registers: 24; 16 registers: 12), each
-    position taking ``ceil(N / lanes)`` of them; and the tile must stay under
+    and the broadcast inputs (``vector.accumulators``: 32 registers 24, 16
+    registers 12), each position taking ``ceil(N / lanes)`` of them; and the tile must stay under
     ``STACK_TILE_BYTES`` (N=16: 15 positions). Measured on the x86 host (AVX-512, one
     thread), pointwise convs at 70%, N=16: 16->96 @112 0.156 ms with 24 positions through
     the workspace, 0.088 ms with 15 on the stack; 960->160 @7 0.0215 and 0.0226 ms.
     """
-    budget = registers - 8 if registers > 16 else registers - 4
-    per_position = -(-block_size // lanes)
+    per_position = -(-block_size // vector.lanes)
     fits_stack = (STACK_TILE_BYTES - 1) // (4 * block_size)
-    return KernelPlan(lanes, max(1, min(extent, budget // per_position, fits_stack)))
+    return KernelPlan(vector.lanes, max(1, min(extent, vector.accumulators // per_position, fits_stack)))
 
 
 def _activation_expr(activation: str, low: float, high: float):
@@ -514,10 +472,10 @@ def lower_block_sparse_conv(bb, inputs, attrs, target):
         )
         conv = relax.op.add(conv, relax.const(bias.reshape(1, -1, 1, 1)))
         return relax_activation(conv, activation, low, high)
-    lanes, registers = vector_shape(target)
-    warn_narrow_blocks(target, block_size, lanes)
+    vector = cpu_vector(target)
+    warn_narrow_blocks(target, block_size, vector.lanes)
     extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
-    plan = kernel_plan(block_size, extent, lanes, registers)
+    plan = kernel_plan(block_size, extent, vector)
     kernel_shape = shape
     if shape.nnz == 0:  # every block pruned (the output is the bias): TIR takes no 0-sized buffer
         values, indices = np.zeros((1, *values.shape[1:]), np.float32), np.zeros(1, np.int32)

@@ -37,9 +37,9 @@ from edgec.ops.block_sparse_conv import (
     is_cuda,
     relax_activation,
     unpack_blocks,
-    vector_shape,
     warn_narrow_blocks,
 )
+from edgec.targets.vector import cpu_vector
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def lower_block_sparse_gemm(bb, inputs, attrs, target):
         weight = unpack_blocks(values, indices, indptr, features)
         y = relax.op.add(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))), relax.const(bias))
         return relax_activation(y, activation, low, high)
-    warn_narrow_blocks(target, block_size, vector_shape(target)[0])
+    warn_narrow_blocks(target, block_size, cpu_vector(target).lanes)
     if nnz == 0:  # every block pruned (the output is the bias): TIR takes no 0-sized buffer
         values, indices = np.zeros((1, block_size), np.float32), np.zeros(1, np.int32)
     prim = gemm_kernel(rows_in, features, blocks, block_size, max(nnz, 1), _activation_expr(activation, low, high))
