@@ -227,8 +227,9 @@ def test_register_tile_fits_the_register_file_and_divides_the_axes():
 
 
 def test_vector_shape_is_preset_data_or_the_host():
-    assert cpu_vector(resolve("cortex-a7")) == CpuVector(lanes=4, registers=16)
-    assert cpu_vector(resolve("cortex-a53")) == CpuVector(lanes=4, registers=32)
+    a7, a53 = cpu_vector(resolve("cortex-a7")), cpu_vector(resolve("cortex-a53"))
+    assert (a7.lanes, a7.registers, a7.word_bits) == (4, 16, 32)
+    assert (a53.lanes, a53.registers, a53.word_bits) == (4, 32, 64)
     assert cpu_vector(resolve("cortex-a72")).lanes == 4
     host = cpu_vector(resolve("x86"))
     assert PRESETS["x86"].vector_lanes is None
