@@ -147,7 +147,7 @@ def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog)
 
 
 def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
-    from edgec.ops._relax import cancel_transposes
+    from edgec.ops.transposes import cancel_transposes
     from edgec.targets.schedules import graph_passes
     from edgec.targets.schedules.graph import guarded
     from edgec.targets.vector import cpu_vector

@@ -261,7 +261,7 @@ def test_transposes_around_sparse_ops_cancel(tmp_path):
 def test_cancel_transposes_rules():
     from tvm import relax
 
-    from edgec.ops._relax import cancel_transposes
+    from edgec.ops.transposes import cancel_transposes
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 4, 5, 6), "float32"))

@@ -92,25 +92,37 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from onnx.reference.op_run import OpRun
-
-from edgec.ops import DOMAIN, CustomOp, register
-from edgec.ops._relax import STACK_TILE_BYTES
+from edgec.ops import CustomOp, register
+from edgec.errors import BuildError
+from edgec.ops.common import (
+    ACTIVATION_ATTRIBUTES,
+    CONV_ATTRIBUTES,
+    STACK_TILE_BYTES,
+    Attributes,
+    Reference,
+    activation_expr,
+    apply_activation,
+    check_kernel_shape,
+    conv2d_nchw,
+    emit_kernel,
+    float_input,
+    is_cuda,
+    op_inputs,
+    relax_activation,
+    tensor_type,
+)
 from edgec.targets.vector import CpuVector, cpu_vector, vectorize_innermost
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ACTIVATIONS",
     "BINARIZATIONS",
     "ENCODINGS",
     "BinaryConv",
     "BinaryGemm",
     "ConvShape",
     "XnorPlan",
-    "apply_activation",
     "binarize",
-    "conv2d_nchw",
     "decode_kernel",
     "pack_bits",
     "pack_kernel",
@@ -122,7 +134,10 @@ __all__ = [
 
 ENCODINGS = ("sign", "magnitude")
 BINARIZATIONS = ("none", "sign", "sign_ge0")
-ACTIVATIONS = ("none", "Relu", "Clip")
+# the attributes of BinaryConv / BinaryGemm
+CODE_ATTRIBUTES = Attributes(
+    {"encoding": "sign", "binarize_input": "none"}, {"encoding": ENCODINGS, "binarize_input": BINARIZATIONS}
+)
 
 
 # --------------------------------------------------------------------------
@@ -165,112 +180,36 @@ def binarize(x: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown binarize_input {mode!r}; one of {', '.join(BINARIZATIONS)}")
 
 
-def apply_activation(y: np.ndarray, activation: str, low: float, high: float) -> np.ndarray:
-    """``none``, ``Relu`` or ``Clip`` of ``y`` (dtype kept)."""
-    if activation == "none":
-        return y
-    if activation == "Relu":
-        return np.maximum(y, 0).astype(y.dtype)
-    if activation == "Clip":
-        return np.clip(y, low, high).astype(y.dtype)
-    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
-
-
-def conv2d_nchw(
-    x: np.ndarray,
-    weight: np.ndarray,
-    strides: Sequence[int] = (1, 1),
-    pads: Sequence[int] = (0, 0, 0, 0),
-    dilations: Sequence[int] = (1, 1),
-    group: int = 1,
-) -> np.ndarray:
-    """A dense NCHW convolution in float64 (zero padding, ONNX pad order top, left, bottom, right)."""
-    top, left, bottom, right = pads
-    padded = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    out_channels, per_group, kh, kw = weight.shape
-    sh, sw = strides
-    dh, dw = dilations
-    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
-    y = np.zeros((x.shape[0], out_channels, out_h, out_w))
-    w64 = np.asarray(weight, dtype=np.float64)
-    out_per_group = out_channels // group
-    for g in range(group):
-        outs = slice(g * out_per_group, (g + 1) * out_per_group)
-        ins = slice(g * per_group, (g + 1) * per_group)
-        for i in range(kh):
-            for j in range(kw):
-                window = padded[:, ins, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-                y[:, outs] += np.einsum("oc,nchw->nohw", w64[outs, :, i, j], window)
-    return y
-
-
-def text_attribute(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def epilogue_reference(dot: np.ndarray, scale, bias, channel_shape, activation, low, high) -> np.ndarray:
+def epilogue_reference(dot: np.ndarray, scale, bias, channel_shape, attrs) -> np.ndarray:
     """``act(float32(dot) * scale + bias)`` in float32, as the kernel computes it."""
     y = dot.astype(np.float32) * np.asarray(scale, dtype=np.float32).reshape(channel_shape)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32).reshape(channel_shape)
-    return apply_activation(y.astype(np.float32), text_attribute(activation), float(low), float(high))
+    return apply_activation(y.astype(np.float32), attrs.activation, attrs.activation_min, attrs.activation_max)
 
 
-class BinaryConv(OpRun):
+class BinaryConv(Reference):
     """NumPy reference: ``act(conv(b(x), u) * scale + bias)``, see the module docstring."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = CODE_ATTRIBUTES | CONV_ATTRIBUTES | ACTIVATION_ATTRIBUTES
 
-    def _run(  # noqa: PLR0913 - the op's inputs and attributes
-        self,
-        x,
-        weight_bits,
-        scale,
-        bias=None,
-        encoding="sign",
-        binarize_input="none",
-        kernel_shape=None,
-        strides=None,
-        pads=None,
-        dilations=None,
-        group=1,
-        activation="none",
-        activation_min=float("-inf"),
-        activation_max=float("inf"),
-    ):
-        group = int(group or 1)
-        per_group = x.shape[1] // group
-        bits = unpack_bits(weight_bits, per_group)  # (O, kh, kw, C/g)
-        unit = np.moveaxis(unit_weights(bits, text_attribute(encoding)), 3, 1)  # (O, C/g, kh, kw)
-        if kernel_shape is not None and tuple(kernel_shape) != unit.shape[2:]:
-            raise ValueError(f"kernel_shape {tuple(kernel_shape)} but weight bits of {unit.shape[2:]}")
-        dot = conv2d_nchw(
-            binarize(x, text_attribute(binarize_input)), unit, strides or (1, 1), pads or (0, 0, 0, 0), dilations or (1, 1), group
-        )
-        return (epilogue_reference(dot, scale, bias, (1, -1, 1, 1), activation, activation_min, activation_max),)
+    def compute(self, attrs, x, weight_bits, scale, bias=None):
+        bits = unpack_bits(weight_bits, x.shape[1] // attrs.group)  # (O, kh, kw, C/g)
+        unit = np.moveaxis(unit_weights(bits, attrs.encoding), 3, 1)  # (O, C/g, kh, kw)
+        check_kernel_shape(attrs, unit.shape[2:], "weight bits")
+        dot = conv2d_nchw(binarize(x, attrs.binarize_input), unit, attrs.strides, attrs.pads, attrs.dilations, attrs.group)
+        return epilogue_reference(dot, scale, bias, (1, -1, 1, 1), attrs)
 
 
-class BinaryGemm(OpRun):
+class BinaryGemm(Reference):
     """NumPy reference: ``act(b(A) @ u^T * scale + bias)``, see the module docstring."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = CODE_ATTRIBUTES | ACTIVATION_ATTRIBUTES
 
-    def _run(  # noqa: PLR0913 - the op's inputs and attributes
-        self,
-        a,
-        weight_bits,
-        scale,
-        bias=None,
-        encoding="sign",
-        binarize_input="none",
-        activation="none",
-        activation_min=float("-inf"),
-        activation_max=float("inf"),
-    ):
-        unit = unit_weights(unpack_bits(weight_bits, a.shape[1]), text_attribute(encoding))  # (N, K)
-        dot = binarize(a, text_attribute(binarize_input)) @ unit.T
-        return (epilogue_reference(dot, scale, bias, (1, -1), activation, activation_min, activation_max),)
+    def compute(self, attrs, a, weight_bits, scale, bias=None):
+        unit = unit_weights(unpack_bits(weight_bits, a.shape[1]), attrs.encoding)  # (N, K)
+        dot = binarize(a, attrs.binarize_input) @ unit.T
+        return epilogue_reference(dot, scale, bias, (1, -1), attrs)
 
 
 # --------------------------------------------------------------------------
@@ -473,20 +412,6 @@ def pack_kernel(shape: ConvShape, plan: XnorPlan, binarize_input: str, encoding:
     return sch.mod["main"]
 
 
-def _activation_expr(activation: str, low: float, high: float):
-    from tvm import tirx
-
-    if activation == "none":
-        return lambda value: value
-    if activation == "Relu":
-        return lambda value: tirx.max(value, tirx.const(0.0, "float32"))
-    if activation == "Clip":
-        lo = tirx.const(max(low, -3.0e38), "float32")
-        hi = tirx.const(min(high, 3.0e38), "float32")
-        return lambda value: tirx.min(tirx.max(value, lo), hi)
-    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
-
-
 def xnor_conv_kernel(
     shape: ConvShape, plan: XnorPlan, encoding: str, activation: str = "none", low: float = 0.0, high: float = 0.0
 ):
@@ -514,7 +439,7 @@ def xnor_conv_kernel(
 
     acc = te.compute((batch, out_channels, out_h, plan.padded_width), popcounts, name="xnor_popcount")
     factor = 2 if encoding == "sign" else 1
-    act = _activation_expr(activation, low, high)
+    act = activation_expr(activation, low, high)
 
     def epilogue(n, o, oh, ow):
         dot = base[n, oh, ow] - factor * acc[n, o, oh, ow].astype("int32")
@@ -596,25 +521,6 @@ def decode_kernel(
 # --------------------------------------------------------------------------
 
 
-def ints(attrs: dict, key: str, default: Sequence[int]) -> tuple[int, ...]:
-    value = attrs.get(key)
-    return tuple(int(item) for item in value) if value is not None else tuple(default)
-
-
-def is_cuda(target) -> bool:
-    return getattr(getattr(target, "preset", None), "kind", "llvm") == "cuda"
-
-
-def relax_activation(expr, activation: str, low: float, high: float):
-    from tvm import relax
-
-    if activation == "Relu":
-        return relax.op.nn.relu(expr)
-    if activation == "Clip":
-        return relax.op.clip(expr, max(low, -3.0e38), min(high, 3.0e38))
-    return expr
-
-
 def relax_binarize(expr, mode: str):
     """``b(x)`` as Relax ops (the CUDA fallback)."""
     from tvm import relax
@@ -625,25 +531,6 @@ def relax_binarize(expr, mode: str):
         positive = relax.op.greater_equal(expr, relax.const(0.0, "float32"))
         return relax.op.where(positive, relax.const(1.0, "float32"), relax.const(-1.0, "float32"))
     return expr
-
-
-def op_attributes(op: str, attrs: dict) -> tuple[str, str, str, float, float]:
-    """(encoding, binarize_input, activation, low, high), validated."""
-    from edgec.errors import BuildError
-
-    encoding = text_attribute(attrs.get("encoding", "sign"))
-    mode = text_attribute(attrs.get("binarize_input", "none"))
-    activation = text_attribute(attrs.get("activation", "none"))
-    for name, value, choices in (
-        ("encoding", encoding, ENCODINGS),
-        ("binarize_input", mode, BINARIZATIONS),
-        ("activation", activation, ACTIVATIONS),
-    ):
-        if value not in choices:
-            raise BuildError(f"{op}: unknown {name} {value!r}; one of {', '.join(choices)}")
-    low = float(attrs.get("activation_min", float("-inf")))
-    high = float(attrs.get("activation_max", float("inf")))
-    return encoding, mode, activation, low, high
 
 
 def weight_words(bits: np.ndarray, channels: int, encoding: str, word_bits: int) -> np.ndarray:
@@ -666,13 +553,10 @@ def decode_bits(bits_oc: np.ndarray, channels: int) -> np.ndarray:
     return pack_bits(np.moveaxis(unpacked, 1, -1))
 
 
-def emit_xnor_conv(bb, x, shape: ConvShape, bits, scale, bias, attrs: tuple, target):
+def emit_xnor_conv(bb, x, shape: ConvShape, bits, scale, bias, attrs, target):
     """Emit pack + popcount kernels for a binary-activation convolution; returns the output expr."""
     from tvm import relax
 
-    from edgec.ops._relax import emit_kernel
-
-    encoding, mode, activation, low, high = attrs
     vector = cpu_vector(target)
     plan = xnor_plan(shape, vector)
     log.info(
@@ -682,127 +566,94 @@ def emit_xnor_conv(bb, x, shape: ConvShape, bits, scale, bias, attrs: tuple, tar
     )  # fmt: skip
     planes_type = relax.TensorType([shape.batch, *plan.plane_shape], plan.dtype)
     base_type = relax.TensorType([shape.batch, shape.out_height, plan.padded_width], "int32")
-    pack = pack_kernel(shape, plan, mode, encoding)
+    pack = pack_kernel(shape, plan, attrs.binarize_input, attrs.encoding)
     packed = bb.emit(emit_kernel(bb, pack, "edgec_binary_pack", [x], [planes_type, base_type]))
     planes, base = (bb.emit(relax.TupleGetItem(packed, index)) for index in range(2))
-    words = weight_words(bits, shape.channels, encoding, plan.word_bits)
-    kernel = xnor_conv_kernel(shape, plan, encoding, activation, low, high)
+    words = weight_words(bits, shape.channels, attrs.encoding, plan.word_bits)
+    kernel = xnor_conv_kernel(shape, plan, attrs.encoding, attrs.activation, attrs.activation_min, attrs.activation_max)
     kernel = kernel.with_attr("edgec.flops", 2.0 * shape.multiply_adds)
     out_type = relax.TensorType([shape.batch, shape.out_channels, shape.out_height, shape.out_width], "float32")
     args = [planes, base, relax.const(words), relax.const(scale), relax.const(bias)]
     return emit_kernel(bb, kernel, "edgec_xnor_conv", args, out_type)
 
 
-def emit_decode(bb, anchor, bits_oc: np.ndarray, channels: int, scale: np.ndarray, planes: int, encoding: str, name: str):
-    """Emit the run-time decode of packed weights (``(planes, O, kh, kw, ceil(C/8))``) to HWIO float32."""
-    from tvm import relax
-
-    from edgec.ops._relax import emit_kernel, tensor_type
-
-    _, out_channels, kh, kw, _ = bits_oc.shape
-    anchor_shape, _ = tensor_type(anchor)
-    prim = decode_kernel(anchor_shape, (kh, kw), channels, out_channels, planes, encoding)
-    packed = decode_bits(bits_oc, channels)
-    out_type = relax.TensorType([kh, kw, channels, out_channels], "float32")
-    return bb.emit(emit_kernel(bb, prim, name, [anchor, relax.const(packed), relax.const(scale)], out_type))
-
-
-def float_weight_hwio(bits_oc: np.ndarray, channels: int, scale: np.ndarray, planes: int, encoding: str) -> np.ndarray:
-    """Compile-time decode (CUDA fallback): ``(kh, kw, C, O)`` float32."""
+def float_weight_hwio(bits_oc: np.ndarray, channels: int, scale: np.ndarray, encoding: str) -> np.ndarray:
+    """Compile-time decode of ``(planes, O, kh, kw, ceil(C/8))`` bits: ``(kh, kw, C, O)`` float32."""
     unpacked = unpack_bits(bits_oc, channels).astype(np.float64)  # (planes, O, kh, kw, C)
-    unit = unpacked[0] * (1.0 - 2.0 * unpacked[1]) if planes == 2 else unit_weights(unpacked[0], encoding)
+    unit = unpacked[0] * (1.0 - 2.0 * unpacked[1]) if len(unpacked) == 2 else unit_weights(unpacked[0], encoding)
     weight = unit * np.asarray(scale, np.float64).reshape(-1, 1, 1, 1)
     return np.ascontiguousarray(np.transpose(weight, (1, 2, 3, 0))).astype(np.float32)
 
 
-def emit_float_conv(bb, x, weight_hwio, attrs_conv: dict, bias, activation: tuple, mode: str = "none"):
+def decoded_weight(bb, op: str, anchor, bits_oc, channels: int, scale, encoding: str, target, reshape=None):
+    """The float32 weight of packed bits ``(planes, O, kh, kw, ceil(C/8))`` (one plane: binary
+    with ``encoding``; two: ternary), HWIO or ``reshape``d: decoded at run time by
+    ``edgec_binary_decode`` / ``edgec_ternary_decode`` (CPU; ``anchor`` is the layer's input,
+    see :func:`decode_kernel`), at compile time on CUDA (with a warning)."""
+    from tvm import relax
+
+    planes, out_channels, kh, kw, _ = bits_oc.shape
+    if is_cuda(target):
+        log.warning("%s on %s: no GPU kernel for coded weights, weights decoded to float32 at compile time", op, target.spec)
+        weight = float_weight_hwio(bits_oc, channels, scale, encoding)
+        return relax.const(weight if reshape is None else weight.reshape(reshape))
+    anchor_shape, _ = tensor_type(anchor)
+    prim = decode_kernel(anchor_shape, (kh, kw), channels, out_channels, planes, encoding)
+    name = "edgec_ternary_decode" if planes == 2 else "edgec_binary_decode"
+    args = [anchor, relax.const(decode_bits(bits_oc, channels)), relax.const(scale)]
+    weight = bb.emit(emit_kernel(bb, prim, name, args, relax.TensorType([kh, kw, channels, out_channels], "float32")))
+    return weight if reshape is None else bb.emit(relax.op.reshape(weight, list(reshape)))
+
+
+def emit_float_conv(bb, x, weight_hwio, attrs, bias, mode: str = "none"):
     """``act(conv2d(b(x), w) + bias)`` with Relax ops; ``weight_hwio`` a Relax expr (HWIO)."""
     from tvm import relax
 
-    strides, pads, dilations, group = attrs_conv["strides"], attrs_conv["pads"], attrs_conv["dilations"], attrs_conv["group"]
-    data = relax_binarize(x, mode)
     conv = relax.op.nn.conv2d(
-        data, weight_hwio, strides=strides, padding=pads, dilation=dilations, groups=group,
-        data_layout="NCHW", kernel_layout="HWIO",
+        relax_binarize(x, mode), weight_hwio, strides=attrs.strides, padding=attrs.pads, dilation=attrs.dilations,
+        groups=attrs.group, data_layout="NCHW", kernel_layout="HWIO",
     )  # fmt: skip
     if bias is not None:
         conv = relax.op.add(conv, relax.const(np.asarray(bias, np.float32).reshape(1, -1, 1, 1)))
-    return relax_activation(conv, *activation)
+    return relax_activation(conv, attrs.activation, attrs.activation_min, attrs.activation_max)
 
 
-def conv_inputs(op: str, inputs, attrs: dict):
-    """(x, bits, scale, bias or None, x shape, conv attributes) of a BinaryConv/TernaryConv call."""
-    from edgec.errors import BuildError
-    from edgec.ops._relax import constant, tensor_type
-
-    if len(inputs) < 3 or any(item is None for item in inputs[:3]):
-        raise BuildError(f"{op} takes inputs x, weight_bits, scale[, bias]")
-    x = inputs[0]
-    bits = constant(inputs[1], f"{op}'s weight bits").astype(np.uint8)
-    scale = constant(inputs[2], f"{op}'s scale").astype(np.float32)
-    bias = constant(inputs[3], f"{op}'s bias").astype(np.float32) if len(inputs) > 3 and inputs[3] is not None else None
-    x_shape, dtype = tensor_type(x)
-    if dtype != "float32" or len(x_shape) != 4:
-        raise BuildError(f"{op} needs a float32 NCHW input, got {dtype} of shape {x_shape}")
-    conv = {
-        "strides": ints(attrs, "strides", (1, 1)),
-        "pads": ints(attrs, "pads", (0, 0, 0, 0)),
-        "dilations": ints(attrs, "dilations", (1, 1)),
-        "group": int(attrs.get("group", 1)),
-    }
-    return x, bits, scale, bias, x_shape, conv
-
-
-def lower_binary_conv(bb, inputs, attrs, target):
-    """Binary activations: pack + xnor/popcount kernels; weight-only: run-time decode + conv2d."""
-    from tvm import relax
-
-    from edgec.errors import BuildError
-
-    x, bits, scale, bias, x_shape, conv = conv_inputs("BinaryConv", inputs, attrs)
-    encoding, mode, activation, low, high = op_attributes("BinaryConv", attrs)
-    out_channels, kh, kw, _ = bits.shape
-    per_group = x_shape[1] // conv["group"]
-    if is_cuda(target):
-        log.warning("BinaryConv on %s: no binary GPU kernel, weights decoded to float32 at compile time", target.spec)
-        weight = float_weight_hwio(bits[None], per_group, scale, 1, encoding)
-        return emit_float_conv(bb, x, relax.const(weight), conv, bias, (activation, low, high), mode)
-    bias = np.zeros(out_channels, np.float32) if bias is None else bias
-    if mode != "none":
-        if conv["group"] != 1:
-            raise BuildError("BinaryConv with binary activations needs group=1 (the pass lowers grouped convs weight-only)")
-        shape = ConvShape(
-            batch=x_shape[0], channels=x_shape[1], height=x_shape[2], width=x_shape[3], out_channels=out_channels,
-            kernel=(kh, kw), strides=conv["strides"], pads=conv["pads"], dilations=conv["dilations"],
-        )  # fmt: skip
-        return emit_xnor_conv(bb, x, shape, bits, scale, bias, (encoding, mode, activation, low, high), target)
-    weight = emit_decode(bb, x, bits[None], per_group, scale, 1, encoding, "edgec_binary_decode")
-    return emit_float_conv(bb, x, weight, conv, bias, (activation, low, high))
-
-
-def gemm_inputs(op: str, inputs):
-    from edgec.errors import BuildError
-    from edgec.ops._relax import constant, tensor_type
-
-    if len(inputs) < 3 or any(item is None for item in inputs[:3]):
-        raise BuildError(f"{op} takes inputs A, weight_bits, scale[, bias]")
-    a = inputs[0]
-    bits = constant(inputs[1], f"{op}'s weight bits").astype(np.uint8)
-    scale = constant(inputs[2], f"{op}'s scale").astype(np.float32)
-    bias = constant(inputs[3], f"{op}'s bias").astype(np.float32) if len(inputs) > 3 and inputs[3] is not None else None
-    a_shape, dtype = tensor_type(a)
-    if dtype != "float32" or len(a_shape) != 2:
-        raise BuildError(f"{op} needs a float32 (M, K) input, got {dtype} of shape {a_shape}")
-    return a, bits, scale, bias, a_shape
-
-
-def emit_float_gemm(bb, a, weight_kn, bias, activation: tuple, mode: str = "none"):
+def emit_float_gemm(bb, a, weight_kn, attrs, bias, mode: str = "none"):
+    """``act(b(A) @ w + bias)`` with Relax ops; ``weight_kn`` a Relax expr ``(K, N)``."""
     from tvm import relax
 
     y = relax.op.matmul(relax_binarize(a, mode), weight_kn)
     if bias is not None:
         y = relax.op.add(y, relax.const(np.asarray(bias, np.float32).reshape(1, -1)))
-    return relax_activation(y, *activation)
+    return relax_activation(y, attrs.activation, attrs.activation_min, attrs.activation_max)
+
+
+CODED_WEIGHTS = {"weight_bits": np.uint8, "scale": np.float32, "bias": np.float32}
+
+
+def coded_inputs(op: str, inputs, layout: str):
+    """(data, its shape, weight bits, scale, bias or None) of a Binary*/Ternary* call."""
+    data, weights = op_inputs(op, inputs, "x" if layout == "NCHW" else "A", CODED_WEIGHTS, optional=("bias",))
+    return data, float_input(op, data, layout), weights["weight_bits"], weights["scale"], weights["bias"]
+
+
+def lower_binary_conv(bb, inputs, attrs, target):
+    """Binary activations: pack + xnor/popcount kernels; weight-only: run-time decode + conv2d."""
+    x, x_shape, bits, scale, bias = coded_inputs("BinaryConv", inputs, "NCHW")
+    attrs = BinaryConv.ATTRIBUTES.read("BinaryConv", attrs, BuildError)
+    out_channels, kh, kw, _ = bits.shape
+    if not is_cuda(target):
+        bias = np.zeros(out_channels, np.float32) if bias is None else bias
+        if attrs.binarize_input != "none":
+            if attrs.group != 1:
+                raise BuildError("BinaryConv with binary activations needs group=1 (the pass lowers grouped convs weight-only)")
+            shape = ConvShape(
+                batch=x_shape[0], channels=x_shape[1], height=x_shape[2], width=x_shape[3], out_channels=out_channels,
+                kernel=(kh, kw), strides=attrs.strides, pads=attrs.pads, dilations=attrs.dilations,
+            )  # fmt: skip
+            return emit_xnor_conv(bb, x, shape, bits, scale, bias, attrs, target)
+    weight = decoded_weight(bb, "BinaryConv", x, bits[None], x_shape[1] // attrs.group, scale, attrs.encoding, target)
+    return emit_float_conv(bb, x, weight, attrs, bias, attrs.binarize_input)
 
 
 def lower_binary_gemm(bb, inputs, attrs, target):
@@ -810,23 +661,18 @@ def lower_binary_gemm(bb, inputs, attrs, target):
     weight-only: run-time decode + matmul."""
     from tvm import relax
 
-    a, bits, scale, bias, (rows, depth) = gemm_inputs("BinaryGemm", inputs)
-    encoding, mode, activation, low, high = op_attributes("BinaryGemm", attrs)
+    a, (rows, depth), bits, scale, bias = coded_inputs("BinaryGemm", inputs, "(M, K)")
+    attrs = BinaryGemm.ATTRIBUTES.read("BinaryGemm", attrs, BuildError)
     out_features = bits.shape[0]
     bits4 = bits.reshape(out_features, 1, 1, -1)
-    if is_cuda(target):
-        log.warning("BinaryGemm on %s: no binary GPU kernel, weights decoded to float32 at compile time", target.spec)
-        weight = float_weight_hwio(bits4[None], depth, scale, 1, encoding).reshape(depth, out_features)
-        return emit_float_gemm(bb, a, relax.const(weight), bias, (activation, low, high), mode)
-    if mode != "none":
+    if attrs.binarize_input != "none" and not is_cuda(target):
         bias = np.zeros(out_features, np.float32) if bias is None else bias
         x = bb.emit(relax.op.reshape(relax.op.permute_dims(a, [1, 0]), [1, depth, 1, rows]))
         shape = ConvShape(batch=1, channels=depth, height=1, width=rows, out_channels=out_features, kernel=(1, 1))
-        y = bb.emit(emit_xnor_conv(bb, x, shape, bits4, scale, bias, (encoding, mode, activation, low, high), target))
+        y = bb.emit(emit_xnor_conv(bb, x, shape, bits4, scale, bias, attrs, target))
         return relax.op.permute_dims(relax.op.reshape(y, [out_features, rows]), [1, 0])
-    weight = emit_decode(bb, a, bits4[None], depth, scale, 1, encoding, "edgec_binary_decode")
-    weight = bb.emit(relax.op.reshape(weight, [depth, out_features]))
-    return emit_float_gemm(bb, a, weight, bias, (activation, low, high))
+    weight = decoded_weight(bb, "BinaryGemm", a, bits4[None], depth, scale, attrs.encoding, target, (depth, out_features))
+    return emit_float_gemm(bb, a, weight, attrs, bias, attrs.binarize_input)
 
 
 register(CustomOp("BinaryConv", BinaryConv, lower_binary_conv, "2-D convolution with 1-bit weights (xnor/popcount)"))

@@ -54,30 +54,43 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
 
 import numpy as np
-from onnx.reference.op_run import OpRun
 
-from edgec.ops import DOMAIN, CustomOp, register
-from edgec.ops._relax import STACK_TILE_BYTES
+from edgec.errors import BuildError
+from edgec.ops import CustomOp, register
+from edgec.ops.common import (
+    ACTIVATION_ATTRIBUTES,
+    CONV_ATTRIBUTES,
+    STACK_TILE_BYTES,
+    Attributes,
+    Reference,
+    activation_expr,
+    apply_activation,
+    check_kernel_shape,
+    conv2d_nchw,
+    emit_kernel,
+    float_input,
+    is_cuda,
+    op_inputs,
+    relax_activation,
+)
 from edgec.targets.vector import CpuVector, cpu_vector
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ACTIVATIONS",
     "BlockSparseConv",
     "KernelPlan",
-    "apply_activation",
-    "conv2d_nchw",
     "conv_kernel",
     "kernel_plan",
     "unpack_blocks",
     "warn_narrow_blocks",
 ]
 
-ACTIVATIONS = ("none", "Relu", "Clip")
+# the packed arrays after the data input, in input order, with their dtypes
+SPARSE_WEIGHTS = {"values": np.float32, "indices": np.int32, "indptr": np.int32, "bias": np.float32}
+BLOCK_ATTRIBUTES = Attributes({"block_size": None})
 
 
 # --------------------------------------------------------------------------
@@ -110,76 +123,31 @@ def unpack_blocks(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, i
     return dense.reshape(blocks * block_size, in_channels, *tail)
 
 
-def apply_activation(y: np.ndarray, activation: str, low: float, high: float) -> np.ndarray:
-    """``none``, ``Relu`` or ``Clip`` of ``y`` (dtype kept)."""
-    if activation == "none":
-        return y
-    if activation == "Relu":
-        return np.maximum(y, 0).astype(y.dtype)
-    if activation == "Clip":
-        return np.clip(y, low, high).astype(y.dtype)
-    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
-
-
-def conv2d_nchw(
-    x: np.ndarray,
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    strides: Sequence[int] = (1, 1),
-    pads: Sequence[int] = (0, 0, 0, 0),
-    dilations: Sequence[int] = (1, 1),
-) -> np.ndarray:
-    """A plain dense NCHW convolution (group 1), float64 accumulation, ``x``'s dtype out."""
-    top, left, bottom, right = pads
-    padded = np.pad(np.asarray(x, dtype=np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
-    out_channels, _, kh, kw = weight.shape
-    sh, sw = strides
-    dh, dw = dilations
-    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
-    y = np.zeros((x.shape[0], out_channels, out_h, out_w))
-    w64 = np.asarray(weight, dtype=np.float64)
-    for i in range(kh):
-        for j in range(kw):
-            window = padded[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-            y += np.einsum("oc,nchw->nohw", w64[:, :, i, j], window)
+def biased_activation(y: np.ndarray, bias, attrs, dtype) -> np.ndarray:
+    """``act(y + bias)``: the bias added in float64, then ``dtype`` (the input's), then the activation."""
     if bias is not None:
-        y += np.asarray(bias, dtype=np.float64).reshape(1, -1, 1, 1)
-    return y.astype(x.dtype)
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1, *([1] * (y.ndim - 2)))
+    return apply_activation(y.astype(dtype), attrs.activation, attrs.activation_min, attrs.activation_max)
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def check_block_size(attrs, values: np.ndarray) -> None:
+    if attrs.block_size is not None and values.shape[1] != attrs.block_size:
+        raise ValueError(f"values hold blocks of {values.shape[1]} channels, block_size says {attrs.block_size}")
 
 
-class BlockSparseConv(OpRun):
+class BlockSparseConv(Reference):
     """NumPy reference: decode the blocks to a dense weight, convolve, add bias, activate."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = BLOCK_ATTRIBUTES | CONV_ATTRIBUTES | ACTIVATION_ATTRIBUTES
 
-    def _run(  # noqa: PLR0913 - the op's inputs and attributes
-        self,
-        x,
-        values,
-        indices,
-        indptr,
-        bias=None,
-        block_size=None,
-        kernel_shape=None,
-        strides=None,
-        pads=None,
-        dilations=None,
-        activation="none",
-        activation_min=float("-inf"),
-        activation_max=float("inf"),
-    ):
-        if block_size is not None and values.shape[1] != block_size:
-            raise ValueError(f"values hold blocks of {values.shape[1]} channels, block_size says {block_size}")
+    def compute(self, attrs, x, values, indices, indptr, bias=None):
+        if attrs.group != 1:
+            raise ValueError(f"BlockSparseConv convolves with group 1, not group={attrs.group}")
+        check_block_size(attrs, values)
         weight = unpack_blocks(values, indices, indptr, x.shape[1])
-        if kernel_shape is not None and tuple(kernel_shape) != weight.shape[2:]:
-            raise ValueError(f"kernel_shape {tuple(kernel_shape)} but blocks of {weight.shape[2:]}")
-        y = conv2d_nchw(x, weight, bias, strides or (1, 1), pads or (0, 0, 0, 0), dilations or (1, 1))
-        return (apply_activation(y, _text(activation), activation_min, activation_max),)
+        check_kernel_shape(attrs, weight.shape[2:], "blocks")
+        y = conv2d_nchw(x, weight, attrs.strides, attrs.pads, attrs.dilations)
+        return biased_activation(y, bias, attrs, x.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -228,21 +196,6 @@ def kernel_plan(block_size: int, extent: int, vector: CpuVector) -> KernelPlan:
     per_position = -(-block_size // vector.lanes)
     fits_stack = (STACK_TILE_BYTES - 1) // (4 * block_size)
     return KernelPlan(vector.lanes, max(1, min(extent, vector.accumulators // per_position, fits_stack)))
-
-
-def _activation_expr(activation: str, low: float, high: float):
-    """PrimExpr -> PrimExpr for the epilogue."""
-    from tvm import tirx
-
-    if activation == "none":
-        return lambda value: value
-    if activation == "Relu":
-        return lambda value: tirx.max(value, tirx.const(0.0, "float32"))
-    if activation == "Clip":
-        lo = tirx.const(max(low, -3.0e38), "float32")
-        hi = tirx.const(min(high, 3.0e38), "float32")
-        return lambda value: tirx.min(tirx.max(value, lo), hi)
-    raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +256,7 @@ def conv_kernel(shape: ConvShape, plan: KernelPlan, activation: str = "none", lo
     all in one parallel loop (one fork/join per call). Padding, when there
     is any, is materialised first into a zero-bordered copy.
     """
-    return _kernel(shape, plan, _activation_expr(activation, low, high))
+    return _kernel(shape, plan, activation_expr(activation, low, high))
 
 
 def _kernel(shape: ConvShape, plan: KernelPlan, act):
@@ -406,59 +359,25 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
 # --------------------------------------------------------------------------
 
 
-def _ints(attrs: dict, key: str, default: Sequence[int]) -> tuple[int, ...]:
-    value = attrs.get(key)
-    return tuple(int(item) for item in value) if value is not None else tuple(default)
-
-
-def _activation(attrs: dict) -> tuple[str, float, float]:
-    activation = _text(attrs.get("activation", "none"))
-    if activation not in ACTIVATIONS:
-        from edgec.errors import BuildError
-
-        raise BuildError(f"BlockSparseConv: unknown activation {activation!r}; one of {', '.join(ACTIVATIONS)}")
-    return activation, float(attrs.get("activation_min", float("-inf"))), float(attrs.get("activation_max", float("inf")))
-
-
-def is_cuda(target) -> bool:
-    return getattr(getattr(target, "preset", None), "kind", "llvm") == "cuda"
-
-
-def relax_activation(expr, activation: str, low: float, high: float):
-    from tvm import relax
-
-    if activation == "Relu":
-        return relax.op.nn.relu(expr)
-    if activation == "Clip":
-        return relax.op.clip(expr, max(low, -3.0e38), min(high, 3.0e38))
-    return expr
+def sparse_inputs(op: str, inputs, layout: str):
+    """(data, its shape, values, indices, indptr, bias) of a BlockSparseConv/Gemm call."""
+    data, weights = op_inputs(op, inputs, "x", SPARSE_WEIGHTS)
+    return data, float_input(op, data, layout), *weights.values()
 
 
 def lower_block_sparse_conv(bb, inputs, attrs, target):
     """Emit the kernel as an opaque call_tir (CPU) or a dense conv2d (CUDA)."""
     from tvm import relax
 
-    from edgec.errors import BuildError
-    from edgec.ops._relax import constant, emit_kernel, tensor_type
-
-    if len(inputs) != 5 or any(item is None for item in inputs):
-        raise BuildError("BlockSparseConv takes 5 inputs: x, values, indices, indptr, bias")
-    x = inputs[0]
-    values = constant(inputs[1], "BlockSparseConv's values").astype(np.float32)
-    indices = constant(inputs[2], "BlockSparseConv's indices").astype(np.int32)
-    indptr = constant(inputs[3], "BlockSparseConv's indptr").astype(np.int32)
-    bias = constant(inputs[4], "BlockSparseConv's bias").astype(np.float32)
-    x_shape, dtype = tensor_type(x)
-    if dtype != "float32" or len(x_shape) != 4:
-        raise BuildError(f"BlockSparseConv needs a float32 NCHW input, got {dtype} of shape {x_shape}")
-    activation, low, high = _activation(attrs)
+    x, x_shape, values, indices, indptr, bias = sparse_inputs("BlockSparseConv", inputs, "NCHW")
+    attrs = BlockSparseConv.ATTRIBUTES.read("BlockSparseConv", attrs, BuildError)
+    activation, low, high = attrs.activation, attrs.activation_min, attrs.activation_max
     block_size = values.shape[1]
     shape = ConvShape(
         batch=x_shape[0], channels=x_shape[1], height=x_shape[2], width=x_shape[3],
         blocks=indptr.size - 1, block_size=block_size, nnz=indices.size,
         kernel=(values.shape[2], values.shape[3]),
-        strides=_ints(attrs, "strides", (1, 1)), pads=_ints(attrs, "pads", (0, 0, 0, 0)),
-        dilations=_ints(attrs, "dilations", (1, 1)),
+        strides=attrs.strides, pads=attrs.pads, dilations=attrs.dilations,
     )  # fmt: skip
     if is_cuda(target):
         log.warning(

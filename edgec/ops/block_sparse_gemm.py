@@ -26,19 +26,18 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from onnx.reference.op_run import OpRun
 
-from edgec.ops import DOMAIN, CustomOp, register
+from edgec.errors import BuildError
+from edgec.ops import CustomOp, register
 from edgec.ops.block_sparse_conv import (
-    _activation,
-    _activation_expr,
-    _text,
-    apply_activation,
-    is_cuda,
-    relax_activation,
+    BLOCK_ATTRIBUTES,
+    biased_activation,
+    check_block_size,
+    sparse_inputs,
     unpack_blocks,
     warn_narrow_blocks,
 )
+from edgec.ops.common import ACTIVATION_ATTRIBUTES, Reference, activation_expr, emit_kernel, is_cuda, relax_activation
 from edgec.targets.vector import cpu_vector
 
 log = logging.getLogger(__name__)
@@ -46,30 +45,15 @@ log = logging.getLogger(__name__)
 __all__ = ["BlockSparseGemm", "gemm_kernel"]
 
 
-class BlockSparseGemm(OpRun):
+class BlockSparseGemm(Reference):
     """NumPy reference: decode the blocks to a dense ``(C_out, K)`` weight, ``x @ W^T + bias``, activate."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = BLOCK_ATTRIBUTES | ACTIVATION_ATTRIBUTES
 
-    def _run(  # noqa: PLR0913 - the op's inputs and attributes
-        self,
-        x,
-        values,
-        indices,
-        indptr,
-        bias=None,
-        block_size=None,
-        activation="none",
-        activation_min=float("-inf"),
-        activation_max=float("inf"),
-    ):
-        if block_size is not None and values.shape[1] != block_size:
-            raise ValueError(f"values hold blocks of {values.shape[1]} features, block_size says {block_size}")
+    def compute(self, attrs, x, values, indices, indptr, bias=None):
+        check_block_size(attrs, values)
         weight = unpack_blocks(values, indices, indptr, x.shape[1])
-        y = np.asarray(x, dtype=np.float64) @ weight.astype(np.float64).T
-        if bias is not None:
-            y = y + np.asarray(bias, dtype=np.float64)
-        return (apply_activation(y.astype(x.dtype), _text(activation), activation_min, activation_max),)
+        return biased_activation(np.asarray(x, dtype=np.float64) @ weight.astype(np.float64).T, bias, attrs, x.dtype)
 
 
 def gemm_kernel(rows_in: int, features: int, blocks: int, block_size: int, nnz: int, act):
@@ -106,20 +90,9 @@ def lower_block_sparse_gemm(bb, inputs, attrs, target):
     """Emit the kernel as an opaque call_tir (CPU) or a dense matmul (CUDA)."""
     from tvm import relax
 
-    from edgec.errors import BuildError
-    from edgec.ops._relax import constant, emit_kernel, tensor_type
-
-    if len(inputs) != 5 or any(item is None for item in inputs):
-        raise BuildError("BlockSparseGemm takes 5 inputs: x, values, indices, indptr, bias")
-    x = inputs[0]
-    values = constant(inputs[1], "BlockSparseGemm's values").astype(np.float32)
-    indices = constant(inputs[2], "BlockSparseGemm's indices").astype(np.int32)
-    indptr = constant(inputs[3], "BlockSparseGemm's indptr").astype(np.int32)
-    bias = constant(inputs[4], "BlockSparseGemm's bias").astype(np.float32)
-    x_shape, dtype = tensor_type(x)
-    if dtype != "float32" or len(x_shape) != 2:
-        raise BuildError(f"BlockSparseGemm needs a float32 (M, K) input, got {dtype} of shape {x_shape}")
-    activation, low, high = _activation(attrs)
+    x, x_shape, values, indices, indptr, bias = sparse_inputs("BlockSparseGemm", inputs, "(M, K)")
+    attrs = BlockSparseGemm.ATTRIBUTES.read("BlockSparseGemm", attrs, BuildError)
+    activation, low, high = attrs.activation, attrs.activation_min, attrs.activation_max
     rows_in, features = x_shape
     block_size, blocks, nnz = values.shape[1], indptr.size - 1, indices.size
     out_shape = [rows_in, blocks * block_size]
@@ -134,7 +107,7 @@ def lower_block_sparse_gemm(bb, inputs, attrs, target):
     warn_narrow_blocks(target, block_size, cpu_vector(target).lanes)
     if nnz == 0:  # every block pruned (the output is the bias): TIR takes no 0-sized buffer
         values, indices = np.zeros((1, block_size), np.float32), np.zeros(1, np.int32)
-    prim = gemm_kernel(rows_in, features, blocks, block_size, max(nnz, 1), _activation_expr(activation, low, high))
+    prim = gemm_kernel(rows_in, features, blocks, block_size, max(nnz, 1), activation_expr(activation, low, high))
     prim = prim.with_attr("edgec.flops", 2.0 * rows_in * nnz * block_size)
     args = [x, relax.const(values), relax.const(indices), relax.const(indptr), relax.const(bias)]
     return emit_kernel(bb, prim, "edgec_block_sparse_gemm", args, relax.TensorType(out_shape, "float32"))

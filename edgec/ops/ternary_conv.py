@@ -28,28 +28,12 @@ at compile time to a dense float32 weight (a warning is logged).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-from onnx.reference.op_run import OpRun
 
-from edgec.ops import DOMAIN, CustomOp, register
-from edgec.ops.binary_conv import (
-    epilogue_reference,
-    text_attribute,
-    conv2d_nchw,
-    conv_inputs,
-    emit_decode,
-    emit_float_conv,
-    emit_float_gemm,
-    float_weight_hwio,
-    gemm_inputs,
-    is_cuda,
-    op_attributes,
-    unpack_bits,
-)
-
-log = logging.getLogger(__name__)
+from edgec.errors import BuildError
+from edgec.ops import CustomOp, register
+from edgec.ops.binary_conv import coded_inputs, decoded_weight, emit_float_conv, emit_float_gemm, epilogue_reference, unpack_bits
+from edgec.ops.common import ACTIVATION_ATTRIBUTES, CONV_ATTRIBUTES, Reference, check_kernel_shape, conv2d_nchw
 
 __all__ = ["TernaryConv", "TernaryGemm", "ternary_weights"]
 
@@ -62,74 +46,44 @@ def ternary_weights(weight_bits: np.ndarray, count: int) -> np.ndarray:
     return planes[0] * (1.0 - 2.0 * planes[1])
 
 
-class TernaryConv(OpRun):
+class TernaryConv(Reference):
     """NumPy reference: ``act(conv(x, t) * scale + bias)``, see the module docstring."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = CONV_ATTRIBUTES | ACTIVATION_ATTRIBUTES
 
-    def _run(  # noqa: PLR0913 - the op's inputs and attributes
-        self,
-        x,
-        weight_bits,
-        scale,
-        bias=None,
-        kernel_shape=None,
-        strides=None,
-        pads=None,
-        dilations=None,
-        group=1,
-        activation="none",
-        activation_min=float("-inf"),
-        activation_max=float("inf"),
-    ):
-        group = int(group or 1)
-        unit = np.moveaxis(ternary_weights(weight_bits, x.shape[1] // group), 3, 1)  # (O, C/g, kh, kw)
-        if kernel_shape is not None and tuple(kernel_shape) != unit.shape[2:]:
-            raise ValueError(f"kernel_shape {tuple(kernel_shape)} but weight bits of {unit.shape[2:]}")
-        dot = conv2d_nchw(x, unit, strides or (1, 1), pads or (0, 0, 0, 0), dilations or (1, 1), group)
-        return (epilogue_reference(dot, scale, bias, (1, -1, 1, 1), activation, activation_min, activation_max),)
+    def compute(self, attrs, x, weight_bits, scale, bias=None):
+        unit = np.moveaxis(ternary_weights(weight_bits, x.shape[1] // attrs.group), 3, 1)  # (O, C/g, kh, kw)
+        check_kernel_shape(attrs, unit.shape[2:], "weight bits")
+        dot = conv2d_nchw(x, unit, attrs.strides, attrs.pads, attrs.dilations, attrs.group)
+        return epilogue_reference(dot, scale, bias, (1, -1, 1, 1), attrs)
 
 
-class TernaryGemm(OpRun):
+class TernaryGemm(Reference):
     """NumPy reference: ``act(A @ t^T * scale + bias)``."""
 
-    op_domain = DOMAIN
+    ATTRIBUTES = ACTIVATION_ATTRIBUTES
 
-    def _run(self, a, weight_bits, scale, bias=None, activation="none", activation_min=float("-inf"), activation_max=float("inf")):
+    def compute(self, attrs, a, weight_bits, scale, bias=None):
         dot = np.asarray(a, np.float64) @ ternary_weights(weight_bits, a.shape[1]).T
-        return (epilogue_reference(dot, scale, bias, (1, -1), text_attribute(activation), activation_min, activation_max),)
+        return epilogue_reference(dot, scale, bias, (1, -1), attrs)
 
 
 def lower_ternary_conv(bb, inputs, attrs, target):
     """Run-time decode of the bit planes + Relax conv2d (CUDA: compile-time decode)."""
-    from tvm import relax
-
-    x, bits, scale, bias, x_shape, conv = conv_inputs("TernaryConv", inputs, attrs)
-    _, _, activation, low, high = op_attributes("TernaryConv", attrs)
-    per_group = x_shape[1] // conv["group"]
-    if is_cuda(target):
-        log.warning("TernaryConv on %s: weights decoded to float32 at compile time", target.spec)
-        weight = relax.const(float_weight_hwio(bits, per_group, scale, 2, "sign"))
-    else:
-        weight = emit_decode(bb, x, bits, per_group, scale, 2, "sign", "edgec_ternary_decode")
-    return emit_float_conv(bb, x, weight, conv, bias, (activation, low, high))
+    x, x_shape, bits, scale, bias = coded_inputs("TernaryConv", inputs, "NCHW")
+    attrs = TernaryConv.ATTRIBUTES.read("TernaryConv", attrs, BuildError)
+    weight = decoded_weight(bb, "TernaryConv", x, bits, x_shape[1] // attrs.group, scale, "sign", target)
+    return emit_float_conv(bb, x, weight, attrs, bias)
 
 
 def lower_ternary_gemm(bb, inputs, attrs, target):
     """Run-time decode of the bit planes + Relax matmul (CUDA: compile-time decode)."""
-    from tvm import relax
-
-    a, bits, scale, bias, (_, depth) = gemm_inputs("TernaryGemm", inputs)
-    _, _, activation, low, high = op_attributes("TernaryGemm", attrs)
+    a, (_, depth), bits, scale, bias = coded_inputs("TernaryGemm", inputs, "(M, K)")
+    attrs = TernaryGemm.ATTRIBUTES.read("TernaryGemm", attrs, BuildError)
     out_features = bits.shape[1]
     bits5 = bits.reshape(2, out_features, 1, 1, -1)
-    if is_cuda(target):
-        log.warning("TernaryGemm on %s: weights decoded to float32 at compile time", target.spec)
-        weight = relax.const(float_weight_hwio(bits5, depth, scale, 2, "sign").reshape(depth, out_features))
-    else:
-        weight = emit_decode(bb, a, bits5, depth, scale, 2, "sign", "edgec_ternary_decode")
-        weight = bb.emit(relax.op.reshape(weight, [depth, out_features]))
-    return emit_float_gemm(bb, a, weight, bias, (activation, low, high))
+    weight = decoded_weight(bb, "TernaryGemm", a, bits5, depth, scale, "sign", target, (depth, out_features))
+    return emit_float_gemm(bb, a, weight, attrs, bias)
 
 
 register(CustomOp("TernaryConv", TernaryConv, lower_ternary_conv, "2-D convolution with 2-bit ternary weights"))

@@ -100,7 +100,7 @@ def apply_schedules(
     import tvm
     from tvm import tirx
 
-    from edgec.ops._relax import CUSTOM_KERNEL_ATTR
+    from edgec.ops.common import CUSTOM_KERNEL_ATTR
 
     skip = skip or {}
 
