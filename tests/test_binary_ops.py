@@ -25,17 +25,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.ops import DOMAIN
-from edgec.ops.binary_conv import (
-    ConvShape,
-    binarize,
-    pack_bits,
-    pack_kernel,
-    unpack_bits,
-    weight_words,
-    xnor_conv_kernel,
-    xnor_plan,
-)
-from edgec.ops.ternary_conv import ternary_weights
+from edgec.ops.binary.format import pack_bits, unpack_bits, weight_words
+from edgec.ops.binary.kernels import ConvShape, pack_kernel, xnor_conv_kernel, xnor_plan
+from edgec.ops.binary.reference import binarize
+from edgec.ops.ternary.format import ternary_weights
 from edgec.runtimes.reference import run_numpy_reference
 from edgec.targets.vector import CpuVector, cpu_vector
 

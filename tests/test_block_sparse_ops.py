@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.ops import DOMAIN, load_all
-from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks
+from edgec.ops.block_sparse.format import unpack_blocks
+from edgec.ops.block_sparse.kernels import ConvShape, conv_kernel, kernel_plan
 from edgec.targets.vector import CpuVector, cpu_vector
 from backbone import assert_board_verified, assert_profile_adds_up
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
@@ -309,12 +310,12 @@ def test_accumulators_are_not_heap_allocated(n):
 
 
 def test_blocks_narrower_than_the_vector_warn_once(caplog):
-    from edgec.ops.block_sparse_conv import _warn_narrow_blocks, warn_narrow_blocks
+    from edgec.ops.block_sparse.lowering import _warn_narrow_blocks, warn_narrow_blocks
     from edgec.targets import resolve
 
     _warn_narrow_blocks.cache_clear()
     a53 = resolve("cortex-a53")
-    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse.lowering"):
         warn_narrow_blocks(a53, 4, 4)  # N fills a NEON register: nothing to say
         assert not caplog.records
         for _ in range(3):
@@ -374,7 +375,7 @@ def test_cuda_decodes_to_dense_with_warning(caplog, activation):
     from edgec.lower import to_relax
     from edgec.targets import resolve
 
-    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse.lowering"):
         mod = to_relax(small_sparse_model(activation), resolve("cuda"))
     assert "decoded to a dense conv2d" in caplog.text
     script = mod["main"].script()
