@@ -56,7 +56,7 @@ class Variant:
     dilations: tuple[int, int] = (1, 1)
 
     def out_shape(self) -> list[int]:
-        shape = ConvShape(BATCH, CHANNELS, HEIGHT, WIDTH, OUT, self.kernel, self.strides, self.pads, self.dilations)
+        shape = ConvShape(BATCH, CHANNELS, HEIGHT, WIDTH, self.kernel, self.strides, self.pads, self.dilations, out_channels=OUT)
         return [BATCH, OUT, shape.out_height, shape.out_width]
 
 
@@ -331,7 +331,7 @@ def test_kernels_are_bit_exact_for_other_word_and_vector_sizes(word_bits, vector
     from edgec.targets.host import host_cpu_name
 
     vector = CpuVector(lanes=vector_bits // 32, registers=16, word_bits=word_bits, popcount="test")
-    shape = ConvShape(1, 40, 7, 6, 8, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1))
+    shape = ConvShape(1, 40, 7, 6, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), out_channels=8)
     plan = xnor_plan(shape, vector)
     rng = np.random.default_rng(word_bits + vector_bits)
     x = rng.standard_normal((1, 40, 7, 6)).astype(np.float32)
@@ -367,7 +367,7 @@ def test_bit_kernel_words_and_tiles_follow_the_target():
     integer_bits = 512 if "avx512f" in features else 256 if "avx2" in features else 128
     assert x86.word_bits == 64 and x86.lanes_of("uint64") * 64 == integer_bits
     assert ("vpopcntq" in x86.popcount) == ("avx512vpopcntdq" in features and "avx512f" in features)
-    shape = ConvShape(1, 64, 56, 56, 64, (3, 3), (1, 1), (1, 1, 1, 1))
+    shape = ConvShape(1, 64, 56, 56, (3, 3), (1, 1), (1, 1, 1, 1), out_channels=64)
     plan = xnor_plan(shape, x86)
     assert plan.out_tile * plan.lanes * 8 < 1024  # the register tile stays a stack buffer
     # the popcount loop keeps 6 registers for its operands: 10 accumulators of 16 registers (armv7), not 12

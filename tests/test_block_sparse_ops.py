@@ -225,7 +225,7 @@ def test_kernel_work_scales_with_kept_blocks(kernel):
         indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
         indices = np.nonzero(mask)[1].astype(np.int32)
         pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
-        shape = ConvShape(1, channels, 6, 5, out_channels // n, n, indices.size, kernel, (1, 1), pads, (1, 1))
+        shape = ConvShape(1, channels, 6, 5, kernel, (1, 1), pads, (1, 1), blocks=out_channels // n, block_size=n, nnz=indices.size)
         prim = conv_kernel(shape, kernel_plan(n, 30, AVX512), "Relu")
         counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
         # exactly the kept blocks' work: nnz * N * kh * kw per output position, nothing for pruned blocks
@@ -302,7 +302,7 @@ def test_accumulators_are_not_heap_allocated(n):
     parallel task (and LLVM then keeps the tile in memory): the plan keeps it smaller."""
     import tvm
 
-    shape = ConvShape(1, 32, 28, 28, 192 // n, n, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
+    shape = ConvShape(1, 32, 28, 28, (1, 1), blocks=192 // n, block_size=n, nnz=40)
     prim = conv_kernel(shape, kernel_plan(n, 784, AVX512), "Clip", 0.0, 6.0)
     module = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
     llvm_ir = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).mod.inspect_source("ll")

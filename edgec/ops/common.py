@@ -114,12 +114,6 @@ class Reference(OpRun):
         raise NotImplementedError
 
 
-def check_kernel_shape(attrs: types.SimpleNamespace, actual: Sequence[int], what: str) -> None:
-    """A node's ``kernel_shape`` attribute, when set, must be the one its weights have."""
-    if attrs.kernel_shape is not None and tuple(attrs.kernel_shape) != tuple(actual):
-        raise ValueError(f"kernel_shape {tuple(attrs.kernel_shape)} but {what} of {tuple(actual)}")
-
-
 # --------------------------------------------------------------------------
 # The activation (NumPy, TIR, Relax) and the reference convolution.
 # --------------------------------------------------------------------------
@@ -162,6 +156,46 @@ def relax_activation(expr, activation: str, low: float, high: float):
     return expr
 
 
+def conv_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    """Output extent of a convolution along one axis; ``pad`` is both sides' padding together."""
+    return (size + pad - (kernel - 1) * dilation - 1) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Static geometry of one NCHW convolution: the input, the window, and the output size
+    (pads in ONNX order: top, left, bottom, right). Kernels add their own fields
+    (keyword-only) in a subclass."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+    @property
+    def out_height(self) -> int:
+        top, _, bottom, _ = self.pads
+        return conv_output_size(self.height, self.kernel[0], self.strides[0], top + bottom, self.dilations[0])
+
+    @property
+    def out_width(self) -> int:
+        _, left, _, right = self.pads
+        return conv_output_size(self.width, self.kernel[1], self.strides[1], left + right, self.dilations[1])
+
+
+def conv_reference(x: np.ndarray, weight: np.ndarray, attrs: types.SimpleNamespace, what: str) -> np.ndarray:
+    """:func:`conv2d_nchw` of ``x`` with a dense ``weight`` ``(O, C/group, kh, kw)`` by a conv node's
+    attributes (``CONV_ATTRIBUTES``); its ``kernel_shape``, when set, must be the weight's (``what``
+    names the weight in the error)."""
+    if attrs.kernel_shape is not None and tuple(attrs.kernel_shape) != tuple(weight.shape[2:]):
+        raise ValueError(f"kernel_shape {tuple(attrs.kernel_shape)} but {what} of {tuple(weight.shape[2:])}")
+    return conv2d_nchw(x, weight, attrs.strides, attrs.pads, attrs.dilations, attrs.group)
+
+
 def conv2d_nchw(
     x: np.ndarray,
     weight: np.ndarray,
@@ -176,8 +210,8 @@ def conv2d_nchw(
     out_channels, per_group, kh, kw = weight.shape
     sh, sw = strides
     dh, dw = dilations
-    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    out_h = conv_output_size(padded.shape[2], kh, sh, 0, dh)
+    out_w = conv_output_size(padded.shape[3], kw, sw, 0, dw)
     y = np.zeros((x.shape[0], out_channels, out_h, out_w))
     w64 = np.asarray(weight, dtype=np.float64)
     out_per_group = out_channels // group

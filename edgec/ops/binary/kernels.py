@@ -48,35 +48,17 @@ import dataclasses
 from collections.abc import Sequence
 
 from edgec.ops.binary.format import WeightCode
-from edgec.ops.common import STACK_TILE_BYTES, activation_expr
+from edgec.ops.common import STACK_TILE_BYTES, ConvGeometry, activation_expr
 from edgec.targets.vector import CpuVector, vectorize_innermost
 
 __all__ = ["XNOR_OPERANDS", "ConvShape", "XnorPlan", "decode_kernel", "pack_kernel", "xnor_conv_kernel", "xnor_plan"]
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvShape:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvShape(ConvGeometry):
     """Static shapes of one binary-activation convolution (NCHW, group 1)."""
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     out_channels: int
-    kernel: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    dilations: tuple[int, int] = (1, 1)
-
-    @property
-    def out_height(self) -> int:
-        top, _, bottom, _ = self.pads
-        return (self.height + top + bottom - (self.kernel[0] - 1) * self.dilations[0] - 1) // self.strides[0] + 1
-
-    @property
-    def out_width(self) -> int:
-        _, left, _, right = self.pads
-        return (self.width + left + right - (self.kernel[1] - 1) * self.dilations[1] - 1) // self.strides[1] + 1
 
     @property
     def multiply_adds(self) -> int:

@@ -24,15 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ops.binary.format import ENCODINGS, unit_weights, unpack_bits
-from edgec.ops.common import (
-    ACTIVATION_ATTRIBUTES,
-    CONV_ATTRIBUTES,
-    Attributes,
-    Reference,
-    apply_activation,
-    check_kernel_shape,
-    conv2d_nchw,
-)
+from edgec.ops.common import ACTIVATION_ATTRIBUTES, CONV_ATTRIBUTES, Attributes, Reference, apply_activation, conv_reference
 
 __all__ = ["BINARIZATIONS", "CODE_ATTRIBUTES", "BinaryConv", "BinaryGemm", "binarize", "epilogue_reference"]
 
@@ -72,8 +64,7 @@ class BinaryConv(Reference):
     def compute(self, attrs, x, weight_bits, scale, bias=None):
         bits = unpack_bits(weight_bits, x.shape[1] // attrs.group)  # (O, kh, kw, C/g)
         unit = np.moveaxis(unit_weights(bits, attrs.encoding), 3, 1)  # (O, C/g, kh, kw)
-        check_kernel_shape(attrs, unit.shape[2:], "weight bits")
-        dot = conv2d_nchw(binarize(x, attrs.binarize_input), unit, attrs.strides, attrs.pads, attrs.dilations, attrs.group)
+        dot = conv_reference(binarize(x, attrs.binarize_input), unit, attrs, "weight bits")
         return epilogue_reference(dot, scale, bias, (1, -1, 1, 1), attrs)
 
 

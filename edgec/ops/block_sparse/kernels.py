@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgec.ops.common import STACK_TILE_BYTES, activation_expr
+from edgec.ops.common import STACK_TILE_BYTES, ConvGeometry, activation_expr
 from edgec.targets.vector import CpuVector
 
 __all__ = ["ConvShape", "KernelPlan", "conv_kernel", "gemm_kernel", "kernel_plan"]
@@ -63,35 +63,17 @@ def kernel_plan(block_size: int, extent: int, vector: CpuVector) -> KernelPlan:
     return KernelPlan(vector.lanes, max(1, min(extent, vector.accumulators // per_position, fits_stack)))
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvShape:
-    """Static shapes of one BlockSparseConv call (NCHW)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvShape(ConvGeometry):
+    """Static shapes of one BlockSparseConv call (NCHW): the geometry and the packed blocks."""
 
-    batch: int
-    channels: int
-    height: int
-    width: int
     blocks: int
     block_size: int
     nnz: int
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    dilations: tuple[int, int]
 
     @property
     def out_channels(self) -> int:
         return self.blocks * self.block_size
-
-    @property
-    def out_height(self) -> int:
-        top, _, bottom, _ = self.pads
-        return (self.height + top + bottom - (self.kernel[0] - 1) * self.dilations[0] - 1) // self.strides[0] + 1
-
-    @property
-    def out_width(self) -> int:
-        _, left, _, right = self.pads
-        return (self.width + left + right - (self.kernel[1] - 1) * self.dilations[1] - 1) // self.strides[1] + 1
 
     @property
     def pointwise(self) -> bool:

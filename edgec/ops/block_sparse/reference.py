@@ -18,15 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ops.block_sparse.format import unpack_blocks
-from edgec.ops.common import (
-    ACTIVATION_ATTRIBUTES,
-    CONV_ATTRIBUTES,
-    Attributes,
-    Reference,
-    apply_activation,
-    check_kernel_shape,
-    conv2d_nchw,
-)
+from edgec.ops.common import ACTIVATION_ATTRIBUTES, CONV_ATTRIBUTES, Attributes, Reference, apply_activation, conv_reference
 
 __all__ = ["BLOCK_ATTRIBUTES", "BlockSparseConv", "BlockSparseGemm"]
 
@@ -55,8 +47,7 @@ class BlockSparseConv(Reference):
             raise ValueError(f"BlockSparseConv convolves with group 1, not group={attrs.group}")
         check_block_size(attrs, values)
         weight = unpack_blocks(values, indices, indptr, x.shape[1])
-        check_kernel_shape(attrs, weight.shape[2:], "blocks")
-        y = conv2d_nchw(x, weight, attrs.strides, attrs.pads, attrs.dilations)
+        y = conv_reference(x, weight, attrs, "blocks")
         return biased_activation(y, bias, attrs, x.dtype)
 
 

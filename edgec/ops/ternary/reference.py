@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgec.ops.binary.reference import epilogue_reference
-from edgec.ops.common import ACTIVATION_ATTRIBUTES, CONV_ATTRIBUTES, Reference, check_kernel_shape, conv2d_nchw
+from edgec.ops.common import ACTIVATION_ATTRIBUTES, CONV_ATTRIBUTES, Reference, conv_reference
 from edgec.ops.ternary.format import ternary_weights
 
 __all__ = ["TernaryConv", "TernaryGemm"]
@@ -27,8 +27,7 @@ class TernaryConv(Reference):
 
     def compute(self, attrs, x, weight_bits, scale, bias=None):
         unit = np.moveaxis(ternary_weights(weight_bits, x.shape[1] // attrs.group), 3, 1)  # (O, C/g, kh, kw)
-        check_kernel_shape(attrs, unit.shape[2:], "weight bits")
-        dot = conv2d_nchw(x, unit, attrs.strides, attrs.pads, attrs.dilations, attrs.group)
+        dot = conv_reference(x, unit, attrs, "weight bits")
         return epilogue_reference(dot, scale, bias, (1, -1, 1, 1), attrs)
 
 
