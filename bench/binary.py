@@ -278,9 +278,9 @@ def main() -> None:
 
     args.threads = use_threads(args.threads)
 
-    from edgec.ops.binary_conv import kernel_config
+    from edgec.targets.vector import cpu_vector
 
-    config = kernel_config(None)
+    vector = cpu_vector(None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgec-bench-binary-") as tmp:
         workdir = Path(tmp)
@@ -292,7 +292,7 @@ def main() -> None:
     print_table(rows)
     print(
         f"\n{args.rounds} interleaved rounds x {args.repeat} (layers) / {args.model_repeat} (model) runs per variant, "
-        f"batch 1; x86 ({config.word_bits}-bit words, {config.lanes} per vector, popcount: {config.popcount}); "
+        f"batch 1; x86 ({vector.word_bits}-bit words, {vector.lanes_of(vector.word_dtype)} per vector, popcount: {vector.popcount}); "
         f"{args.threads} kernel threads for edgec and ORT; ORT with all graph optimisations; weight bytes = graph initializers."
     )
 

@@ -101,7 +101,8 @@ def relax_pipeline(
     graph = _graph_stage(target, stages, fallbacks)
     tuned, scheduled = [], []
     if stages.schedules or stages.tuning_db is not None:
-        from edgec.targets.schedules import apply_schedules, cpu_vector, default_rules
+        from edgec.targets.schedules import apply_schedules, default_rules
+        from edgec.targets.vector import cpu_vector
 
         rules = default_rules(cpu_vector(target))
         report = sink.setdefault("schedules", {})
@@ -146,9 +147,10 @@ def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog)
 
 
 def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
-    from edgec.ops._relax import cancel_transposes
-    from edgec.targets.schedules import cpu_vector, graph_passes
+    from edgec.ops.transposes import cancel_transposes
+    from edgec.targets.schedules import graph_passes
     from edgec.targets.schedules.graph import guarded
+    from edgec.targets.vector import cpu_vector
 
     # custom ops' NCHW<->NHWC wrappers cancel in the last one
     return [*graph_passes(cpu_vector(target), fallbacks), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]

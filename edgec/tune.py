@@ -336,7 +336,8 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
 
     from tvm.s_tir import meta_schedule as ms
 
-    from edgec.targets.schedules import cpu_vector, default_rules, first_schedule
+    from edgec.targets.schedules import default_rules, first_schedule
+    from edgec.targets.vector import cpu_vector
 
     rules = default_rules(cpu_vector(target))
     pending = []

@@ -78,7 +78,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.ops import DOMAIN, OPSET_VERSION
-from edgec.ops.binary_conv import pack_bits
+from edgec.ops.binary.format import pack_bits
 from edgec.passes.fold_batchnorm import batchnorm_scale_shift
 from edgec.passes.registry import option_help, require_node_names
 

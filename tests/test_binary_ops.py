@@ -25,20 +25,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.ops import DOMAIN
-from edgec.ops.binary_conv import (
-    ConvShape,
-    KernelConfig,
-    binarize,
-    kernel_config,
-    pack_bits,
-    pack_kernel,
-    unpack_bits,
-    weight_words,
-    xnor_conv_kernel,
-    xnor_plan,
-)
-from edgec.ops.ternary_conv import ternary_weights
+from edgec.ops.binary.format import pack_bits, unpack_bits, weight_words
+from edgec.ops.binary.kernels import ConvShape, pack_kernel, xnor_conv_kernel, xnor_plan
+from edgec.ops.binary.reference import binarize
+from edgec.ops.ternary.format import ternary_weights
 from edgec.runtimes.reference import run_numpy_reference
+from edgec.targets.vector import CpuVector, cpu_vector
 
 RTOL = 1e-5
 BATCH, CHANNELS, HEIGHT, WIDTH = 2, 70, 9, 11
@@ -64,7 +56,7 @@ class Variant:
     dilations: tuple[int, int] = (1, 1)
 
     def out_shape(self) -> list[int]:
-        shape = ConvShape(BATCH, CHANNELS, HEIGHT, WIDTH, OUT, self.kernel, self.strides, self.pads, self.dilations)
+        shape = ConvShape(BATCH, CHANNELS, HEIGHT, WIDTH, self.kernel, self.strides, self.pads, self.dilations, out_channels=OUT)
         return [BATCH, OUT, shape.out_height, shape.out_width]
 
 
@@ -217,14 +209,13 @@ def test_bits_are_little_endian_along_the_channels():
 def test_kernel_words_are_the_bytes_read_little_endian():
     bits = np.random.default_rng(0).integers(0, 2, (3, 1, 1, 70))
     for word_bits in (32, 64):
-        config = KernelConfig(word_bits, 128, 16, "test")
-        words = weight_words(pack_bits(bits), 70, "sign", config)
+        words = weight_words(pack_bits(bits), 70, "sign", word_bits)
         assert words.dtype == np.dtype(f"uint{word_bits}") and words.shape == (3, 1, 1, -(-70 // word_bits))
         for channel in (0, 5, 63, 64, 69):
             bit = (int(words[1, 0, 0, channel // word_bits]) >> (channel % word_bits)) & 1
             assert bit == bits[1, 0, 0, channel]
         # magnitude: the kernel holds the sign bits of u_sign = 2u - 1, the complement
-        complement = weight_words(pack_bits(bits), 70, "magnitude", config)
+        complement = weight_words(pack_bits(bits), 70, "magnitude", word_bits)
         assert (int(complement[2, 0, 0, 0]) & 1) == 1 - bits[2, 0, 0, 0]
 
 
@@ -339,9 +330,9 @@ def test_kernels_are_bit_exact_for_other_word_and_vector_sizes(word_bits, vector
 
     from edgec.targets.host import host_cpu_name
 
-    config = KernelConfig(word_bits, vector_bits, 16, "test")
-    shape = ConvShape(1, 40, 7, 6, 8, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1))
-    plan = xnor_plan(shape, config)
+    vector = CpuVector(lanes=vector_bits // 32, registers=16, word_bits=word_bits, popcount="test")
+    shape = ConvShape(1, 40, 7, 6, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), out_channels=8)
+    plan = xnor_plan(shape, vector)
     rng = np.random.default_rng(word_bits + vector_bits)
     x = rng.standard_normal((1, 40, 7, 6)).astype(np.float32)
     x[np.abs(x) < 0.3] = 0
@@ -351,32 +342,37 @@ def test_kernels_are_bit_exact_for_other_word_and_vector_sizes(word_bits, vector
     conv = tvm.compile(tvm.IRModule({"main": xnor_conv_kernel(shape, plan, "sign")}), target=target)
     if instruction is not None:
         assert instruction in conv.mod.inspect_source("s")
-    planes = tvm.runtime.empty((1, *plan.plane_shape), config.dtype)
+    planes = tvm.runtime.empty((1, *plan.plane_shape), plan.dtype)
     base = tvm.runtime.empty((1, shape.out_height, plan.padded_width), "int32")
     pack(tvm.runtime.tensor(x), planes, base)
     y = tvm.runtime.empty((1, 8, shape.out_height, shape.out_width), "float32")
-    words = weight_words(bits, 40, "sign", config)
+    words = weight_words(bits, 40, "sign", word_bits)
     ones, zeros = (tvm.runtime.tensor(np.full(8, value, np.float32)) for value in (1.0, 0.0))
     conv(planes, base, tvm.runtime.tensor(words), ones, zeros, y)
     want = _torch_dot_any(x, bits, 40, Variant("w", "sign", "sign", strides=(2, 1)))
     np.testing.assert_array_equal(y.numpy(), want.astype(np.float32))
 
 
-def test_kernel_config_follows_the_target():
+def test_bit_kernel_words_and_tiles_follow_the_target():
     from tvm.target import codegen
 
     import tvm
 
     from edgec.targets import resolve
 
-    armv7, aarch64, x86 = (kernel_config(resolve(name)) for name in ("cortex-a7", "cortex-a53", "x86"))
-    assert (armv7.word_bits, armv7.lanes, armv7.registers) == (32, 4, 16)
-    assert (aarch64.word_bits, aarch64.lanes, aarch64.registers) == (64, 2, 32)
+    armv7, aarch64, x86 = (cpu_vector(resolve(name)) for name in ("cortex-a7", "cortex-a53", "x86"))
+    assert (armv7.word_bits, armv7.lanes_of(armv7.word_dtype), armv7.registers) == (32, 4, 16)
+    assert (aarch64.word_bits, aarch64.lanes_of(aarch64.word_dtype), aarch64.registers) == (64, 2, 32)
     features = set(codegen.llvm_get_cpu_features(tvm.target.Target(resolve("x86").tvm_json)))
-    assert x86.word_bits == 64 and x86.vector_bits == (512 if "avx512f" in features else 256 if "avx2" in features else 128)
+    integer_bits = 512 if "avx512f" in features else 256 if "avx2" in features else 128
+    assert x86.word_bits == 64 and x86.lanes_of("uint64") * 64 == integer_bits
     assert ("vpopcntq" in x86.popcount) == ("avx512vpopcntdq" in features and "avx512f" in features)
-    plan = xnor_plan(ConvShape(1, 64, 56, 56, 64, (3, 3), (1, 1), (1, 1, 1, 1)), x86)
-    assert plan.out_tile * plan.config.lanes * 8 < 1024  # the register tile stays a stack buffer
+    shape = ConvShape(1, 64, 56, 56, (3, 3), (1, 1), (1, 1, 1, 1), out_channels=64)
+    plan = xnor_plan(shape, x86)
+    assert plan.out_tile * plan.lanes * 8 < 1024  # the register tile stays a stack buffer
+    # the popcount loop keeps 6 registers for its operands: 10 accumulators of 16 registers (armv7), not 12
+    assert xnor_plan(dataclasses.replace(shape, out_channels=60), armv7).out_tile == 10
+    assert xnor_plan(dataclasses.replace(shape, out_channels=60), aarch64).out_tile == 15  # at most 16
 
 
 def _torch_dot_any(x, bits, channels, variant) -> np.ndarray:

@@ -15,11 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.ops import DOMAIN, load_all
-from edgec.ops.block_sparse_conv import ConvShape, conv_kernel, kernel_plan, unpack_blocks, vector_shape
+from edgec.ops.block_sparse.format import unpack_blocks
+from edgec.ops.block_sparse.kernels import ConvShape, conv_kernel, kernel_plan
+from edgec.targets.vector import CpuVector, cpu_vector
 from backbone import assert_board_verified, assert_profile_adds_up
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
+AVX512 = CpuVector(lanes=16, registers=32)
 
 
 def random_blocks(rng, out_channels: int, in_channels: int, n: int, kernel=(1, 1), keep: float = 0.4):
@@ -222,8 +225,8 @@ def test_kernel_work_scales_with_kept_blocks(kernel):
         indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
         indices = np.nonzero(mask)[1].astype(np.int32)
         pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
-        shape = ConvShape(1, channels, 6, 5, out_channels // n, n, indices.size, kernel, (1, 1), pads, (1, 1))
-        prim = conv_kernel(shape, kernel_plan(n, 30, 16, 32), "Relu")
+        shape = ConvShape(1, channels, 6, 5, kernel, (1, 1), pads, (1, 1), blocks=out_channels // n, block_size=n, nnz=indices.size)
+        prim = conv_kernel(shape, kernel_plan(n, 30, AVX512), "Relu")
         counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
         # exactly the kept blocks' work: nnz * N * kh * kw per output position, nothing for pruned blocks
         assert counts[keep] == indices.size * n * kernel[0] * kernel[1] * 6 * 5 == shape.multiply_adds
@@ -259,7 +262,7 @@ def test_transposes_around_sparse_ops_cancel(tmp_path):
 def test_cancel_transposes_rules():
     from tvm import relax
 
-    from edgec.ops._relax import cancel_transposes
+    from edgec.ops.transposes import cancel_transposes
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 4, 5, 6), "float32"))
@@ -283,14 +286,14 @@ def test_cancel_transposes_rules():
 def test_vector_shape_per_target():
     from edgec.targets import resolve
 
-    assert vector_shape(resolve("cortex-a7")) == (4, 16)
-    assert vector_shape(resolve("cortex-a53")) == (4, 32)
-    lanes, registers = vector_shape(resolve("x86"))
-    assert lanes in (4, 8, 16) and registers in (16, 32)
-    plan = kernel_plan(4, 3136, 4, 16)  # NEON armv7: 12 accumulators of one quad register each
+    armv7, aarch64, x86 = (cpu_vector(resolve(name)) for name in ("cortex-a7", "cortex-a53", "x86"))
+    assert (armv7.lanes, armv7.registers) == (4, 16)
+    assert (aarch64.lanes, aarch64.registers) == (4, 32)
+    assert x86.lanes in (4, 8, 16) and x86.registers in (16, 32)
+    plan = kernel_plan(4, 3136, armv7)  # NEON armv7: 12 accumulators of one quad register each
     assert plan.positions == 12
-    assert kernel_plan(8, 3136, 16, 32).positions == 24  # AVX-512: one (half) zmm per position
-    assert kernel_plan(16, 3136, 16, 32).positions == 15  # 15 x 16 floats: the tile stays under 1 KiB
+    assert kernel_plan(8, 3136, AVX512).positions == 24  # AVX-512: one (half) zmm per position
+    assert kernel_plan(16, 3136, AVX512).positions == 15  # 15 x 16 floats: the tile stays under 1 KiB
 
 
 @pytest.mark.parametrize("n", [4, 16])
@@ -299,20 +302,20 @@ def test_accumulators_are_not_heap_allocated(n):
     parallel task (and LLVM then keeps the tile in memory): the plan keeps it smaller."""
     import tvm
 
-    shape = ConvShape(1, 32, 28, 28, 192 // n, n, 40, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1))
-    prim = conv_kernel(shape, kernel_plan(n, 784, 16, 32), "Clip", 0.0, 6.0)
+    shape = ConvShape(1, 32, 28, 28, (1, 1), blocks=192 // n, block_size=n, nnz=40)
+    prim = conv_kernel(shape, kernel_plan(n, 784, AVX512), "Clip", 0.0, 6.0)
     module = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
     llvm_ir = tvm.compile(module, target=tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})).mod.inspect_source("ll")
     assert "define" in llvm_ir and "load ptr, ptr @__TVMBackendAllocWorkspace" not in llvm_ir
 
 
 def test_blocks_narrower_than_the_vector_warn_once(caplog):
-    from edgec.ops.block_sparse_conv import _warn_narrow_blocks, warn_narrow_blocks
+    from edgec.ops.block_sparse.lowering import _warn_narrow_blocks, warn_narrow_blocks
     from edgec.targets import resolve
 
     _warn_narrow_blocks.cache_clear()
     a53 = resolve("cortex-a53")
-    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse.lowering"):
         warn_narrow_blocks(a53, 4, 4)  # N fills a NEON register: nothing to say
         assert not caplog.records
         for _ in range(3):
@@ -372,7 +375,7 @@ def test_cuda_decodes_to_dense_with_warning(caplog, activation):
     from edgec.lower import to_relax
     from edgec.targets import resolve
 
-    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse_conv"):
+    with caplog.at_level(logging.WARNING, logger="edgec.ops.block_sparse.lowering"):
         mod = to_relax(small_sparse_model(activation), resolve("cuda"))
     assert "decoded to a dense conv2d" in caplog.text
     script = mod["main"].script()

@@ -13,7 +13,7 @@ from onnx.reference.op_run import OpRun
 import edgec
 from edgec.errors import UnsupportedOpError
 from edgec.ops import CUSTOM_OPS, DOMAIN, CustomOp, register
-from edgec.ops._relax import constant, emit_kernel, tensor_type
+from edgec.ops.common import constant, emit_kernel, tensor_type
 from edgec.runtimes.reference import reference_outputs
 
 

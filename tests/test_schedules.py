@@ -23,9 +23,10 @@ from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import PRESETS, resolve
-from edgec.targets.schedules import CpuVector, cpu_vector, default_rules, schedule_func
+from edgec.targets.schedules import default_rules, schedule_func
 from edgec.targets.schedules.common import register_tile, vector_tile
 from edgec.targets.schedules.graph import batch_norm_scale_shift, elementwise_clip_kind, padded_channels
+from edgec.targets.vector import CpuVector, cpu_vector
 
 AVX512 = CpuVector(lanes=16, registers=32)
 NEON32 = CpuVector(lanes=4, registers=16)
@@ -226,8 +227,9 @@ def test_register_tile_fits_the_register_file_and_divides_the_axes():
 
 
 def test_vector_shape_is_preset_data_or_the_host():
-    assert cpu_vector(resolve("cortex-a7")) == CpuVector(lanes=4, registers=16)
-    assert cpu_vector(resolve("cortex-a53")) == CpuVector(lanes=4, registers=32)
+    a7, a53 = cpu_vector(resolve("cortex-a7")), cpu_vector(resolve("cortex-a53"))
+    assert (a7.lanes, a7.registers, a7.word_bits) == (4, 16, 32)
+    assert (a53.lanes, a53.registers, a53.word_bits) == (4, 32, 64)
     assert cpu_vector(resolve("cortex-a72")).lanes == 4
     host = cpu_vector(resolve("x86"))
     assert PRESETS["x86"].vector_lanes is None

@@ -2,9 +2,15 @@
 
 A custom op is data: its name, a NumPy reference (an ``onnx.reference``
 ``OpRun`` subclass, so whole graphs run in onnx's ReferenceEvaluator), and a
-Relax lowering that emits ``call_tir`` of our own TIR kernel. Op modules
-(one per op, in this package) register themselves in ``CUSTOM_OPS`` through
-:func:`register`; ``edgec.lower`` and ``edgec.runtimes.reference`` consult it.
+Relax lowering that emits ``call_tir`` of our own TIR kernel. One package per
+op family (``binary``, ``ternary``, ``block_sparse``), each split by layer
+(``format``, ``reference``, ``kernels``, ``lowering``), registers its ops in
+``CUSTOM_OPS`` through :func:`register`; ``edgec.lower`` and
+``edgec.runtimes.reference`` consult it. ``common.py`` holds what the ops
+share, ``transposes.py`` the Relax pass that removes their layout wrappers.
+
+Layer: custom ops import the floor (``edgec.errors``) and target data
+(``edgec.targets.vector``), never passes, runtimes or the compiler.
 
 Custom op type names must not clash with standard ONNX op types: TVM's ONNX
 importer dispatches on the op type alone.
@@ -54,8 +60,8 @@ def register(op: CustomOp) -> CustomOp:
 
 
 def load_all() -> dict[str, CustomOp]:
-    """Import every op module of this package (each registers itself) and return the registry."""
+    """Import every op package of this package (each registers its ops) and return the registry."""
     for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_"):
+        if module.ispkg and not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
     return CUSTOM_OPS

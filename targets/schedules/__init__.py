@@ -12,9 +12,9 @@ that matches a kernel schedules it):
     generic.py    everything else                   parallel + vectorised, or parallel only
 
 ``graph.py`` prepares the Relax graph first (channels-last layout, BN as a
-fused scale/shift). The vector shape is data: ``TargetPreset.vector_lanes``
-and ``vector_registers``; ``None`` means "this machine" (AVX-512 16 lanes and
-32 registers, AVX2 8 and 16, SSE 4 and 16).
+fused scale/shift). The rules tile for a ``CpuVector``
+(``edgec.targets.vector.cpu_vector(target)``: the preset's data, or the
+compiling machine's CPU features).
 """
 
 from __future__ import annotations
@@ -23,39 +23,12 @@ import logging
 from typing import Any
 
 from edgec.fallbacks import FallbackLog
-from edgec.targets.schedules.common import CpuVector, Rule
+from edgec.targets.schedules.common import Rule
+from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CpuVector", "Rule", "apply_schedules", "cpu_vector", "default_rules", "graph_passes"]
-
-
-def cpu_vector(target) -> CpuVector:
-    """The vector shape of a ResolvedTarget's CPU: the preset's fields, else detected from LLVM."""
-    preset = target.preset
-    lanes, registers = preset.vector_lanes, preset.vector_registers
-    if lanes is None or registers is None:
-        detected_lanes, detected_registers = _detect_x86(target)
-        lanes = lanes or detected_lanes
-        registers = registers or detected_registers
-    return CpuVector(lanes=lanes, registers=registers)
-
-
-def _detect_x86(target) -> tuple[int, int]:
-    """(float32 lanes, vector registers) from the CPU features LLVM reports for the target's mcpu."""
-    import tvm
-    from tvm.target import codegen
-
-    try:
-        features = codegen.llvm_get_cpu_features(tvm.target.Target(target.tvm_json))
-    except Exception as error:  # noqa: BLE001 - LLVM without x86 support, odd mcpu
-        log.warning("could not read CPU features of %s (%s); assuming SSE (4 lanes)", target.spec, error)
-        return 4, 16
-    if "avx512f" in features:
-        return 16, 32
-    if "avx2" in features or "avx" in features:
-        return 8, 16
-    return 4, 16
+__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes"]
 
 
 def default_rules(vector: CpuVector) -> list[Rule]:
@@ -127,7 +100,7 @@ def apply_schedules(
     import tvm
     from tvm import tirx
 
-    from edgec.ops._relax import CUSTOM_KERNEL_ATTR
+    from edgec.ops.common import CUSTOM_KERNEL_ATTR
 
     skip = skip or {}
 

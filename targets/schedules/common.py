@@ -1,5 +1,6 @@
-"""What every CPU schedule rule shares: the target's vector shape, the rule
-interface, and the TIR schedule steps used by several op families.
+"""What every CPU schedule rule shares: the rule interface and the TIR schedule
+steps used by several op families. The vector shape a rule tiles for is
+``CpuVector`` (targets/vector.py).
 
 A rule is configuration only (``CpuVector``); ``apply(func)`` returns a new
 ``s_tir.Schedule`` or ``None`` when the kernel is not its kind. Anything a
@@ -10,31 +11,13 @@ LegalizeOps wrote it (correct, slow) and is reported as such.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 from typing import Any
 
+from edgec.targets.vector import CpuVector, vectorize_innermost
+
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CpuVector:
-    """The SIMD shape the rules tile for.
-
-    ``lanes``: float32 lanes of one vector register (AVX-512 16, AVX2 8,
-    NEON 4). ``registers``: architectural vector registers (x86-64 with
-    AVX-512 32, otherwise 16; aarch64 32; armv7 NEON 16 quad registers).
-    ``accumulators`` is the part of them a register tile may hold, leaving
-    room for the weight vectors and the broadcast input.
-    """
-
-    lanes: int
-    registers: int
-
-    @property
-    def accumulators(self) -> int:
-        return max(4, self.registers - 8) if self.registers > 16 else self.registers - 4
 
 
 class Rule:
@@ -157,20 +140,6 @@ def register_tile(rows: list[int], channels: int, vector: CpuVector, max_vectors
     if best is None:
         return [1] * len(rows), vector_tile(channels, vector, 1)[0]
     return best[1], best[2]
-
-
-def vectorize_innermost(sch, loop, lanes: int) -> None:
-    """Vectorise ``loop`` when it is short, else split off and vectorise a multiple of ``lanes``."""
-    extent = int(sch.get(loop).extent)
-    if extent <= 4 * lanes:
-        if extent > 1:
-            sch.vectorize(loop)
-        return
-    for width in (4 * lanes, 2 * lanes, lanes):
-        if extent % width == 0:
-            _, inner = sch.split(loop, [None, width])
-            sch.vectorize(inner)
-            return
 
 
 def schedule_epilogue(sch, epilogue, at_loop, lanes: int) -> None:

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgec
 from edgec.errors import PassError
 from edgec.ops import DOMAIN
-from edgec.ops.binary_conv import unpack_bits
+from edgec.ops.binary.format import unpack_bits
 from edgec.passes import PASSES, FoldBatchNormPass, LowerBinaryPass
 from edgec.passes.lower_binary import CodedWeight, binary_codes, conv_bits, quantize_binary
 from edgec.passes.registry import parse

@@ -1,58 +1,7 @@
-"""Helpers for custom-op lowerings: constants out of Relax exprs, and emitting a
-pre-scheduled TIR kernel as an opaque ``call_tir`` (so TVM's fusion and the
-default schedule rules leave it alone)."""
+"""A Relax module pass that removes the layout changes custom ops would cost: their
+lowerings wrap channels-last kernels in NCHW <-> NHWC transposes."""
 
 from __future__ import annotations
-
-import numpy as np
-
-from edgec.errors import BuildError
-
-# TVM 0.27 keeps a "global" CPU buffer of under this many bytes on the stack, where LLVM
-# keeps it in registers; a larger one, or any "local" one, becomes a
-# TVMBackendAllocWorkspace call (a heap allocation) per iteration of the parallel loop,
-# and a register tile is then zeroed with a memset, spilled after its reduction and
-# reloaded for its epilogue. (The allocation annotation "disable_lower_builtin" would keep
-# any size on the stack, but StorageRewrite drops it.) Kernels size their accumulator
-# tiles under it.
-STACK_TILE_BYTES = 1024
-
-
-def constant(expr, what: str) -> np.ndarray:
-    """The NumPy value of a Relax constant input (initializer), or a BuildError naming it."""
-    import tvm
-
-    if not isinstance(expr, tvm.ir.expr.Constant):
-        raise BuildError(f"{what} must be a constant initializer, got a computed value")
-    return expr.value.numpy()
-
-
-def tensor_type(expr) -> tuple[list[int], str]:
-    """Static shape and dtype of a Relax tensor expr (TVM 0.27 calls struct info ``ty``)."""
-    ty = expr.ty
-    return [int(dim) for dim in ty.shape], str(ty.dtype)
-
-
-CUSTOM_KERNEL_ATTR = "edgec.custom_op_kernel"
-
-
-def emit_kernel(bb, prim_func, name: str, args, out_ty):
-    """Add ``prim_func`` (already scheduled) to the module and call it.
-
-    The kernel is marked scheduled (default schedule rules skip it), opaque
-    (FuseOps does not merge it with neighbours, which would drop its schedule)
-    and as a custom-op kernel (the manifest's schedule column says "custom-op").
-    """
-    from tvm import relax
-
-    prim_func = (
-        prim_func.without_attr("global_symbol")
-        .with_attr("tirx.is_scheduled", True)
-        .with_attr("op_pattern", 8)
-        .with_attr(CUSTOM_KERNEL_ATTR, True)
-    )
-    gvar = bb.add_func(prim_func, name)
-    return relax.call_tir(gvar, args, out_ty)
 
 
 def cancel_transposes():

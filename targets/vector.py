@@ -1,0 +1,143 @@
+"""The CPU's vectors as the kernels see them: one description for the schedule
+library (targets/schedules) and the custom-op kernels (edgec/ops).
+
+One rule per fact:
+
+- float32 lanes: the preset's ``vector_lanes``; else NEON 4 (armv7, aarch64);
+  else the x86 CPU features LLVM reports for the target's ``mcpu``: AVX-512F
+  16, AVX or AVX2 8, SSE 4.
+- integer vectors (the bit kernels' words): as wide as the float ones, except
+  on an AVX CPU without AVX2, whose 256-bit registers have no integer ops
+  (128 bits there).
+- registers: the preset's ``vector_registers``; else NEON 16 quad registers
+  on armv7, 32 on aarch64; x86 32 with AVX-512F, else 16.
+- general-purpose word: 32 bits on armv7, 64 elsewhere.
+- popcount: how LLVM counts the bits of a vector on this CPU (AVX-512
+  VPOPCNTDQ ``vpopcntq``, else a ``vpshufb`` nibble table; NEON ``cnt``).
+- accumulators: what a register tile may hold is the register file less a
+  quarter of it for loads, broadcasts and temporaries, or less the kernel's
+  own count of such operands when that is larger (``operands``, 4 for a float
+  FMA tile: 32 registers -> 24, 16 -> 12; the popcount tile needs 6: 16 -> 10).
+- a vectorised loop covers at most 4 registers' worth (``vectorize_innermost``).
+
+``None`` as the target means this machine (x86, its CPU detected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+log = logging.getLogger(__name__)
+
+# NEON per CPU architecture: (general-purpose word bits, vector registers, how bits are counted)
+_NEON = {"armv7": (32, 16, "NEON vcnt.8 + vpaddl"), "aarch64": (64, 32, "NEON cnt + uaddlp")}
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuVector:
+    """The SIMD shape kernels tile for.
+
+    ``lanes``: float32 lanes of one vector register (AVX-512 16, AVX2 8, NEON
+    4). ``registers``: architectural vector registers. ``integer_bits``: width
+    of integer vector operations (``None``: as the float ones, ``lanes * 32``).
+    ``word_bits``: the general-purpose register, the bit kernels' word.
+    ``popcount``: how the CPU counts bits in a vector, as LLVM emits it (for the
+    log and the reader of a manifest).
+    """
+
+    lanes: int
+    registers: int
+    integer_bits: int | None = None
+    word_bits: int = 64
+    popcount: str = "scalar popcnt"
+
+    @property
+    def word_dtype(self) -> str:
+        """The general-purpose word as an unsigned TIR dtype (``uint64``, ``uint32``)."""
+        return f"uint{self.word_bits}"
+
+    @property
+    def bits(self) -> int:
+        """Width of a float vector register."""
+        return self.lanes * 32
+
+    def lanes_of(self, dtype: str) -> int:
+        """Lanes of one vector register for ``dtype`` (``float32``, ``uint64``, ...)."""
+        width = int("".join(ch for ch in dtype if ch.isdigit()))
+        integer = dtype.startswith(("int", "uint"))
+        return max(1, ((self.integer_bits or self.bits) if integer else self.bits) // width)
+
+    def accumulator_budget(self, operands: int = 4) -> int:
+        """Vector registers a register tile may hold: the file less ``max(operands, registers / 4)``."""
+        return self.registers - max(operands, self.registers // 4)
+
+    @property
+    def accumulators(self) -> int:
+        """The budget of a float FMA tile (a weight vector and broadcast inputs beside it)."""
+        return self.accumulator_budget()
+
+
+def cpu_vector(target) -> CpuVector:
+    """The :class:`CpuVector` of a ResolvedTarget's CPU (its host CPU for CUDA; ``None``: this machine)."""
+    preset = getattr(target, "preset", None)
+    arch = getattr(preset, "cpu_arch", "x86_64")
+    lanes = getattr(preset, "vector_lanes", None)
+    registers = getattr(preset, "vector_registers", None)
+    if arch in _NEON:
+        word_bits, neon_registers, popcount = _NEON[arch]
+        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount)
+    features = _x86_features(target)
+    if "avx512f" in features:
+        detected, integer_bits = 16, 512
+    elif "avx2" in features:
+        detected, integer_bits = 8, 256
+    elif "avx" in features:
+        detected, integer_bits = 8, 128
+    else:
+        detected, integer_bits = 4, 128
+    lanes = lanes or detected
+    if getattr(preset, "vector_lanes", None):
+        integer_bits = lanes * 32
+    return CpuVector(lanes, registers or (32 if "avx512f" in features else 16), integer_bits, 64, _x86_popcount(features, integer_bits))
+
+
+def _x86_popcount(features: set[str], integer_bits: int) -> str:
+    if integer_bits == 512:
+        return "AVX-512 vpopcntq" if "avx512vpopcntdq" in features else "AVX-512BW vpshufb nibble table"
+    if integer_bits == 256:
+        return "AVX2 vpshufb nibble table"
+    return "SSE pshufb nibble table" if "ssse3" in features else "scalar popcnt"
+
+
+def _x86_features(target) -> set[str]:
+    """The CPU features LLVM reports for the target's (host) mcpu; empty (SSE) when it cannot tell."""
+    import tvm
+    from tvm.target import codegen
+
+    if target is None:
+        from edgec.targets.host import host_cpu_name
+
+        spec = {"kind": "llvm", "mcpu": host_cpu_name()}
+    else:
+        spec = dict(target.host_json or target.tvm_json)
+    try:
+        return set(codegen.llvm_get_cpu_features(tvm.target.Target(spec)))
+    except Exception as error:  # noqa: BLE001 - an FFI error type varies by build
+        log.warning("could not read the CPU features of %s (%s): assuming SSE, 4 float lanes", spec.get("mcpu"), error)
+        return set()
+
+
+def vectorize_innermost(sch, loop, lanes: int) -> None:
+    """Vectorise ``loop`` when it is at most 4 registers' worth, else split off and vectorise
+    the largest of 4, 2 or 1 registers' worth that divides it (none: left scalar)."""
+    extent = int(sch.get(loop).extent)
+    if extent <= 4 * lanes:
+        if extent > 1:
+            sch.vectorize(loop)
+        return
+    for width in (4 * lanes, 2 * lanes, lanes):
+        if extent % width == 0:
+            _, inner = sch.split(loop, [None, width])
+            sch.vectorize(inner)
+            return
