@@ -103,6 +103,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.graph_edit import GraphEditor
 from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
@@ -351,7 +352,7 @@ class FuseFiltersPass(ir.passes.InPlacePass):
         analysis.run()
         plans = _decide(analysis, self)
         if plans:
-            _Rewriter(model.graph, analysis, plans).apply()
+            _Rewriter(model, analysis, plans).apply()
         return ir.passes.PassResult(model, modified=bool(plans))
 
 
@@ -903,14 +904,10 @@ def _foldable(analysis: _Analysis, sink: _Sink, constants: np.ndarray) -> np.nda
 
 
 class _Rewriter:
-    def __init__(self, graph: ir.Graph, analysis: _Analysis, plans: dict[int, _Plan]) -> None:
-        self.graph = graph
+    def __init__(self, model: ir.Model, analysis: _Analysis, plans: dict[int, _Plan]) -> None:
         self.analysis = analysis
         self.plans = plans
-        self.names: set[str] = set(graph.initializers)
-        self.names.update(value.name for value in graph.inputs if value.name)
-        for node in graph:
-            self.names.update(value.name for value in node.outputs if value.name)
+        self.edit = GraphEditor(model)
 
     def kept_channels(self, layout: _Layout) -> np.ndarray:
         parts, offset = [], 0
@@ -1033,28 +1030,11 @@ class _Rewriter:
         self._set_input(node, index, np.take(array, indices, axis=axis))
 
     def _set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        """Give input ``index`` of ``node`` a new constant: in place when only this node reads the initializer."""
-        array = np.ascontiguousarray(array)
+        """Give input ``index`` of ``node`` a new constant: under the old initializer's name when
+        only this node read it, else as ``<old name>_pruned``."""
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and old.is_initializer() and not old.is_graph_input() and len(old.uses()) == 1:
-            old.const_value = ir.tensor(array, name=old.name)
-            old.shape = ir.Shape(array.shape)
-            return
-        if index >= len(node.inputs):
-            node.resize_inputs(index + 1)
-        base = old.name if old is not None and old.name else f"{_node_name(node)}_bias"
-        name = self._unique(f"{base}_pruned")
-        tensor = ir.tensor(array, name=name)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
-        node.replace_input_with(index, value)
-        if old is not None and old.is_initializer() and not old.uses() and not old.is_graph_output():
-            self.graph.initializers.pop(old.name, None)
-
-    def _unique(self, base: str) -> str:
-        name, counter = base, 0
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
+            base = None
+        else:
+            base = f"{old.name if old is not None and old.name else _node_name(node) + '_bias'}_pruned"
+        self.edit.set_input(node, index, array, base)
