@@ -65,6 +65,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, value_name
 from edgec.passes.registry import option_help
 
@@ -186,10 +187,6 @@ def fold_batchnorm(
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _LINEAR_NAMES = "a Conv, ConvTranspose, Gemm or MatMul"
 _BN_INPUTS = ("scale", "B", "input_mean", "input_var")
-_NON_DETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
-_GRAPH_ATTRIBUTES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 _MIN_OPSET = 7
 
 
@@ -284,8 +281,7 @@ class _Rewriter:
         # Before IR version 4 every initializer had to be listed as a graph input too:
         # there such an input is a weight, not something a caller overrides.
         self.edit = GraphEditor(model)
-        self.legacy_inputs = self.edit.legacy_inputs
-        self.constants: dict[ir.Value, np.ndarray | None] = {}
+        self.constant = Constants(model)
         self.ranks: dict[ir.Value, int | None] = {}
         self.modified = False
         self.batchnorms = self.folded_batchnorms = self.folded_affine = self.lowered = 0
@@ -335,7 +331,7 @@ class _Rewriter:
                 return  # this Add is the MatMul's bias: part of the layer, nothing to fold
             if producer.op_type not in _LINEAR_OPS and self._biased_matmul(producer) is None:
                 continue
-            constant = self._constant(other)
+            constant = self.constant(other)
             if constant is None:
                 continue
             try:
@@ -359,7 +355,7 @@ class _Rewriter:
         for index in (0, 1):
             source = add.inputs[index].producer()
             if source is not None and source.domain == "" and source.op_type == "MatMul":
-                if self._constant(add.inputs[1 - index]) is not None:
+                if self.constant(add.inputs[1 - index]) is not None:
                     return source
         return None
 
@@ -378,7 +374,7 @@ class _Rewriter:
             raise _Skip(f"it has {len(node.inputs)} inputs, not 5")
         arrays = []
         for role, value in zip(_BN_INPUTS, node.inputs[1:], strict=True):
-            array = self._constant(value)
+            array = self.constant(value)
             if array is None:
                 raise _Skip(f"its {role} '{value_name(value)}' is not a constant")
             if not np.issubdtype(array.dtype, np.floating):
@@ -407,7 +403,7 @@ class _Rewriter:
         self._check_only_consumer(data, consumer, bias_node or producer)
         if bias_node is not None:
             self._check_only_consumer(producer.outputs[0], bias_node, producer)
-        weight = self._constant(producer.inputs[1] if len(producer.inputs) > 1 else None)
+        weight = self.constant(producer.inputs[1] if len(producer.inputs) > 1 else None)
         if weight is None:
             raise _Skip(f"the weight of {describe(producer)} is not a constant")
         if not np.issubdtype(weight.dtype, np.floating):
@@ -418,7 +414,7 @@ class _Rewriter:
         bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
         bias = None
         if bias_value is not None:
-            bias = self._constant(bias_value)
+            bias = self.constant(bias_value)
             if bias is None:
                 raise _Skip(f"the bias of {describe(producer)} is not a constant")
         if op == "Conv":
@@ -450,7 +446,7 @@ class _Rewriter:
             linear.bias_node = bias_node
             linear.bias_index = 1 if bias_node.inputs[0] is node.outputs[0] else 0
             bias_value = bias_node.inputs[linear.bias_index]
-            bias = self._constant(bias_value)
+            bias = self.constant(bias_value)
             try:
                 if bias is None:
                     raise _Skip("it is not a constant")
@@ -587,7 +583,7 @@ class _Rewriter:
             path.append(value)
             if (rank := _rank(value)) is not None:
                 break
-            if (constant := self._constant(value)) is not None:
+            if (constant := self.constant(value)) is not None:
                 rank = constant.ndim
                 break
             producer = value.producer()
@@ -606,102 +602,6 @@ class _Rewriter:
             self.ranks[item] = rank
         return rank
 
-    # ---- constants --------------------------------------------------------
-
-    def _constant(self, value: ir.Value | None) -> np.ndarray | None:
-        """The value as an array when it is constant: an initializer or a constant subgraph.
-
-        Iterative depth-first evaluation, memoised per call; a node is known
-        to be non-constant as soon as one input is (inputs are tried in
-        order, so a data path stops at its first input, before its weights).
-        """
-        if value is None:
-            return None
-        memo = self.constants
-        stack = [value]
-        while stack:
-            current = stack[-1]
-            if current in memo:
-                stack.pop()
-                continue
-            leaf, array = self._leaf(current)
-            if leaf:
-                memo[current] = array
-                stack.pop()
-                continue
-            producer = current.producer()
-            pending = None
-            non_constant = False
-            for item in _needed_inputs(producer):
-                if item is None:
-                    continue
-                if item not in memo:
-                    pending = item
-                    break
-                if memo[item] is None:
-                    non_constant = True
-                    break
-            if pending is not None:
-                stack.append(pending)
-                continue
-            stack.pop()
-            if non_constant:
-                results: list[np.ndarray | None] = [None] * len(producer.outputs)
-            else:
-                results = self._evaluate(producer, [None if item is None else memo.get(item) for item in producer.inputs])
-            for output, result in zip(producer.outputs, results, strict=True):
-                memo[output] = result
-        return memo[value]
-
-    def _leaf(self, value: ir.Value) -> tuple[bool, np.ndarray | None]:
-        """(True, array-or-None) when ``value``'s constness is known without looking at inputs."""
-        if value.is_graph_input() and not (self.legacy_inputs and value.is_initializer()):
-            return True, None
-        if value.const_value is not None:
-            return True, value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.graph is not self.graph or producer.domain != "":
-            return True, None
-        if producer.op_type == "Constant":
-            tensor = ir.convenience.get_const_tensor(value)
-            return True, None if tensor is None else tensor.numpy()
-        if producer.op_type in _NON_DETERMINISTIC or any(
-            attribute.type in _GRAPH_ATTRIBUTES for attribute in producer.attributes.values()
-        ):
-            return True, None
-        return False, None
-
-    def _evaluate(self, node: ir.Node, arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
-        """Outputs of a node of constant inputs (ONNX reference ops); Nones when it cannot be evaluated."""
-        none = [None] * len(node.outputs)
-        if node.op_type == "Shape":
-            source = node.inputs[0]
-            shape = source.const_value.shape if source.const_value is not None else source.shape
-            if shape is None or not all(isinstance(dim, int) for dim in shape):
-                return none
-            dims = [int(dim) for dim in shape]
-            start = node.attributes.get_int("start", 0)
-            end = node.attributes.get_int("end", len(dims))
-            return [np.array(dims[start:end], dtype=np.int64)]
-        if node.op_type == "CastLike":
-            target = node.inputs[1].dtype if node.inputs[1] is not None else None
-            if target is None or arrays[0] is None:
-                return none
-            return [arrays[0].astype(target.numpy())]
-        from onnx.reference.ops import load_op
-
-        try:
-            implementation = load_op("", node.op_type, node.version or self.opset)
-            attributes = {name: _attribute_value(attribute) for name, attribute in node.attributes.items()}
-            results = implementation.eval(*arrays, **attributes)
-        except Exception as error:  # noqa: BLE001 - the reference ops raise many kinds of errors
-            logger.debug("cannot evaluate %s as a constant: %s", describe(node), error)
-            return none
-        if not isinstance(results, (tuple, list)):
-            results = [results]
-        arrays_out = [None if result is None else np.asarray(result) for result in results]
-        return (arrays_out + none)[: len(node.outputs)]
-
 
 def _weight_channel_axis(node: ir.Node) -> int:
     """The output-channel axis of the weight (input 1) of a Conv, Gemm or MatMul."""
@@ -710,23 +610,6 @@ def _weight_channel_axis(node: ir.Node) -> int:
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1  # (N, K) or (K, N)
     return -1  # MatMul: (K, N)
-
-
-def _needed_inputs(node: ir.Node) -> list[ir.Value | None]:
-    """Inputs whose values a constant evaluation of ``node`` needs (Shape needs none, CastLike only its first)."""
-    if node.op_type == "Shape":
-        return []
-    if node.op_type == "CastLike":
-        return [node.inputs[0]]
-    return list(node.inputs)
-
-
-def _attribute_value(attribute: ir.Attr):
-    if attribute.type == ir.AttributeType.TENSOR:
-        return ir.serde.serialize_tensor(attribute.value)
-    if isinstance(attribute.value, tuple):
-        return list(attribute.value)
-    return attribute.value
 
 
 # Ops whose output rank is their first input's rank, and ops broadcasting all inputs:

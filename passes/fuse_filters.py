@@ -103,6 +103,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor
 from edgec.passes.registry import option_help, require_node_names
 
@@ -348,7 +349,7 @@ class FuseFiltersPass(ir.passes.InPlacePass):
         require_node_names(model, self.layer_ratios, "layer_ratios", self.cli_name, output_names=True)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        analysis = _Analysis(model.graph, masked=self.mode == "masked")
+        analysis = _Analysis(model, masked=self.mode == "masked")
         analysis.run()
         plans = _decide(analysis, self)
         if plans:
@@ -408,8 +409,9 @@ class _Sink:
 class _Analysis:
     """Layouts of every value reached by Conv channels, the ties between them, and what must be sliced."""
 
-    def __init__(self, graph: ir.Graph, *, masked: bool) -> None:
-        self.graph = graph
+    def __init__(self, model: ir.Model, *, masked: bool) -> None:
+        self.graph = model.graph
+        self.constant = Constants(model)
         self.masked = masked
         self.layouts: dict[ir.Value, _Layout] = {}
         self.spaces: list[_Space] = []
@@ -516,12 +518,6 @@ class _Analysis:
         except _Blocked as reason:
             for _, value in region:
                 self.block(self.layouts[value], str(reason))
-
-    def constant(self, value: ir.Value | None) -> np.ndarray | None:
-        if value is None or value.is_graph_input():
-            return None
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
 
     def _only_data_input(self, node: ir.Node, region: list[tuple[int, ir.Value]]) -> ir.Value:
         if [index for index, _ in region] != [0]:

@@ -79,6 +79,7 @@ import onnx_ir as ir
 
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.ops.binary_conv import pack_bits
+from edgec.passes.constants import Constants
 from edgec.passes.fold_batchnorm import batchnorm_scale_shift
 from edgec.passes.graph_edit import GraphEditor, describe
 from edgec.passes.registry import option_help, require_node_names
@@ -252,64 +253,9 @@ class WeightRewriter:
         self.graph = model.graph
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self.edit = GraphEditor(model)
-        self.legacy_inputs = self.edit.legacy_inputs
-        self.constants: dict[ir.Value, np.ndarray | None] = {}
+        self.constant = Constants(model)
         self.bytes_before = 0
         self.bytes_after = 0
-
-    # ---- constants --------------------------------------------------------
-
-    def constant(self, value: ir.Value | None) -> np.ndarray | None:
-        """The array of an initializer, a Constant, or a small constant subgraph (ONNX reference ops)."""
-        if value is None:
-            return None
-        if value in self.constants:
-            return self.constants[value]
-        result = self._evaluate(value, depth=0)
-        self.constants[value] = result
-        return result
-
-    def _evaluate(self, value: ir.Value, depth: int) -> np.ndarray | None:
-        if value in self.constants:
-            return self.constants[value]
-        if value.is_graph_input() and not (self.legacy_inputs and value.is_initializer()):
-            return None
-        if value.const_value is not None:
-            return value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.graph is not self.graph or producer.domain != "" or depth > 16:
-            return None
-        if producer.op_type == "Constant":
-            tensor = ir.convenience.get_const_tensor(value)
-            return None if tensor is None else tensor.numpy()
-        if any(attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attribute in producer.attributes.values()):
-            return None
-        if producer.op_type.startswith("Random") or producer.op_type in ("Bernoulli", "Multinomial"):
-            return None
-        arrays = []
-        for item in producer.inputs:
-            if item is None:
-                arrays.append(None)
-                continue
-            array = self._evaluate(item, depth + 1)
-            self.constants[item] = array
-            if array is None:
-                return None
-            arrays.append(array)
-        from onnx.reference.ops import load_op
-
-        try:
-            implementation = load_op("", producer.op_type, producer.version or self.opset)
-            attributes = {name: _attribute_value(attribute) for name, attribute in producer.attributes.items()}
-            results = implementation.eval(*arrays, **attributes)
-        except Exception as error:  # noqa: BLE001 - the reference ops raise many kinds of errors
-            logger.debug("cannot evaluate %s as a constant: %s", describe(producer), error)
-            return None
-        if not isinstance(results, (tuple, list)):
-            results = [results]
-        for output, result in zip(producer.outputs, results, strict=False):
-            self.constants[output] = None if result is None else np.asarray(result)
-        return self.constants.get(value)
 
     # ---- matching ---------------------------------------------------------
 
@@ -594,14 +540,6 @@ class WeightRewriter:
             self.edit.drop_if_dead(output)
             removed += 1
         return removed
-
-
-def _attribute_value(attribute: ir.Attr):
-    if attribute.type == ir.AttributeType.TENSOR:
-        return ir.serde.serialize_tensor(attribute.value)
-    if isinstance(attribute.value, tuple):
-        return list(attribute.value)
-    return attribute.value
 
 
 def _attributes(values: dict) -> list[ir.Attr]:

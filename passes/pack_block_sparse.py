@@ -90,6 +90,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe
 from edgec.passes.registry import option_help, require_node_names
 
@@ -353,14 +354,6 @@ class _Skip(Exception):
     """A match that is left as it is; the message is the reason."""
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer or Constant output that no caller can override; else None."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 @dataclasses.dataclass
 class _Layer:
     """A matched Conv/Gemm: its weight as (C_out, C_in, ...) with alpha applied, and its epilogue."""
@@ -401,6 +394,7 @@ class _Rewriter:
         self.graph = model.graph
         self.config = config
         self.edit = GraphEditor(model)
+        self.constant = Constants(model)
         self.candidates = self.packed = self.rearranged = self.kept_blocks = self.total_blocks = 0
 
     # ---- one layer --------------------------------------------------------
@@ -473,9 +467,9 @@ class _Rewriter:
     def _match_conv(self, node: ir.Node) -> _Layer:
         if len(node.inputs) < 2 or node.inputs[1] is None:
             raise _Skip("no weight input")
-        weight = _constant(node.inputs[1])
+        weight = self.constant(node.inputs[1])
         if weight is None:
-            raise _Skip(f"its weight '{node.inputs[1].name}' is not a constant initializer")
+            raise _Skip(f"its weight '{node.inputs[1].name}' is not a constant")
         if weight.ndim != 4:
             raise _Skip(f"a {weight.ndim - 2}-D convolution; only 2-D convolutions are packed")
         group = node.attributes.get_int("group", 1)
@@ -489,9 +483,9 @@ class _Rewriter:
             raise _Skip(f"auto_pad={auto_pad}; export with explicit pads")
         bias = None
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = _constant(node.inputs[2])
+            bias = self.constant(node.inputs[2])
             if bias is None:
-                raise _Skip(f"its bias '{node.inputs[2].name}' is not a constant initializer")
+                raise _Skip(f"its bias '{node.inputs[2].name}' is not a constant")
         if weight.dtype != np.float32:
             raise _Skip(f"weight dtype {weight.dtype}; only float32 is packed")
         kind = "pointwise" if weight.shape[2:] == (1, 1) else "conv"
@@ -500,9 +494,9 @@ class _Rewriter:
     def _match_gemm(self, node: ir.Node) -> _Layer:
         if node.attributes.get_int("transA", 0):
             raise _Skip("transA=1 (the input is transposed)")
-        weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None:
-            raise _Skip("its B is not a constant initializer")
+            raise _Skip("its B is not a constant")
         if weight.ndim != 2 or weight.dtype != np.float32:
             raise _Skip(f"B of shape {weight.shape} and dtype {weight.dtype}; a float32 matrix is packed")
         alpha = node.attributes.get_float("alpha", 1.0)
@@ -511,9 +505,9 @@ class _Rewriter:
         matrix = (matrix.astype(np.float64) * alpha).astype(np.float32)
         bias = None
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = _constant(node.inputs[2])
+            c = self.constant(node.inputs[2])
             if c is None:
-                raise _Skip(f"its C '{node.inputs[2].name}' is not a constant initializer")
+                raise _Skip(f"its C '{node.inputs[2].name}' is not a constant")
             out_features = matrix.shape[0]
             if c.size == 1:
                 bias = np.full(out_features, float(c.reshape(-1)[0]) * beta, dtype=np.float32)
@@ -542,7 +536,7 @@ class _Rewriter:
         if consumer.attributes.get_int("training_mode", 0):
             logger.info("%s not absorbed: training_mode=1", describe(consumer))
             return
-        arrays = [_constant(value) for value in consumer.inputs[1:5]]
+        arrays = [self.constant(value) for value in consumer.inputs[1:5]]
         if len(arrays) != 4 or any(array is None or array.size != layer.out_channels for array in arrays):
             logger.info("%s not absorbed: its statistics are not constant per-channel vectors", describe(consumer))
             return
@@ -573,7 +567,7 @@ class _Rewriter:
         bounds = [float("-inf"), float("inf")]
         for index in (1, 2):
             if index < len(node.inputs) and node.inputs[index] is not None:
-                array = _constant(node.inputs[index])
+                array = self.constant(node.inputs[index])
                 if array is None or array.size != 1:
                     return None
                 bounds[index - 1] = float(array.reshape(-1)[0])
@@ -619,7 +613,7 @@ class _Rewriter:
             self._plan_permute(node, 1, order, axis, actions)
             return []
         if op == "MatMul" and index == 0:
-            weight = _constant(node.inputs[1])
+            weight = self.constant(node.inputs[1])
             if weight is None or weight.ndim != 2:
                 raise _Skip(f"{describe(node)} has no constant 2-D weight")
             self._plan_permute(node, 1, order, 0, actions)
@@ -628,7 +622,7 @@ class _Rewriter:
             return [(node.outputs[0], self._flatten_order(node, order))]
         if op in _ELEMENTWISE:
             other = node.inputs[1 - index] if len(node.inputs) == 2 else None
-            constant = _constant(other)
+            constant = self.constant(other)
             if constant is None:
                 raise _Skip(f"its channels meet another computed tensor in {describe(node)} (a residual connection)")
             if constant.size > 1:
@@ -643,7 +637,7 @@ class _Rewriter:
         raise _Skip(f"its channels reach {describe(node)}, which the pass does not follow")
 
     def _follow_conv(self, node: ir.Node, order: np.ndarray, actions: list) -> list[tuple[ir.Value, np.ndarray]]:
-        weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None:
             raise _Skip(f"{describe(node)} has no constant weight")
         group = node.attributes.get_int("group", 1)
@@ -679,7 +673,7 @@ class _Rewriter:
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is None:
             return
-        array = _constant(value)
+        array = self.constant(value)
         if array is None:
             raise _Skip(f"input {index} of {describe(node)} is not constant")
         if array.ndim <= axis or array.shape[axis] != order.size:
@@ -743,7 +737,7 @@ class _Rewriter:
             alpha = node.attributes.get_float("alpha", 1.0)
             matrix = (weight.astype(np.float64) / alpha).astype(np.float32)
             self.edit.set_input(node, 1, matrix if node.attributes.get_int("transB", 0) else matrix.T)
-            c = _constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            c = self.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             if c is not None and c.size > 1:
                 self.edit.set_input(node, 2, c.reshape(-1)[perm].reshape(c.shape))
         else:
