@@ -90,6 +90,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe
 from edgec.passes.registry import option_help, require_node_names
@@ -269,13 +270,10 @@ def block_sparsify(weight: np.ndarray, n: int, sparsity: float, rearrange: bool)
 # --------------------------------------------------------------------------
 
 _KINDS = ("pointwise", "conv", "gemm")
-_PASSTHROUGH = frozenset(
-    {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Identity",
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Clip",
-    }
-)  # fmt: skip
-_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+# What carries channels unchanged: the channel analysis's tables (passes/channel_ops.py), one list for
+# the passes that follow channels.
+_PASSTHROUGH = frozenset(UNARY) | POOLS
+_ELEMENTWISE = frozenset(ELEMENTWISE)
 
 
 @dataclasses.dataclass(frozen=True)
