@@ -8,10 +8,26 @@
 
 from edgec.passes.fold_batchnorm import FoldBatchNormPass
 from edgec.passes.fuse_filters import FuseFiltersPass
+from edgec.passes.remove_zero_channels import RemoveZeroChannelsPass
 from edgec.passes.pack_block_sparse import PackBlockSparsePass
 from edgec.passes.lower_binary import LowerBinaryPass
 from edgec.passes.lower_ternary import LowerTernaryPass
 
-PASSES: tuple[type, ...] = (FoldBatchNormPass, FuseFiltersPass, PackBlockSparsePass, LowerBinaryPass, LowerTernaryPass)
+PASSES: tuple[type, ...] = (
+    FoldBatchNormPass,
+    FuseFiltersPass,
+    RemoveZeroChannelsPass,
+    PackBlockSparsePass,
+    LowerBinaryPass,
+    LowerTernaryPass,
+)
 
-__all__ = ["FoldBatchNormPass", "FuseFiltersPass", "PackBlockSparsePass", "LowerBinaryPass", "LowerTernaryPass", "PASSES"]
+__all__ = [
+    "FoldBatchNormPass",
+    "FuseFiltersPass",
+    "RemoveZeroChannelsPass",
+    "PackBlockSparsePass",
+    "LowerBinaryPass",
+    "LowerTernaryPass",
+    "PASSES",
+]

@@ -65,6 +65,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.constants import Constants
+from edgec.passes.graph_edit import GraphEditor, describe, value_name
 from edgec.passes.registry import option_help
 
 logger = logging.getLogger(__name__)
@@ -185,10 +187,6 @@ def fold_batchnorm(
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _LINEAR_NAMES = "a Conv, ConvTranspose, Gemm or MatMul"
 _BN_INPUTS = ("scale", "B", "input_mean", "input_var")
-_NON_DETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
-_GRAPH_ATTRIBUTES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 _MIN_OPSET = 7
 
 
@@ -245,12 +243,6 @@ class _Skip(Exception):
     """A match that must not fold; the message is the reason."""
 
 
-def _describe(node: ir.Node) -> str:
-    name = node.name or (node.outputs[0].name if node.outputs else "") or "?"
-    op = node.op_type if node.domain == "" else f"{node.domain}.{node.op_type}"
-    return f"{op} '{name}'"
-
-
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -288,13 +280,9 @@ class _Rewriter:
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         # Before IR version 4 every initializer had to be listed as a graph input too:
         # there such an input is a weight, not something a caller overrides.
-        self.legacy_inputs = model.ir_version is not None and model.ir_version < 4
-        self.constants: dict[ir.Value, np.ndarray | None] = {}
+        self.edit = GraphEditor(model)
+        self.constant = Constants(model)
         self.ranks: dict[ir.Value, int | None] = {}
-        self.names: set[str] = set(self.graph.initializers)
-        self.names.update(value.name for value in self.graph.inputs if value.name)
-        for node in ir.traversal.RecursiveGraphIterator(self.graph):
-            self.names.update(value.name for value in node.outputs if value.name)
         self.modified = False
         self.batchnorms = self.folded_batchnorms = self.folded_affine = self.lowered = 0
 
@@ -313,7 +301,7 @@ class _Rewriter:
         try:
             statistics = self._batchnorm_statistics(node)
         except _Skip as reason:
-            logger.info("%s not folded: %s", _describe(node), reason)
+            logger.info("%s not folded: %s", describe(node), reason)
             return
         data = node.inputs[0]
         scale, shift = statistics
@@ -323,9 +311,9 @@ class _Rewriter:
             self._check_batchnorm_channels(linear, affine)
         except _Skip as reason:
             if self.lower_unfolded and self._lower(affine):
-                logger.info("%s not folded: %s; lowered to Mul+Add", _describe(node), reason)
+                logger.info("%s not folded: %s; lowered to Mul+Add", describe(node), reason)
             else:
-                logger.info("%s not folded: %s", _describe(node), reason)
+                logger.info("%s not folded: %s", describe(node), reason)
             return
         self._fold(linear, affine)
         self.folded_batchnorms += 1
@@ -343,14 +331,14 @@ class _Rewriter:
                 return  # this Add is the MatMul's bias: part of the layer, nothing to fold
             if producer.op_type not in _LINEAR_OPS and self._biased_matmul(producer) is None:
                 continue
-            constant = self._constant(other)
+            constant = self.constant(other)
             if constant is None:
                 continue
             try:
                 linear = self._linear_producer(data, node)
                 vector = self._per_channel(constant, linear, other)
             except _Skip as reason:
-                logger.info("%s not folded: %s", _describe(node), reason)
+                logger.info("%s not folded: %s", describe(node), reason)
                 return
             if node.op_type == "Mul":
                 affine = _Affine(node, data, vector, None, (other,))
@@ -367,7 +355,7 @@ class _Rewriter:
         for index in (0, 1):
             source = add.inputs[index].producer()
             if source is not None and source.domain == "" and source.op_type == "MatMul":
-                if self._constant(add.inputs[1 - index]) is not None:
+                if self.constant(add.inputs[1 - index]) is not None:
                     return source
         return None
 
@@ -386,11 +374,11 @@ class _Rewriter:
             raise _Skip(f"it has {len(node.inputs)} inputs, not 5")
         arrays = []
         for role, value in zip(_BN_INPUTS, node.inputs[1:], strict=True):
-            array = self._constant(value)
+            array = self.constant(value)
             if array is None:
-                raise _Skip(f"its {role} '{_value_name(value)}' is not a constant")
+                raise _Skip(f"its {role} '{value_name(value)}' is not a constant")
             if not np.issubdtype(array.dtype, np.floating):
-                raise _Skip(f"its {role} '{_value_name(value)}' is {array.dtype}, not floating point")
+                raise _Skip(f"its {role} '{value_name(value)}' is {array.dtype}, not floating point")
             arrays.append(array)
         gamma, beta, running_mean, running_var = arrays
         shapes = {array.shape for array in arrays}
@@ -406,41 +394,41 @@ class _Rewriter:
             raise _Skip(f"its input is a graph input, not {_LINEAR_NAMES}")
         producer = data.producer()
         if producer is None:
-            raise _Skip(f"its input '{_value_name(data)}' is a constant, not the output of {_LINEAR_NAMES}")
+            raise _Skip(f"its input '{value_name(data)}' is a constant, not the output of {_LINEAR_NAMES}")
         bias_node = None
         if (matmul := self._biased_matmul(producer)) is not None:
             bias_node, producer = producer, matmul
         if producer.domain != "" or producer.op_type not in _LINEAR_OPS:
-            raise _Skip(f"its input comes from {_describe(producer)}, not {_LINEAR_NAMES}")
+            raise _Skip(f"its input comes from {describe(producer)}, not {_LINEAR_NAMES}")
         self._check_only_consumer(data, consumer, bias_node or producer)
         if bias_node is not None:
             self._check_only_consumer(producer.outputs[0], bias_node, producer)
-        weight = self._constant(producer.inputs[1] if len(producer.inputs) > 1 else None)
+        weight = self.constant(producer.inputs[1] if len(producer.inputs) > 1 else None)
         if weight is None:
-            raise _Skip(f"the weight of {_describe(producer)} is not a constant")
+            raise _Skip(f"the weight of {describe(producer)} is not a constant")
         if not np.issubdtype(weight.dtype, np.floating):
-            raise _Skip(f"the weight of {_describe(producer)} is {weight.dtype}, not floating point")
+            raise _Skip(f"the weight of {describe(producer)} is {weight.dtype}, not floating point")
         op = producer.op_type
         if op == "MatMul":
             return self._matmul(producer, bias_node, data, weight)
         bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
         bias = None
         if bias_value is not None:
-            bias = self._constant(bias_value)
+            bias = self.constant(bias_value)
             if bias is None:
-                raise _Skip(f"the bias of {_describe(producer)} is not a constant")
+                raise _Skip(f"the bias of {describe(producer)} is not a constant")
         if op == "Conv":
             return _Linear(producer, data, weight, bias, weight.shape[0], weight.ndim, 1)
         if op == "ConvTranspose":
             groups = producer.attributes.get_int("group", 1)
             if weight.shape[0] % groups:
                 raise _Skip(
-                    f"{_describe(producer)} has {weight.shape[0]} input channels, not divisible by group={groups}"
+                    f"{describe(producer)} has {weight.shape[0]} input channels, not divisible by group={groups}"
                 )
             return _Linear(producer, data, weight, bias, weight.shape[1] * groups, weight.ndim, 1)
         # Gemm: Y = alpha * A' B' + beta * C, channels on axis 1 of the (M, N) output.
         if weight.ndim != 2:
-            raise _Skip(f"the weight of {_describe(producer)} has rank {weight.ndim}, not 2")
+            raise _Skip(f"the weight of {describe(producer)} has rank {weight.ndim}, not 2")
         channels = weight.shape[0] if producer.attributes.get_int("transB", 0) else weight.shape[1]
         if bias is not None:
             bias = bias.astype(np.float64) * producer.attributes.get_float("beta", 1.0)
@@ -449,7 +437,7 @@ class _Rewriter:
     def _matmul(self, node: ir.Node, bias_node: ir.Node | None, data: ir.Value, weight: np.ndarray) -> _Linear:
         """MatMul(a, B) with B (K, N): channels on the output's last axis, any rank of ``a``."""
         if weight.ndim != 2:
-            raise _Skip(f"the weight of {_describe(node)} has rank {weight.ndim}, not 2")
+            raise _Skip(f"the weight of {describe(node)} has rank {weight.ndim}, not 2")
         rank = _rank(node.outputs[0])
         if rank is None and (input_rank := _rank(node.inputs[0])) is not None:
             rank = input_rank if input_rank >= 2 else 1
@@ -458,38 +446,38 @@ class _Rewriter:
             linear.bias_node = bias_node
             linear.bias_index = 1 if bias_node.inputs[0] is node.outputs[0] else 0
             bias_value = bias_node.inputs[linear.bias_index]
-            bias = self._constant(bias_value)
+            bias = self.constant(bias_value)
             try:
                 if bias is None:
                     raise _Skip("it is not a constant")
                 self._per_channel(bias, linear, bias_value)
             except _Skip:
-                raise _Skip(f"the bias of {_describe(node)} ({_describe(bias_node)}) is not per output column") from None
+                raise _Skip(f"the bias of {describe(node)} ({describe(bias_node)}) is not per output column") from None
             linear.bias = bias
         return linear
 
     def _check_only_consumer(self, value: ir.Value, consumer: ir.Node, producer: ir.Node) -> None:
         if value.is_graph_output():
-            raise _Skip(f"the output of {_describe(producer)} is also a graph output")
+            raise _Skip(f"the output of {describe(producer)} is also a graph output")
         others = list(dict.fromkeys(use.node for use in value.uses() if use.node is not consumer))
         if others:
-            listed = ", ".join(_describe(node) for node in others)
-            raise _Skip(f"the output of {_describe(producer)} has other consumers ({listed})")
+            listed = ", ".join(describe(node) for node in others)
+            raise _Skip(f"the output of {describe(producer)} has other consumers ({listed})")
         if len(value.uses()) != 1:
-            raise _Skip(f"{_describe(consumer)} reads the output of {_describe(producer)} twice")
+            raise _Skip(f"{describe(consumer)} reads the output of {describe(producer)} twice")
 
     def _check_batchnorm_channels(self, linear: _Linear, affine: _Affine) -> None:
         """A BatchNormalization normalises axis 1: it must be the layer's channel axis, of the same size."""
         if linear.node.op_type == "MatMul" and linear.rank != 2:
             shape = "of unknown rank" if linear.rank is None else f"of rank {linear.rank}"
             raise _Skip(
-                f"{_describe(linear.node)} gives an output {shape}: BatchNormalization normalises axis 1, "
+                f"{describe(linear.node)} gives an output {shape}: BatchNormalization normalises axis 1, "
                 "the MatMul's output channels are its last axis"
             )
         length = affine.scale.shape[0]
         if length != linear.channels:
             raise _Skip(
-                f"{_describe(linear.node)} has {linear.channels} output channels but the BatchNormalization has {length}"
+                f"{describe(linear.node)} has {linear.channels} output channels but the BatchNormalization has {length}"
             )
 
     def _per_channel(self, constant: np.ndarray, linear: _Linear, value: ir.Value) -> np.ndarray:
@@ -510,8 +498,8 @@ class _Rewriter:
             where = "its last axis" if rank is None or linear.channel_axis == -1 else f"axis {linear.channel_axis}"
             output = "output" if rank is None else f"rank-{rank} output"
             raise _Skip(
-                f"its constant '{_value_name(value)}' of shape {_shape_text(shape)} is not per channel along "
-                f"{where} of the {output} of {_describe(linear.node)} ({channels} channels)"
+                f"its constant '{value_name(value)}' of shape {_shape_text(shape)} is not per channel along "
+                f"{where} of the {output} of {describe(linear.node)} ({channels} channels)"
             )
         return constant.astype(np.float64).reshape(channels)
 
@@ -535,23 +523,24 @@ class _Rewriter:
             if op == "Gemm":
                 node.attributes.pop("beta", None)  # beta * C is folded into the new C
             if op != "MatMul":
-                self._set_constant_input(node, 2, bias)
+                base = None if len(node.inputs) > 2 and node.inputs[2] is not None else f"{node.name or op}_bias"
+                self.edit.set_input(node, 2, bias, base)
             elif linear.bias_node is not None:
-                self._set_constant_input(linear.bias_node, linear.bias_index, bias)
+                self.edit.set_input(linear.bias_node, linear.bias_index, bias)
             else:
                 self._add_matmul_bias(linear, bias)
         if weight is not None:
-            self._set_constant_input(node, 1, weight)
-        self._replace(affine.node, linear.output)
+            self.edit.set_input(node, 1, weight)
+        self.edit.replace_node(affine.node, linear.output)
         for value in affine.parameters:
-            self._drop_if_dead(value)
+            self.edit.drop_if_dead(value)
         self.modified = True
-        logger.debug("%s folded into %s", _describe(affine.node), _describe(node))
+        logger.debug("%s folded into %s", describe(affine.node), describe(node))
 
     def _add_matmul_bias(self, linear: _Linear, bias: np.ndarray) -> None:
-        bias_value = self._new_initializer(bias, f"{_value_name(linear.node.inputs[1])}_bias")
-        add = ir.Node("", "Add", [linear.output, bias_value], name=self._unique(f"{linear.node.name or 'MatMul'}_bias"))
-        add.outputs[0].name = self._unique(f"{_value_name(linear.output)}_biased")
+        bias_value = self.edit.new_initializer(bias, f"{value_name(linear.node.inputs[1])}_bias")
+        add = ir.Node("", "Add", [linear.output, bias_value], name=self.edit.unique(f"{linear.node.name or 'MatMul'}_bias"))
+        add.outputs[0].name = self.edit.unique(f"{value_name(linear.output)}_biased")
         add.outputs[0].shape = linear.output.shape
         add.outputs[0].type = linear.output.type
         self.graph.insert_after(linear.node, add)
@@ -565,19 +554,19 @@ class _Rewriter:
         node = affine.node
         dtype = affine.data.dtype.numpy() if affine.data.dtype is not None else np.dtype(np.float32)
         shape = (-1,) + (1,) * (rank - 2)
-        base = node.name or _value_name(node.outputs[0])
-        scale = self._new_initializer(affine.scale.reshape(shape).astype(dtype), f"{base}_scale")
-        shift = self._new_initializer(affine.shift.reshape(shape).astype(dtype), f"{base}_shift")
-        mul = ir.Node("", "Mul", [affine.data, scale], name=self._unique(f"{base}_mul"))
-        add = ir.Node("", "Add", [mul.outputs[0], shift], name=self._unique(f"{base}_add"))
-        mul.outputs[0].name = self._unique(f"{base}_scaled")
+        base = node.name or value_name(node.outputs[0])
+        scale = self.edit.new_initializer(affine.scale.reshape(shape).astype(dtype), f"{base}_scale")
+        shift = self.edit.new_initializer(affine.shift.reshape(shape).astype(dtype), f"{base}_shift")
+        mul = ir.Node("", "Mul", [affine.data, scale], name=self.edit.unique(f"{base}_mul"))
+        add = ir.Node("", "Add", [mul.outputs[0], shift], name=self.edit.unique(f"{base}_add"))
+        mul.outputs[0].name = self.edit.unique(f"{base}_scaled")
         for value in (mul.outputs[0], add.outputs[0]):
             value.shape = node.outputs[0].shape
             value.type = node.outputs[0].type
         self.graph.insert_after(node, [mul, add])
-        self._replace(node, add.outputs[0])
+        self.edit.replace_node(node, add.outputs[0])
         for value in affine.parameters:
-            self._drop_if_dead(value)
+            self.edit.drop_if_dead(value)
         self.lowered += 1
         self.modified = True
         return True
@@ -594,7 +583,7 @@ class _Rewriter:
             path.append(value)
             if (rank := _rank(value)) is not None:
                 break
-            if (constant := self._constant(value)) is not None:
+            if (constant := self.constant(value)) is not None:
                 rank = constant.ndim
                 break
             producer = value.producer()
@@ -613,171 +602,6 @@ class _Rewriter:
             self.ranks[item] = rank
         return rank
 
-    def _replace(self, old: ir.Node, new_output: ir.Value) -> None:
-        """Route ``old``'s first output (and its name, graph output included) to ``new_output``; drop ``old``."""
-        old_output = old.outputs[0]
-        name = old_output.name
-        if old_output.shape is not None:
-            new_output.shape = old_output.shape
-        if old_output.type is not None:
-            new_output.type = old_output.type
-        old_output.replace_all_uses_with(new_output, replace_graph_outputs=True)
-        self.graph.remove(old, safe=True)
-        self.names.difference_update(value.name for value in old.outputs if value.name)
-        if name:
-            self.names.discard(new_output.name)
-            new_output.name = name
-            self.names.add(name)
-
-    def _set_constant_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        if index >= len(node.inputs):
-            node.resize_inputs(index + 1)
-        old = node.inputs[index]
-        base = _value_name(old) if old is not None else f"{node.name or node.op_type}_bias"
-        node.replace_input_with(index, None)
-        self._drop_if_dead(old)
-        node.replace_input_with(index, self._new_initializer(array, base))
-
-    def _new_initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        tensor = ir.tensor(np.ascontiguousarray(array))
-        value = ir.Value(
-            name=self._unique(base), shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-        )
-        self.graph.register_initializer(value)
-        if self.legacy_inputs:
-            self.graph.inputs.append(value)
-        return value
-
-    def _unique(self, base: str) -> str:
-        name, counter = base, 0
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
-
-    def _drop_if_dead(self, value: ir.Value | None) -> None:
-        """Remove an unused initializer, or an unused constant subgraph, that fed a folded node."""
-        stack = [value]
-        while stack:
-            value = stack.pop()
-            if value is None or value.uses() or value.is_graph_output():
-                continue
-            if value.is_graph_input():
-                if not (self.legacy_inputs and value.is_initializer()):
-                    continue
-                self.graph.inputs.remove(value)
-            if value.is_initializer():
-                if value.name is not None and self.graph.initializers.get(value.name) is value:
-                    self.graph.initializers.pop(value.name)
-                    self.names.discard(value.name)
-                continue
-            producer = value.producer()
-            if producer is None or producer.graph is not self.graph:
-                continue
-            if any(output.uses() or output.is_graph_output() for output in producer.outputs):
-                continue
-            inputs = list(producer.inputs)
-            self.graph.remove(producer, safe=True)
-            self.names.difference_update(output.name for output in producer.outputs if output.name)
-            stack.extend(inputs)
-
-    # ---- constants --------------------------------------------------------
-
-    def _constant(self, value: ir.Value | None) -> np.ndarray | None:
-        """The value as an array when it is constant: an initializer or a constant subgraph.
-
-        Iterative depth-first evaluation, memoised per call; a node is known
-        to be non-constant as soon as one input is (inputs are tried in
-        order, so a data path stops at its first input, before its weights).
-        """
-        if value is None:
-            return None
-        memo = self.constants
-        stack = [value]
-        while stack:
-            current = stack[-1]
-            if current in memo:
-                stack.pop()
-                continue
-            leaf, array = self._leaf(current)
-            if leaf:
-                memo[current] = array
-                stack.pop()
-                continue
-            producer = current.producer()
-            pending = None
-            non_constant = False
-            for item in _needed_inputs(producer):
-                if item is None:
-                    continue
-                if item not in memo:
-                    pending = item
-                    break
-                if memo[item] is None:
-                    non_constant = True
-                    break
-            if pending is not None:
-                stack.append(pending)
-                continue
-            stack.pop()
-            if non_constant:
-                results: list[np.ndarray | None] = [None] * len(producer.outputs)
-            else:
-                results = self._evaluate(producer, [None if item is None else memo.get(item) for item in producer.inputs])
-            for output, result in zip(producer.outputs, results, strict=True):
-                memo[output] = result
-        return memo[value]
-
-    def _leaf(self, value: ir.Value) -> tuple[bool, np.ndarray | None]:
-        """(True, array-or-None) when ``value``'s constness is known without looking at inputs."""
-        if value.is_graph_input() and not (self.legacy_inputs and value.is_initializer()):
-            return True, None
-        if value.const_value is not None:
-            return True, value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.graph is not self.graph or producer.domain != "":
-            return True, None
-        if producer.op_type == "Constant":
-            tensor = ir.convenience.get_const_tensor(value)
-            return True, None if tensor is None else tensor.numpy()
-        if producer.op_type in _NON_DETERMINISTIC or any(
-            attribute.type in _GRAPH_ATTRIBUTES for attribute in producer.attributes.values()
-        ):
-            return True, None
-        return False, None
-
-    def _evaluate(self, node: ir.Node, arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
-        """Outputs of a node of constant inputs (ONNX reference ops); Nones when it cannot be evaluated."""
-        none = [None] * len(node.outputs)
-        if node.op_type == "Shape":
-            source = node.inputs[0]
-            shape = source.const_value.shape if source.const_value is not None else source.shape
-            if shape is None or not all(isinstance(dim, int) for dim in shape):
-                return none
-            dims = [int(dim) for dim in shape]
-            start = node.attributes.get_int("start", 0)
-            end = node.attributes.get_int("end", len(dims))
-            return [np.array(dims[start:end], dtype=np.int64)]
-        if node.op_type == "CastLike":
-            target = node.inputs[1].dtype if node.inputs[1] is not None else None
-            if target is None or arrays[0] is None:
-                return none
-            return [arrays[0].astype(target.numpy())]
-        from onnx.reference.ops import load_op
-
-        try:
-            implementation = load_op("", node.op_type, node.version or self.opset)
-            attributes = {name: _attribute_value(attribute) for name, attribute in node.attributes.items()}
-            results = implementation.eval(*arrays, **attributes)
-        except Exception as error:  # noqa: BLE001 - the reference ops raise many kinds of errors
-            logger.debug("cannot evaluate %s as a constant: %s", _describe(node), error)
-            return none
-        if not isinstance(results, (tuple, list)):
-            results = [results]
-        arrays_out = [None if result is None else np.asarray(result) for result in results]
-        return (arrays_out + none)[: len(node.outputs)]
-
 
 def _weight_channel_axis(node: ir.Node) -> int:
     """The output-channel axis of the weight (input 1) of a Conv, Gemm or MatMul."""
@@ -786,23 +610,6 @@ def _weight_channel_axis(node: ir.Node) -> int:
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1  # (N, K) or (K, N)
     return -1  # MatMul: (K, N)
-
-
-def _needed_inputs(node: ir.Node) -> list[ir.Value | None]:
-    """Inputs whose values a constant evaluation of ``node`` needs (Shape needs none, CastLike only its first)."""
-    if node.op_type == "Shape":
-        return []
-    if node.op_type == "CastLike":
-        return [node.inputs[0]]
-    return list(node.inputs)
-
-
-def _attribute_value(attribute: ir.Attr):
-    if attribute.type == ir.AttributeType.TENSOR:
-        return ir.serde.serialize_tensor(attribute.value)
-    if isinstance(attribute.value, tuple):
-        return list(attribute.value)
-    return attribute.value
 
 
 # Ops whose output rank is their first input's rank, and ops broadcasting all inputs:
@@ -822,7 +629,3 @@ def _rank(value: ir.Value | None) -> int | None:
     if value is None or value.shape is None:
         return None
     return len(value.shape)
-
-
-def _value_name(value: ir.Value | None) -> str:
-    return (value.name if value is not None else None) or "?"

@@ -79,7 +79,9 @@ import onnx_ir as ir
 
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.ops.binary.format import pack_bits
+from edgec.passes.constants import Constants
 from edgec.passes.fold_batchnorm import batchnorm_scale_shift
+from edgec.passes.graph_edit import GraphEditor, describe
 from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
@@ -94,7 +96,6 @@ __all__ = [
     "binary_bits",
     "binary_codes",
     "conv_bits",
-    "describe",
     "quantize_binary",
     "relative_error",
 ]
@@ -210,12 +211,6 @@ class Skip(Exception):
     """A node is not lowered; the message says why."""
 
 
-def describe(node: ir.Node) -> str:
-    name = node.name or (node.outputs[0].name if node.outputs else "") or "?"
-    op = node.op_type if node.domain == "" else f"{node.domain}.{node.op_type}"
-    return f"{op} '{name}'"
-
-
 @dataclasses.dataclass
 class LayerMatch:
     """A Conv or Gemm whose weight can be lowered.
@@ -257,68 +252,10 @@ class WeightRewriter:
         self.model = model
         self.graph = model.graph
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        self.legacy_inputs = model.ir_version is not None and model.ir_version < 4
-        self.constants: dict[ir.Value, np.ndarray | None] = {}
-        self.names: set[str] = set(self.graph.initializers)
-        self.names.update(value.name for value in self.graph.inputs if value.name)
-        for node in ir.traversal.RecursiveGraphIterator(self.graph):
-            self.names.update(value.name for value in node.outputs if value.name)
+        self.edit = GraphEditor(model)
+        self.constant = Constants(model)
         self.bytes_before = 0
         self.bytes_after = 0
-
-    # ---- constants --------------------------------------------------------
-
-    def constant(self, value: ir.Value | None) -> np.ndarray | None:
-        """The array of an initializer, a Constant, or a small constant subgraph (ONNX reference ops)."""
-        if value is None:
-            return None
-        if value in self.constants:
-            return self.constants[value]
-        result = self._evaluate(value, depth=0)
-        self.constants[value] = result
-        return result
-
-    def _evaluate(self, value: ir.Value, depth: int) -> np.ndarray | None:
-        if value in self.constants:
-            return self.constants[value]
-        if value.is_graph_input() and not (self.legacy_inputs and value.is_initializer()):
-            return None
-        if value.const_value is not None:
-            return value.const_value.numpy()
-        producer = value.producer()
-        if producer is None or producer.graph is not self.graph or producer.domain != "" or depth > 16:
-            return None
-        if producer.op_type == "Constant":
-            tensor = ir.convenience.get_const_tensor(value)
-            return None if tensor is None else tensor.numpy()
-        if any(attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attribute in producer.attributes.values()):
-            return None
-        if producer.op_type.startswith("Random") or producer.op_type in ("Bernoulli", "Multinomial"):
-            return None
-        arrays = []
-        for item in producer.inputs:
-            if item is None:
-                arrays.append(None)
-                continue
-            array = self._evaluate(item, depth + 1)
-            self.constants[item] = array
-            if array is None:
-                return None
-            arrays.append(array)
-        from onnx.reference.ops import load_op
-
-        try:
-            implementation = load_op("", producer.op_type, producer.version or self.opset)
-            attributes = {name: _attribute_value(attribute) for name, attribute in producer.attributes.items()}
-            results = implementation.eval(*arrays, **attributes)
-        except Exception as error:  # noqa: BLE001 - the reference ops raise many kinds of errors
-            logger.debug("cannot evaluate %s as a constant: %s", describe(producer), error)
-            return None
-        if not isinstance(results, (tuple, list)):
-            results = [results]
-        for output, result in zip(producer.outputs, results, strict=False):
-            self.constants[output] = None if result is None else np.asarray(result)
-        return self.constants.get(value)
 
     # ---- matching ---------------------------------------------------------
 
@@ -543,10 +480,8 @@ class WeightRewriter:
             return False
         node = match.node
         transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not node.attributes.get_int("transB", 0))
-        old = node.inputs[1]
         array = np.ascontiguousarray(weight.T if transposed else weight)
-        node.replace_input_with(1, self.new_initializer(array, f"{node.name or node.op_type}_weight"))
-        self.drop_if_dead(old)
+        self.edit.set_input(node, 1, array, f"{node.name or node.op_type}_weight")
         return True
 
     def replace(self, match: LayerMatch, op_type: str, arrays: dict[str, np.ndarray], attributes: dict, data: ir.Value) -> ir.Node:
@@ -554,15 +489,13 @@ class WeightRewriter:
         node = match.node
         chain = [node, *match.tail]
         base = node.name or node.op_type
-        inputs = [data] + [self.new_initializer(array, f"{base}_{role}") for role, array in arrays.items()]
+        inputs = [data] + [self.edit.new_initializer(array, f"{base}_{role}") for role, array in arrays.items()]
         new = ir.Node(DOMAIN, op_type, inputs, attributes=_attributes(attributes), name=node.name)
         self.graph.insert_after(chain[-1], new)
-        self.route(chain[-1], new.outputs[0])
-        for done in reversed(chain[:-1]):  # their outputs fed only the next one, now gone
-            self.graph.remove(done, safe=True)
-            self.names.difference_update(value.name for value in done.outputs if value.name)
+        self.edit.replace_node(chain[-1], new.outputs[0])
+        self.edit.remove(reversed(chain[:-1]))  # their outputs fed only the next one, now gone
         for value in match.parameters:
-            self.drop_if_dead(value)
+            self.edit.drop_if_dead(value)
         if DOMAIN not in self.model.opset_imports:
             self.model.opset_imports[DOMAIN] = OPSET_VERSION
         return new
@@ -578,24 +511,10 @@ class WeightRewriter:
             new.attributes["activation_min"] = ir.AttrFloat32("activation_min", low)
             new.attributes["activation_max"] = ir.AttrFloat32("activation_max", high)
         parameters = list(node.inputs[1:])
-        self.route(node, new.outputs[0])
+        self.edit.replace_node(node, new.outputs[0])
         for value in parameters:
-            self.drop_if_dead(value)
+            self.edit.drop_if_dead(value)
         return activation
-
-    def route(self, old: ir.Node, new_output: ir.Value) -> None:
-        """Route ``old``'s first output (its name, graph output included) to ``new_output``; drop ``old``."""
-        old_output = old.outputs[0]
-        name = old_output.name
-        new_output.shape = old_output.shape
-        new_output.type = old_output.type
-        old_output.replace_all_uses_with(new_output, replace_graph_outputs=True)
-        self.graph.remove(old, safe=True)
-        self.names.difference_update(value.name for value in old.outputs if value.name)
-        if name:
-            self.names.discard(new_output.name)
-            new_output.name = name
-            self.names.add(name)
 
     def bypass_binarizers(self, binarizers: dict[ir.Node, str]) -> int:
         """Let the binary ops read what a binarising node binarises when they are its only
@@ -618,61 +537,9 @@ class WeightRewriter:
             source = self.binarized_source(node)
             for use in list(uses):
                 use.node.replace_input_with(0, source)
-            self.drop_if_dead(output)
+            self.edit.drop_if_dead(output)
             removed += 1
         return removed
-
-    def new_initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        tensor = ir.tensor(np.ascontiguousarray(array))
-        value = ir.Value(
-            name=self.unique(base), shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-        )
-        self.graph.register_initializer(value)
-        if self.legacy_inputs:
-            self.graph.inputs.append(value)
-        return value
-
-    def unique(self, base: str) -> str:
-        name, counter = base, 0
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
-
-    def drop_if_dead(self, value: ir.Value | None) -> None:
-        """Remove an unused initializer, or an unused subgraph of nodes, that fed a replaced node."""
-        stack = [value]
-        while stack:
-            value = stack.pop()
-            if value is None or value.uses() or value.is_graph_output():
-                continue
-            if value.is_graph_input():
-                if not (self.legacy_inputs and value.is_initializer()):
-                    continue
-                self.graph.inputs.remove(value)
-            if value.is_initializer():
-                if value.name is not None and self.graph.initializers.get(value.name) is value:
-                    self.graph.initializers.pop(value.name)
-                    self.names.discard(value.name)
-                continue
-            producer = value.producer()
-            if producer is None or producer.graph is not self.graph:
-                continue
-            if any(output.uses() or output.is_graph_output() for output in producer.outputs):
-                continue
-            inputs = list(producer.inputs)
-            self.graph.remove(producer, safe=True)
-            self.names.difference_update(output.name for output in producer.outputs if output.name)
-            stack.extend(inputs)
-
-
-def _attribute_value(attribute: ir.Attr):
-    if attribute.type == ir.AttributeType.TENSOR:
-        return ir.serde.serialize_tensor(attribute.value)
-    if isinstance(attribute.value, tuple):
-        return list(attribute.value)
-    return attribute.value
 
 
 def _attributes(values: dict) -> list[ir.Attr]:

@@ -54,9 +54,9 @@ from edgec.passes.lower_binary import (
     Skip,
     WeightRewriter,
     conv_bits,
-    describe,
     relative_error,
 )
+from edgec.passes.graph_edit import describe
 from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)

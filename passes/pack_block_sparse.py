@@ -90,6 +90,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
+from edgec.passes.constants import Constants
+from edgec.passes.graph_edit import GraphEditor, describe
 from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
@@ -267,13 +270,10 @@ def block_sparsify(weight: np.ndarray, n: int, sparsity: float, rearrange: bool)
 # --------------------------------------------------------------------------
 
 _KINDS = ("pointwise", "conv", "gemm")
-_PASSTHROUGH = frozenset(
-    {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Identity",
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Clip",
-    }
-)  # fmt: skip
-_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+# What carries channels unchanged: the channel analysis's tables (passes/channel_ops.py), one list for
+# the passes that follow channels.
+_PASSTHROUGH = frozenset(UNARY) | POOLS
+_ELEMENTWISE = frozenset(ELEMENTWISE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,20 +352,6 @@ class _Skip(Exception):
     """A match that is left as it is; the message is the reason."""
 
 
-def _describe(node: ir.Node) -> str:
-    name = node.name or (node.outputs[0].name if node.outputs else "") or "?"
-    op = node.op_type if node.domain == "" else f"{node.domain}.{node.op_type}"
-    return f"{op} '{name}'"
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer or Constant output that no caller can override; else None."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 @dataclasses.dataclass
 class _Layer:
     """A matched Conv/Gemm: its weight as (C_out, C_in, ...) with alpha applied, and its epilogue."""
@@ -405,12 +391,8 @@ class _Rewriter:
     def __init__(self, model: ir.Model, config: PackBlockSparsePass) -> None:
         self.graph = model.graph
         self.config = config
-        self.names: set[str] = set(self.graph.initializers)
-        self.names.update(value.name for value in self.graph.inputs if value.name)
-        for node in ir.traversal.RecursiveGraphIterator(self.graph):
-            self.names.update(value.name for value in node.outputs if value.name)
-            if node.name:
-                self.names.add(node.name)
+        self.edit = GraphEditor(model)
+        self.constant = Constants(model)
         self.candidates = self.packed = self.rearranged = self.kept_blocks = self.total_blocks = 0
 
     # ---- one layer --------------------------------------------------------
@@ -424,7 +406,7 @@ class _Rewriter:
             else:
                 self._match_batchnorm(layer)  # same pruning choices as the packed model; nothing absorbed
         except _Skip as reason:
-            logger.info("%s not packed: %s", _describe(node), reason)
+            logger.info("%s not packed: %s", describe(node), reason)
             return
         n = self.config.n
         weight, _ = layer.effective()
@@ -432,10 +414,10 @@ class _Rewriter:
         if decision.trained:
             logger.info(
                 "%s: weights already %.0f%% block-sparse (all-zero blocks): taken as trained, not rearranged",
-                _describe(node), 100 * float(np.mean(block_norms(weight, n) == 0)),
+                describe(node), 100 * float(np.mean(block_norms(weight, n) == 0)),
             )  # fmt: skip
         if decision.keep.all():
-            logger.info("%s not packed: no block to drop (sparsity=%g, no all-zero block)", _describe(node), self.config.sparsity)
+            logger.info("%s not packed: no block to drop (sparsity=%g, no all-zero block)", describe(node), self.config.sparsity)
             return
         actions: list[Callable[[], None]] = []
         perm = decision.perm
@@ -444,7 +426,7 @@ class _Rewriter:
             try:
                 actions = self._follow(start, perm)
             except _Skip as reason:
-                logger.info("%s not rearranged: %s", _describe(node), reason)
+                logger.info("%s not rearranged: %s", describe(node), reason)
                 decision = block_sparsify(weight, n, self.config.sparsity, rearrange=False)
                 perm = decision.perm
         for action in actions:
@@ -460,7 +442,7 @@ class _Rewriter:
         self.total_blocks += decision.keep.size
         logger.info(
             "%s: %d of %d blocks of 1x%d kept (%.0f%% sparse)%s",
-            _describe(node), np.count_nonzero(decision.keep), decision.keep.size, n, 100 * decision.sparsity,
+            describe(node), np.count_nonzero(decision.keep), decision.keep.size, n, 100 * decision.sparsity,
             ", rearranged" if actions else "",
         )  # fmt: skip
 
@@ -483,9 +465,9 @@ class _Rewriter:
     def _match_conv(self, node: ir.Node) -> _Layer:
         if len(node.inputs) < 2 or node.inputs[1] is None:
             raise _Skip("no weight input")
-        weight = _constant(node.inputs[1])
+        weight = self.constant(node.inputs[1])
         if weight is None:
-            raise _Skip(f"its weight '{node.inputs[1].name}' is not a constant initializer")
+            raise _Skip(f"its weight '{node.inputs[1].name}' is not a constant")
         if weight.ndim != 4:
             raise _Skip(f"a {weight.ndim - 2}-D convolution; only 2-D convolutions are packed")
         group = node.attributes.get_int("group", 1)
@@ -499,9 +481,9 @@ class _Rewriter:
             raise _Skip(f"auto_pad={auto_pad}; export with explicit pads")
         bias = None
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = _constant(node.inputs[2])
+            bias = self.constant(node.inputs[2])
             if bias is None:
-                raise _Skip(f"its bias '{node.inputs[2].name}' is not a constant initializer")
+                raise _Skip(f"its bias '{node.inputs[2].name}' is not a constant")
         if weight.dtype != np.float32:
             raise _Skip(f"weight dtype {weight.dtype}; only float32 is packed")
         kind = "pointwise" if weight.shape[2:] == (1, 1) else "conv"
@@ -510,9 +492,9 @@ class _Rewriter:
     def _match_gemm(self, node: ir.Node) -> _Layer:
         if node.attributes.get_int("transA", 0):
             raise _Skip("transA=1 (the input is transposed)")
-        weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None:
-            raise _Skip("its B is not a constant initializer")
+            raise _Skip("its B is not a constant")
         if weight.ndim != 2 or weight.dtype != np.float32:
             raise _Skip(f"B of shape {weight.shape} and dtype {weight.dtype}; a float32 matrix is packed")
         alpha = node.attributes.get_float("alpha", 1.0)
@@ -521,9 +503,9 @@ class _Rewriter:
         matrix = (matrix.astype(np.float64) * alpha).astype(np.float32)
         bias = None
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = _constant(node.inputs[2])
+            c = self.constant(node.inputs[2])
             if c is None:
-                raise _Skip(f"its C '{node.inputs[2].name}' is not a constant initializer")
+                raise _Skip(f"its C '{node.inputs[2].name}' is not a constant")
             out_features = matrix.shape[0]
             if c.size == 1:
                 bias = np.full(out_features, float(c.reshape(-1)[0]) * beta, dtype=np.float32)
@@ -547,14 +529,14 @@ class _Rewriter:
         if consumer is None or consumer.op_type != "BatchNormalization":
             return
         if any(output.uses() or output.is_graph_output() for output in consumer.outputs[1:]):
-            logger.info("%s not absorbed: training-mode outputs are used", _describe(consumer))
+            logger.info("%s not absorbed: training-mode outputs are used", describe(consumer))
             return
         if consumer.attributes.get_int("training_mode", 0):
-            logger.info("%s not absorbed: training_mode=1", _describe(consumer))
+            logger.info("%s not absorbed: training_mode=1", describe(consumer))
             return
-        arrays = [_constant(value) for value in consumer.inputs[1:5]]
+        arrays = [self.constant(value) for value in consumer.inputs[1:5]]
         if len(arrays) != 4 or any(array is None or array.size != layer.out_channels for array in arrays):
-            logger.info("%s not absorbed: its statistics are not constant per-channel vectors", _describe(consumer))
+            logger.info("%s not absorbed: its statistics are not constant per-channel vectors", describe(consumer))
             return
         gamma, beta, mean, var = (array.reshape(-1).astype(np.float64) for array in arrays)
         epsilon = consumer.attributes.get_float("epsilon", 1e-5)
@@ -573,7 +555,7 @@ class _Rewriter:
         elif consumer.op_type == "Clip":
             bounds = self._clip_bounds(consumer)
             if bounds is None:
-                logger.info("%s not absorbed: its bounds are not constant scalars", _describe(consumer))
+                logger.info("%s not absorbed: its bounds are not constant scalars", describe(consumer))
                 return
             layer.activation, layer.activation_kind, layer.bounds = consumer, "Clip", bounds
 
@@ -583,7 +565,7 @@ class _Rewriter:
         bounds = [float("-inf"), float("inf")]
         for index in (1, 2):
             if index < len(node.inputs) and node.inputs[index] is not None:
-                array = _constant(node.inputs[index])
+                array = self.constant(node.inputs[index])
                 if array is None or array.size != 1:
                     return None
                 bounds[index - 1] = float(array.reshape(-1)[0])
@@ -603,10 +585,10 @@ class _Rewriter:
             for use in value.uses():
                 node, index = use.node, use.idx
                 if id(node) in seen:
-                    raise _Skip(f"{_describe(node)} reads the permuted channels twice")
+                    raise _Skip(f"{describe(node)} reads the permuted channels twice")
                 seen.add(id(node))
                 if node.graph is not self.graph or node.domain != "":
-                    raise _Skip(f"its channels reach {_describe(node)}, which the pass does not follow")
+                    raise _Skip(f"its channels reach {describe(node)}, which the pass does not follow")
                 pending.extend(self._follow_node(node, index, order, actions))
         return actions
 
@@ -616,7 +598,7 @@ class _Rewriter:
             return [(node.outputs[0], order)]
         if op == "BatchNormalization" and index == 0:
             if any(output.uses() or output.is_graph_output() for output in node.outputs[1:]):
-                raise _Skip(f"{_describe(node)} is in training mode")
+                raise _Skip(f"{describe(node)} is in training mode")
             for position in range(1, 5):
                 self._plan_permute(node, position, order, 0, actions)
             return [(node.outputs[0], order)]
@@ -624,38 +606,38 @@ class _Rewriter:
             return self._follow_conv(node, order, actions)
         if op == "Gemm" and index == 0:
             if node.attributes.get_int("transA", 0):
-                raise _Skip(f"{_describe(node)} has transA=1")
+                raise _Skip(f"{describe(node)} has transA=1")
             axis = 1 if node.attributes.get_int("transB", 0) else 0
             self._plan_permute(node, 1, order, axis, actions)
             return []
         if op == "MatMul" and index == 0:
-            weight = _constant(node.inputs[1])
+            weight = self.constant(node.inputs[1])
             if weight is None or weight.ndim != 2:
-                raise _Skip(f"{_describe(node)} has no constant 2-D weight")
+                raise _Skip(f"{describe(node)} has no constant 2-D weight")
             self._plan_permute(node, 1, order, 0, actions)
             return []
         if op == "Flatten" and index == 0:
             return [(node.outputs[0], self._flatten_order(node, order))]
         if op in _ELEMENTWISE:
             other = node.inputs[1 - index] if len(node.inputs) == 2 else None
-            constant = _constant(other)
+            constant = self.constant(other)
             if constant is None:
-                raise _Skip(f"its channels meet another computed tensor in {_describe(node)} (a residual connection)")
+                raise _Skip(f"its channels meet another computed tensor in {describe(node)} (a residual connection)")
             if constant.size > 1:
                 rank = len(node.inputs[index].shape) if node.inputs[index].shape is not None else None
                 if rank is None or constant.ndim > rank:
-                    raise _Skip(f"{_describe(node)}: cannot tell which axis its constant broadcasts on")
+                    raise _Skip(f"{describe(node)}: cannot tell which axis its constant broadcasts on")
                 aligned = (1,) * (rank - constant.ndim) + constant.shape
                 if any(dim != 1 for axis, dim in enumerate(aligned) if axis != 1) or aligned[1] != order.size:
-                    raise _Skip(f"{_describe(node)}: its constant of shape {constant.shape} is not per channel")
+                    raise _Skip(f"{describe(node)}: its constant of shape {constant.shape} is not per channel")
                 self._plan_permute(node, 1 - index, order, 1 - (rank - constant.ndim), actions)
             return [(node.outputs[0], order)]
-        raise _Skip(f"its channels reach {_describe(node)}, which the pass does not follow")
+        raise _Skip(f"its channels reach {describe(node)}, which the pass does not follow")
 
     def _follow_conv(self, node: ir.Node, order: np.ndarray, actions: list) -> list[tuple[ir.Value, np.ndarray]]:
-        weight = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None:
-            raise _Skip(f"{_describe(node)} has no constant weight")
+            raise _Skip(f"{describe(node)} has no constant weight")
         group = node.attributes.get_int("group", 1)
         if group == 1:
             self._plan_permute(node, 1, order, 1, actions)  # the next layer's input channels
@@ -667,7 +649,7 @@ class _Rewriter:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self._plan_permute(node, 2, out_order, 0, actions)
             return [(node.outputs[0], out_order)]
-        raise _Skip(f"{_describe(node)} is a grouped convolution (group={group})")
+        raise _Skip(f"{describe(node)} is a grouped convolution (group={group})")
 
     def _flatten_order(self, node: ir.Node, order: np.ndarray) -> np.ndarray:
         """Feature ``c * HW + s`` of ``Flatten(axis=1)`` moves with channel ``c``."""
@@ -675,13 +657,13 @@ class _Rewriter:
         producer = source.producer()
         shape = source.shape
         if node.attributes.get_int("axis", 1) != 1:
-            raise _Skip(f"{_describe(node)} flattens from axis {node.attributes.get_int('axis', 1)}, not 1")
+            raise _Skip(f"{describe(node)} flattens from axis {node.attributes.get_int('axis', 1)}, not 1")
         if producer is not None and producer.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
             spatial = 1
         elif shape is not None and all(isinstance(dim, int) for dim in shape[2:]):
             spatial = math.prod(int(dim) for dim in shape[2:])
         else:
-            raise _Skip(f"{_describe(node)}: the spatial size of its input is unknown")
+            raise _Skip(f"{describe(node)}: the spatial size of its input is unknown")
         return (order[:, None] * spatial + np.arange(spatial)).reshape(-1)
 
     def _plan_permute(self, node: ir.Node, index: int, order: np.ndarray, axis: int, actions: list) -> None:
@@ -689,12 +671,12 @@ class _Rewriter:
         value = node.inputs[index] if index < len(node.inputs) else None
         if value is None:
             return
-        array = _constant(value)
+        array = self.constant(value)
         if array is None:
-            raise _Skip(f"input {index} of {_describe(node)} is not constant")
+            raise _Skip(f"input {index} of {describe(node)} is not constant")
         if array.ndim <= axis or array.shape[axis] != order.size:
-            raise _Skip(f"input {index} of {_describe(node)} has shape {array.shape}, not {order.size} along axis {axis}")
-        actions.append(lambda: self._set_input(node, index, np.take(array, order, axis=axis)))
+            raise _Skip(f"input {index} of {describe(node)} has shape {array.shape}, not {order.size} along axis {axis}")
+        actions.append(lambda: self.edit.set_input(node, index, np.take(array, order, axis=axis)))
 
     # ---- rewriting --------------------------------------------------------
 
@@ -707,10 +689,10 @@ class _Rewriter:
         base = node.name or node.outputs[0].name or "layer"
         inputs = [
             node.inputs[0],
-            self._initializer(values, f"{base}_values"),
-            self._initializer(indices, f"{base}_indices"),
-            self._initializer(indptr, f"{base}_indptr"),
-            self._initializer(bias, f"{base}_bias"),
+            self.edit.new_initializer(values, f"{base}_values"),
+            self.edit.new_initializer(indices, f"{base}_indices"),
+            self.edit.new_initializer(indptr, f"{base}_indptr"),
+            self.edit.new_initializer(bias, f"{base}_bias"),
         ]
         attributes = [ir.AttrInt64("block_size", n), ir.AttrString("activation", layer.activation_kind)]
         if layer.activation_kind == "Clip":
@@ -728,19 +710,16 @@ class _Rewriter:
             ]
         from edgec.ops import DOMAIN, OPSET_VERSION
 
-        packed = ir.Node(DOMAIN, op_type, inputs, attributes, name=self._unique(f"{base}_block_sparse"))
+        packed = ir.Node(DOMAIN, op_type, inputs, attributes, name=self.edit.unique(f"{base}_block_sparse"))
         old_output = layer.output()
         packed.outputs[0].shape = old_output.shape
         packed.outputs[0].type = old_output.type
         self.graph.insert_before(node, packed)
-        name = old_output.name
-        old_output.replace_all_uses_with(packed.outputs[0], replace_graph_outputs=True)
+        self.edit.replace_output(old_output, packed.outputs[0])
         dead_inputs = [value for old in layer.nodes() for value in old.inputs]
-        self.graph.remove(layer.nodes(), safe=True)
-        old_output.name = None
-        packed.outputs[0].name = name
+        self.edit.remove(layer.nodes())
         for value in dead_inputs:
-            self._drop_if_dead(value)
+            self.edit.drop_if_dead(value)
         self.graph.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
 
     def _mask(self, layer: _Layer, decision: BlockSparsity) -> None:
@@ -755,43 +734,11 @@ class _Rewriter:
         if layer.kind == "gemm":
             alpha = node.attributes.get_float("alpha", 1.0)
             matrix = (weight.astype(np.float64) / alpha).astype(np.float32)
-            self._set_input(node, 1, matrix if node.attributes.get_int("transB", 0) else matrix.T)
-            c = _constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            self.edit.set_input(node, 1, matrix if node.attributes.get_int("transB", 0) else matrix.T)
+            c = self.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             if c is not None and c.size > 1:
-                self._set_input(node, 2, c.reshape(-1)[perm].reshape(c.shape))
+                self.edit.set_input(node, 2, c.reshape(-1)[perm].reshape(c.shape))
         else:
-            self._set_input(node, 1, weight.astype(np.float32))
+            self.edit.set_input(node, 1, weight.astype(np.float32))
             if layer.bias is not None:
-                self._set_input(node, 2, layer.bias[perm])
-
-    def _set_input(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        old = node.inputs[index]
-        base = (old.name if old is not None else None) or f"{node.name or node.op_type}_{index}"
-        node.replace_input_with(index, self._initializer(np.ascontiguousarray(array), base))
-        self._drop_if_dead(old)
-
-    def _initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        tensor = ir.tensor(np.ascontiguousarray(array))
-        value = ir.Value(name=self._unique(base), shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
-
-    def _unique(self, base: str) -> str:
-        name, counter = base, 0
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
-
-    def _drop_if_dead(self, value: ir.Value | None) -> None:
-        """Remove an initializer (or a Constant node) nothing reads any more."""
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            return
-        if value.is_initializer():
-            if value.name is not None and self.graph.initializers.get(value.name) is value:
-                self.graph.initializers.pop(value.name)
-            return
-        producer = value.producer()
-        if producer is not None and producer.graph is self.graph and producer.op_type == "Constant":
-            self.graph.remove(producer, safe=True)
+                self.edit.set_input(node, 2, layer.bias[perm])

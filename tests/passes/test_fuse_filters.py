@@ -1,4 +1,4 @@
-"""Tests for passes/fuse_filters.py: DCFF filter fusion and exact masked channel removal.
+"""Tests for passes/fuse_filters.py (DCFF filter fusion) and passes/remove_zero_channels.py (exact removal).
 
 Graphs are built op by op with onnx.helper (seeded weights, BatchNorm with
 non-trivial statistics), so each variant pins one propagation rule; a tiny
@@ -25,7 +25,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec.passes import PASSES, FuseFiltersPass
+from edgec.passes import PASSES, FuseFiltersPass, RemoveZeroChannelsPass
 from edgec.passes.fuse_filters import (
     filter_distances,
     fuse_filters,
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402 - tests/ on sys.path first
 from backbone import assert_board_verified  # noqa: E402
 
-LOGGER = "edgec.passes.fuse_filters"
+LOGGER = "edgec.passes"  # the passes and the channel analysis they share
 RTOL = 1e-5  # masked mode is exact up to float32 summation order
 ATOL = 1e-5
 
@@ -418,6 +418,18 @@ def test_registered_and_parsed_from_the_command_line():
     )
 
 
+def test_zero_channels_registered_and_mode_masked_maps_to_it_with_a_warning():
+    """README's ``fuse-filters:mode=masked`` still works: it runs the zero-channels pass, warning."""
+    assert RemoveZeroChannelsPass in PASSES
+    assert parse("zero-channels:exclude=conv3,min_channels=4") == RemoveZeroChannelsPass(exclude=("conv3",), min_channels=4)
+    variant = VARIANTS["chain"]
+    old, new = to_model(variant.proto(zeroed=True)), to_model(variant.proto(zeroed=True))
+    with pytest.warns(DeprecationWarning, match="zero-channels"):
+        assert FuseFiltersPass(mode="masked", ratio=0.9)(old.graph).modified
+    assert RemoveZeroChannelsPass()(new.graph).modified
+    assert conv_channels(old) == conv_channels(new) == {**conv_channels(to_model(variant.proto())), **variant.masked}
+
+
 @pytest.mark.parametrize(
     "options", [{"ratio": 1.0}, {"ratio": -0.1}, {"temperature": 0.0}, {"mode": "prune"}, {"min_channels": 0}]
 )
@@ -478,7 +490,7 @@ def test_masked_mode_is_exact(name):
     inputs = sample(model)
     reference = run_onnxruntime(model.graph, inputs)
 
-    result = FuseFiltersPass(mode="masked")(model.graph)
+    result = RemoveZeroChannelsPass()(model.graph)
 
     assert result.modified is True
     assert conv_channels(model) == {**before_channels, **variant.masked}
@@ -554,7 +566,7 @@ def test_ratio_zero_changes_nothing(name):
 
 
 def test_masked_mode_without_zero_filters_changes_nothing():
-    _unchanged(to_model(VARIANTS["concat"].proto()), FuseFiltersPass(mode="masked"))
+    _unchanged(to_model(VARIANTS["concat"].proto()), RemoveZeroChannelsPass())
 
 
 def test_everything_excluded_changes_nothing_and_says_so(caplog):
@@ -669,7 +681,7 @@ def test_masked_mobilenet_compiles_and_matches_onnxruntime(fuse_tiny_mobilenet, 
     before = conv_channels(model)
     inputs = sample(model)
     reference = run_onnxruntime(model.graph, inputs)
-    (report,) = edgec.apply(model, [FuseFiltersPass(mode="masked")])
+    (report,) = edgec.apply(model, [RemoveZeroChannelsPass()])
     assert report.modified and report.max_abs_deviation < 1e-4
     expected = {convs[name]: before[convs[name]] - len(channels) for name, channels in zeroed.items()}
     assert conv_channels(model) == {**before, **expected}
@@ -783,7 +795,7 @@ def test_digits_masked_mode_keeps_accuracy_exactly(fuse_digits, tmp_path):
 
     model = edgec.load(path)
     dense_accuracy = fuse_digits.accuracy(model)
-    result = FuseFiltersPass(mode="masked")(model.graph)
+    result = RemoveZeroChannelsPass()(model.graph)
 
     assert result.modified is True
     assert list(conv_channels(model).values()) == [29, expected_conv2, 58]
