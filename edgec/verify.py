@@ -27,6 +27,7 @@ Its outputs are compared (edgec.numerics.compare) with these references:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import platform
 import shutil
@@ -56,6 +57,7 @@ class VerifyOptions:
     rtol: float = 1e-4
     atol: float = 1e-4
     seed: int = 0
+    threads: int | None = None  # kernel threads when the build runs in this process (None: TVM's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +137,7 @@ def verify(
         "inputs": [value_signature(value) for value in model.graph.graph.inputs],
     }
     artifact = Artifact(directory, signature)
-    runner = _runner(target, progress)
+    runner = _runner(target, progress, options.threads)
     if isinstance(runner, str):
         return {"status": "skipped", "reason": runner}
     where = runner.where
@@ -177,8 +179,9 @@ class Runner:
     run: Callable[[Artifact, list[np.ndarray]], list[np.ndarray]]
 
 
-def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
+def _runner(target: ResolvedTarget, progress: Progress, threads: int | None) -> Runner | str:
     """How to run the target's code here, or the reason it cannot run here."""
+    run_local = functools.partial(_run_local, threads=threads)
     preset = target.preset
     if preset.kind == "cuda":
         from edgec.runtimes.cuda import unavailable_reason
@@ -186,11 +189,11 @@ def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
         reason = unavailable_reason(target.options["arch"])
         if reason is not None:
             return f"{reason}; check it on a GPU with edgec bench"
-        return Runner("GPU 0 (CUDA)", _run_local)
+        return Runner("GPU 0 (CUDA)", run_local)
     if preset.host_runnable:
         from edgec.runtimes.device_functions import cpu_arch
 
-        return Runner(f"this machine ({cpu_arch(platform.machine())})", _run_local)
+        return Runner(f"this machine ({cpu_arch(platform.machine())})", run_local)
     cannot = f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
     if preset.kind != "llvm":
         return cannot
@@ -216,10 +219,10 @@ def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
     )
 
 
-def _run_local(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def _run_local(artifact: Artifact, inputs: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
     from edgec.runtimes.local import LocalRunner
 
-    return LocalRunner(artifact).run(inputs)
+    return LocalRunner(artifact, threads).run(inputs)
 
 
 def _run_emulated(target: ResolvedTarget, agent: Path, artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
