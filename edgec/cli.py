@@ -200,13 +200,14 @@ def run(artifact_path, input_files, use_random, seed, output, as_json, threads):
     """Run a compiled ARTIFACT on this machine (x86 artifacts; CUDA artifacts on its GPU)."""
     from edgec.artifact import load_artifact
     from edgec.report import output_summary
-    from edgec.runtimes.io import random_inputs, read_inputs, write_outputs
+    from edgec.inputs import random_inputs
+    from edgec.runtimes.io import read_inputs, write_outputs
     from edgec.runtimes.local import LocalRunner
 
     artifact = load_artifact(artifact_path)
     if bool(input_files) == use_random:
         raise EdgecError("give either --input FILE.npy (repeatable) or --random")
-    inputs = random_inputs(artifact, seed) if use_random else read_inputs(artifact, input_files)
+    inputs = random_inputs(artifact.inputs, seed) if use_random else read_inputs(artifact, input_files)
     outputs = LocalRunner(artifact, threads).run(inputs)
     if output:
         write_outputs(artifact, outputs, output)
@@ -285,11 +286,12 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     from edgec.progress import ConsoleProgress
     from edgec.report import bench_summary
     from edgec.runtimes.bench import bench as run_bench
-    from edgec.runtimes.io import random_inputs, read_inputs
+    from edgec.inputs import random_inputs
+    from edgec.runtimes.io import read_inputs
     from edgec.runtimes.local import check_inputs
 
     artifact = load_artifact(artifact_path)
-    inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact)
+    inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact.inputs)
     check_inputs(artifact, inputs)  # what the compiled code does not check (Gather indices, NaN)
     progress = ConsoleProgress()
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):

@@ -50,7 +50,7 @@ from edgec.artifact import (
 from edgec.errors import VerificationError
 from edgec.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
-from edgec.model import Model, index_ranges, value_signature
+from edgec.model import Model, input_signatures, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
@@ -182,12 +182,6 @@ def save_onnx(graph: ir.Model, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _with_index_range(signature: dict[str, Any], ranges: dict[str, list[int]]) -> dict[str, Any]:
-    if signature["name"] in ranges:
-        signature["index_range"] = ranges[signature["name"]]  # checked by run/bench before running
-    return signature
-
-
 def build_manifest(
     model: Model,
     target: ResolvedTarget,
@@ -200,7 +194,6 @@ def build_manifest(
 
     graph = model.graph
     opset = graph.opset_imports.get("", None)
-    ranges = index_ranges(graph)
     return {
         "generator": GENERATOR,
         "format": MANIFEST_FORMAT,
@@ -224,7 +217,7 @@ def build_manifest(
             "dtype": target.dtype,
             "min_tolerance": target.min_tolerance,
         },
-        "inputs": [_with_index_range(value_signature(value), ranges) for value in graph.graph.inputs],
+        "inputs": input_signatures(graph),
         "outputs": [value_signature(value) for value in graph.graph.outputs],
         "passes": [report.as_dict() for report in model.pass_reports],
         "stats": model_stats(graph).as_dict(),

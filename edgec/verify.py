@@ -40,7 +40,8 @@ import numpy as np
 from edgec.artifact import REFERENCE_ONNX, Artifact
 from edgec.errors import EmulatorError, VerificationError
 from edgec.fallbacks import one_line
-from edgec.model import Model, value_signature
+from edgec.inputs import random_inputs
+from edgec.model import Model, input_signatures, value_signature
 from edgec.numerics import compare
 from edgec.progress import Progress
 from edgec.targets import ResolvedTarget
@@ -125,7 +126,6 @@ def verify(
     """Run the build in ``directory`` and check it; the manifest's ``verification`` entry, or VerificationError."""
     if not options.enabled:
         return {"status": "skipped", "reason": "--no-verify"}
-    from edgec.frontend import input_arrays
 
     floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
     options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
@@ -141,7 +141,7 @@ def verify(
     if isinstance(runner, str):
         return {"status": "skipped", "reason": runner}
     where = runner.where
-    inputs = input_arrays(model, options.seed)
+    inputs = random_inputs(input_signatures(model.graph), options.seed)
     with progress.stage("verify", f"lib.so on {where} vs references"):
         got = runner.run(artifact, inputs)
         found, unchecked = references(model, inputs, options.rtol)

@@ -714,14 +714,15 @@ def large_activation_cnn() -> ir.Model:
 
 
 def test_large_outputs_verify_and_the_old_rule_would_refuse_them(tmp_path):
-    from edgec.frontend import input_arrays
+    from edgec.inputs import random_inputs
+    from edgec.model import input_signatures
     from edgec.runtimes.local import LocalRunner
 
     model = edgec.from_onnx_ir(large_activation_cnn())
     result = edgec.compile(model, "x86", tmp_path / "big")
     check = result.manifest["verification"]["onnxruntime"]
     assert result.manifest["verification"]["status"] == "passed" and check["within_tolerance"]
-    inputs = input_arrays(model)
+    inputs = random_inputs(input_signatures(model.graph))
     got = LocalRunner(result.artifact).run(inputs)[0]
     (want,) = run_onnxruntime(model.graph, inputs)
     assert np.abs(want).max() > 300  # the outputs are large ...
