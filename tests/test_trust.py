@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgec
 import edgec.artifact
 import edgec.lower
-from backbone import leftovers, tree_bytes
+from backbone import leftovers, make_onnx, tree_bytes
 from edgec.artifact import MANIFEST, REFERENCE_ONNX, load_artifact, staging
 from edgec.cli import cli
 from edgec.errors import ArtifactError, InputDataError, LoadError, PassError, VerificationError
@@ -55,20 +55,6 @@ def one_error_line(result, *words: str) -> str:
     for word in words:
         assert word in errors[0], errors[0]
     return errors[0]
-
-
-def make_onnx(nodes, inputs: dict, outputs: dict, initializers: dict, path: Path | None = None) -> ir.Model:
-    graph = helper.make_graph(
-        nodes,
-        "trust",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
-        [numpy_helper.from_array(np.asarray(array), name) for name, array in initializers.items()],
-    )
-    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
-    if path is not None:
-        onnx.save(proto, path)
-    return ir.serde.deserialize_model(proto)
 
 
 # --------------------------------------------------------------------------

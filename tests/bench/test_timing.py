@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from timing import interleave, onnxruntime_timer  # noqa: E402 - bench/ on sys.path first
+_SPEC = importlib.util.spec_from_file_location("bench_timing", Path(__file__).resolve().parents[2] / "bench" / "timing.py")
+timing = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(timing)
+interleave, onnxruntime_timer = timing.interleave, timing.onnxruntime_timer
 
 
 def _recording(calls: list[str], name: str, value: float):

@@ -33,7 +33,7 @@ from edgec.runtimes import cuda
 from edgec.targets import resolve
 from edgec.targets.resolve import FLOAT16_TOLERANCE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EM_X86_64_MACHINE = 62
 
 
