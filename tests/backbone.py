@@ -96,3 +96,23 @@ def make_onnx(nodes, inputs: dict, outputs: dict, initializers: dict, path: Path
     if path is not None:
         onnx.save(proto, path)
     return ir.serde.deserialize_model(proto)
+
+
+def invoke(*args):
+    """``edgec ARGS...`` in this process (click's CliRunner); the result has stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from edgec.cli import cli
+
+    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="edgec")
+
+
+def one_error_line(result, *words: str) -> str:
+    """Exit status 1, exactly one ``Error:`` line naming ``words``, no traceback, nothing on stdout."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]

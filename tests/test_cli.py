@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgec
-from backbone import ATOL, RTOL
+from backbone import ATOL, RTOL, invoke
 from edgec.artifact import load_artifact
 from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
@@ -23,10 +23,6 @@ from edgec.targets import PRESETS, resolve
 
 
 pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest.py: the CLI reconfigures logging
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="edgec")
 
 
 def assert_clean_error(result, *words: str) -> str:
