@@ -234,8 +234,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None,
         for call in calls:
             call["schedule"] = record.schedules.get(call["kernel"])
     failed_rules: dict[str, list[str]] = {}
-    for record in fallbacks:
-        failed_rules.setdefault(record.kernel, []).append(record.rule)
+    for fallback in fallbacks:
+        failed_rules.setdefault(fallback.kernel, []).append(fallback.rule)
     for call in calls:
         if call["kernel"] in failed_rules:
             call["fallbacks"] = failed_rules[call["kernel"]]

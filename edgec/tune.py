@@ -146,13 +146,14 @@ def tune(
     """Tune ``model``'s kernels for ``target`` with MetaSchedule; records go to ``database``.
 
     Measured on this machine (host targets), or on a board registered at an RPC
-    ``tracker`` under ``key`` (ARM targets; the builder cross-compiles).
+    ``tracker`` under ``key`` (ARM targets; the builder cross-compiles). ``threads``: the
+    kernels' thread count (default: the physical cores), for the tuning target's
+    ``num-cores`` and for the measuring workers' thread pool.
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from edgec.targets.resolve import physical_cores
-
     from edgec.runtimes.local import configure_threads
+    from edgec.targets.resolve import physical_cores
 
     resolved = resolve(target)
     threads = threads or physical_cores()
