@@ -183,7 +183,9 @@ def _first_array(result) -> np.ndarray:
 def worker(runtime: str, work: Path, threads: int) -> int:
     """Line protocol on stdin/stdout: after loading, one JSON line {"ok", "output" file, "load_s"};
     then each line ``N`` -> a JSON list of N latencies in ms; an empty line ends."""
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    from edgec.runtimes.local import configure_threads
+
+    configure_threads(threads)
     out = sys.stdout
     sys.stdout = sys.stderr  # converters print; only protocol lines go to the real stdout
     start = time.perf_counter()
