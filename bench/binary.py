@@ -42,7 +42,6 @@ no slower than fp32.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -50,9 +49,11 @@ import time
 import warnings
 from pathlib import Path
 
+import models
 import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+from timing import edgec_timer, interleave, onnxruntime_timer
 
 import edgec
 from edgec.passes import FoldBatchNormPass, LowerBinaryPass, LowerTernaryPass
@@ -181,18 +182,7 @@ def build_bnn_resnet18(seed: int = 0):
             return self.fc(torch.flatten(self.pool(self.body(self.stem(x))), 1))
 
     torch.manual_seed(seed)
-    model = Net()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-            module.momentum = None
-    model.train()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, 3, RESOLUTION, RESOLUTION, generator=generator))
-    return model.eval()
+    return models.calibrate(Net(), seed)
 
 
 def model_variants(workdir: Path) -> list[dict]:
@@ -219,30 +209,21 @@ def model_variants(workdir: Path) -> list[dict]:
 # --------------------------------------------------------------------------
 
 
-def time_interleaved(variants: list[dict], rounds: int, repeat: int, seed: int = 0) -> list[dict]:
+def time_interleaved(variants: list[dict], rounds: int, repeat: int, threads: int, seed: int = 0) -> list[dict]:
     """Median ms of each variant (and of ORT on the first, float32, graph), interleaved round by round."""
     graph = variants[0]["graph"]
     shape = [int(dim) for dim in graph.graph.inputs[0].shape]
     inputs = [np.random.default_rng(seed).standard_normal(shape).astype(np.float32)]
-    runners = [LocalRunner(variant["artifact"]) for variant in variants]
-    session = onnxruntime_session(graph, threads=int(os.environ["TVM_NUM_THREADS"]))
-    feed = {session.get_inputs()[0].name: inputs[0]}
-    for _ in range(3):
-        session.run(None, feed)
-    samples: list[list[float]] = [[] for _ in range(len(variants) + 1)]
-    for _ in range(rounds):
-        for index, runner in enumerate(runners):
-            samples[index].extend(runner.time_ms(inputs, repeat=repeat))
-        for _ in range(repeat):
-            start = time.perf_counter()
-            session.run(None, feed)
-            samples[-1].append((time.perf_counter() - start) * 1e3)
-    for variant, times in zip(variants, samples, strict=False):
-        variant["median_ms"] = statistics.median(times)
-        variant["min_ms"] = min(times)
+    timers = {index: edgec_timer(LocalRunner(variant["artifact"]), inputs, repeat) for index, variant in enumerate(variants)}
+    session = onnxruntime_session(graph, threads=threads)
+    timers["ort"] = onnxruntime_timer(session, {session.get_inputs()[0].name: inputs[0]}, repeat, warmup=3)
+    samples = interleave(timers, rounds)
+    for index, variant in enumerate(variants):
+        variant["median_ms"] = statistics.median(samples[index])
+        variant["min_ms"] = min(samples[index])
     ort = {
         "name": variants[0]["name"], "variant": "ORT fp32", "bytes": variants[0]["bytes"], "lib_bytes": None,
-        "median_ms": statistics.median(samples[-1]), "min_ms": min(samples[-1]),
+        "median_ms": statistics.median(samples["ort"]), "min_ms": min(samples["ort"]),
     }  # fmt: skip
     return [*variants, ort]
 
@@ -286,9 +267,9 @@ def main() -> None:
         workdir = Path(tmp)
         if not args.no_layers:
             for channels, size in LAYERS:
-                rows += time_interleaved(layer_variants(channels, size, workdir), args.rounds, args.repeat)
+                rows += time_interleaved(layer_variants(channels, size, workdir), args.rounds, args.repeat, args.threads)
         if not args.no_model:
-            rows += time_interleaved(model_variants(workdir), args.rounds, args.model_repeat)
+            rows += time_interleaved(model_variants(workdir), args.rounds, args.model_repeat, args.threads)
     print_table(rows)
     print(
         f"\n{args.rounds} interleaved rounds x {args.repeat} (layers) / {args.model_repeat} (model) runs per variant, "

@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import itertools
 import json
 import logging
-import os
-import random
 import statistics
 import struct
 import sys
@@ -52,10 +49,11 @@ import time
 import warnings
 from pathlib import Path
 
+import models
 import numpy as np
+from timing import edgec_timer, interleave, onnxruntime_timer
 
-ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = 224
+RESOLUTION = models.INPUT_SHAPE[-1]
 SPARSITIES = (0.5, 0.7)
 BLOCKS = (4, 8, 16)
 _COUNTER = itertools.count()
@@ -66,71 +64,8 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Models
+# Models (bench/models.py)
 # --------------------------------------------------------------------------
-
-
-def build_mobilenet_v2():
-    spec = importlib.util.spec_from_file_location("mobilenet_v2", ROOT / "examples" / "mobilenet_v2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(width=1.0, resolution=RESOLUTION)
-
-
-def build_resnet18(seed: int = 0):
-    """ResNet-18, torchvision layout; seeded Kaiming weights, BN statistics from seeded random batches."""
-    import torch
-    from torch import nn
-
-    class BasicBlock(nn.Module):
-        def __init__(self, inputs: int, outputs: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(outputs)
-            self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(outputs)
-            self.downsample = None
-            if stride != 1 or inputs != outputs:
-                self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            y = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(y)) + identity)
-
-    class ResNet18(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-            blocks, channels = [], 64
-            for outputs, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-                blocks += [BasicBlock(channels, outputs, stride), BasicBlock(outputs, outputs, 1)]
-                channels = outputs
-            self.blocks = nn.Sequential(*blocks)
-            self.fc = nn.Linear(512, 1000)
-
-        def forward(self, x):
-            x = self.blocks(self.stem(x))
-            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-    torch.manual_seed(seed)
-    model = ResNet18()
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-            module.momentum = None
-    model.train()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, RESOLUTION, RESOLUTION, generator=generator))
-    return model.eval()
-
-
-BUILDERS = {"mobilenet_v2": build_mobilenet_v2, "resnet18": build_resnet18}
 
 
 def export_onnx(module, path: Path, shape) -> Path:
@@ -168,18 +103,6 @@ def packed_bytes(graph) -> tuple[int, int]:
 # --------------------------------------------------------------------------
 
 
-def interleave(timers: dict[str, callable], rounds: int, seed: int = 0) -> dict[str, float]:
-    """Median milliseconds per timer; each round calls every timer once, in a shuffled order."""
-    order = list(timers)
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = {name: [] for name in order}
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            samples[name].extend(timers[name]())
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def kernel_timer(artifact, kernel: str, arrays: list[np.ndarray], repeat: int):
     """A timer of one kernel of lib.so on ``arrays`` (its arguments, then its outputs)."""
     import tvm
@@ -215,14 +138,14 @@ class Pointwise:
     count: int  # how many layers of the model have this shape
 
 
-def pointwise_layers(models: list[str]) -> list[Pointwise]:
+def pointwise_layers(names: list[str]) -> list[Pointwise]:
     """Distinct 1x1 convs (group 1) of the models, from their ONNX graphs, with multiplicity."""
     import onnx
 
     found: dict[tuple, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            path = export_onnx(BUILDERS[name](), Path(tmp) / f"{name}.onnx", (1, 3, RESOLUTION, RESOLUTION))
+        for name in names:
+            path = export_onnx(models.build(name), Path(tmp) / f"{name}.onnx", (1, 3, RESOLUTION, RESOLUTION))
             proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
             shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in proto.graph.value_info}
             shapes["x"] = [1, 3, RESOLUTION, RESOLUTION]
@@ -269,12 +192,12 @@ def main_kernel(artifact, prefix: str) -> dict:
     return calls[0]
 
 
-def bench_layers(models: list[str], rounds: int, repeat: int, workdir: Path) -> list[dict]:
+def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path) -> list[dict]:
     import edgec
     from edgec.passes import PackBlockSparsePass
 
     rows = []
-    for index, layer in enumerate(pointwise_layers(models)):
+    for index, layer in enumerate(pointwise_layers(names)):
         rng = np.random.default_rng(index)
         timers, info = {}, {}
         dense = edgec.compile(edgec.from_onnx_ir(layer_model(layer, index)), "x86", workdir / f"layer{index}_dense")
@@ -298,7 +221,7 @@ def bench_layers(models: list[str], rounds: int, repeat: int, workdir: Path) -> 
                 key = f"s{sparsity}/n{n}"
                 timers[key] = kernel_timer(result.artifact, call["kernel"], packed, repeat)
                 info[key] = values.nbytes + indices.nbytes + indptr.nbytes
-        medians = interleave(timers, rounds, seed=index)
+        medians = {key: statistics.median(times) for key, times in interleave(timers, rounds, shuffle_seed=index).items()}
         row = {**dataclasses.asdict(layer), "dense_ms": medians["dense"], "dense_bytes": layer.inputs * layer.outputs * 4}
         for key, ms in medians.items():
             if key != "dense":
@@ -332,37 +255,28 @@ def print_layers(rows: list[dict]) -> None:
 # --------------------------------------------------------------------------
 
 
-def bench_models(models: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...]) -> list[dict]:
+def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...], threads: int) -> list[dict]:
     import edgec
+    from edgec.numerics import compare
     from edgec.passes import PackBlockSparsePass
     from edgec.runtimes.local import LocalRunner
     from edgec.runtimes.reference import onnxruntime_session, run_onnxruntime
     from edgec.stats import model_stats
 
     rows = []
-    for name in models:
-        path = export_onnx(BUILDERS[name](), workdir / f"{name}.onnx", (1, 3, RESOLUTION, RESOLUTION))
+    for name in names:
+        path = export_onnx(models.build(name), workdir / f"{name}.onnx", (1, 3, RESOLUTION, RESOLUTION))
         x = np.random.default_rng(0).standard_normal((1, 3, RESOLUTION, RESOLUTION)).astype(np.float32)
         timers, info = {}, {}
         start = time.perf_counter()
         dense = edgec.compile(edgec.load(path), "x86", workdir / f"{name}_dense", verify=False)
         log(f"  {name} dense: compiled in {time.perf_counter() - start:.0f} s")
         runner = LocalRunner(dense.artifact)
-        timers["edgec dense"] = lambda runner=runner: runner.time_ms([x], repeat=repeat, warmup=1)
+        timers["edgec dense"] = edgec_timer(runner, [x], repeat, warmup=1)
         base = edgec.load(path)
         info["edgec dense"] = {"weight_bytes": model_stats(base.graph).size_bytes, "max_abs_vs_reference": None}
-        session = onnxruntime_session(base.graph, threads=int(os.environ["TVM_NUM_THREADS"]))
-
-        def ort(session=session) -> list[float]:
-            times = []
-            for _ in range(repeat):
-                begin = time.perf_counter()
-                session.run(None, {"x": x})
-                times.append((time.perf_counter() - begin) * 1e3)
-            return times
-
-        ort()
-        timers["ONNX Runtime dense"] = ort
+        session = onnxruntime_session(base.graph, threads=threads)
+        timers["ONNX Runtime dense"] = onnxruntime_timer(session, {"x": x}, repeat, warmup=1)
         info["ONNX Runtime dense"] = info["edgec dense"]
         for sparsity in SPARSITIES:
             for n in BLOCKS:
@@ -375,28 +289,26 @@ def bench_models(models: list[str], rounds: int, repeat: int, workdir: Path, kin
                 start = time.perf_counter()
                 result = edgec.compile(model, "x86", workdir / f"{name}_{sparsity}_{n}", verify=False)
                 runner = LocalRunner(result.artifact)
-                got = runner.run([x])[0]
-                want = run_onnxruntime(masked.graph, [x])[0]
-                error = float(np.max(np.abs(got - want)))
-                scale = float(np.max(np.abs(want)))
-                if error > 1e-3 * max(1.0, scale):
-                    raise SystemExit(f"{name} {key}: lib.so differs from the masked dense model by {error:.3g}")
+                agreement = compare(runner.run([x]), run_onnxruntime(masked.graph, [x]), rtol=1e-3, atol=1e-3)
+                error = agreement.max_abs
+                if not agreement.ok:
+                    raise SystemExit(f"{name} {key}: lib.so differs from the masked dense model: {agreement.detail}")
                 dense_bytes, packed = packed_bytes(model.graph)
                 layers = sum(1 for node in model.graph.graph if node.op_type.startswith("BlockSparse"))
                 info[key] = {"weight_bytes": report.size_after, "packed_layers": layers, "packed_bytes": packed,
                              "dense_bytes_of_packed_layers": dense_bytes, "max_abs_vs_reference": error}  # fmt: skip
                 log(f"  {name} {key}: {layers} layers packed, compiled in {time.perf_counter() - start:.0f} s, "
                     f"max |lib.so - masked dense ORT| = {error:.2e}")  # fmt: skip
-                timers[key] = lambda runner=runner: runner.time_ms([x], repeat=repeat, warmup=1)
-        medians = interleave(timers, rounds)
+                timers[key] = edgec_timer(runner, [x], repeat, warmup=1)
+        medians = {key: statistics.median(times) for key, times in interleave(timers, rounds, shuffle_seed=0).items()}
         for key, ms in medians.items():
             rows.append({"model": name, "variant": key, "median_ms": ms, "vs_edgec_dense": medians["edgec dense"] / ms,
                          "vs_onnxruntime": medians["ONNX Runtime dense"] / ms, **info[key]})  # fmt: skip
     return rows
 
 
-def print_models(rows: list[dict]) -> None:
-    print(f"\n### End to end (batch 1, 224x224, {os.environ['TVM_NUM_THREADS']} threads): median ms and speedups, same run\n")
+def print_models(rows: list[dict], threads: int) -> None:
+    print(f"\n### End to end (batch 1, 224x224, {threads} threads): median ms and speedups, same run\n")
     print("| model | variant | median ms | speedup vs edgec dense | vs ONNX Runtime | weights MB | packed layers: dense -> packed MB | max abs err |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -588,7 +500,7 @@ def print_accuracy(table: dict, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["layers", "models"], choices=["layers", "models", "accuracy"])
-    parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"], choices=list(models.MODELS))
     parser.add_argument("--kinds", default="pointwise+conv+gemm", help="layer kinds the pass packs (models part)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=10)
@@ -610,8 +522,8 @@ def main() -> None:
             print_layers(results["layers"])
         if "models" in args.parts:
             log("part 2: models end to end")
-            results["models"] = bench_models(args.models, args.rounds, args.repeat, workdir, tuple(args.kinds.split("+")))
-            print_models(results["models"])
+            results["models"] = bench_models(args.models, args.rounds, args.repeat, workdir, tuple(args.kinds.split("+")), args.threads)
+            print_models(results["models"], args.threads)
         if "accuracy" in args.parts:
             log("part 3: digits accuracy")
             table = accuracy_table((0.3, 0.5, 0.7, 0.8), 4, range(args.seeds), workdir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+from timing import publish  # noqa: E402 - bench/ on sys.path first
 
 RTOL = ATOL = 1e-4
 PAUSE_S = 0.25  # between runners: lets the previous runtime's spinning threads (OpenMP, ORT, TVM) go idle
@@ -101,10 +102,10 @@ def edgec_runner(name: str, model, x: np.ndarray, want: np.ndarray, directory: P
     result = edgec.compile(model, "x86", directory, verify=False, **options)
     compile_s = time.perf_counter() - start
     local = LocalRunner(result.artifact)
-    got = local.run([x])[0]
-    error = float(np.max(np.abs(got - want)))
-    ok = got.shape == want.shape and bool(np.allclose(got, want, rtol=RTOL, atol=ATOL))
-    check = f"{'ok' if ok else 'MISMATCH'} (max abs err {error:.1e})"
+    from edgec.numerics import compare
+
+    agreement = compare(local.run([x]), [want], rtol=RTOL, atol=ATOL)  # edgec's one rule (edgec/numerics.py)
+    check = f"{'ok' if agreement.ok else 'MISMATCH'} (max abs err {agreement.max_abs:.1e})"
 
     def run(count: int) -> list[float]:
         return local.time_ms([x], repeat=count, warmup=1)
@@ -219,20 +220,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgec-bench-") as work:
         for name in args.models.split(","):
             results.append(bench_model(name.strip(), args, Path(work)))
-    text = table(results, args)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
-    if args.json:
-        raw = {
-            result["model"]: {
-                runner.name: {"samples": runner.samples, "compile_s": runner.compile_s, "tune_s": runner.tune_s,
-                              "check": runner.check, "schedules": runner.schedules}
-                for runner in result["runners"]
-            }
-            for result in results
-        }  # fmt: skip
-        args.json.write_text(json.dumps(raw, indent=1))
+    raw = {
+        result["model"]: {
+            runner.name: {"samples": runner.samples, "compile_s": runner.compile_s, "tune_s": runner.tune_s,
+                          "check": runner.check, "schedules": runner.schedules}
+            for runner in result["runners"]
+        }
+        for result in results
+    }  # fmt: skip
+    publish(table(results, args), args.output, args.json, raw)
     bad = [r for result in results for r in result["runners"] if r.check.startswith("MISMATCH")]
     return 1 if bad else 0
 

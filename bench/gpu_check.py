@@ -281,9 +281,11 @@ def check_output(runner: Runner, want: np.ndarray, tolerance: float) -> None:
     if got.shape != want.shape:
         runner.ok, runner.check = False, f"MISMATCH: shape {got.shape} vs {want.shape}"
         return
-    error = float(np.max(np.abs(got - want)))
-    runner.ok = bool(np.allclose(got, want, rtol=tolerance, atol=tolerance))
-    runner.check = f"{'ok' if runner.ok else 'MISMATCH'} (max abs err {error:.1e}, tol {tolerance:g})"
+    from edgec.numerics import compare
+
+    agreement = compare([got], [want], rtol=tolerance, atol=tolerance)  # edgec's one rule (edgec/numerics.py)
+    runner.ok = agreement.ok
+    runner.check = f"{'ok' if runner.ok else 'MISMATCH'} (max abs err {agreement.max_abs:.1e}, tol {tolerance:g})"
 
 
 def measure(runners: list[Runner], rounds: int, repeat: int) -> None:

@@ -2,7 +2,7 @@
 # On a machine with an NVIDIA GPU and this repository, in a few minutes:
 #   1. the environment: .venv (make setup when missing) + the [cuda] extra (libcudart 13 from pip),
 #      and onnxruntime-gpu in place of onnxruntime (for ONNX Runtime's CUDA EP);
-#   2. the tests marked gpu (tests/test_cuda.py, tests/test_compile.py);
+#   2. the tests marked gpu (tests/runtimes/test_cuda.py, tests/test_compile.py);
 #   3. bench/gpu_check.py: MobileNetV2 and ResNet-18 compiled for this GPU (float32 and float16),
 #      verified on it, timed against ORT-CUDA and PyTorch CUDA, profiled; one table.
 #
@@ -80,9 +80,9 @@ EOF
 
 step "tests marked gpu"
 if [ "$dry_run" = 1 ]; then
-  $PY -m pytest -q -m gpu --collect-only tests/test_cuda.py tests/test_compile.py | tail -3 || failed+=("gpu tests (collection)")
+  $PY -m pytest -q -m gpu --collect-only tests/runtimes/test_cuda.py tests/test_compile.py | tail -3 || failed+=("gpu tests (collection)")
 else
-  $PY -m pytest -q -m gpu tests/test_cuda.py tests/test_compile.py || failed+=("gpu tests")
+  $PY -m pytest -q -m gpu tests/runtimes/test_cuda.py tests/test_compile.py || failed+=("gpu tests")
 fi
 
 step "bench/gpu_check.py"

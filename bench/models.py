@@ -88,8 +88,8 @@ class SqueezeNet11(nn.Module):
         return torch.flatten(self.classifier(self.features(x)), 1)
 
 
-def _calibrate(model: nn.Module, seed: int) -> nn.Module:
-    """Seeded He-normal weights; BN statistics measured on seeded random batches."""
+def calibrate(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded He-normal weights; BN statistics measured on seeded random batches (eval mode after)."""
     torch.manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -118,12 +118,12 @@ def mobilenet_v2(seed: int = 0) -> nn.Module:
 
 def resnet18(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)  # before construction: Linear's default init draws from the global RNG
-    return _calibrate(ResNet18(), seed)
+    return calibrate(ResNet18(), seed)
 
 
 def squeezenet1_1(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _calibrate(SqueezeNet11(), seed)
+    return calibrate(SqueezeNet11(), seed)
 
 
 # torchvision's classification builders, for models this file does not define. PyPI's
@@ -160,7 +160,7 @@ def torchvision_models():
 def torchvision_model(name: str, seed: int = 0) -> nn.Module:
     """torchvision's ``name`` with seeded random weights and measured BN statistics."""
     torch.manual_seed(seed)
-    return _calibrate(torchvision_models().get_model(name, weights=None), seed)
+    return calibrate(torchvision_models().get_model(name, weights=None), seed)
 
 
 MODELS = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18, "squeezenet1_1": squeezenet1_1}

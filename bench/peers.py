@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
+from timing import publish  # noqa: E402 - bench/ on sys.path first
+
 RUNTIMES = ("edgec", "ort", "openvino", "executorch", "ncnn", "torch")
 DEFAULT_MODELS = "mobilenet_v2,resnet18,squeezenet1_1,shufflenet_v2_x0_5,mobilenet_v3_small,mnasnet0_5,efficientnet_b0"
 PAUSE_S = 0.25
@@ -181,7 +183,9 @@ def _first_array(result) -> np.ndarray:
 def worker(runtime: str, work: Path, threads: int) -> int:
     """Line protocol on stdin/stdout: after loading, one JSON line {"ok", "output" file, "load_s"};
     then each line ``N`` -> a JSON list of N latencies in ms; an empty line ends."""
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    from edgec.runtimes.local import configure_threads
+
+    configure_threads(threads)
     out = sys.stdout
     sys.stdout = sys.stderr  # converters print; only protocol lines go to the real stdout
     start = time.perf_counter()
@@ -243,10 +247,12 @@ class Worker:
             return
         self.load_s = reply["load_s"]
         got = np.load(work / f"out_{self.runtime}.npy").reshape(want.shape)
-        error = float(np.max(np.abs(got - want)))
+        from edgec.numerics import compare
+
+        agreement = compare([got], [want], rtol=REL_TOLERANCE, atol=ABS_TOLERANCE)  # edgec's one rule
+        self.valid = agreement.ok
         scale = float(np.max(np.abs(want)))
-        self.valid = error <= REL_TOLERANCE * scale + ABS_TOLERANCE
-        self.status = f"{'ok' if self.valid else 'WRONG'} (max abs err {error:.1e} of {scale:.1e})"
+        self.status = f"{'ok' if self.valid else 'WRONG'} (max abs err {agreement.max_abs:.1e} of {scale:.1e})"
 
     def run(self, count: int) -> list[float]:
         self.process.stdin.write(f"{count}\n")
@@ -378,16 +384,11 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     results = [bench_model(name.strip(), args) for name in args.models.split(",")]
-    text = table(results, args)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
-    if args.json:
-        raw = {
-            result["model"]: {w.runtime: {"samples": w.samples, "status": w.status, "load_s": w.load_s} for w in result["workers"]}
-            for result in results
-        }
-        args.json.write_text(json.dumps(raw, indent=1))
+    raw = {
+        result["model"]: {w.runtime: {"samples": w.samples, "status": w.status, "load_s": w.load_s} for w in result["workers"]}
+        for result in results
+    }
+    publish(table(results, args), args.output, args.json, raw)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -172,28 +171,21 @@ def run_model(name: str, work: Path) -> dict:
 
 
 def time_runner(kind: str, path: Path, repeat: int) -> list[float]:
-    """Milliseconds per run of edgec's artifact or ONNX Runtime on its model.onnx (this process only)."""
-    os.environ["TVM_NUM_THREADS"] = "2"
+    """Milliseconds per run of edgec's artifact or ONNX Runtime on its model.onnx (this process only, 2 threads)."""
+    from timing import edgec_timer, onnxruntime_timer  # bench/ is sys.path[0] when run as python bench/NAME.py
+
     x = np.random.default_rng(SEED).standard_normal(SHAPE).astype(np.float32)
     if kind == "edgec":
         import edgec
         from edgec.runtimes.local import LocalRunner
 
-        return LocalRunner(edgec.load_artifact(path)).time_ms([x], repeat=repeat, warmup=3)
+        return edgec_timer(LocalRunner(edgec.load_artifact(path), threads=2), [x], repeat, warmup=3)()
     import onnx_ir as ir
 
     from edgec.runtimes.reference import onnxruntime_session
 
     session = onnxruntime_session(ir.load(str(path / "model.onnx")), threads=2)
-    feed = {session.get_inputs()[0].name: x}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return onnxruntime_timer(session, {session.get_inputs()[0].name: x}, repeat, warmup=3)()
 
 
 def measure(artifact: Path, rounds: int, repeat: int) -> dict:
@@ -217,14 +209,14 @@ def emulated_check(artifact: Path, preset: str) -> dict:
     from edgec.runtimes.agent_build import build_agent
     from edgec.runtimes.bench import bench
     from edgec.runtimes.emulate import emulate
-    from edgec.runtimes.io import random_inputs
+    from edgec.inputs import random_inputs
     from edgec.runtimes.session import connect
 
     loaded = edgec.load_artifact(artifact)
     agent = emulate(preset, agent=build_agent(preset), timeout=120)
     try:
         with connect(rpc=f"127.0.0.1:{agent.port}", timeout=600) as device:
-            result = bench(loaded, device, random_inputs(loaded), repeat=1, warmup=0, rtol=1e-4, atol=1e-4)
+            result = bench(loaded, device, random_inputs(loaded.inputs), repeat=1, warmup=0, rtol=1e-4, atol=1e-4)
     finally:
         agent.stop()
     return {"ok": bool(result.check.get("ok")), "max_abs": result.check.get("max_abs")}

@@ -10,10 +10,14 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from edgec.errors import BuildError
 from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
+from edgec.tuning_db import TuningReport
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,33 @@ class Stages:
         return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned)
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    """What ``build`` hands the compiler.
+
+    ``kernels``: the kernel calls of ``main`` in order (the manifest's kernel table; each
+    records its ``"schedule"``, see ``build``); ``kernel_constants``: the integer constants
+    kernels read, by the key their argument names (``kernel_constants.npz``);
+    ``tuning``: what the tuning database gave, None when none was applied.
+    """
+
+    executable: Any
+    kernels: list[dict[str, Any]]
+    kernel_constants: dict[str, np.ndarray]
+    tuning: TuningReport | None
+
+
+@dataclasses.dataclass
+class PipelineRecord:
+    """What the passes of one pipeline run write down while TVM runs them (``relax_pipeline``):
+    ``mod``, the IRModule captured after scheduling; ``schedules``, kernel -> rule name,
+    ``"tuning-db"`` or None; ``tuning``, what the tuning database gave."""
+
+    mod: Any = None
+    schedules: dict[str, str | None] | None = None
+    tuning: TuningReport | None = None
+
+
 @dataclasses.dataclass
 class Attempt:
     """What one build attempt keeps out: schedule rules that failed late, per kernel."""
@@ -60,7 +91,7 @@ class Attempt:
 
 def relax_pipeline(
     target: ResolvedTarget,
-    sink: dict,
+    record: PipelineRecord,
     options: BuildOptions | None = None,
     fallbacks: FallbackLog | None = None,
     attempt: Attempt | None = None,
@@ -81,9 +112,8 @@ def relax_pipeline(
     -> capture the kernel table (names are final here) -> dataflow lowering
     -> memory planning and VM finalisation.
 
-    ``sink`` receives ``"mod"`` (the captured IRModule), ``"schedules"`` (kernel ->
-    rule name, ``"tuning-db"``, or None where nothing scheduled it) and ``"tuning"``
-    (what the database gave). ``fallbacks`` receives what a rewrite or a rule could
+    ``record`` receives the captured IRModule, the schedule of each kernel and what the
+    tuning database gave (``PipelineRecord``). ``fallbacks`` receives what a rewrite or a rule could
     not handle; ``attempt`` (default: all of ``options``) says which stages run.
     """
     import tvm
@@ -105,20 +135,23 @@ def relax_pipeline(
         from edgec.targets.vector import cpu_vector
 
         rules = default_rules(cpu_vector(target))
-        report = sink.setdefault("schedules", {})
+        record.schedules = {}
         if stages.schedules:
-            scheduled = [apply_schedules(rules, report, fallbacks, attempt.skip)]
+            scheduled = [apply_schedules(rules, record.schedules, fallbacks, attempt.skip)]
         if stages.tuning_db is not None:
-            from edgec.tune import apply_database_pass
+            from edgec.tuning_db import apply_database_pass
 
-            tuned = [apply_database_pass(stages.tuning_db, rules, report, sink.setdefault("tuning", {}), attempt.skip)]
+            def keep(report: TuningReport) -> None:
+                record.tuning = report
+
+            tuned = [apply_database_pass(stages.tuning_db, rules, record.schedules, keep, attempt.skip)]
     passes = [
         *family.library_dispatch_passes(tvm_target),
         *graph,
         *family.legalize_passes(tvm_target),
         *tuned,
         *scheduled,
-        capture_pass(sink),
+        capture_pass(lambda mod: setattr(record, "mod", mod)),
         *family.dataflow_lower_passes(tvm_target),
         *family.finalize_passes(tvm_target),
     ]
@@ -149,7 +182,7 @@ def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog)
 def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
     from edgec.ops.transposes import cancel_transposes
     from edgec.targets.schedules import graph_passes
-    from edgec.targets.schedules.graph import guarded
+    from edgec.targets.schedules.guard import guarded
     from edgec.targets.vector import cpu_vector
 
     # custom ops' NCHW<->NHWC wrappers cancel in the last one
@@ -160,9 +193,9 @@ def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
 MAX_ATTEMPTS = 6
 
 
-def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink: dict | None = None,
-          fallbacks: FallbackLog | None = None):
-    """``tvm.relax.build`` for ``target``; returns (executable, kernel calls in order).
+def build(mod, target: ResolvedTarget, options: BuildOptions | None = None,
+          fallbacks: FallbackLog | None = None) -> BuildResult:
+    """``tvm.relax.build`` for ``target``: the executable, its kernel table and what it needs.
 
     On CPUs with the schedule library or a tuning database, each kernel call records
     ``"schedule"``: the library rule that scheduled it, ``"tuning-db"`` (a schedule
@@ -177,47 +210,46 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None, sink
     kernel. A failure no kernel explains is retried without the schedule library, then
     without edgec's graph rewrites too (TVM's own pipeline): each step is recorded as a
     fallback of kernel ``*``. Only a model TVM's own pipeline cannot build fails.
-    ``sink`` (optional) receives what ``relax_pipeline`` reports, ``fallbacks`` what fell back.
+    ``fallbacks`` (optional) receives what fell back.
     """
     from tvm import relax
 
     from edgec.kernels import kernel_calls
 
-    sink = {} if sink is None else sink
     options = options or BuildOptions()
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     attempt = Attempt(Stages.of(target, options))
     for _ in range(MAX_ATTEMPTS):
-        for key in ("mod", "schedules", "tuning"):
-            sink.pop(key, None)
+        record = PipelineRecord()
         try:
-            pipeline = relax_pipeline(target, sink, options, fallbacks, attempt)
+            pipeline = relax_pipeline(target, record, options, fallbacks, attempt)
             with _cuda_source_modules(target), _fast_tvmscript_import(target):
                 executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline)
             break
         except Exception as error:  # noqa: BLE001 - find what broke it, keep it out, build again
-            attempt = _next_attempt(attempt, error, target, sink, fallbacks)
+            attempt = _next_attempt(attempt, error, target, record, fallbacks)
     else:  # pragma: no cover - every attempt keeps more out; the last is TVM's own pipeline
         raise BuildError(f"TVM build for {target.spec} failed {MAX_ATTEMPTS} times; see the fallbacks logged with -v")
-    sink["kernel_constants"] = {}
-    calls = kernel_calls(sink["mod"], sink["kernel_constants"])
-    if "schedules" in sink:
+    constants: dict[str, np.ndarray] = {}
+    calls = kernel_calls(record.mod, constants)
+    if record.schedules is not None:
         for call in calls:
-            call["schedule"] = sink["schedules"].get(call["kernel"])
+            call["schedule"] = record.schedules.get(call["kernel"])
     failed_rules: dict[str, list[str]] = {}
-    for record in fallbacks:
-        failed_rules.setdefault(record.kernel, []).append(record.rule)
+    for fallback in fallbacks:
+        failed_rules.setdefault(fallback.kernel, []).append(fallback.rule)
     for call in calls:
         if call["kernel"] in failed_rules:
             call["fallbacks"] = failed_rules[call["kernel"]]
-    return executable, calls
+    return BuildResult(executable, calls, constants, record.tuning)
 
 
-def _next_attempt(attempt: Attempt, error: Exception, target: ResolvedTarget, sink: dict, fallbacks: FallbackLog) -> Attempt:
+def _next_attempt(attempt: Attempt, error: Exception, target: ResolvedTarget, record: PipelineRecord,
+                  fallbacks: FallbackLog) -> Attempt:
     """The attempt after ``attempt`` failed with ``error``: the same without the schedules
     that do not compile alone, else one stage less; BuildError when nothing is left."""
     stages = attempt.stages
-    broken = failing_kernels(sink["mod"], target, sink.get("schedules", {})) if "mod" in sink else {}
+    broken = failing_kernels(record.mod, target, record.schedules or {}) if record.mod is not None else {}
     skip = dict(attempt.skip)
     for kernel, (rule, reason) in broken.items():
         if rule in skip.get(kernel, frozenset()):

@@ -101,15 +101,17 @@ def _trust_pickle_option(function):
     )(function)
 
 
-def _use_threads(_ctx, _param, threads: int | None) -> int:
-    """TVM kernels' thread count for this process: --threads, else TVM_NUM_THREADS, else physical cores."""
+def _default_threads(_ctx, _param, threads: int | None) -> int:
+    """--threads, else the user's TVM_NUM_THREADS (a positive count), else the physical cores."""
     import os
 
     from edgec.targets.resolve import physical_cores
 
     if threads is None:
-        threads = int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts (first kernel)
+        given = os.environ.get("TVM_NUM_THREADS", "").strip()
+        if given and not given.isdigit():
+            raise click.BadParameter(f"TVM_NUM_THREADS={given!r} is not a thread count: unset it or give a number")
+        threads = int(given or 0) or physical_cores()
     return threads
 
 
@@ -117,9 +119,8 @@ def _threads_option(function):
     return click.option(
         "--threads",
         type=click.IntRange(1),
-        callback=_use_threads,
-        expose_value=False,
-        help="Threads of the compiled kernels on this machine (sets TVM_NUM_THREADS) [default: physical cores].",
+        callback=_default_threads,
+        help="Threads of the compiled kernels on this machine [default: TVM_NUM_THREADS, else physical cores].",
     )(function)
 
 
@@ -144,7 +145,7 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("--no-schedules", is_flag=True, help="Build without edgec's CPU schedule library: TVM's naive single-threaded kernels.")
 @click.option("--tuning-db", metavar="PATH|none", help="MetaSchedule database from `edgec tune` [default: ~/.cache/edgec/tuning/<target>/ when it exists].")
 @_threads_option
-def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, tuning_db):  # noqa: A001
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, tuning_db, threads):  # noqa: A001
     """Compile MODEL for TARGET into an artifact directory.
 
     MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
@@ -173,10 +174,10 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     if passes:
         with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
             apply(model, passes)
-    from edgec.tune import database_for_compile
+    from edgec.tuning_db import database_for_compile
 
     result = compile_model(
-        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress,
+        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol, threads=threads), progress=progress,
         schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db),
     )
     from edgec.report import compile_summary
@@ -195,18 +196,19 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write outputs: .npy (single output) or .npz.")
 @click.option("--json", "as_json", is_flag=True, help="Print output shapes and statistics as JSON.")
 @_threads_option
-def run(artifact_path, input_files, use_random, seed, output, as_json):
+def run(artifact_path, input_files, use_random, seed, output, as_json, threads):
     """Run a compiled ARTIFACT on this machine (x86 artifacts; CUDA artifacts on its GPU)."""
     from edgec.artifact import load_artifact
     from edgec.report import output_summary
-    from edgec.runtimes.io import random_inputs, read_inputs, write_outputs
+    from edgec.inputs import random_inputs
+    from edgec.runtimes.io import read_inputs, write_outputs
     from edgec.runtimes.local import LocalRunner
 
     artifact = load_artifact(artifact_path)
     if bool(input_files) == use_random:
         raise EdgecError("give either --input FILE.npy (repeatable) or --random")
-    inputs = random_inputs(artifact, seed) if use_random else read_inputs(artifact, input_files)
-    outputs = LocalRunner(artifact).run(inputs)
+    inputs = random_inputs(artifact.inputs, seed) if use_random else read_inputs(artifact, input_files)
+    outputs = LocalRunner(artifact, threads).run(inputs)
     if output:
         write_outputs(artifact, outputs, output)
     output_summary(artifact, outputs, output, as_json)
@@ -253,12 +255,12 @@ def _device_options(function):
     return function
 
 
-def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | None, timeout: float):
+def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | None, timeout: float, threads: int):
     from edgec.runtimes.session import connect
 
     if use_local and (rpc or tracker):
         raise EdgecError("--local cannot be combined with --rpc/--tracker")
-    return connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout)
+    return connect(rpc=rpc, tracker=tracker, key=key, timeout=timeout, threads=threads)
 
 
 @cli.command()
@@ -271,7 +273,7 @@ def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | No
 @click.option("--atol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Output check: allowed absolute error, added to rtol's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_threads_option
-def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json):
+def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json, threads):
     """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
 
     The device's outputs are checked against ONNX Runtime on the artifact's
@@ -284,15 +286,16 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     from edgec.progress import ConsoleProgress
     from edgec.report import bench_summary
     from edgec.runtimes.bench import bench as run_bench
-    from edgec.runtimes.io import random_inputs, read_inputs
+    from edgec.inputs import random_inputs
+    from edgec.runtimes.io import read_inputs
     from edgec.runtimes.local import check_inputs
 
     artifact = load_artifact(artifact_path)
-    inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact)
+    inputs = read_inputs(artifact, input_files) if input_files else random_inputs(artifact.inputs)
     check_inputs(artifact, inputs)  # what the compiled code does not check (Gather indices, NaN)
     progress = ConsoleProgress()
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
-        device = _device(use_local, rpc, tracker, key, timeout)
+        device = _device(use_local, rpc, tracker, key, timeout, threads)
     with device, progress.stage("bench", f"{repeat} runs after {warmup} warm-up"):
         result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol)
     bench_summary(result, as_json)
@@ -305,7 +308,7 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
 @click.option("--html", "html_path", type=click.Path(path_type=Path), help="Also write an HTML report with a bar chart.")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 @_threads_option
-def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_path, as_json):
+def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_path, as_json, threads):
     """Per-kernel profile of ARTIFACT measured on the device (or --local).
 
     Each compiled kernel is timed on the device by TVM's time evaluator with
@@ -324,7 +327,7 @@ def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_p
     artifact = load_artifact(artifact_path)
     progress = ConsoleProgress()
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
-        device = _device(use_local, rpc, tracker, key, timeout)
+        device = _device(use_local, rpc, tracker, key, timeout, threads)
     with device, progress.stage("profile", f"{len(artifact.manifest.get('kernels', []))} kernel calls"):
         result = run_profile(artifact, device, repeat=repeat)
     if html_path:
@@ -345,15 +348,13 @@ def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_p
 @click.option("--key", metavar="KEY", help="The board's key at the tracker.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_threads_option
-def tune(model_path, target_spec, trials, tuning_db, input_shapes, trust_pickle, pass_specs, rpc, tracker, key, as_json):
+def tune(model_path, target_spec, trials, tuning_db, input_shapes, trust_pickle, pass_specs, rpc, tracker, key, as_json, threads):
     """Tune MODEL's kernels for TARGET with MetaSchedule into a tuning database.
 
     Slow (minutes per kernel on two cores); progress shows the best latency so
     far. Later `edgec compile` runs for the same target apply the records to
     every kernel they match, in any model, and the schedule library to the rest.
     """
-    import os
-
     from edgec.apply_passes import apply
     from edgec.passes.registry import parse
     from edgec.progress import ConsoleProgress
@@ -373,7 +374,7 @@ def tune(model_path, target_spec, trials, tuning_db, input_shapes, trust_pickle,
     address = parse_address(tracker, "--tracker") if tracker else None
     with progress.stage("tune", f"{trials} trials for {target.spec}"):
         result = run_tune(
-            model, target, trials=trials, database=tuning_db, threads=int(os.environ["TVM_NUM_THREADS"]),
+            model, target, trials=trials, database=tuning_db, threads=threads,
             tracker=address, key=key, report=lambda line: click.echo(f"  {line}", err=True),
         )
     summary = {

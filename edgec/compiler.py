@@ -50,10 +50,11 @@ from edgec.artifact import (
 from edgec.errors import VerificationError
 from edgec.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
-from edgec.model import Model, index_ranges, value_signature
+from edgec.model import Model, input_signatures, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.tuning_db import TuningReport
 from edgec.verify import VerifyOptions
 from edgec.verify import verify as _verify
 
@@ -117,7 +118,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
         manifest = build_manifest(model, resolved, built.files, built.onnx_sha256, verification, progress.seconds)
         manifest["constant_folding"] = {"nodes_folded": folded.nodes_before - folded.nodes_after, "by_op": folded.folded}
         manifest["kernels"] = built.kernels
-        manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.sink)
+        manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.tuning)
         manifest["schedules"]["fallbacks"] = fallbacks.as_list()
         manifest["sha256"] = {name: file_sha256(directory / name) for name in built.files}
         write_manifest(directory, manifest)
@@ -125,12 +126,12 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     return CompileResult(artifact, dict(progress.seconds))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Built:
     kernels: list[dict[str, Any]]
     files: list[str]
     onnx_sha256: str
-    sink: dict[str, Any]
+    tuning: TuningReport | None
 
 
 def _build_and_export(model: Model, mod, target: ResolvedTarget, options, directory: Path, progress: Progress,
@@ -139,12 +140,11 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
     from edgec.build import build, export
     from edgec.runtimes.reference import has_custom_ops
 
-    sink: dict[str, Any] = {}
     with progress.stage("build", f"tvm.relax.build for {target.spec}"):
-        executable, kernels = build(mod, target, options, sink, fallbacks)
-        attach_onnx_nodes(kernels, model.graph)
+        built = build(mod, target, options, fallbacks)
+        attach_onnx_nodes(built.kernels, model.graph)
     with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
-        files = export(executable, target, directory)
+        files = export(built.executable, target, directory)
         onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
         files.append("model.onnx")
         if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
@@ -152,41 +152,34 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
             files.append(REFERENCE_ONNX)
         constants = directory / KERNEL_CONSTANTS
         constants.unlink(missing_ok=True)  # from a build this one replaced
-        if sink.get("kernel_constants"):  # what `edgec profile` feeds kernels whose work depends on them
-            np.savez(constants, **sink["kernel_constants"])
+        if built.kernel_constants:  # what `edgec profile` feeds kernels whose work depends on them
+            np.savez(constants, **built.kernel_constants)
             files.append(KERNEL_CONSTANTS)
-    return _Built(kernels, files, onnx_sha256, sink)
+    return _Built(built.kernels, files, onnx_sha256, built.tuning)
 
 
-def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], sink: dict) -> dict[str, Any]:
+def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], tuning: TuningReport | None) -> dict[str, Any]:
     """Where the kernels' schedules came from: the library's rules, the tuning database, or none."""
     if target.preset.kind == "cuda":
         return {"library": "tvm-dlight", "tuning_db": None}
     by_rule: dict[str, int] = {}
     for rule in {call["kernel"]: call.get("schedule") for call in kernels}.values():
         by_rule[rule or "none"] = by_rule.get(rule or "none", 0) + 1
-    tuning = sink.get("tuning", {})
     return {
         "library": "edgec" if options.schedules else None,
         "by_rule": dict(sorted(by_rule.items())),
         "tuning_db": str(options.tuning_db) if options.tuning_db else None,
-        "tuning_db_records": tuning.get("records"),
+        "tuning_db_records": tuning.records if tuning else None,
         # kernels with a record in the database; of those, how many run MetaSchedule's schedule
         # (it measured faster) rather than the library's (recorded by edgec tune as the baseline)
-        "tuning_db_matched": len(tuning.get("kernels", ())) + len(tuning.get("library_best", ())),
-        "from_tuning_db": len(tuning.get("kernels", ())),
+        "tuning_db_matched": len(tuning.kernels) + len(tuning.library_best) if tuning else 0,
+        "from_tuning_db": len(tuning.kernels) if tuning else 0,
     }
 
 
 def save_onnx(graph: ir.Model, path: Path) -> str:
     ir.save(graph, str(path))
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _with_index_range(signature: dict[str, Any], ranges: dict[str, list[int]]) -> dict[str, Any]:
-    if signature["name"] in ranges:
-        signature["index_range"] = ranges[signature["name"]]  # checked by run/bench before running
-    return signature
 
 
 def build_manifest(
@@ -201,7 +194,6 @@ def build_manifest(
 
     graph = model.graph
     opset = graph.opset_imports.get("", None)
-    ranges = index_ranges(graph)
     return {
         "generator": GENERATOR,
         "format": MANIFEST_FORMAT,
@@ -225,7 +217,7 @@ def build_manifest(
             "dtype": target.dtype,
             "min_tolerance": target.min_tolerance,
         },
-        "inputs": [_with_index_range(value_signature(value), ranges) for value in graph.graph.inputs],
+        "inputs": input_signatures(graph),
         "outputs": [value_signature(value) for value in graph.graph.outputs],
         "passes": [report.as_dict() for report in model.pass_reports],
         "stats": model_stats(graph).as_dict(),

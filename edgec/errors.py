@@ -40,6 +40,10 @@ class BuildError(EdgecError):
     """TVM lowering, building or exporting failed."""
 
 
+class TuningError(EdgecError):
+    """Tuning could not start or produced nothing usable, or a tuning database is missing."""
+
+
 class VerificationError(EdgecError):
     """The compiled model's outputs differ from the reference beyond tolerance."""
 

@@ -530,17 +530,3 @@ def _first_line(error: BaseException) -> str:
 def _last_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[-1] if text else error.__class__.__name__)[:300]
-
-
-def input_arrays(model: Model, seed: int = 0) -> list[np.ndarray]:
-    """Seeded random inputs matching the model's graph inputs."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for value in model.graph.graph.inputs:
-        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype("float32")
-        shape = tuple(int(dim) for dim in value.shape)
-        if np.issubdtype(dtype, np.floating):
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        else:
-            arrays.append(rng.integers(0, 2, size=shape).astype(dtype))
-    return arrays

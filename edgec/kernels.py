@@ -19,6 +19,7 @@ the argument names its key (``"constant": "c3"``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
@@ -146,13 +147,13 @@ def attach_onnx_nodes(calls: list[dict[str, Any]], graph: ir.Model) -> None:
         call["onnx_nodes"] = assigned
 
 
-def capture_pass(sink: dict[str, Any]):
-    """A module pass that stores the IRModule it sees under ``sink["mod"]``."""
+def capture_pass(keep: Callable[[Any], None]):
+    """A module pass that hands the IRModule it sees to ``keep`` and passes it on unchanged."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecCaptureKernels")
     def _capture(mod, _ctx):
-        sink["mod"] = mod
+        keep(mod)
         return mod
 
     return _capture

@@ -72,3 +72,16 @@ def index_ranges(graph: ir.Model) -> dict[str, list[int]]:
         low, high = ranges.get(indices.name, [-size, size - 1])
         ranges[indices.name] = [max(low, -size), min(high, size - 1)]
     return ranges
+
+
+def input_signatures(graph: ir.Model) -> list[dict[str, Any]]:
+    """``value_signature`` of each graph input, with its ``index_range`` where a Gather reads it
+    (what the manifest records and what ``edgec.inputs.random_inputs`` draws from)."""
+    ranges = index_ranges(graph)
+    signatures = []
+    for value in graph.graph.inputs:
+        signature = value_signature(value)
+        if value.name in ranges:
+            signature["index_range"] = ranges[value.name]  # checked by run/bench before running
+        signatures.append(signature)
+    return signatures

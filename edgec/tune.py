@@ -30,58 +30,16 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from edgec.errors import EdgecError
+from edgec.errors import TuningError
 from edgec.model import Model
 from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.tuning_db import default_database
 
 log = logging.getLogger(__name__)
 
 WORKER_TIMEOUT_S = 300.0
 DEFAULT_TRIALS_PER_TASK = 32
-DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
-
-
-class TuningError(EdgecError):
-    """Tuning could not start or produced nothing usable."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec"))
-
-
-def default_database(target: ResolvedTarget) -> Path:
-    """``~/.cache/edgec/tuning/<target>/``; the host preset adds its CPU (``x86-znver5``)
-    because records measured on one CPU are not the best schedule for another."""
-    name = target.spec.replace(":", "_").replace(",", "_").replace("=", "-")
-    if target.preset.mcpu is None:
-        name = f"{name}-{target.tvm_json.get('mcpu', 'host')}"
-    return cache_root() / "tuning" / name
-
-
-def has_database(path: Path) -> bool:
-    return all((path / name).is_file() for name in DATABASE_FILES)
-
-
-def database_for_compile(target: ResolvedTarget, given: str | None) -> Path | None:
-    """What ``edgec compile --tuning-db`` means: a path, ``none``, or (not given) the
-    target's default database when one exists."""
-    if given is not None:
-        if given.lower() == "none":
-            return None
-        path = Path(given).expanduser()
-        if not has_database(path):
-            raise TuningError(
-                f"--tuning-db {given}: no MetaSchedule database there (expected {' and '.join(DATABASE_FILES)}); "
-                "create one with `edgec tune`"
-            )
-        return path
-    path = default_database(target)
-    if has_database(path):
-        log.info("using tuning database %s", path)
-        return path
-    return None
 
 
 def tuning_target(target: ResolvedTarget, threads: int):
@@ -109,69 +67,6 @@ def fused_module(model: Model, target: ResolvedTarget):
     ]
     with tvm_target:
         return tvm.transform.Sequential(passes)(to_relax(model.graph))
-
-
-def apply_database_pass(
-    database_dir: Path, rules: list, schedules: dict[str, str | None], report: dict[str, Any],
-    skip: dict[str, frozenset[str]] | None = None,
-):
-    """A module pass giving each kernel with a record in ``database_dir`` its best measured schedule.
-
-    ``edgec tune`` records the schedule library's own schedule with its measured
-    time next to MetaSchedule's candidates, so the best record is the library's
-    unless the search beat it. ``schedules[kernel]`` becomes the library rule's
-    name in the first case and ``"tuning-db"`` in the second; ``report`` gets
-    ``"database"``, ``"records"`` (tuning records in it), ``"kernels"``
-    (kernels whose tuned schedule beat the library's) and ``"library_best"``
-    (kernels whose best record is the library's schedule). Kernels whose ``skip`` names
-    ``"tuning-db"`` (their record broke an earlier build) keep their unscheduled form.
-    """
-    import tvm
-    import tvm_ffi
-    from tvm import relax, tirx
-    from tvm.s_tir import meta_schedule as ms
-
-    from edgec.targets.schedules import schedule_func
-
-    database = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
-
-    @tvm.transform.module_pass(opt_level=0, name="EdgecApplyTuningDatabase")
-    def _pass(mod, _ctx):
-        originals = {gvar.name_hint: func for gvar, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
-        with database:
-            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        tuned, library_best = [], []
-        for gvar, func in list(mod.functions_items()):
-            name = gvar.name_hint
-            if name in originals and "tuning-db" in (skip or {}).get(name, ()):
-                mod[gvar] = originals[name]
-                continue
-            if name not in originals or _scheduled(originals[name]) or not _scheduled(func):
-                continue
-            library, rule = schedule_func(originals[name], rules)
-            plain = func.without_attr("tirx.is_scheduled")
-            if rule is not None and tvm_ffi.structural_equal(library.without_attr("tirx.is_scheduled"), plain):
-                library_best.append(name)
-                schedules[name] = rule
-            else:
-                tuned.append(name)
-                schedules[name] = "tuning-db"
-        report.update(
-            database=str(database_dir), records=len(database), kernels=sorted(tuned), library_best=sorted(library_best)
-        )
-        log.info(
-            "tuning database %s (%d records): %d kernels took a tuned schedule, "
-            "%d kept the library's (measured faster)",
-            database_dir, len(database), len(tuned), len(library_best),
-        )
-        return mod
-
-    return _pass
-
-
-def _scheduled(func) -> bool:
-    attrs = getattr(func, "attrs", None)
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))
 
 
 @dataclasses.dataclass
@@ -251,14 +146,17 @@ def tune(
     """Tune ``model``'s kernels for ``target`` with MetaSchedule; records go to ``database``.
 
     Measured on this machine (host targets), or on a board registered at an RPC
-    ``tracker`` under ``key`` (ARM targets; the builder cross-compiles).
+    ``tracker`` under ``key`` (ARM targets; the builder cross-compiles). ``threads``: the
+    kernels' thread count (default: the physical cores), for the tuning target's
+    ``num-cores`` and for the measuring workers' thread pool.
     """
     from tvm.s_tir import meta_schedule as ms
 
+    from edgec.runtimes.local import configure_threads
     from edgec.targets.resolve import physical_cores
 
     resolved = resolve(target)
-    threads = threads or int(os.environ.get("TVM_NUM_THREADS") or physical_cores())
+    threads = threads or physical_cores()
     tvm_target = tuning_target(resolved, threads)
     if tracker is None and not resolved.preset.host_runnable:
         raise TuningError(
@@ -268,7 +166,7 @@ def tune(
         raise TuningError("--trials must be at least 1")
     database = Path(database) if database else default_database(resolved)
     database.mkdir(parents=True, exist_ok=True)
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # runner workers inherit it
+    configure_threads(threads)  # MetaSchedule's LocalRunner workers inherit it
     started = time.monotonic()
     mod = fused_module(model, resolved)
     extracted = ms.relax_integration.extract_tasks(mod, tvm_target)

@@ -27,6 +27,7 @@ Its outputs are compared (edgec.numerics.compare) with these references:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import platform
 import shutil
@@ -39,7 +40,8 @@ import numpy as np
 from edgec.artifact import REFERENCE_ONNX, Artifact
 from edgec.errors import EmulatorError, VerificationError
 from edgec.fallbacks import one_line
-from edgec.model import Model, value_signature
+from edgec.inputs import random_inputs
+from edgec.model import Model, input_signatures, value_signature
 from edgec.numerics import compare
 from edgec.progress import Progress
 from edgec.targets import ResolvedTarget
@@ -56,6 +58,7 @@ class VerifyOptions:
     rtol: float = 1e-4
     atol: float = 1e-4
     seed: int = 0
+    threads: int | None = None  # kernel threads when the build runs in this process (None: TVM's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +126,6 @@ def verify(
     """Run the build in ``directory`` and check it; the manifest's ``verification`` entry, or VerificationError."""
     if not options.enabled:
         return {"status": "skipped", "reason": "--no-verify"}
-    from edgec.frontend import input_arrays
 
     floor = target.min_tolerance  # float16 builds: at least this (targets/resolve.py)
     options = dataclasses.replace(options, rtol=max(options.rtol, floor), atol=max(options.atol, floor))
@@ -135,11 +137,11 @@ def verify(
         "inputs": [value_signature(value) for value in model.graph.graph.inputs],
     }
     artifact = Artifact(directory, signature)
-    runner = _runner(target, progress)
+    runner = _runner(target, progress, options.threads)
     if isinstance(runner, str):
         return {"status": "skipped", "reason": runner}
     where = runner.where
-    inputs = input_arrays(model, options.seed)
+    inputs = random_inputs(input_signatures(model.graph), options.seed)
     with progress.stage("verify", f"lib.so on {where} vs references"):
         got = runner.run(artifact, inputs)
         found, unchecked = references(model, inputs, options.rtol)
@@ -177,8 +179,9 @@ class Runner:
     run: Callable[[Artifact, list[np.ndarray]], list[np.ndarray]]
 
 
-def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
+def _runner(target: ResolvedTarget, progress: Progress, threads: int | None) -> Runner | str:
     """How to run the target's code here, or the reason it cannot run here."""
+    run_local = functools.partial(_run_local, threads=threads)
     preset = target.preset
     if preset.kind == "cuda":
         from edgec.runtimes.cuda import unavailable_reason
@@ -186,11 +189,11 @@ def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
         reason = unavailable_reason(target.options["arch"])
         if reason is not None:
             return f"{reason}; check it on a GPU with edgec bench"
-        return Runner("GPU 0 (CUDA)", _run_local)
+        return Runner("GPU 0 (CUDA)", run_local)
     if preset.host_runnable:
         from edgec.runtimes.device_functions import cpu_arch
 
-        return Runner(f"this machine ({cpu_arch(platform.machine())})", _run_local)
+        return Runner(f"this machine ({cpu_arch(platform.machine())})", run_local)
     cannot = f"{target.name} code cannot run on this machine; check it on the board with edgec bench"
     if preset.kind != "llvm":
         return cannot
@@ -216,10 +219,10 @@ def _runner(target: ResolvedTarget, progress: Progress) -> Runner | str:
     )
 
 
-def _run_local(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def _run_local(artifact: Artifact, inputs: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
     from edgec.runtimes.local import LocalRunner
 
-    return LocalRunner(artifact).run(inputs)
+    return LocalRunner(artifact, threads).run(inputs)
 
 
 def _run_emulated(target: ResolvedTarget, agent: Path, artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -3,7 +3,7 @@
 edgec's QEMU plugin (``agent/plugin/icount.c``) counts the guest instructions
 of every guest thread; a program asks for its own thread's count with a system
 call no kernel has (``agent/src/icount.h`` describes the request; the numbers
-below are the same, and ``tests/test_icount.py`` checks that they agree). The
+below are the same, and ``tests/runtimes/test_icount.py`` checks that they agree). The
 native agent asks in C++; this module asks from Python, through ctypes: for
 ``edgec device serve`` in an emulated arm64 Python, and for the ncnn peer in
 ``bench/peers_arm.py``.

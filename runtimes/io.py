@@ -11,20 +11,6 @@ from edgec.artifact import Artifact
 from edgec.errors import InputDataError, OutputError
 
 
-def random_inputs(artifact: Artifact, seed: int = 0) -> list[np.ndarray]:
-    """Seeded inputs: standard normal floats; integers 0 or 1, or within an input's Gather index range."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for spec in artifact.inputs:
-        dtype = np.dtype(spec["dtype"])
-        if np.issubdtype(dtype, np.floating):
-            arrays.append(rng.standard_normal(spec["shape"]).astype(dtype))
-        else:
-            low, high = spec.get("index_range", [0, 1])
-            arrays.append(rng.integers(max(low, 0), min(high, 1) + 1, size=spec["shape"]).astype(dtype))
-    return arrays
-
-
 def _load_array(path: Path):
     if not path.is_file():
         raise InputDataError(f"input file '{path}' does not exist")

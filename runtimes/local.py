@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,14 +13,31 @@ from edgec.errors import ArtifactError, InputDataError
 
 log = logging.getLogger(__name__)
 
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def configure_threads(threads: int | None) -> None:
+    """Give the TVM CPU thread pool of this process (and of processes started from it, such as
+    MetaSchedule's runners) ``threads`` workers; None leaves TVM's default.
+
+    The one place edgec configures the pool. TVM reads ``TVM_NUM_THREADS`` when the pool
+    starts (the first parallel kernel) and offers no other way to size it
+    (``runtime.config_threadpool`` can only use fewer workers than the pool started with),
+    so the count is written there; edgec never reads it back.
+    """
+    if threads is not None:
+        os.environ[THREADS_ENV] = str(threads)
+
 
 class LocalRunner:
-    """Loads ``lib.so`` once; ``run`` takes and returns NumPy arrays."""
+    """Loads ``lib.so`` once; ``run`` takes and returns NumPy arrays. ``threads``: the kernels'
+    thread count (``configure_threads``; None: TVM's default)."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, threads: int | None = None):
         import tvm
         from tvm import relax
 
+        configure_threads(threads)
         self.artifact = artifact
         if artifact.manifest["target"].get("arch") == "cuda":
             from edgec.runtimes import cuda

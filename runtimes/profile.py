@@ -27,6 +27,7 @@ import numpy as np
 
 from edgec.artifact import KERNEL_CONSTANTS, Artifact
 from edgec.errors import ArtifactError
+from edgec.inputs import random_array
 from edgec.runtimes.bench import load_vm, warm_up
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
@@ -146,14 +147,6 @@ class ProfileResult:
         }  # fmt: skip
 
 
-def _random(spec: dict[str, Any], rng: np.random.Generator) -> np.ndarray:
-    dtype = np.dtype(spec["dtype"])
-    shape = tuple(spec["shape"] or ())
-    if np.issubdtype(dtype, np.floating):
-        return np.asarray(rng.standard_normal(shape), dtype=dtype)
-    return np.zeros(shape, dtype=dtype)
-
-
 def kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
     """The integer constants kernels read (sparse indices): timing needs the real ones."""
     wanted = {spec["constant"] for call in artifact.manifest["kernels"] for spec in call["args"] if "constant" in spec}
@@ -170,7 +163,10 @@ def kernel_constants(artifact: Artifact) -> dict[str, np.ndarray]:
 def kernel_arguments(call: dict[str, Any], constants: dict[str, np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The arrays one kernel call is timed on: its integer constants as stored at compile time
     (they decide how much work the kernel does), random tensors of the recorded shapes otherwise."""
-    return [constants[spec["constant"]] if "constant" in spec else _random(spec, rng) for spec in call["args"] + call["outputs"]]
+    return [
+        constants[spec["constant"]] if "constant" in spec else random_array(spec["shape"], spec["dtype"], rng)
+        for spec in call["args"] + call["outputs"]
+    ]
 
 
 def node_macs_by_name(artifact: Artifact) -> dict[str, int]:
@@ -190,7 +186,7 @@ def profile(artifact: Artifact, device: Device, *, repeat: int = 10, seed: int =
     counting = counts_instructions(device)
     module, vm = load_vm(device, artifact)
     rng = np.random.default_rng(seed)
-    inputs = [_random(spec, rng) for spec in artifact.inputs]
+    inputs = [random_array(spec["shape"], spec["dtype"], rng, spec.get("index_range")) for spec in artifact.inputs]
     with device.step("timing the model end to end"):
         vm.set_input("main", *(device.tensor(array) for array in inputs))
         vm.invoke_stateful("main")

@@ -83,13 +83,16 @@ class Device:
 
 
 class LocalDevice(Device):
-    """This machine, in this process."""
+    """This machine, in this process; ``threads``: the kernels' thread count (None: TVM's default)."""
 
     label = "local (this machine)"
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         import tvm
 
+        from edgec.runtimes.local import configure_threads
+
+        configure_threads(threads)
         self.info = {**json.loads(device_functions.device_info()), "agent": "edgec (in-process)"}
         self.dev = tvm.cpu()
 
@@ -238,8 +241,10 @@ def _bounded(call, seconds: float, what: str):
     return result["value"]
 
 
-def connect(rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout: float = 60.0) -> Device:
-    """A LocalDevice, or a RemoteDevice reached directly (``rpc``) or through a tracker."""
+def connect(rpc: str | None = None, tracker: str | None = None, key: str | None = None, timeout: float = 60.0,
+            threads: int | None = None) -> Device:
+    """A LocalDevice (running kernels on ``threads`` threads), or a RemoteDevice reached directly
+    (``rpc``) or through a tracker (the board keeps its own thread count)."""
     if rpc and tracker:
         raise DeviceError("give either --rpc HOST:PORT or --tracker HOST:PORT --key KEY, not both")
     if not timeout > 0:
@@ -247,7 +252,7 @@ def connect(rpc: str | None = None, tracker: str | None = None, key: str | None 
     if tracker and not key:
         raise DeviceError("--tracker needs --key (the device key the board registered with, e.g. a7)")
     if not rpc and not tracker:
-        return LocalDevice()
+        return LocalDevice(threads)
     from tvm import rpc as tvm_rpc
 
     if rpc:

@@ -76,3 +76,43 @@ def assert_profile_adds_up(data: dict, manifest: dict) -> None:
     order = "total_ms" if data.get("instructions") is None else "instructions"  # counted boards: by instructions
     weights = [row["total_ms"] if order == "total_ms" else row["instructions"]["total"] for row in rows]
     assert weights == sorted(weights, reverse=True)
+
+
+def make_onnx(nodes, inputs: dict, outputs: dict, initializers: dict, path: Path | None = None):
+    """An onnx_ir model of float32 ``nodes`` (opset 17, shapes inferred); also saved at ``path``."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        [numpy_helper.from_array(np.asarray(array), name) for name, array in initializers.items()],
+    )
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    if path is not None:
+        onnx.save(proto, path)
+    return ir.serde.deserialize_model(proto)
+
+
+def invoke(*args):
+    """``edgec ARGS...`` in this process (click's CliRunner); the result has stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from edgec.cli import cli
+
+    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="edgec")
+
+
+def one_error_line(result, *words: str) -> str:
+    """Exit status 1, exactly one ``Error:`` line naming ``words``, no traceback, nothing on stdout."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]

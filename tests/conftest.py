@@ -11,6 +11,7 @@ Formats (``FORMATS``):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +45,27 @@ def _restore_tvm_num_threads(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", before or "0")  # records what to restore, even "unset"
     if before is None:
         monkeypatch.delenv("TVM_NUM_THREADS")
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI configures logging (basicConfig(force=True), -v levels) and warning filters:
+    put them back so later tests do not log into a closed CliRunner stream."""
+    root = logging.getLogger()
+    names = ("edgec", "torch", "onnxscript", "onnx_ir", "tvm")
+    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in names})
+    with warnings.catch_warnings():
+        yield
+    handlers, level, levels = saved
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -406,7 +406,7 @@ def _llvm_asm(graph: ir.Model, preset: str) -> str:
     from edgec.targets import resolve
 
     target = resolve(preset)
-    executable, _ = build(to_relax(graph, target), target)
+    executable = build(to_relax(graph, target), target).executable
     modules = [module for module in executable.mod.imports if module.kind == "llvm"]
     return "\n".join(module.inspect_source("s") for module in modules)
 

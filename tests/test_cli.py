@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -16,36 +15,14 @@ import pytest
 from click.testing import CliRunner
 
 import edgec
-from backbone import ATOL, RTOL
+from backbone import ATOL, RTOL, invoke
 from edgec.artifact import load_artifact
 from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
 from edgec.targets import PRESETS, resolve
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI configures logging (basicConfig(force=True), -v levels) and warning filters:
-    put them back so later tests do not log into a closed CliRunner stream."""
-    root = logging.getLogger()
-    names = ("edgec", "torch", "onnxscript", "onnx_ir", "tvm")
-    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in names})
-    with warnings.catch_warnings():
-        yield
-    handlers, level, levels = saved
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-    for name, value in levels.items():
-        logging.getLogger(name).setLevel(value)
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="edgec")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest.py: the CLI reconfigures logging
 
 
 def assert_clean_error(result, *words: str) -> str:

@@ -17,10 +17,11 @@ from click.testing import CliRunner
 
 import edgec
 from edgec.cli import cli
+from edgec.errors import TuningError
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import resolve
-from edgec.tune import DATABASE_FILES, TuningError, database_for_compile, default_database, has_database
+from edgec.tuning_db import DATABASE_FILES, database_for_compile, default_database, has_database
 
 TRIALS = 2
 

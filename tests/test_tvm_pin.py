@@ -1,7 +1,8 @@
-"""The pins of constraints.txt hold, and the reason for the tvm-ffi pin stays fixed.
+"""The pins of constraints.txt hold (read from the file, not repeated here), and the reason
+for the tvm-ffi pin stays fixed.
 
-DESIGN.md: with apache-tvm-ffi 0.1.15.x, ``tvm.ir.save_json`` segfaults, which
-kills MetaSchedule tuning. The round trip runs in a subprocess so that a
+docs/architecture.md (Pins): with apache-tvm-ffi 0.1.15.x, ``tvm.ir.save_json`` segfaults,
+which kills MetaSchedule tuning. The round trip runs in a subprocess so that a
 segfault fails this test instead of killing pytest.
 """
 
@@ -75,14 +76,8 @@ def _pins() -> dict[str, str]:
     return pins
 
 
-def test_constraints_pin_what_design_md_says():
-    pins = _pins()
-    assert pins["torch"] == "2.13.0"
-    assert pins["apache-tvm"] == "0.27.0.post1"
-    assert pins["apache-tvm-ffi"] == "0.1.14.post1"
-    assert not pins["apache-tvm-ffi"].startswith("0.1.15")
-    for name in ("onnx", "onnxruntime", "onnx-ir", "onnxscript", "click", "numpy", "rich"):
-        assert name in pins
+def test_tvm_ffi_pin_avoids_the_save_json_segfault():
+    assert not _pins()["apache-tvm-ffi"].startswith("0.1.15")
 
 
 def _required() -> set[str]:

@@ -1,7 +1,7 @@
 /* How a program running under qemu-user asks edgec's instruction-counting plugin
  * (agent/plugin/icount.c) for its own instruction count: shared by the plugin (C, on
  * the host) and edgec-agent (C++, the guest). edgec/runtimes/icount.py holds the same
- * numbers for Python guests; tests/test_icount.py checks that they agree.
+ * numbers for Python guests; tests/runtimes/test_icount.py checks that they agree.
  *
  * The guest fills a struct edgec_icount with .magic = EDGEC_ICOUNT_ASK and makes the
  * system call EDGEC_ICOUNT_SYSCALL(EDGEC_ICOUNT_ASK, &that_struct). No Linux kernel has

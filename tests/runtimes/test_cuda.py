@@ -33,7 +33,7 @@ from edgec.runtimes import cuda
 from edgec.targets import resolve
 from edgec.targets.resolve import FLOAT16_TOLERANCE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EM_X86_64_MACHINE = 62
 
 
@@ -532,7 +532,7 @@ def test_gpu_over_rpc(gpu_results):
     import socket
 
     from edgec.runtimes.bench import bench
-    from edgec.runtimes.io import random_inputs
+    from edgec.inputs import random_inputs
     from edgec.runtimes.serve import start_server
     from edgec.runtimes.session import connect
 
@@ -543,7 +543,7 @@ def test_gpu_over_rpc(gpu_results):
     try:
         artifact = gpu_results["float32"].artifact
         with connect(rpc=f"127.0.0.1:{server.port}", timeout=120) as device:
-            result = bench(artifact, device, random_inputs(artifact), repeat=3, warmup=1)
+            result = bench(artifact, device, random_inputs(artifact.inputs), repeat=3, warmup=1)
         assert result.check["ok"] is True and result.device_info["gpu"]["arch"]
     finally:
         server.terminate()

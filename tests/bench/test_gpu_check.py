@@ -17,7 +17,7 @@ import pytest
 
 from conftest import gpu_available
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(gpu_available(), reason="this machine has a GPU: the real check runs instead")

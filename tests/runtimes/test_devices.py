@@ -23,7 +23,7 @@ from backbone import assert_profile_adds_up
 from models import ProfileNet
 from edgec.errors import ArtifactError, DeviceError, VerificationError
 from edgec.runtimes.bench import bench
-from edgec.runtimes.io import random_inputs
+from edgec.inputs import random_inputs
 from edgec.runtimes.profile import profile, write_html
 from edgec.runtimes.serve import start_server
 from edgec.runtimes.session import LocalDevice, connect
@@ -109,7 +109,7 @@ def _nothing_listens(port: int, within: float = 10.0) -> bool:
 
 
 def test_bench_local_checks_outputs_and_reports_statistics(x86_artifact):
-    result = bench(x86_artifact, LocalDevice(), random_inputs(x86_artifact), repeat=4, warmup=1)
+    result = bench(x86_artifact, LocalDevice(), random_inputs(x86_artifact.inputs), repeat=4, warmup=1)
     assert len(result.times_ms) == 4 and all(t > 0 for t in result.times_ms)
     assert result.check["ok"] is True and result.check["max_abs"] < 1e-4
     assert result.p90_ms >= result.median_ms >= min(result.times_ms)
@@ -173,7 +173,7 @@ def test_board_killed_mid_session(x86_artifact, server):
     server.terminate()
     start = time.monotonic()
     with pytest.raises(DeviceError, match="device at 127.0.0.1"):
-        bench(x86_artifact, device, random_inputs(x86_artifact), repeat=2, warmup=0)
+        bench(x86_artifact, device, random_inputs(x86_artifact.inputs), repeat=2, warmup=0)
     assert time.monotonic() - start < FAULT_BOUND_S
     assert _nothing_listens(port)
 
@@ -206,7 +206,7 @@ def test_tracker_routes_by_key_and_fails_fast_without_a_board(x86_artifact):
                 break
             time.sleep(0.5)
         device = connect(tracker=address, key="x86box", timeout=20)
-        result = bench(x86_artifact, device, random_inputs(x86_artifact), repeat=2, warmup=0)
+        result = bench(x86_artifact, device, random_inputs(x86_artifact.inputs), repeat=2, warmup=0)
         assert result.check["ok"] is True
         with pytest.raises(DeviceError, match="no board registered with key 'a7'.*x86box"):
             connect(tracker=address, key="a7", timeout=10)
@@ -240,5 +240,5 @@ def test_bench_detects_wrong_device_outputs(x86_artifact, tmp_path, monkeypatch)
     real = bench_module.run_once
     monkeypatch.setattr(bench_module, "run_once", lambda *a: [o + 1.0 for o in real(*a)])
     with pytest.raises(VerificationError) as error:  # before anything is timed
-        bench(x86_artifact, LocalDevice(), random_inputs(x86_artifact), repeat=1, warmup=0)
+        bench(x86_artifact, LocalDevice(), random_inputs(x86_artifact.inputs), repeat=1, warmup=0)
     assert "differ from onnxruntime" in str(error.value) and "not timed" in str(error.value)

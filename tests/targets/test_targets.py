@@ -1,4 +1,4 @@
-"""Target presets -> the TVM target JSON of DESIGN.md; options; toolchains."""
+"""Target presets -> TVM target JSON (docs/architecture.md, Pins); options; toolchains."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from edgec.targets import PRESETS, TargetPreset, require_linker, required_tools,
 from edgec.targets import host as target_host
 from edgec.targets.resolve import parse_spec
 
-# DESIGN.md, "Verified calls" and "Decisions already measured here"
+# the JSON TVM 0.27 takes for each board (docs/architecture.md, Pins)
 EXPECTED_TVM_JSON = {
     "cortex-a7": {
         "kind": "llvm",

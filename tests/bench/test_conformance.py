@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "bench" / "conformance.py"
+BENCH = Path(__file__).parents[2] / "bench" / "conformance.py"
 
 # case -> why it is here
 CASES = {

@@ -31,8 +31,7 @@ import pytest
 
 from edgec.errors import AgentBuildError, EmulatorError
 
-sys.path.insert(0, str(Path(__file__).parent))
-import models  # noqa: E402 - tests/ on sys.path first
+import models  # tests/models.py (conftest puts tests/ on sys.path)
 
 PRESETS = {  # preset -> (cpu_arch, uname machine under qemu)
     "cortex-a7": ("armv7", "armv7l"),

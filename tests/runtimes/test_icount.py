@@ -23,7 +23,7 @@ import pytest
 from edgec.errors import DeviceError
 from edgec.runtimes import guest_counter
 
-AGENT = Path(__file__).resolve().parent.parent / "agent"
+AGENT = Path(__file__).resolve().parents[2] / "agent"
 
 # Asks for the counts around `loops` iterations of a loop, with `spinners` threads spinning meanwhile;
 # prints "answered thread all_threads spins" (answered 0: nobody filled the request; spins: loop
