@@ -10,7 +10,6 @@ rule, no fine-tuning), compiled; its accuracy drop is printed and bounded.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 import onnx
@@ -36,7 +35,7 @@ from test_lower_binary import (  # noqa: E402 - sibling test module: shared grap
     signature,
 )
 
-LOGGER = "edgec.passes.lower_ternary"
+LOGGER = "edgec.passes"  # the pass and the coded-weight driver it shares with binary
 
 
 def ternary_weight(rng, *shape, zeros: float = 0.3) -> np.ndarray:
@@ -47,7 +46,7 @@ def ternary_weight(rng, *shape, zeros: float = 0.3) -> np.ndarray:
 
 
 def messages(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == LOGGER]
+    return [record.getMessage() for record in caplog.records if record.name.startswith(LOGGER)]
 
 
 # --------------------------------------------------------------------------
@@ -223,49 +222,19 @@ def test_registered_and_parsed_from_the_command_line():
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_cnn(tmp_path_factory):
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from torch import nn
-    from torch.nn import functional
+def _digits_cnn(torch, nn, functional):
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny network: one thread is faster, and the cores are shared
-    try:
-        torch.manual_seed(0)
-        digits = load_digits()
-        images = ((digits.images / 16.0 - 0.3) / 0.4).astype(np.float32)[:, None]
-        train_x, test_x, train_y, test_y = train_test_split(
-            images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
-        )
-        network = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
-        )  # fmt: skip
-        optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
-        inputs, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-        for _ in range(15):
-            network.train()
-            order = torch.randperm(len(inputs))
-            for start in range(0, len(inputs), 64):
-                batch = order[start : start + 64]
-                loss = functional.cross_entropy(network(inputs[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        network.eval()
-        with torch.no_grad():
-            logits = network(torch.from_numpy(test_x)).numpy()
-        path = tmp_path_factory.mktemp("digits_cnn") / "cnn.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(network, (torch.from_numpy(test_x),), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    finally:
-        torch.set_num_threads(threads)
-    return path, test_x, test_y, float(np.mean(logits.argmax(axis=1) == test_y))
+
+@pytest.fixture(scope="module")
+def digits_cnn(train_digits):
+    """(ONNX path, test images, test labels, PyTorch test accuracy) of a float CNN trained here."""
+    path, images, labels, logits = train_digits(_digits_cnn, "digits_cnn", epochs=15, lr=3e-3)
+    return path, images, labels, float(np.mean(logits.argmax(axis=1) == labels))
 
 
 def test_digits_ternary_weight_only_accuracy_drop(digits_cnn, tmp_path):
