@@ -42,8 +42,10 @@ __all__ = ["RemoveZeroChannelsPass"]
 
 @dataclasses.dataclass(frozen=True)
 class RemoveZeroChannelsPass(ir.passes.InPlacePass):
-    """Remove Conv output channels whose filters are all zero; their constant output is folded
-    into the next layers' bias (exact). Consumers are sliced to match; see the module docstring."""
+    """Remove Conv output channels whose filters are all zero, exactly (their output goes into the next bias).
+
+    The constant such a channel outputs is folded into the bias of the layers
+    reading it; consumers are sliced to match; see the module docstring."""
 
     cli_name: ClassVar[str] = "zero-channels"
 

@@ -18,7 +18,6 @@ import pytest
 from onnx import helper
 
 import edgec
-from edgec.ops import DOMAIN
 from edgec.ops.ternary_conv import ternary_weights
 from edgec.passes import PASSES, FoldBatchNormPass, LowerTernaryPass
 from edgec.passes.lower_ternary import quantize_ternary, ternary_codes, ternary_planes
