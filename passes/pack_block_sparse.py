@@ -90,19 +90,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.block_sparsity import (
-    BlockSparsity,
-    block_mask,
-    block_norms,
-    block_sparsify,
-    element_mask,
-    filter_order,
-    group_order,
-    kept_mass,
-    pack_blocks,
-    prune_count,
-    rearrangement,
-)
+from edgec.passes.block_sparsity import BlockSparsity, block_norms, block_sparsify, element_mask, pack_blocks
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe
@@ -110,20 +98,7 @@ from edgec.passes.registry import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BlockSparsity",
-    "PackBlockSparsePass",
-    "block_mask",
-    "block_norms",
-    "block_sparsify",
-    "element_mask",
-    "filter_order",
-    "group_order",
-    "kept_mass",
-    "pack_blocks",
-    "prune_count",
-    "rearrangement",
-]
+__all__ = ["PackBlockSparsePass"]  # the math (block_norms, pack_blocks, ...) is passes/block_sparsity.py
 
 
 # --------------------------------------------------------------------------

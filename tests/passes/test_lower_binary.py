@@ -104,6 +104,25 @@ def skip_messages(caplog) -> list[str]:
     return [message for message in messages(caplog) if "not lowered" in message]
 
 
+def lower_and_check(model: ir.Model, graph_pass, caplog) -> tuple[ir.Model, ir.Node]:
+    """Run ``graph_pass`` on a valid ``model`` that it must lower to one edgec node: the graph
+    stays valid with the same inputs and outputs (names, shapes, dtypes), the NumPy reference
+    of the result matches ONNX Runtime on the original, and no layer is skipped."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    feeds = feeds_for(model)
+    before = run_onnxruntime(model, feeds)
+    interface = signature(model)
+    result = graph_pass(model)
+    assert result.modified is True
+    (node,) = edgec_nodes(result.model)
+    assert signature(result.model) == interface
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    assert_close(run_numpy_reference(result.model, feeds), before)
+    assert skip_messages(caplog) == []
+    return result.model, node
+
+
 # --------------------------------------------------------------------------
 # the math (pure NumPy)
 # --------------------------------------------------------------------------
@@ -306,28 +325,14 @@ MATCHES = {
 
 @pytest.mark.parametrize("case", MATCHES)
 def test_lowers(case, caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
     build, graph_pass, op_type, mode, gone = MATCHES[case]
-    model = build(np.random.default_rng(7))
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    feeds = feeds_for(model)
-    before = run_onnxruntime(model, feeds)
-    interface = signature(model)
-
-    result = graph_pass(model)
-
-    assert result.modified is True
-    (node,) = edgec_nodes(result.model)
+    model, node = lower_and_check(build(np.random.default_rng(7)), graph_pass, caplog)
     assert node.op_type == op_type
     assert node.attributes.get_string("binarize_input") == mode
-    counts = ops(result.model)
+    counts = ops(model)
     for op in gone:
         assert counts[op] == 0, f"{op} left: {counts}"
-    assert signature(result.model) == interface  # inputs and outputs: names, shapes, dtypes
-    assert result.model.opset_imports[DOMAIN] == 1
-    onnx.checker.check_model(ir.serde.serialize_model(result.model))
-    assert_close(run_numpy_reference(result.model, feeds), before)
-    assert skip_messages(caplog) == []
+    assert model.opset_imports[DOMAIN] == 1
     assert any("weights" in message and "->" in message for message in messages(caplog))
 
 

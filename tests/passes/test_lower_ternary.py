@@ -22,16 +22,14 @@ from edgec.ops.ternary_conv import ternary_weights
 from edgec.passes import PASSES, FoldBatchNormPass, LowerTernaryPass
 from edgec.passes.lower_ternary import quantize_ternary, ternary_codes, ternary_planes
 from edgec.passes.registry import parse
-from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 from test_lower_binary import (  # noqa: E402 - sibling test module: shared graph helpers
-    assert_close,
     edgec_nodes,
-    feeds_for,
+    lower_and_check,
     make_model,
+    messages,
     ops,
     sign_weight,
-    signature,
 )
 
 LOGGER = "edgec.passes"  # the pass and the coded-weight driver it shares with binary
@@ -42,10 +40,6 @@ def ternary_weight(rng, *shape, zeros: float = 0.3) -> np.ndarray:
     codes = np.where(rng.standard_normal(shape) < 0, -1.0, 1.0) * (rng.random(shape) >= zeros)
     scale = rng.uniform(0.05, 0.5, shape[0]).reshape(-1, *([1] * (len(shape) - 1)))
     return (codes * scale).astype(np.float32)
-
-
-def messages(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name.startswith(LOGGER)]
 
 
 # --------------------------------------------------------------------------
@@ -150,22 +144,10 @@ MATCHES = {
 
 @pytest.mark.parametrize("case", MATCHES)
 def test_lowers(case, caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
     build, graph_pass, op_type = MATCHES[case]
-    model = build(np.random.default_rng(2))
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    feeds = feeds_for(model)
-    before = run_onnxruntime(model, feeds)
-    interface = signature(model)
-    result = graph_pass(model)
-    assert result.modified is True
-    (node,) = edgec_nodes(result.model)
+    model, node = lower_and_check(build(np.random.default_rng(2)), graph_pass, caplog)
     assert node.op_type == op_type
-    assert not {"Conv", "Gemm", "Relu", "BatchNormalization"} & set(ops(result.model))
-    assert signature(result.model) == interface
-    onnx.checker.check_model(ir.serde.serialize_model(result.model))
-    assert_close(run_numpy_reference(result.model, feeds), before)
-    assert not [message for message in messages(caplog) if "not lowered" in message]
+    assert not {"Conv", "Gemm", "Relu", "BatchNormalization"} & set(ops(model))
 
 
 def test_macs_are_those_of_the_float_layer():
