@@ -198,12 +198,12 @@ class FuseFiltersPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.mode == "masked":
-            warnings.warn(
+            note = (
                 "fuse-filters mode=masked is the zero-channels pass now: write -p zero-channels "
-                "(RemoveZeroChannelsPass); mode= will be removed",
-                DeprecationWarning,
-                stacklevel=2,
+                "(RemoveZeroChannelsPass); mode= will be removed"
             )
+            warnings.warn(note, DeprecationWarning, stacklevel=2)
+            logger.warning(note)  # DeprecationWarnings are hidden outside __main__: the CLI user sees this
             return RemoveZeroChannelsPass(exclude=self.exclude, min_channels=self.min_channels).call(model)
         modified = shrink_channels(model, masked=False, exclude=self.exclude, plan=self._plan)
         return ir.passes.PassResult(model, modified=modified)
