@@ -1,8 +1,8 @@
 """Channel reduction by filter fusion: Conv output channels physically removed (``-p fuse-filters``).
 
 Dynamic-coded filter fusion (DCFF, Lin et al., arXiv 2107.06916), applied
-once after training. For a Conv layer with filters
-``W_1 .. W_C`` (each flattened to a vector)::
+once after training. For a Conv layer with filters ``W_1 .. W_C`` (each
+flattened to a vector)::
 
     d_kj   = ||W_k - W_j||_2                          (Euclidean, d_kk = 0)
     dbar   = mean of d_kj over the C(C-1) pairs j != k  (1 if all are 0)
