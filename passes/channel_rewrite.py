@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.channel_analysis import ChannelAnalysis, Layout, Sink, node_name
+from edgec.passes.channel_analysis import ChannelAnalysis, Layout, Sink, node_name, shrinkable_groups
 from edgec.passes.graph_edit import GraphEditor, describe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChannelRewriter", "Plan", "fuse_filters", "log_shrink"]
+__all__ = ["ChannelRewriter", "Plan", "fuse_filters", "shrink_channels"]
 
 
 @dataclasses.dataclass
@@ -33,7 +34,27 @@ class Plan:
     distributions: dict[ir.Node, np.ndarray | None]  # None: plain selection
 
 
-def log_shrink(sources: list[ir.Node], channels: int, plan: Plan, ties: list[str]) -> None:
+PlanMaker = Callable[[ChannelAnalysis, int, list[ir.Node], int], "Plan | None"]
+
+
+def shrink_channels(model: ir.Model, *, masked: bool, exclude: tuple[str, ...], plan: PlanMaker) -> bool:
+    """Analyse ``model``'s channels, ask ``plan(analysis, root, sources, channels)`` for each tied
+    group that may shrink (None: it stays), rewrite; True when a group shrank."""
+    analysis = ChannelAnalysis(model, masked=masked)
+    analysis.run()
+    plans: dict[int, Plan] = {}
+    for root, sources, ties in shrinkable_groups(analysis, exclude):
+        channels = analysis.spaces[root].channels
+        found = plan(analysis, root, sources, channels)
+        if found is not None:
+            plans[root] = found
+            _log_shrink(sources, channels, found, ties)
+    if plans:
+        ChannelRewriter(model, analysis, plans).apply()
+    return bool(plans)
+
+
+def _log_shrink(sources: list[ir.Node], channels: int, plan: Plan, ties: list[str]) -> None:
     """The INFO line of a tied group that shrinks."""
     logger.info(
         "%s: %d -> %d output channels%s",

@@ -1,8 +1,8 @@
 """Channel reduction by filter fusion: Conv output channels physically removed (``-p fuse-filters``).
 
 Dynamic-coded filter fusion (DCFF, Lin et al., arXiv 2107.06916), applied
-once after training. For a Conv layer with filters
-``W_1 .. W_C`` (each flattened to a vector)::
+once after training. For a Conv layer with filters ``W_1 .. W_C`` (each
+flattened to a vector)::
 
     d_kj   = ||W_k - W_j||_2                          (Euclidean, d_kk = 0)
     dbar   = mean of d_kj over the C(C-1) pairs j != k  (1 if all are 0)
@@ -54,9 +54,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.channel_analysis import ChannelAnalysis, node_name, shrinkable_groups
+from edgec.passes.channel_analysis import ChannelAnalysis, node_name
 from edgec.passes.channel_ops import zero_filters
-from edgec.passes.channel_rewrite import ChannelRewriter, Plan, fuse_filters, log_shrink
+from edgec.passes.channel_rewrite import Plan, fuse_filters, shrink_channels
 from edgec.passes.graph_edit import describe
 from edgec.passes.registry import option_help, require_node_names
 from edgec.passes.remove_zero_channels import RemoveZeroChannelsPass
@@ -198,27 +198,17 @@ class FuseFiltersPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.mode == "masked":
-            warnings.warn(
+            note = (
                 "fuse-filters mode=masked is the zero-channels pass now: write -p zero-channels "
-                "(RemoveZeroChannelsPass); mode= will be removed",
-                DeprecationWarning,
-                stacklevel=2,
+                "(RemoveZeroChannelsPass); mode= will be removed"
             )
+            warnings.warn(note, DeprecationWarning, stacklevel=2)
+            logger.warning(note)  # DeprecationWarnings are hidden outside __main__: the CLI user sees this
             return RemoveZeroChannelsPass(exclude=self.exclude, min_channels=self.min_channels).call(model)
-        analysis = ChannelAnalysis(model, masked=False)
-        analysis.run()
-        plans: dict[int, Plan] = {}
-        for root, sources, ties in shrinkable_groups(analysis, self.exclude):
-            channels = analysis.spaces[root].channels
-            plan = self._plan(sources, analysis, channels)
-            if plan is not None:
-                plans[root] = plan
-                log_shrink(sources, channels, plan, ties)
-        if plans:
-            ChannelRewriter(model, analysis, plans).apply()
-        return ir.passes.PassResult(model, modified=bool(plans))
+        modified = shrink_channels(model, masked=False, exclude=self.exclude, plan=self._plan)
+        return ir.passes.PassResult(model, modified=modified)
 
-    def _plan(self, sources: list[ir.Node], analysis: ChannelAnalysis, channels: int) -> Plan | None:
+    def _plan(self, analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int) -> Plan | None:
         """One keep-set for a tied group: the smallest ratio of its Convs, by summed importance."""
         ratio = min(self.layer_ratios.get(node_name(node), self.ratio) for node in sources)
         keep = keep_count(channels, ratio, self.min_channels)

@@ -1,8 +1,9 @@
 """Graph surgery shared by the passes: fresh names, new initializers, rerouting, dead code.
 
 A pass makes one ``GraphEditor`` per call (working state, never stored on the
-pass) and does every edit of the main graph through it, so that names stay
-unique and nothing a rewrite leaves unused survives it.
+pass) and names, adds initializers, reroutes and removes through it (it
+inserts new nodes with onnx_ir's own ``insert_after``/``insert_before``), so
+that names stay unique and nothing a rewrite leaves unused survives it.
 
 Two rules keep the edits safe for memoised constant evaluation
 (passes/constants.py): a new constant is always a new ``ir.Value`` (never a

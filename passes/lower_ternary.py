@@ -18,7 +18,7 @@ Quantisation (``quantize=true``; lossy, TWN's threshold rule, float64)::
 
 The layers run weight-only (float activations): the packed planes are
 decoded at run time into float32 and convolved by the float kernels (see
-edgec/ops/ternary_conv.py). The epilogue is passes/lower_binary.py's: the
+edgec/ops/ternary/). The epilogue is binary's (passes/weight_layers.py): the
 bias (Gemm's ``beta * C``, ``alpha`` into the scale), a following inference
 BatchNormalization folded into scale and bias, then a Relu or Clip fused.
 A batch norm folded into the Conv by ``fold-bn`` first scales each channel
@@ -42,24 +42,13 @@ shapes, Gemm transA or a C not per column, excluded).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.lower_binary import (
-    LAYER_OPS,
-    CodedWeight,
-    Skip,
-    WeightRewriter,
-    conv_bits,
-    relative_error,
-)
-from edgec.passes.graph_edit import describe
+from edgec.passes.coded_weights import Codec, CodedWeight, conv_bits, lower_coded_layers
 from edgec.passes.registry import option_help, require_node_names
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["LowerTernaryPass", "quantize_ternary", "ternary_codes", "ternary_planes"]
 
@@ -160,58 +149,23 @@ class LowerTernaryPass(ir.passes.InPlacePass):
         require_node_names(model, self.exclude, "exclude", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rewriter = WeightRewriter(model)
-        per_tensor = self.scale == "per-tensor"
-        lowered = 0
-        for node in list(model.graph):
-            if node.graph is not model.graph or node.domain != "" or node.op_type not in LAYER_OPS:
-                continue
-            if node.name in self.exclude:
-                logger.info("%s not lowered: it is excluded", describe(node))
-                continue
-            try:
-                match = rewriter.match_layer(node)
-                coded, note = self._codes(match.weight, per_tensor)
-            except Skip as reason:
-                logger.info("%s not lowered: %s", describe(node), reason)
-                continue
-            if not self.pack:
-                lowered += rewriter.set_weight(match, coded.dequantize())
-                continue
-            planes = ternary_planes(coded)
-            scale, bias, fused = rewriter.epilogue(match, coded.scale)
-            arrays = {"weight_bits": planes, "scale": scale}
-            if bias is not None:
-                arrays["bias"] = bias
-            before = match.weight.nbytes
-            new = rewriter.replace(match, "TernaryConv" if match.is_conv else "TernaryGemm", arrays, dict(match.conv), match.data)
-            activation = rewriter.fuse_activation(new)
-            after = planes.nbytes + scale.nbytes
-            rewriter.bytes_before += before
-            rewriter.bytes_after += after
-            lowered += 1
-            logger.info(
-                "%s -> edgec.%s (weight-only%s%s)%s: weights %d B -> %d B (%.1fx)",
-                describe(node), new.op_type, fused, f", {activation} fused" if activation != "none" else "",
-                note, before, after, before / after,
-            )  # fmt: skip
-        if lowered:
-            logger.info(
-                "ternary: lowered %d layer(s); weights %d B -> %d B (%.1fx)",
-                lowered, rewriter.bytes_before, rewriter.bytes_after, rewriter.bytes_before / max(rewriter.bytes_after, 1),
-            )  # fmt: skip
-        return ir.passes.PassResult(model, modified=lowered > 0)
+        modified = lower_coded_layers(
+            model, self.codec(), exclude=self.exclude, quantize=self.quantize, pack=self.pack, binary_activations=False
+        )
+        return ir.passes.PassResult(model, modified=modified)
 
-    def _codes(self, weight: np.ndarray, per_tensor: bool) -> tuple[CodedWeight, str]:
-        try:
-            coded = ternary_codes(weight, per_tensor)
-        except ValueError as reason:
-            if not self.quantize:
-                raise Skip(f"its weight is not ternary ({self.scale}): {reason}; quantize=true ternarises it (lossy)") from None
-            coded = quantize_ternary(weight, self.delta, per_tensor)
-            zeros = float((coded.codes == 0).mean())
-            error = relative_error(weight, coded.dequantize())
-            return coded, f", quantised: weight error {error:.3f} (relative L2), {zeros:.0%} zeros"
-        if not np.array_equal(coded.dequantize(weight.dtype), weight):
-            raise Skip("its ternary form does not reproduce the float32 weight exactly")
-        return coded, ""
+    def codec(self) -> Codec:
+        """This configuration's row of the codec table: 2 bit planes per weight, weight-only."""
+        per_tensor = self.scale == "per-tensor"
+        return Codec(
+            kind="ternary",
+            ops=("TernaryConv", "TernaryGemm"),
+            codes=lambda weight: ternary_codes(weight, per_tensor),
+            quantize=lambda weight: quantize_ternary(weight, self.delta, per_tensor),
+            pack=ternary_planes,
+            attributes={},
+            label=None,
+            options=self.scale,
+            verb="ternarises",
+            count_zeros=True,
+        )

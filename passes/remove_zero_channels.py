@@ -26,26 +26,26 @@ DeprecationWarning).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
-from edgec.passes.channel_analysis import ChannelAnalysis, Sink, padded, shrinkable_groups
+from edgec.passes.channel_analysis import ChannelAnalysis, Sink, padded
 from edgec.passes.channel_ops import zero_filters
-from edgec.passes.channel_rewrite import ChannelRewriter, Plan, log_shrink
+from edgec.passes.channel_rewrite import Plan, shrink_channels
 from edgec.passes.registry import option_help, require_node_names
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["RemoveZeroChannelsPass"]
 
 
 @dataclasses.dataclass(frozen=True)
 class RemoveZeroChannelsPass(ir.passes.InPlacePass):
-    """Remove Conv output channels whose filters are all zero; their constant output is folded
-    into the next layers' bias (exact). Consumers are sliced to match; see the module docstring."""
+    """Remove Conv output channels whose filters are all zero, exactly (their output goes into the next bias).
+
+    The constant such a channel outputs is folded into the bias of the layers
+    reading it; consumers are sliced to match; see the module docstring."""
 
     cli_name: ClassVar[str] = "zero-channels"
 
@@ -62,18 +62,11 @@ class RemoveZeroChannelsPass(ir.passes.InPlacePass):
         require_node_names(model, self.exclude, "exclude", self.cli_name, output_names=True)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        analysis = ChannelAnalysis(model, masked=True)
-        analysis.run()
-        plans: dict[int, Plan] = {}
-        for root, sources, ties in shrinkable_groups(analysis, self.exclude):
-            channels = analysis.spaces[root].channels
-            plan = _masked_plan(analysis, root, sources, channels, self.min_channels)
-            if plan is not None:
-                plans[root] = plan
-                log_shrink(sources, channels, plan, ties)
-        if plans:
-            ChannelRewriter(model, analysis, plans).apply()
-        return ir.passes.PassResult(model, modified=bool(plans))
+        modified = shrink_channels(model, masked=True, exclude=self.exclude, plan=self._plan)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _plan(self, analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int) -> Plan | None:
+        return _masked_plan(analysis, root, sources, channels, self.min_channels)
 
 
 def _masked_plan(analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int, min_channels: int) -> Plan | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import warnings
 
 import numpy as np
 import onnx
@@ -29,7 +28,7 @@ from edgec.passes.lower_binary import CodedWeight, binary_codes, conv_bits, quan
 from edgec.passes.registry import parse
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
-LOGGER = "edgec.passes.lower_binary"
+LOGGER = "edgec.passes"  # the pass and the coded-weight driver it shares with ternary
 RTOL = 1e-5
 
 
@@ -98,11 +97,30 @@ def edgec_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 def messages(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == LOGGER]
+    return [record.getMessage() for record in caplog.records if record.name.startswith(LOGGER)]
 
 
 def skip_messages(caplog) -> list[str]:
     return [message for message in messages(caplog) if "not lowered" in message]
+
+
+def lower_and_check(model: ir.Model, graph_pass, caplog) -> tuple[ir.Model, ir.Node]:
+    """Run ``graph_pass`` on a valid ``model`` that it must lower to one edgec node: the graph
+    stays valid with the same inputs and outputs (names, shapes, dtypes), the NumPy reference
+    of the result matches ONNX Runtime on the original, and no layer is skipped."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    feeds = feeds_for(model)
+    before = run_onnxruntime(model, feeds)
+    interface = signature(model)
+    result = graph_pass(model)
+    assert result.modified is True
+    (node,) = edgec_nodes(result.model)
+    assert signature(result.model) == interface
+    onnx.checker.check_model(ir.serde.serialize_model(result.model))
+    assert_close(run_numpy_reference(result.model, feeds), before)
+    assert skip_messages(caplog) == []
+    return result.model, node
 
 
 # --------------------------------------------------------------------------
@@ -307,28 +325,14 @@ MATCHES = {
 
 @pytest.mark.parametrize("case", MATCHES)
 def test_lowers(case, caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
     build, graph_pass, op_type, mode, gone = MATCHES[case]
-    model = build(np.random.default_rng(7))
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    feeds = feeds_for(model)
-    before = run_onnxruntime(model, feeds)
-    interface = signature(model)
-
-    result = graph_pass(model)
-
-    assert result.modified is True
-    (node,) = edgec_nodes(result.model)
+    model, node = lower_and_check(build(np.random.default_rng(7)), graph_pass, caplog)
     assert node.op_type == op_type
     assert node.attributes.get_string("binarize_input") == mode
-    counts = ops(result.model)
+    counts = ops(model)
     for op in gone:
         assert counts[op] == 0, f"{op} left: {counts}"
-    assert signature(result.model) == interface  # inputs and outputs: names, shapes, dtypes
-    assert result.model.opset_imports[DOMAIN] == 1
-    onnx.checker.check_model(ir.serde.serialize_model(result.model))
-    assert_close(run_numpy_reference(result.model, feeds), before)
-    assert skip_messages(caplog) == []
+    assert model.opset_imports[DOMAIN] == 1
     assert any("weights" in message and "->" in message for message in messages(caplog))
 
 
@@ -536,50 +540,9 @@ def _digits_bnn(torch, nn, functional):
 
 
 @pytest.fixture(scope="module")
-def digits_bnn(tmp_path_factory):
-    """(ONNX path, test images, test labels, PyTorch test accuracy) of a BNN trained here."""
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from torch import nn
-    from torch.nn import functional
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny network: one thread is faster, and the cores are shared
-    try:
-        return _train_digits_bnn(torch, nn, functional, load_digits, train_test_split, tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_digits_bnn(torch, nn, functional, load_digits, train_test_split, tmp_path_factory):
-    torch.manual_seed(0)
-    digits = load_digits()
-    images = ((digits.images / 16.0 - 0.3) / 0.4).astype(np.float32)[:, None]
-    train_x, test_x, train_y, test_y = train_test_split(images, digits.target, test_size=0.25, random_state=0, stratify=digits.target)
-    network = _digits_bnn(torch, nn, functional)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
-    epochs = 20
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    inputs, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    for _ in range(epochs):
-        network.train()
-        order = torch.randperm(len(inputs))
-        for start in range(0, len(inputs), 64):
-            batch = order[start : start + 64]
-            loss = functional.cross_entropy(network(inputs[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-    network.eval()
-    with torch.no_grad():
-        logits = network(torch.from_numpy(test_x)).numpy()
-    path = tmp_path_factory.mktemp("digits_bnn") / "bnn.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(network, (torch.from_numpy(test_x),), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    return path, test_x, test_y, logits
+def digits_bnn(train_digits):
+    """(ONNX path, test images, test labels, PyTorch test logits) of a BNN trained here."""
+    return train_digits(_digits_bnn, "digits_bnn", epochs=20, lr=1e-2, cosine=True)
 
 
 @pytest.mark.parametrize("fold_bn_first", [True, False], ids=["fold-bn+binary", "binary"])

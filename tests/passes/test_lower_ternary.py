@@ -10,7 +10,6 @@ rule, no fine-tuning), compiled; its accuracy drop is printed and bounded.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 import onnx
@@ -19,24 +18,21 @@ import pytest
 from onnx import helper
 
 import edgec
-from edgec.ops import DOMAIN
 from edgec.ops.ternary.format import ternary_weights
 from edgec.passes import PASSES, FoldBatchNormPass, LowerTernaryPass
 from edgec.passes.lower_ternary import quantize_ternary, ternary_codes, ternary_planes
 from edgec.passes.registry import parse
-from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 from test_lower_binary import (  # noqa: E402 - sibling test module: shared graph helpers
-    assert_close,
     edgec_nodes,
-    feeds_for,
+    lower_and_check,
     make_model,
+    messages,
     ops,
     sign_weight,
-    signature,
 )
 
-LOGGER = "edgec.passes.lower_ternary"
+LOGGER = "edgec.passes"  # the pass and the coded-weight driver it shares with binary
 
 
 def ternary_weight(rng, *shape, zeros: float = 0.3) -> np.ndarray:
@@ -44,10 +40,6 @@ def ternary_weight(rng, *shape, zeros: float = 0.3) -> np.ndarray:
     codes = np.where(rng.standard_normal(shape) < 0, -1.0, 1.0) * (rng.random(shape) >= zeros)
     scale = rng.uniform(0.05, 0.5, shape[0]).reshape(-1, *([1] * (len(shape) - 1)))
     return (codes * scale).astype(np.float32)
-
-
-def messages(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == LOGGER]
 
 
 # --------------------------------------------------------------------------
@@ -152,22 +144,10 @@ MATCHES = {
 
 @pytest.mark.parametrize("case", MATCHES)
 def test_lowers(case, caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
     build, graph_pass, op_type = MATCHES[case]
-    model = build(np.random.default_rng(2))
-    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
-    feeds = feeds_for(model)
-    before = run_onnxruntime(model, feeds)
-    interface = signature(model)
-    result = graph_pass(model)
-    assert result.modified is True
-    (node,) = edgec_nodes(result.model)
+    model, node = lower_and_check(build(np.random.default_rng(2)), graph_pass, caplog)
     assert node.op_type == op_type
-    assert not {"Conv", "Gemm", "Relu", "BatchNormalization"} & set(ops(result.model))
-    assert signature(result.model) == interface
-    onnx.checker.check_model(ir.serde.serialize_model(result.model))
-    assert_close(run_numpy_reference(result.model, feeds), before)
-    assert not [message for message in messages(caplog) if "not lowered" in message]
+    assert not {"Conv", "Gemm", "Relu", "BatchNormalization"} & set(ops(model))
 
 
 def test_macs_are_those_of_the_float_layer():
@@ -223,49 +203,19 @@ def test_registered_and_parsed_from_the_command_line():
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_cnn(tmp_path_factory):
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from torch import nn
-    from torch.nn import functional
+def _digits_cnn(torch, nn, functional):
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny network: one thread is faster, and the cores are shared
-    try:
-        torch.manual_seed(0)
-        digits = load_digits()
-        images = ((digits.images / 16.0 - 0.3) / 0.4).astype(np.float32)[:, None]
-        train_x, test_x, train_y, test_y = train_test_split(
-            images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
-        )
-        network = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
-        )  # fmt: skip
-        optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
-        inputs, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-        for _ in range(15):
-            network.train()
-            order = torch.randperm(len(inputs))
-            for start in range(0, len(inputs), 64):
-                batch = order[start : start + 64]
-                loss = functional.cross_entropy(network(inputs[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        network.eval()
-        with torch.no_grad():
-            logits = network(torch.from_numpy(test_x)).numpy()
-        path = tmp_path_factory.mktemp("digits_cnn") / "cnn.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(network, (torch.from_numpy(test_x),), str(path), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    finally:
-        torch.set_num_threads(threads)
-    return path, test_x, test_y, float(np.mean(logits.argmax(axis=1) == test_y))
+
+@pytest.fixture(scope="module")
+def digits_cnn(train_digits):
+    """(ONNX path, test images, test labels, PyTorch test accuracy) of a float CNN trained here."""
+    path, images, labels, logits = train_digits(_digits_cnn, "digits_cnn", epochs=15, lr=3e-3)
+    return path, images, labels, float(np.mean(logits.argmax(axis=1) == labels))
 
 
 def test_digits_ternary_weight_only_accuracy_drop(digits_cnn, tmp_path):

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.passes import PASSES, PackBlockSparsePass
-from edgec.passes.pack_block_sparse import (
+from edgec.passes.block_sparsity import (
     block_mask,
     block_norms,
     block_sparsify,
