@@ -418,10 +418,22 @@ def test_registered_and_configurable_from_the_command_line():
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("blocksparse_bench", Path(__file__).parents[2] / "bench" / "blocksparse.py")
+    """bench/blocksparse.py as a module. Its sibling imports (``models``, ``timing``) are bench/'s,
+    while tests/models.py holds the name ``models`` in this process: bench/ goes first on the
+    path and the tests' module is put back afterwards."""
+    bench = str(Path(__file__).parents[2] / "bench")
+    spec = importlib.util.spec_from_file_location("blocksparse_bench", Path(bench) / "blocksparse.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+    tests_models = sys.modules.pop("models", None)
+    sys.path.insert(0, bench)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+        sys.modules.pop("models", None)
+        if tests_models is not None:
+            sys.modules["models"] = tests_models
     return module
 
 
