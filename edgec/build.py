@@ -28,11 +28,14 @@ class BuildOptions:
     channels-last graph preparation; off = TVM's default Relax build, naive
     single-threaded loop nests. ``tuning_db``: a MetaSchedule database
     directory (edgec tune) whose records replace the library's schedule for
-    the kernels they match. Neither changes CUDA builds (TVM's dlight).
+    the kernels they match. ``winograd``: with the schedule library, 3x3 stride-1
+    convolutions that gain become Winograd ones (targets/schedules/winograd_graph.py).
+    None changes CUDA builds (TVM's dlight).
     """
 
     schedules: bool = True
     tuning_db: Path | None = None
+    winograd: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +45,14 @@ class Stages:
     graph: bool  # the channels-last graph rewrites (targets/schedules/graph.py)
     schedules: bool  # the schedule library
     tuning_db: Path | None  # records of a tuning database
+    winograd: bool = False  # Winograd convolutions (a graph rewrite; its kernels need the schedules)
 
     @classmethod
     def of(cls, target: ResolvedTarget, options: BuildOptions) -> Stages:
         cpu = target.preset.kind != "cuda"
         tuned = options.tuning_db if cpu else None
-        return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned)
+        return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned,
+                   winograd=cpu and options.schedules and options.winograd)
 
 
 @dataclasses.dataclass
@@ -142,16 +147,16 @@ def graph_stage(target: ResolvedTarget, options: BuildOptions, fallbacks: Fallba
 def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog) -> list:
     if target.preset.kind == "cuda":
         return float16_passes() if target.dtype == "float16" else []
-    return _graph_passes(target, fallbacks) if stages.graph else []
+    return _graph_passes(target, fallbacks, stages.winograd) if stages.graph else []
 
 
-def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
+def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog, winograd: bool) -> list:
     from edgec.ops._relax import cancel_transposes
     from edgec.targets.schedules import cpu_vector, graph_passes
     from edgec.targets.schedules.graph import guarded
 
     # custom ops' NCHW<->NHWC wrappers cancel in the last one
-    return [*graph_passes(cpu_vector(target), fallbacks), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]
+    return [*graph_passes(cpu_vector(target), fallbacks, winograd), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]
 
 
 # at most this many builds, each keeping out the schedules that broke the one before

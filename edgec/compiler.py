@@ -79,12 +79,14 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     progress: Progress | None = None,
     schedules: bool = True,
     tuning_db: str | Path | None = None,
+    winograd: bool = True,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` into the artifact directory ``output``.
 
     ``schedules=False`` builds without edgec's CPU schedule library (TVM's
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
+    ``winograd=False`` keeps every convolution direct (see BuildOptions).
     """
     from edgec.build import BuildOptions, Stages
     from edgec.fold import fold_constants
@@ -100,7 +102,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             folded = fold_constants(model.graph)
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
-        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None)
+        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None, winograd=winograd)
         fallbacks = FallbackLog()
         built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
         try:

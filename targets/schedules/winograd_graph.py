@@ -25,31 +25,35 @@ from edgec.targets.schedules.graph import describe_call
 log = logging.getLogger(__name__)
 
 RULE = "graph:winograd"
+OPAQUE = 8  # relax's OpPatternKind kOpaque: FuseOps fuses nothing with it
 
 
 @dataclasses.dataclass(frozen=True)
 class WinogradPolicy:
     """Which convolutions become Winograd ones, and with which output tile.
 
-    ``m``: output tile (F(m x m, 3x3)). A convolution needs at least
-    ``min_channels`` input and output channels (the transforms cost about
-    ``alpha^2 * (C + F)`` per tile against ``alpha^2 * C * F`` for the GEMM) and
-    at least ``min_tiles`` output tiles (the GEMM rows: fewer and it reads
-    ``alpha^2 / 9`` times the direct convolution's weights for too little work).
+    ``tiles``: the output tiles ``m`` of F(m x m, 3x3) to try, largest first
+    (fewest multiplies). A convolution takes the first ``m`` that gives it at
+    least ``min_tiles`` output tiles (the GEMM's rows: with fewer, each of the
+    transformed weights, ``(m + 2)^2 / 9`` times the direct convolution's, is
+    read for too little work), and needs at least ``min_channels`` input and
+    output channels (the transforms cost about ``alpha^2 (C + F)`` per tile
+    against ``alpha^2 C F`` for the GEMM). bench/winograd.py measures both.
     """
 
-    m: int = 4
+    tiles: tuple[int, ...] = (4, 2)
     min_channels: int = 16
-    min_tiles: int = 16
+    min_tiles: int = 49
 
-    def rejects(self, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> str | None:
-        """Why the policy turns down a convolution of these shapes, or None."""
+    def choose(self, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> tuple[int | None, str]:
+        """(output tile m, why) for a convolution of these shapes; m None: stays direct."""
         if min(channels, filters) < self.min_channels:
-            return f"{channels} -> {filters} channels: fewer than {self.min_channels}"
-        tiles = batch * -(-out_h // self.m) * -(-out_w // self.m)
-        if tiles < self.min_tiles:
-            return f"{tiles} output tiles of {self.m}x{self.m}: fewer than {self.min_tiles}"
-        return None
+            return None, f"{channels} -> {filters} channels: fewer than {self.min_channels}"
+        for m in self.tiles:
+            tiles = batch * -(-out_h // m) * -(-out_w // m)
+            if tiles >= self.min_tiles:
+                return m, f"{tiles} output tiles of {m}x{m}"
+        return None, f"fewer than {self.min_tiles} output tiles of {min(self.tiles)}x{min(self.tiles)}"
 
 
 def ineligible(call, weight) -> str | None:
@@ -84,7 +88,6 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
     from edgec.targets.schedules.winograd import transform_weights, winograd_matrices
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
-    mats = winograd_matrices(policy.m)
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -93,15 +96,16 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
             if getattr(call.op, "name", None) != "relax.nn.conv2d":
                 return call
             weight = self._constant(call.args[1])
-            reason = ineligible(call, weight)
+            m, reason = None, ineligible(call, weight)
             if reason is None:
                 batch, out_h, out_w, filters = (int(dim) for dim in call.ty.shape)
-                reason = policy.rejects(batch, out_h, out_w, int(weight.shape[2]), filters)
-            if reason is not None:
+                m, reason = policy.choose(batch, out_h, out_w, int(weight.shape[2]), filters)
+            if m is None:
                 log.debug("%s: direct convolution (%s)", describe_call(call), reason)
                 return call
+            log.debug("%s: Winograd F(%dx%d, 3x3) (%s)", describe_call(call), m, m, reason)
             try:
-                return self._winograd(call, weight)
+                return self._winograd(call, weight, winograd_matrices(m))
             except Exception as error:  # noqa: BLE001 - keep the direct convolution
                 fallbacks.add(describe_call(call), RULE, error, "kept as a direct convolution")
                 return call
@@ -111,15 +115,16 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
                 expr = self.lookup_binding(expr)
             return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
-        def _winograd(self, call, weight):
+        def _winograd(self, call, weight, mats):
             padding = tuple(int(p) for p in call.attrs.padding)
             batch, out_h, out_w, _ = (int(dim) for dim in call.ty.shape)
             out_size = (out_h, out_w)
             builder = self.builder_
-            transformed = builder.emit(builder.call_te(
-                lambda data: kernels.input_transform(data, mats, padding, out_size),
-                call.args[0], primfunc_name_hint=kernels.INPUT_KERNEL))
-            weights = relax.const(transform_weights(weight, policy.m), "float32")
+            transform = builder.call_te(lambda data: kernels.input_transform(data, mats, padding, out_size),
+                                        call.args[0], primfunc_name_hint=kernels.INPUT_KERNEL)
+            self.input_kernels.append(transform.args[0])
+            transformed = builder.emit(transform)
+            weights = relax.const(transform_weights(weight, mats.m), "float32")
             products = builder.emit(builder.call_te(kernels.gemm, transformed, weights, primfunc_name_hint=kernels.GEMM_KERNEL))
             return builder.call_te(lambda gemm: kernels.output_transform(gemm, mats, batch, out_size), products,
                                    primfunc_name_hint=kernels.OUTPUT_KERNEL)
@@ -127,10 +132,15 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
     @tvm.transform.module_pass(opt_level=0, name="EdgecWinogradConv2d")
     def _pass(mod, _ctx):
         rewriter = _Rewriter(mod)
+        rewriter.input_kernels = []
         bodies = {gvar: rewriter.visit_expr(func) for gvar, func in mod.functions_items() if isinstance(func, relax.Function)}
         rewritten = rewriter.builder_.get()
         for gvar, body in bodies.items():
             rewritten[gvar] = body
+        for gvar in rewriter.input_kernels:
+            # FuseOps would fuse it (injective) into the output transform before it: one kernel
+            # no rule schedules well. Opaque, it stays a kernel of its own.
+            rewritten[gvar] = rewritten[gvar].with_attr("op_pattern", OPAQUE)
         return rewritten
 
     return _pass
