@@ -14,6 +14,7 @@ from pathlib import Path
 from edgec.errors import BuildError
 from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
+from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ class BuildOptions:
     channels-last graph preparation; off = TVM's default Relax build, naive
     single-threaded loop nests. ``tuning_db``: a MetaSchedule database
     directory (edgec tune) whose records replace the library's schedule for
-    the kernels they match. ``winograd``: with the schedule library, 3x3 stride-1
-    convolutions that gain become Winograd ones (targets/schedules/winograd_graph.py).
-    None changes CUDA builds (TVM's dlight).
+    the kernels they match. ``winograd``: with the schedule library, the 3x3 stride-1
+    convolutions this policy picks become Winograd ones (targets/schedules/winograd_graph.py);
+    None keeps them all direct. None of these changes CUDA builds (TVM's dlight).
     """
 
     schedules: bool = True
     tuning_db: Path | None = None
-    winograd: bool = True
+    winograd: WinogradPolicy | None = DEFAULT_POLICY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +46,14 @@ class Stages:
     graph: bool  # the channels-last graph rewrites (targets/schedules/graph.py)
     schedules: bool  # the schedule library
     tuning_db: Path | None  # records of a tuning database
-    winograd: bool = False  # Winograd convolutions (a graph rewrite; its kernels need the schedules)
+    winograd: WinogradPolicy | None = None  # Winograd convolutions (a graph rewrite whose kernels need the schedules)
 
     @classmethod
     def of(cls, target: ResolvedTarget, options: BuildOptions) -> Stages:
         cpu = target.preset.kind != "cuda"
         tuned = options.tuning_db if cpu else None
         return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned,
-                   winograd=cpu and options.schedules and options.winograd)
+                   winograd=options.winograd if cpu and options.schedules else None)
 
 
 @dataclasses.dataclass
@@ -150,7 +151,7 @@ def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog)
     return _graph_passes(target, fallbacks, stages.winograd) if stages.graph else []
 
 
-def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog, winograd: bool) -> list:
+def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog, winograd: WinogradPolicy | None) -> list:
     from edgec.ops._relax import cancel_transposes
     from edgec.targets.schedules import cpu_vector, graph_passes
     from edgec.targets.schedules.graph import guarded

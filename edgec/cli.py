@@ -174,11 +174,12 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     if passes:
         with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
             apply(model, passes)
+    from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY
     from edgec.tune import database_for_compile
 
     result = compile_model(
         model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol), progress=progress,
-        schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db), winograd=not no_winograd,
+        schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db), winograd=None if no_winograd else DEFAULT_POLICY,
     )
     from edgec.report import compile_summary
 

@@ -54,6 +54,7 @@ from edgec.model import Model, index_ranges, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.verify import VerifyOptions
 from edgec.verify import verify as _verify
 
@@ -79,14 +80,15 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     progress: Progress | None = None,
     schedules: bool = True,
     tuning_db: str | Path | None = None,
-    winograd: bool = True,
+    winograd: WinogradPolicy | None = DEFAULT_POLICY,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` into the artifact directory ``output``.
 
     ``schedules=False`` builds without edgec's CPU schedule library (TVM's
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
-    ``winograd=False`` keeps every convolution direct (see BuildOptions).
+    ``winograd``: which 3x3 convolutions become Winograd ones (a WinogradPolicy),
+    None: all stay direct (see BuildOptions).
     """
     from edgec.build import BuildOptions, Stages
     from edgec.fold import fold_constants

@@ -71,12 +71,11 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     return [WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
 
 
-def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None, winograd: bool = False) -> list:
-    """graph.py's passes for ``vector``; ``winograd``: with the default WinogradPolicy."""
+def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:
+    """graph.py's passes for ``vector``; ``winograd``: a WinogradPolicy, None for none."""
     from edgec.targets.schedules.graph import graph_passes as passes
-    from edgec.targets.schedules.winograd_graph import WinogradPolicy
 
-    return passes(vector.lanes if vector else None, fallbacks, WinogradPolicy() if winograd else None)
+    return passes(vector.lanes if vector else None, fallbacks, winograd)
 
 
 def first_schedule(

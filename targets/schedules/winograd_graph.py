@@ -1,13 +1,13 @@
 """Graph rewrite: eligible 3x3 convolutions become Winograd convolutions (winograd.py).
 
-    conv2d(x, w)  ->  winograd_output(conv2d_winograd_gemm(winograd_input(x), U))
+    conv2d(x, w)  ->  conv2d_winograd_output(winograd_gemm(winograd_input(x), U))
 
 for a Relax ``conv2d`` in edgec's channels-last layout (NHWC data, HWIO constant
 weights), 3x3, stride 1, dilation 1, groups 1, float32, whose shapes pass the
 ``WinogradPolicy``. ``U`` (the transformed weights) is computed here, in
 NumPy, once: it is a constant of the built module. Runs after the layout pass
 (the kernels are written for NHWC) and before LegalizeOps; FuseOps later fuses
-``winograd_output`` with the convolution's epilogue.
+``conv2d_winograd_output`` with the convolution's epilogue.
 
 A convolution the policy turns down stays a direct convolution (logged with
 ``-vv``, the reason named); one the rewrite fails on is recorded as a fallback
@@ -54,6 +54,9 @@ class WinogradPolicy:
             if tiles >= self.min_tiles:
                 return m, f"{tiles} output tiles of {m}x{m}"
         return None, f"fewer than {self.min_tiles} output tiles of {min(self.tiles)}x{min(self.tiles)}"
+
+
+DEFAULT_POLICY = WinogradPolicy()
 
 
 def ineligible(call, weight) -> str | None:

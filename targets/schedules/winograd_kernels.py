@@ -2,16 +2,18 @@
 ``BlockBuilder.call_te``: FuseOps then fuses the output transform with the
 convolution's epilogue (bias, BN scale/shift, residual add, activation).
 
-    winograd_input   V[t, p, c] = (B^T d_p B)[t]       d_p: the zero-padded input tile p
-    conv2d_winograd_gemm   M[t, p, f] = sum_c V[t, p, c] * U[t, c, f]
-    winograd_output  out[n, y, x, f] = (A^T M_p A)[y % m, x % m]
+    winograd_input          V[t, p, c] = (B^T d_p B)[t]       d_p: the zero-padded input tile p
+    winograd_gemm           M[t, p, f] = sum_c V[t, p, c] * U[t, c, f]
+    conv2d_winograd_output  out[n, y, x, f] = (A^T M_p A)[y % m, x % m]
 
 The transforms are written as explicit sums with the matrices' zero terms
 dropped, one expression per tile element, chosen by ``if_then_else`` on the
 element index: once winograd_schedule.py unrolls that index the choice folds
-away and LLVM shares the tile's loads between the elements. The kernel names
-keep ``conv2d`` on the GEMM only, so the profiler maps one kernel per Conv
-node (edgec/kernels.py); the transforms map to none.
+away and LLVM shares the tile's loads between the elements. Of the three
+kernel names only the output transform's holds ``conv2d``: fused with the
+epilogue (``fused_conv2d_winograd_output_add_relu``) it maps to the Conv node
+and its epilogue's nodes as a direct convolution's kernel does (the profiler's
+map, edgec/kernels.py); the input transform and the GEMM map to none.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 from edgec.targets.schedules.winograd import WinogradMatrices, tile_counts
 
 INPUT_KERNEL = "winograd_input"
-GEMM_KERNEL = "conv2d_winograd_gemm"
-OUTPUT_KERNEL = "winograd_output"
+GEMM_KERNEL = "winograd_gemm"
+OUTPUT_KERNEL = "conv2d_winograd_output"
 
 
 def _weighted_sum(terms):
