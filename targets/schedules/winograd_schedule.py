@@ -13,7 +13,8 @@ Unrolling the tile-element loops turns each element's ``if_then_else``
 choice into one expression and lets LLVM load each input of the tile once
 for all elements of the tile (alpha^2 loads instead of alpha^2 times the
 nonzero terms). An output whose size is not a multiple of ``m`` keeps a
-predicated last tile.
+predicated last tile. An output transform fused with a layout transpose (the
+graph's last convolution, before an NCHW output) is left to ``generic``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ class WinogradTransforms(Rule):
             self._input(sch, blocks[0])
             return sch
         if names and names[0] == OUTPUT_KERNEL:
-            self._output(sch, blocks[0])
-            return sch
+            return sch if self._output(sch, blocks[0]) else None
         return None
 
     def _channel_split(self, sch, loop):
@@ -71,10 +71,15 @@ class WinogradTransforms(Rule):
         sch.unroll(t)
         sch.vectorize(c_inner)
 
-    def _output(self, sch, anchor):
+    def _output(self, sch, anchor) -> bool:
+        """Schedule the output transform and its epilogue; False when the epilogue does not
+        write an NHWC tensor of the transform's shape (a layout transpose fused at the graph's end)."""
         alpha = _alpha(sch.get(anchor).reads[0].source)
         m = alpha - 2
+        shape = [int(dim) for dim in sch.get(anchor).writes[0].source.shape]
         epilogue = inline_epilogue(sch, anchor)
+        if [int(dim) for dim in sch.get(epilogue).writes[0].source.shape] != shape:
+            return False
         if epilogue is not anchor:
             sch.compute_inline(anchor)
         n, y, x, f = sch.get_loops(epilogue)
@@ -88,6 +93,7 @@ class WinogradTransforms(Rule):
         sch.unroll(y_inner)
         sch.unroll(x_inner)
         sch.vectorize(f_inner)
+        return True
 
 
 def _elements(sch, block) -> int:
