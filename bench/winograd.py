@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import edgec
     from edgec.runtimes.local import LocalRunner
+    from edgec.targets import PRESETS
     from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
+
+    default = DEFAULT_POLICY.for_target(PRESETS["x86"].winograd_min_tiles)
 
     variants = {
         "direct": None,
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for name, runner in runners.items():
                     samples[name] += runner.time_ms([x], repeat=args.repeat)
-            m, why = DEFAULT_POLICY.choose(1, size, size, channels, channels)
+            m, why = default.choose(1, size, size, channels, channels)
             chosen = f"F({m}x{m})" if m else "direct"
             cells = " | ".join(f"{min(s):.3f} / {float(np.median(s)):.3f}" for s in samples.values())
             verdict = "ok" if error <= tolerance else f"WRONG (> {tolerance:.2e})"

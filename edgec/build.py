@@ -52,8 +52,11 @@ class Stages:
     def of(cls, target: ResolvedTarget, options: BuildOptions) -> Stages:
         cpu = target.preset.kind != "cuda"
         tuned = options.tuning_db if cpu else None
+        winograd = options.winograd if cpu and options.schedules else None
+        if winograd is not None:
+            winograd = winograd.for_target(target.preset.winograd_min_tiles)
         return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned,
-                   winograd=options.winograd if cpu and options.schedules else None)
+                   winograd=winograd)
 
 
 @dataclasses.dataclass

@@ -66,8 +66,15 @@ def test_reference_matches_direct_convolution(m, size, padding):
 
 
 def test_policy_picks_a_tile_per_layer():
-    """ResNet-18's 3x3 stride-1 layers: F(4x4) at 56 and 28, F(2x2) at 14, direct at 7 (bench/winograd.py)."""
-    policy = WinogradPolicy()
+    """ResNet-18's 3x3 stride-1 layers on x86: F(4x4) at 56 and 28, F(2x2) at 14, direct at 7
+    (bench/winograd.py); on aarch64 (instruction counts, README): F(4x4) at 14, F(2x2) at 7."""
+    assert (PRESETS["x86"].winograd_min_tiles, PRESETS["cortex-a53"].winograd_min_tiles) == (49, 16)
+    with pytest.raises(ValueError, match="for_target"):
+        WinogradPolicy().choose(1, 56, 56, 64, 64)
+    policy = WinogradPolicy().for_target(PRESETS["x86"].winograd_min_tiles)
+    assert WinogradPolicy(min_tiles=3).for_target(49).min_tiles == 3  # an explicit value wins
+    arm = WinogradPolicy().for_target(PRESETS["cortex-a53"].winograd_min_tiles)
+    assert [arm.choose(1, size, size, 256, 256)[0] for size in (56, 28, 14, 7)] == [4, 4, 4, 2]
     assert policy.choose(1, 56, 56, 64, 64)[0] == 4
     assert policy.choose(1, 28, 28, 128, 128)[0] == 4
     assert policy.choose(1, 14, 14, 256, 256)[0] == 2

@@ -38,15 +38,24 @@ class WinogradPolicy:
     transformed weights, ``(m + 2)^2 / 9`` times the direct convolution's, is
     read for too little work), and needs at least ``min_channels`` input and
     output channels (the transforms cost about ``alpha^2 (C + F)`` per tile
-    against ``alpha^2 C F`` for the GEMM). bench/winograd.py measures both.
+    against ``alpha^2 C F`` for the GEMM). ``min_tiles`` None: the target's
+    (``TargetPreset.winograd_min_tiles``: 49 on x86, where bench/winograd.py
+    measured F(4x4) slower than F(2x2) at 14x14 and both no faster than direct at
+    7x7; 16 on aarch64, where both save instructions).
     """
 
     tiles: tuple[int, ...] = (4, 2)
     min_channels: int = 16
-    min_tiles: int = 49
+    min_tiles: int | None = None
+
+    def for_target(self, min_tiles: int) -> WinogradPolicy:
+        """This policy with ``min_tiles`` filled in where it was left to the target."""
+        return self if self.min_tiles is not None else dataclasses.replace(self, min_tiles=min_tiles)
 
     def choose(self, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> tuple[int | None, str]:
         """(output tile m, why) for a convolution of these shapes; m None: stays direct."""
+        if self.min_tiles is None:
+            raise ValueError("WinogradPolicy.min_tiles is the target's: call for_target first")
         if min(channels, filters) < self.min_channels:
             return None, f"{channels} -> {filters} channels: fewer than {self.min_channels}"
         for m in self.tiles:
