@@ -17,6 +17,7 @@ import numpy as np
 from edgec.errors import BuildError
 from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
+from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,14 @@ class BuildOptions:
     channels-last graph preparation; off = TVM's default Relax build, naive
     single-threaded loop nests. ``tuning_db``: a MetaSchedule database
     directory (edgec tune) whose records replace the library's schedule for
-    the kernels they match. Neither changes CUDA builds (TVM's dlight).
+    the kernels they match. ``winograd``: with the schedule library, the 3x3 stride-1
+    convolutions this policy picks become Winograd ones (targets/schedules/winograd_graph.py);
+    None keeps them all direct. None of these changes CUDA builds (TVM's dlight).
     """
 
     schedules: bool = True
     tuning_db: Path | None = None
+    winograd: WinogradPolicy | None = DEFAULT_POLICY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +50,17 @@ class Stages:
     graph: bool  # the channels-last graph rewrites (targets/schedules/graph.py)
     schedules: bool  # the schedule library
     tuning_db: Path | None  # records of a tuning database
+    winograd: WinogradPolicy | None = None  # Winograd convolutions (a graph rewrite whose kernels need the schedules)
 
     @classmethod
     def of(cls, target: ResolvedTarget, options: BuildOptions) -> Stages:
         cpu = target.preset.kind != "cuda"
         tuned = options.tuning_db if cpu else None
-        return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned)
+        winograd = options.winograd if cpu and options.schedules else None
+        if winograd is not None:
+            winograd = winograd.for_target(target.preset.winograd_min_tiles)
+        return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned,
+                   winograd=winograd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,17 +185,17 @@ def graph_stage(target: ResolvedTarget, options: BuildOptions, fallbacks: Fallba
 def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog) -> list:
     if target.preset.kind == "cuda":
         return float16_passes() if target.dtype == "float16" else []
-    return _graph_passes(target, fallbacks) if stages.graph else []
+    return _graph_passes(target, fallbacks, stages.winograd) if stages.graph else []
 
 
-def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog) -> list:
+def _graph_passes(target: ResolvedTarget, fallbacks: FallbackLog, winograd: WinogradPolicy | None) -> list:
     from edgec.ops.transposes import cancel_transposes
     from edgec.targets.schedules import graph_passes
     from edgec.targets.schedules.guard import guarded
     from edgec.targets.vector import cpu_vector
 
     # custom ops' NCHW<->NHWC wrappers cancel in the last one
-    return [*graph_passes(cpu_vector(target), fallbacks), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]
+    return [*graph_passes(cpu_vector(target), fallbacks, winograd), guarded(cancel_transposes(), "graph:cancel-transposes", fallbacks)]
 
 
 # at most this many builds, each keeping out the schedules that broke the one before

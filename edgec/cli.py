@@ -143,9 +143,10 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("--atol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Verification: allowed absolute error, added to rtol's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--no-schedules", is_flag=True, help="Build without edgec's CPU schedule library: TVM's naive single-threaded kernels.")
+@click.option("--no-winograd", is_flag=True, help="Keep every 3x3 convolution direct (no Winograd F(4x4)/F(2x2) convolutions).")
 @click.option("--tuning-db", metavar="PATH|none", help="MetaSchedule database from `edgec tune` [default: ~/.cache/edgec/tuning/<target>/ when it exists].")
 @_threads_option
-def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, tuning_db, threads):  # noqa: A001
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, no_winograd, tuning_db, threads):  # noqa: A001
     """Compile MODEL for TARGET into an artifact directory.
 
     MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
@@ -174,11 +175,12 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     if passes:
         with progress.stage("passes", ", ".join(spec.partition(":")[0] for spec in pass_specs)):
             apply(model, passes)
+    from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY
     from edgec.tuning_db import database_for_compile
 
     result = compile_model(
         model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol, threads=threads), progress=progress,
-        schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db),
+        schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db), winograd=None if no_winograd else DEFAULT_POLICY,
     )
     from edgec.report import compile_summary
 

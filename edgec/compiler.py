@@ -54,6 +54,7 @@ from edgec.model import Model, input_signatures, value_signature
 from edgec.progress import Progress
 from edgec.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport
 from edgec.verify import VerifyOptions
 from edgec.verify import verify as _verify
@@ -80,12 +81,15 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     progress: Progress | None = None,
     schedules: bool = True,
     tuning_db: str | Path | None = None,
+    winograd: WinogradPolicy | None = DEFAULT_POLICY,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` into the artifact directory ``output``.
 
     ``schedules=False`` builds without edgec's CPU schedule library (TVM's
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
+    ``winograd``: which 3x3 convolutions become Winograd ones (a WinogradPolicy),
+    None: all stay direct (see BuildOptions).
     """
     from edgec.build import BuildOptions, Stages
     from edgec.fold import fold_constants
@@ -101,7 +105,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             folded = fold_constants(model.graph)
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
-        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None)
+        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None, winograd=winograd)
         fallbacks = FallbackLog()
         built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
         try:

@@ -31,7 +31,8 @@ class TargetPreset:
     (``--target cuda:arch=sm_86,dtype=float16``). ``vector_lanes`` (float32 lanes of one
     SIMD register) and ``vector_registers`` shape the CPU schedule library's
     tiles; ``None`` means "detect the compiling machine" (AVX-512: 16 and 32,
-    AVX2: 8 and 16).
+    AVX2: 8 and 16). ``winograd_min_tiles``: a 3x3 convolution becomes a
+    Winograd one when it has at least this many output tiles (WinogradPolicy).
     """
 
     name: str
@@ -50,6 +51,7 @@ class TargetPreset:
     options: tuple[tuple[str, str], ...] = ()
     vector_lanes: int | None = None
     vector_registers: int | None = None
+    winograd_min_tiles: int = 49
 
     def __post_init__(self) -> None:
         if self.kind not in ("llvm", "cuda"):
@@ -81,12 +83,14 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a53",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
+        winograd_min_tiles=16,  # fewer instructions at 14x14 (F(4x4)) and 7x7 (F(2x2)) too: README
     ),
     TargetPreset(
         name="cortex-a72", description="ARM Cortex-A72, 64-bit aarch64, NEON (Raspberry Pi 4)",
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a72",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
+        winograd_min_tiles=16,  # fewer instructions at 14x14 (F(4x4)) and 7x7 (F(2x2)) too: README
     ),
     TargetPreset(
         name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code generic x86-64)",

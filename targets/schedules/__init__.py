@@ -5,6 +5,7 @@ naive single-threaded loop nest LegalizeOps writes. These rules fix that
 without any tuning. One module per op family, tried in this order (the first
 that matches a kernel schedules it):
 
+    winograd_schedule.py  Winograd input/output transforms   tiles parallel, elements unrolled
     conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
     depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
     dense.py      matmul / Linear, [k, n] weights   like a 1x1 conv
@@ -38,14 +39,16 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
     from edgec.targets.schedules.generic import Generic
     from edgec.targets.schedules.pooling import Pooling
+    from edgec.targets.schedules.winograd_schedule import WinogradTransforms
 
-    return [Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
+    return [WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
 
 
-def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None) -> list:
+def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:
+    """graph.py's passes for ``vector``; ``winograd``: a WinogradPolicy, None for none."""
     from edgec.targets.schedules.graph import graph_passes as passes
 
-    return passes(vector.lanes if vector else None, fallbacks)
+    return passes(vector.lanes if vector else None, fallbacks, winograd)
 
 
 def first_schedule(

@@ -31,6 +31,10 @@ in order, and why:
                      lanes when that wastes at most 1/8, and a slice after it:
                      its kernel then runs on whole vectors (1.5x measured on
                      SqueezeNet's classifier with AVX-512).
+7. winograd          3x3 stride-1 convolutions the policy picks become Winograd
+                     ones: input transform, GEMM, output transform (fused with
+                     the epilogue later); weights transformed here, once
+                     (winograd_graph.py). After step 6: the GEMM gets whole vectors.
 
 Constant folding is done in NumPy for a small table of ops: TVM's
 FoldConstant compiles one LLVM kernel per op and shape, which took 30 s for a
@@ -61,9 +65,9 @@ log = logging.getLogger(__name__)
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None) -> list:
+def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
-    step 6; ``fallbacks`` receives what a rewrite left alone."""
+    step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -79,6 +83,10 @@ def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None)
     ]
     if lanes and lanes > 1:
         passes.append(("graph:pad-channels", pad_output_channels(lanes, fallbacks)))
+    if winograd is not None:
+        from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
+
+        passes.append((RULE, winograd_conv2d(winograd, fallbacks)))
     passes.append(("graph:dead-code", relax.transform.DeadCodeElimination()))
     return [guarded(inner, rule, fallbacks) for rule, inner in passes]
 

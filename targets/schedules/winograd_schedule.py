@@ -1,0 +1,103 @@
+"""Schedules of the Winograd transform kernels (winograd_kernels.py); the GEMM between
+them is a batched matrix product and ``dense.py`` schedules it.
+
+    winograd_input   parallel (tiles p)
+                       for c / lanes:  for t: (unrolled)  for lanes: (vectorised)
+                         V[t, p, c] = (B^T d B)[t]
+    winograd_output  (fused with the epilogue, one block)
+                     parallel (n, y / m)
+                       for x / m, f / lanes:  for y % m, x % m: (unrolled)  for lanes: (vectorised)
+                         out[n, y, x, f] = g((A^T M A)[y % m, x % m])
+
+Unrolling the tile-element loops turns each element's ``if_then_else``
+choice into one expression and lets LLVM load each input of the tile once
+for all elements of the tile (alpha^2 loads instead of alpha^2 times the
+nonzero terms). An output whose size is not a multiple of ``m`` keeps a
+predicated last tile. An output transform fused with a layout transpose (the
+graph's last convolution, before an NCHW output) is left to ``generic``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgec.targets.schedules.common import (
+    MIN_PARALLEL_ELEMENTS,
+    Rule,
+    extents,
+    inline_epilogue,
+    root_blocks,
+    vector_tile,
+)
+from edgec.targets.schedules.winograd_kernels import INPUT_KERNEL, OUTPUT_KERNEL
+
+
+def _alpha(buffer) -> int:
+    """alpha of a ``[alpha*alpha, tiles, channels]`` transformed buffer."""
+    elements = int(buffer.shape[0])
+    alpha = math.isqrt(elements)
+    if alpha * alpha != elements:
+        raise ValueError(f"{elements} tile elements: not a square")
+    return alpha
+
+
+class WinogradTransforms(Rule):
+    name = "winograd-transform"
+
+    def apply(self, func):
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        blocks = root_blocks(sch)
+        names = [sch.get(block).name_hint for block in blocks]
+        if names == [INPUT_KERNEL]:
+            self._input(sch, blocks[0])
+            return sch
+        if names and names[0] == OUTPUT_KERNEL:
+            return sch if self._output(sch, blocks[0]) else None
+        return None
+
+    def _channel_split(self, sch, loop):
+        extent = int(sch.get(loop).extent)
+        lanes = vector_tile(extent, self.vector, 1)[0]
+        return sch.split(loop, [None, lanes])
+
+    def _input(self, sch, block):
+        t, p, c = sch.get_loops(block)
+        c_outer, c_inner = self._channel_split(sch, c)
+        sch.reorder(p, c_outer, t, c_inner)
+        if _elements(sch, block) >= MIN_PARALLEL_ELEMENTS:
+            sch.parallel(p)
+        sch.unroll(t)
+        sch.vectorize(c_inner)
+
+    def _output(self, sch, anchor) -> bool:
+        """Schedule the output transform and its epilogue; False when the epilogue does not
+        write an NHWC tensor of the transform's shape (a layout transpose fused at the graph's end)."""
+        alpha = _alpha(sch.get(anchor).reads[0].source)
+        m = alpha - 2
+        shape = [int(dim) for dim in sch.get(anchor).writes[0].source.shape]
+        epilogue = inline_epilogue(sch, anchor)
+        if [int(dim) for dim in sch.get(epilogue).writes[0].source.shape] != shape:
+            return False
+        if epilogue is not anchor:
+            sch.compute_inline(anchor)
+        n, y, x, f = sch.get_loops(epilogue)
+        y_outer, y_inner = sch.split(y, [None, m])
+        x_outer, x_inner = sch.split(x, [None, m])
+        f_outer, f_inner = self._channel_split(sch, f)
+        sch.reorder(n, y_outer, x_outer, f_outer, y_inner, x_inner, f_inner)
+        outer = sch.fuse(n, y_outer)
+        if _elements(sch, epilogue) >= MIN_PARALLEL_ELEMENTS:
+            sch.parallel(outer)
+        sch.unroll(y_inner)
+        sch.unroll(x_inner)
+        sch.vectorize(f_inner)
+        return True
+
+
+def _elements(sch, block) -> int:
+    total = 1
+    for extent in extents(sch, sch.get_loops(block)):
+        total *= extent
+    return total

@@ -1,0 +1,284 @@
+"""Winograd convolutions (issue 14): the F(m x m, 3x3) math against direct
+convolution, the per-layer policy, the Relax rewrite's structure (eligible
+convolutions only, weights transformed at compile time, the output transform
+fused with bias/BN/residual/ReLU), compiled numerics against ONNX Runtime on
+x86 and on an emulated cortex-a53 board, and per-kernel fallbacks. No timing
+assertions: bench/winograd.py measures speed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import edgec
+from edgec.runtimes.local import LocalRunner
+from edgec.runtimes.reference import run_onnxruntime
+from edgec.targets import PRESETS
+from edgec.targets.schedules import winograd_kernels
+from edgec.targets.schedules.winograd import transform_weights, winograd_conv2d_reference, winograd_matrices
+from edgec.targets.schedules.winograd_graph import WinogradPolicy, winograd_conv2d
+from edgec.targets.schedules.winograd_schedule import WinogradTransforms
+
+RTOL = ATOL = 1e-4
+F4 = WinogradPolicy(tiles=(4,), min_tiles=1)
+F2 = WinogradPolicy(tiles=(2,), min_tiles=1)
+
+
+# --- the math ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_matrices_compute_a_one_dimensional_correlation(m):
+    """F(m, 3): A^T [(G g) * (B^T d)] is the valid correlation of alpha inputs with 3 taps."""
+    mats = winograd_matrices(m)
+    rng = np.random.default_rng(m)
+    d, g = rng.standard_normal(mats.alpha), rng.standard_normal(3)
+    got = mats.A.T @ ((mats.G @ g) * (mats.B.T @ d))
+    np.testing.assert_allclose(got, np.correlate(d, g, "valid"), rtol=1e-10, atol=1e-10)
+
+
+def direct_conv2d(x, w, padding):
+    """NHWC x HWIO, stride 1, ``padding`` (top, left, bottom, right), in float64."""
+    top, left, bottom, right = padding
+    padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = padded.shape[1] - 2, padded.shape[2] - 2
+    out = np.zeros((x.shape[0], out_h, out_w, w.shape[3]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nhwc,cf->nhwf", padded[:, i : i + out_h, j : j + out_w], w[i, j].astype(np.float64))
+    return out
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize(("size", "padding"), [((8, 8), (1, 1, 1, 1)), ((7, 5), (1, 1, 1, 1)), ((9, 6), (0, 0, 0, 0)),
+                                               ((6, 7), (2, 1, 0, 1))])
+def test_reference_matches_direct_convolution(m, size, padding):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *size, 5))
+    w = rng.standard_normal((3, 3, 5, 7))
+    np.testing.assert_allclose(winograd_conv2d_reference(x, w, padding, m), direct_conv2d(x, w, padding), rtol=1e-9, atol=1e-9)
+
+
+def test_policy_picks_a_tile_per_layer():
+    """ResNet-18's 3x3 stride-1 layers on x86: F(4x4) at 56 and 28, F(2x2) at 14, direct at 7
+    (bench/winograd.py); on aarch64 (instruction counts, README): F(4x4) at 14, F(2x2) at 7."""
+    assert (PRESETS["x86"].winograd_min_tiles, PRESETS["cortex-a53"].winograd_min_tiles) == (49, 16)
+    with pytest.raises(ValueError, match="for_target"):
+        WinogradPolicy().choose(1, 56, 56, 64, 64)
+    policy = WinogradPolicy().for_target(PRESETS["x86"].winograd_min_tiles)
+    assert WinogradPolicy(min_tiles=3).for_target(49).min_tiles == 3  # an explicit value wins
+    arm = WinogradPolicy().for_target(PRESETS["cortex-a53"].winograd_min_tiles)
+    assert [arm.choose(1, size, size, 256, 256)[0] for size in (56, 28, 14, 7)] == [4, 4, 4, 2]
+    assert policy.choose(1, 56, 56, 64, 64)[0] == 4
+    assert policy.choose(1, 28, 28, 128, 128)[0] == 4
+    assert policy.choose(1, 14, 14, 256, 256)[0] == 2
+    m, why = policy.choose(1, 7, 7, 512, 512)
+    assert m is None and "tiles" in why
+    m, why = policy.choose(1, 56, 56, 8, 64)
+    assert m is None and "channels" in why
+
+
+# --- the rewrite ---------------------------------------------------------------------------------
+
+
+def _relax_convs():
+    """main(x): NHWC 3x3 stride 1 (+ bias, ReLU) -> 3x3 stride 2 -> 1x1, all with constant HWIO weights."""
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "winograd": rng.standard_normal((3, 3, 16, 32)).astype("float32"),
+        "strided": rng.standard_normal((3, 3, 32, 32)).astype("float32"),
+        "pointwise": rng.standard_normal((1, 1, 32, 16)).astype("float32"),
+    }
+    bias = rng.standard_normal((1, 1, 1, 32)).astype("float32")
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 12, 12, 16), "float32"))
+
+    def conv(data, name, **attrs):
+        return relax.op.nn.conv2d(data, relax.const(weights[name]), data_layout="NHWC", kernel_layout="HWIO", **attrs)
+
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            y = builder.emit(conv(x, "winograd", padding=[1, 1, 1, 1]))
+            y = builder.emit(relax.op.nn.relu(relax.op.add(y, relax.const(bias))))
+            y = builder.emit(conv(y, "strided", strides=[2, 2], padding=[1, 1, 1, 1]))
+            y = builder.emit_output(conv(y, "pointwise"))
+        builder.emit_func_output(y)
+    return builder.get(), weights
+
+
+def _calls(mod) -> list:
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) else None)
+    return found
+
+
+def test_rewrite_replaces_the_eligible_convolution_only():
+    import tvm
+    from tvm import relax
+
+    mod, weights = _relax_convs()
+    assert relax.analysis.check_well_formed(mod)
+    rewritten = winograd_conv2d(F4)(mod)
+    assert relax.analysis.check_well_formed(rewritten)
+    calls = _calls(rewritten)
+    convs = [call for call in calls if getattr(call.op, "name", "") == "relax.nn.conv2d"]
+    assert [tuple(int(s) for s in call.attrs.strides) for call in convs] == [(2, 2), (1, 1)]  # strided, 1x1 untouched
+    kernels = [call.args[0].name_hint for call in calls if getattr(call.op, "name", "") == "relax.call_tir"]
+    assert kernels == [winograd_kernels.INPUT_KERNEL, winograd_kernels.GEMM_KERNEL, winograd_kernels.OUTPUT_KERNEL]
+    gemm = next(call for call in calls if getattr(call.op, "name", "") == "relax.call_tir" and call.args[0].name_hint == winograd_kernels.GEMM_KERNEL)
+    constant = gemm.args[1].fields[1]
+    assert isinstance(constant, tvm.ir.expr.Constant)  # weights transformed at compile time
+    np.testing.assert_allclose(constant.value.numpy(), transform_weights(weights["winograd"], 4), rtol=1e-6)
+    assert constant.value.numpy().shape == (36, 16, 32)
+    assert int(rewritten[winograd_kernels.INPUT_KERNEL].attrs["op_pattern"]) == 8  # a kernel of its own
+
+    fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                      relax.transform.FuseOps(), relax.transform.FuseTIR()])(rewritten)
+    names = [gvar.name_hint for gvar in fused.get_global_vars()]
+    assert "fused_conv2d_winograd_output_add_relu" in names  # bias and ReLU fused into the output transform
+    assert winograd_kernels.INPUT_KERNEL in names
+
+
+def test_policy_that_rejects_leaves_the_module_unchanged():
+    from tvm import relax
+
+    mod, _ = _relax_convs()
+    rewritten = winograd_conv2d(WinogradPolicy(min_tiles=10_000))(mod)
+    assert len([c for c in _calls(rewritten) if getattr(c.op, "name", "") == "relax.nn.conv2d"]) == 3
+    assert not any(getattr(c.op, "name", "") == "relax.call_tir" for c in _calls(rewritten))
+    assert relax.analysis.check_well_formed(rewritten)
+
+
+# --- compiled models -------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """Conv-BN-ReLU, conv-BN, + input, ReLU (ResNet's basic block) between a 3x3 stem to 16
+    channels and a 1x1 head."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        self.head = nn.Conv2d(channels, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(self.conv2(self.conv1(x)) + x))
+
+
+@pytest.fixture(scope="module")
+def residual_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    net = ResidualBlock().eval()
+    with torch.no_grad():
+        for bn in (net.conv1[1], net.conv2[1]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("residual") / "residual.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 18, 18),), str(path), dynamo=False, opset_version=17)
+    return path
+
+
+def _kernels(manifest) -> dict[str, str | None]:
+    return {call["kernel"]: call["schedule"] for call in manifest["kernels"]}
+
+
+def _check_against_onnxruntime(model, result):
+    x = np.random.default_rng(7).standard_normal((1, 3, 18, 18)).astype("float32")
+    got = LocalRunner(result.artifact).run([x])[0]
+    np.testing.assert_allclose(got, run_onnxruntime(model.graph, [x])[0], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("policy", [F4, F2], ids=["F4x4", "F2x2"])
+def test_winograd_model_matches_onnxruntime_on_x86(policy, residual_onnx, tmp_path):
+    """18x18 outputs: F(4x4) has a partial last tile row and column."""
+    model = edgec.load(residual_onnx)
+    result = edgec.compile(model, "x86", tmp_path / "out", winograd=policy)
+    manifest = result.manifest
+    assert manifest["verification"]["status"] == "passed"
+    assert manifest["schedules"]["fallbacks"] == []
+    kernels = _kernels(manifest)
+    assert kernels[winograd_kernels.INPUT_KERNEL] == "winograd-transform"
+    assert kernels[winograd_kernels.GEMM_KERNEL] == "dense"
+    outputs = [name for name in kernels if name.startswith(f"fused_{winograd_kernels.OUTPUT_KERNEL}")]
+    assert len(outputs) == 2 and all(kernels[name] == "winograd-transform" for name in outputs)
+    assert any(name.endswith("relu") or "_relu" in name for name in outputs)
+    assert any(name.count("add") >= 2 for name in outputs)  # BN shift + residual add fused too
+    stem = [name for name in kernels if name.startswith("fused_conv2d_") and "winograd" not in name]
+    assert stem and all(kernels[name] == "conv2d-nhwc" for name in stem)  # 3 input channels: direct
+    _check_against_onnxruntime(model, result)
+
+
+def test_without_winograd_every_convolution_is_direct(residual_onnx, tmp_path):
+    model = edgec.load(residual_onnx)
+    result = edgec.compile(model, "x86", tmp_path / "out", winograd=None)
+    assert not any("winograd" in name for name in _kernels(result.manifest))
+    assert result.manifest["verification"]["status"] == "passed"
+
+
+def test_winograd_model_on_an_emulated_cortex_a53(residual_onnx, tmp_path):
+    """Compile verification runs the aarch64 build on the board under qemu, against ONNX Runtime."""
+    preset = PRESETS["cortex-a53"]
+    if shutil.which(preset.toolchain.compiler) is None:
+        pytest.skip(f"{preset.toolchain.compiler} is not installed (make toolchains)")
+    model = edgec.load(residual_onnx)
+    result = edgec.compile(model, "cortex-a53", tmp_path / "a53", winograd=F4)
+    manifest = result.manifest
+    assert manifest["verification"]["status"] == "passed", manifest["verification"]
+    assert "emulated" in manifest["verification"]["ran_on"] or "aarch64" in manifest["verification"]["ran_on"]
+    kernels = _kernels(manifest)
+    assert kernels[winograd_kernels.INPUT_KERNEL] == "winograd-transform"
+    assert manifest["schedules"]["fallbacks"] == []
+
+
+# --- fallbacks -----------------------------------------------------------------------------------
+
+
+def test_failing_rewrite_keeps_the_direct_convolution(residual_onnx, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("forced input transform failure")
+
+    monkeypatch.setattr(winograd_kernels, "input_transform", broken)
+    model = edgec.load(residual_onnx)
+    result = edgec.compile(model, "x86", tmp_path / "out", winograd=F4)
+    fallbacks = result.manifest["schedules"]["fallbacks"]
+    # one record: the two 16 -> 16 convolutions have the same shapes (the log drops duplicates)
+    assert fallbacks == [{"kernel": "relax.nn.conv2d(1x18x18x16, 3x3x16x16) -> 1x18x18x16", "rule": "graph:winograd",
+                          "reason": "forced input transform failure"}]
+    assert not any("winograd" in name for name in _kernels(result.manifest))
+    assert result.manifest["verification"]["status"] == "passed"
+    _check_against_onnxruntime(model, result)
+
+
+def test_failing_transform_schedule_falls_back_for_those_kernels_only(residual_onnx, tmp_path, monkeypatch):
+    matches = WinogradTransforms.apply
+
+    def broken(self, func):
+        if matches(self, func) is not None:  # fail on the kernels the rule is for, after scheduling them
+            raise RuntimeError("forced schedule failure")
+
+    monkeypatch.setattr(WinogradTransforms, "apply", broken)
+    model = edgec.load(residual_onnx)
+    result = edgec.compile(model, "x86", tmp_path / "out", winograd=F4)
+    kernels = _kernels(result.manifest)
+    failed = {f["kernel"] for f in result.manifest["schedules"]["fallbacks"] if f["rule"] == "winograd-transform"}
+    assert winograd_kernels.INPUT_KERNEL in failed and any(winograd_kernels.OUTPUT_KERNEL in name for name in failed)
+    assert all(kernels[name] == "generic" for name in failed), {name: kernels[name] for name in failed}  # the next rule took them
+    assert kernels[winograd_kernels.GEMM_KERNEL] == "dense"
+    assert result.manifest["verification"]["status"] == "passed"
+    _check_against_onnxruntime(model, result)
