@@ -49,13 +49,11 @@ import time
 import warnings
 from pathlib import Path
 
+import models
 import numpy as np
+from timing import edgec_timer, interleave, onnxruntime_timer
 
-# bench/ first on sys.path, also when this file is loaded by path (tests/passes/test_pack_block_sparse.py
-# runs its digits part); bench's models and timing are imported where they are used, because under
-# pytest ``models`` already names tests/models.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESOLUTION = 224  # bench/models.py INPUT_SHAPE
+RESOLUTION = models.INPUT_SHAPE[-1]
 SPARSITIES = (0.5, 0.7)
 BLOCKS = (4, 8, 16)
 _COUNTER = itertools.count()
@@ -142,7 +140,6 @@ class Pointwise:
 
 def pointwise_layers(names: list[str]) -> list[Pointwise]:
     """Distinct 1x1 convs (group 1) of the models, from their ONNX graphs, with multiplicity."""
-    import models
     import onnx
 
     found: dict[tuple, int] = {}
@@ -196,8 +193,6 @@ def main_kernel(artifact, prefix: str) -> dict:
 
 
 def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path) -> list[dict]:
-    from timing import interleave
-
     import edgec
     from edgec.passes import PackBlockSparsePass
 
@@ -261,9 +256,6 @@ def print_layers(rows: list[dict]) -> None:
 
 
 def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...], threads: int) -> list[dict]:
-    import models
-    from timing import edgec_timer, interleave, onnxruntime_timer
-
     import edgec
     from edgec.numerics import compare
     from edgec.passes import PackBlockSparsePass
@@ -506,8 +498,6 @@ def print_accuracy(table: dict, n: int) -> None:
 
 
 def main() -> None:
-    import models
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["layers", "models"], choices=["layers", "models", "accuracy"])
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"], choices=list(models.MODELS))
