@@ -59,7 +59,7 @@ import edgec
 from edgec.passes import FoldBatchNormPass, LowerBinaryPass, LowerTernaryPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
-from edgec.stats import model_stats
+from edgec.core.stats import model_stats
 
 LAYERS = ((64, 56), (256, 14), (512, 7))
 RESOLUTION = 224

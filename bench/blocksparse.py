@@ -257,11 +257,11 @@ def print_layers(rows: list[dict]) -> None:
 
 def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...], threads: int) -> list[dict]:
     import edgec
-    from edgec.numerics import compare
+    from edgec.core.numerics import compare
     from edgec.passes import PackBlockSparsePass
     from edgec.runtimes.local import LocalRunner
     from edgec.runtimes.reference import onnxruntime_session, run_onnxruntime
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     rows = []
     for name in names:

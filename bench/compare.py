@@ -102,9 +102,9 @@ def edgec_runner(name: str, model, x: np.ndarray, want: np.ndarray, directory: P
     result = edgec.compile(model, "x86", directory, verify=False, **options)
     compile_s = time.perf_counter() - start
     local = LocalRunner(result.artifact)
-    from edgec.numerics import compare
+    from edgec.core.numerics import compare
 
-    agreement = compare(local.run([x]), [want], rtol=RTOL, atol=ATOL)  # edgec's one rule (edgec/numerics.py)
+    agreement = compare(local.run([x]), [want], rtol=RTOL, atol=ATOL)  # edgec's one rule (edgec/core/numerics.py)
     check = f"{'ok' if agreement.ok else 'MISMATCH'} (max abs err {agreement.max_abs:.1e})"
 
     def run(count: int) -> list[float]:

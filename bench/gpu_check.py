@@ -73,7 +73,7 @@ def _wall_ms(function, count: int, sync=lambda: None) -> list[float]:
 
 
 def _edgec_child(args):
-    from edgec.artifact import load_artifact
+    from edgec.core.artifact import load_artifact
     from edgec.runtimes.local import LocalRunner
 
     artifact = load_artifact(args.artifact)
@@ -281,9 +281,9 @@ def check_output(runner: Runner, want: np.ndarray, tolerance: float) -> None:
     if got.shape != want.shape:
         runner.ok, runner.check = False, f"MISMATCH: shape {got.shape} vs {want.shape}"
         return
-    from edgec.numerics import compare
+    from edgec.core.numerics import compare
 
-    agreement = compare([got], [want], rtol=tolerance, atol=tolerance)  # edgec's one rule (edgec/numerics.py)
+    agreement = compare([got], [want], rtol=tolerance, atol=tolerance)  # edgec's one rule (edgec/core/numerics.py)
     runner.ok = agreement.ok
     runner.check = f"{'ok' if runner.ok else 'MISMATCH'} (max abs err {agreement.max_abs:.1e}, tol {tolerance:g})"
 
@@ -416,7 +416,7 @@ def preflight(args) -> tuple[object | None, str]:
     import tvm
 
     import edgec
-    from edgec.errors import NoCudaDeviceError
+    from edgec.core.errors import NoCudaDeviceError
     from edgec.runtimes import cuda
 
     lines = [f"edgec {edgec.__version__}, TVM {tvm.__version__}, Python {sys.version.split()[0]} ({sys.executable})"]

@@ -39,7 +39,7 @@ import edgec
 from edgec.passes import FuseFiltersPass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import onnxruntime_session
-from edgec.stats import model_stats
+from edgec.core.stats import model_stats
 
 RESOLUTION = models.INPUT_SHAPE[-1]
 

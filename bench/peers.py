@@ -247,7 +247,7 @@ class Worker:
             return
         self.load_s = reply["load_s"]
         got = np.load(work / f"out_{self.runtime}.npy").reshape(want.shape)
-        from edgec.numerics import compare
+        from edgec.core.numerics import compare
 
         agreement = compare([got], [want], rtol=REL_TOLERANCE, atol=ABS_TOLERANCE)  # edgec's one rule
         self.valid = agreement.ok

@@ -209,7 +209,7 @@ def emulated_check(artifact: Path, preset: str) -> dict:
     from edgec.runtimes.agent_build import build_agent
     from edgec.runtimes.bench import bench
     from edgec.runtimes.emulate import emulate
-    from edgec.inputs import random_inputs
+    from edgec.core.inputs import random_inputs
     from edgec.runtimes.session import connect
 
     loaded = edgec.load_artifact(artifact)

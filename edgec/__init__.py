@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 __version__ = "0.1.0"
 
@@ -24,16 +24,16 @@ _LAZY = {
     "compile": ("edgec.compiler", "compile"),
     "VerifyOptions": ("edgec.compiler", "VerifyOptions"),
     "apply": ("edgec.apply_passes", "apply"),
-    "Model": ("edgec.model", "Model"),
-    "load_artifact": ("edgec.artifact", "load_artifact"),
+    "Model": ("edgec.core.model", "Model"),
+    "load_artifact": ("edgec.core.artifact", "load_artifact"),
 }
 
 if TYPE_CHECKING:
     from edgec.apply_passes import apply
-    from edgec.artifact import load_artifact
+    from edgec.core.artifact import load_artifact
     from edgec.compiler import VerifyOptions, compile
     from edgec.frontend import from_onnx_ir, load
-    from edgec.model import Model
+    from edgec.core.model import Model
 
 
 def __getattr__(name: str):

@@ -28,11 +28,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgec.errors import PassError
-from edgec.inputs import random_inputs
-from edgec.model import Model, input_signatures
-from edgec.numerics import compare
-from edgec.stats import model_stats
+from edgec.core.errors import PassError
+from edgec.core.inputs import random_inputs
+from edgec.core.model import Model, input_signatures
+from edgec.core.numerics import compare
+from edgec.core.stats import model_stats
 
 log = logging.getLogger(__name__)
 

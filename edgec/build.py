@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import BuildError
-from edgec.fallbacks import ALL_KERNELS, FallbackLog, one_line
+from edgec.core.errors import BuildError
+from edgec.core.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, require_linker
 from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport

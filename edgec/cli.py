@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from edgec import __version__
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 log = logging.getLogger("edgec")
 
@@ -157,10 +157,10 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     an older good one. An existing -o is replaced only if it is an edgec
     artifact holding nothing but its own files.
     """
-    from edgec.artifact import check_replaceable
+    from edgec.core.artifact import check_replaceable
     from edgec.compiler import VerifyOptions
     from edgec.compiler import compile as compile_model
-    from edgec.progress import ConsoleProgress
+    from edgec.core.progress import ConsoleProgress
     from edgec.targets import resolve
 
     from edgec.apply_passes import apply
@@ -200,9 +200,9 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
 @_threads_option
 def run(artifact_path, input_files, use_random, seed, output, as_json, threads):
     """Run a compiled ARTIFACT on this machine (x86 artifacts; CUDA artifacts on its GPU)."""
-    from edgec.artifact import load_artifact
+    from edgec.core.artifact import load_artifact
     from edgec.report import output_summary
-    from edgec.inputs import random_inputs
+    from edgec.core.inputs import random_inputs
     from edgec.runtimes.io import read_inputs, write_outputs
     from edgec.runtimes.local import LocalRunner
 
@@ -223,7 +223,7 @@ def run(artifact_path, input_files, use_random, seed, output, as_json, threads):
 @click.option("--json", "as_json", is_flag=True, help="Print the per-layer table as JSON.")
 def inspect(model_path, input_shapes, trust_pickle, as_json):
     """Show MODEL's layers: ops, output shapes, parameters, MACs, and its size."""
-    from edgec.progress import ConsoleProgress
+    from edgec.core.progress import ConsoleProgress
     from edgec.report import inspect_table
 
     model = _load(model_path, input_shapes, trust_pickle, ConsoleProgress())
@@ -284,11 +284,11 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     (twice: equal counts show they are deterministic) and their ratio to the
     model's MACs.
     """
-    from edgec.artifact import load_artifact
-    from edgec.progress import ConsoleProgress
+    from edgec.core.artifact import load_artifact
+    from edgec.core.progress import ConsoleProgress
     from edgec.report import bench_summary
     from edgec.runtimes.bench import bench as run_bench
-    from edgec.inputs import random_inputs
+    from edgec.core.inputs import random_inputs
     from edgec.runtimes.io import read_inputs
     from edgec.runtimes.local import check_inputs
 
@@ -320,8 +320,8 @@ def profile(artifact_path, use_local, rpc, tracker, key, timeout, repeat, html_p
     instructions (all its calls), their share of the whole model's and
     instructions per MAC, and are sorted by instructions.
     """
-    from edgec.artifact import load_artifact
-    from edgec.progress import ConsoleProgress
+    from edgec.core.artifact import load_artifact
+    from edgec.core.progress import ConsoleProgress
     from edgec.report import profile_summary
     from edgec.runtimes.profile import profile as run_profile
     from edgec.runtimes.profile import write_html
@@ -359,7 +359,7 @@ def tune(model_path, target_spec, trials, tuning_db, input_shapes, trust_pickle,
     """
     from edgec.apply_passes import apply
     from edgec.passes.registry import parse
-    from edgec.progress import ConsoleProgress
+    from edgec.core.progress import ConsoleProgress
     from edgec.runtimes.session import parse_address
     from edgec.targets import resolve
     from edgec.tune import tune as run_tune
@@ -430,7 +430,7 @@ def build_agent(target_spec, output, jobs):
     """
     import os
 
-    from edgec.progress import ConsoleProgress
+    from edgec.core.progress import ConsoleProgress
     from edgec.runtimes.agent_build import build_agent as build
 
     binary = build(target_spec, output=output, progress=ConsoleProgress(), jobs=jobs or os.cpu_count() or 1)
@@ -457,7 +457,7 @@ def emulate(target_spec, port, tracker, key, no_count):
     import signal
     import time
 
-    from edgec.progress import ConsoleProgress
+    from edgec.core.progress import ConsoleProgress
     from edgec.runtimes.agent_build import build_agent as build
     from edgec.runtimes.emulate import emulate as start
     from edgec.runtimes.session import parse_address

@@ -3,7 +3,7 @@
 The pipeline is one flat list of stages, in this order and for these reasons:
 
 1. fold    constant subgraphs (ConstantOfShape, Reshape/Transpose/Cast/Mul of
-           constants, Constant nodes) become initializers (edgec/fold.py):
+           constants, Constant nodes) become initializers (edgec/core/fold.py):
            after the passes, which may leave some, and before lowering, so
            that TVM sees constant weights and the schedule rules match.
 2. lower   ONNX IR -> Relax; unsupported ops are refused here, before any
@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec import __version__
-from edgec.artifact import (
+from edgec.core.artifact import (
     GENERATOR,
     KERNEL_CONSTANTS,
     MANIFEST_FORMAT,
@@ -47,12 +47,12 @@ from edgec.artifact import (
     staging,
     write_manifest,
 )
-from edgec.errors import VerificationError
-from edgec.fallbacks import ALL_KERNELS, FallbackLog
+from edgec.core.errors import VerificationError
+from edgec.core.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
-from edgec.model import Model, input_signatures, value_signature
-from edgec.progress import Progress
-from edgec.stats import model_stats
+from edgec.core.model import Model, input_signatures, value_signature
+from edgec.core.progress import Progress
+from edgec.core.stats import model_stats
 from edgec.targets import ResolvedTarget, require_linker, resolve
 from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport
@@ -92,7 +92,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     None: all stay direct (see BuildOptions).
     """
     from edgec.build import BuildOptions, Stages
-    from edgec.fold import fold_constants
+    from edgec.core.fold import fold_constants
     from edgec.lower import to_relax
 
     progress = progress or Progress()

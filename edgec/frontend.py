@@ -11,7 +11,7 @@ Formats, sniffed from the bytes (not the extension):
   code, so only with ``trust_pickle=True``; needs ``input_shape``.
 - A bare ``state_dict`` holds no architecture: refused with what to give.
 
-After loading, every format gets the same clean-ups (edgec/fold.py):
+After loading, every format gets the same clean-ups (edgec/core/fold.py):
 function inlining, constant folding (constant subgraphs such as
 ConstantOfShape become initializers), unused-node removal, constants lifted
 to initializers, ONNX shape inference. Batch norms are *not* fused here; that is the
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgec import shapes as shape_args
-from edgec.errors import InputShapeError, LoadError
-from edgec.model import Model
+from edgec.core import shapes as shape_args
+from edgec.core.errors import InputShapeError, LoadError
+from edgec.core.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -494,8 +494,8 @@ def _torch_runner(module) -> Callable[..., list[np.ndarray]]:
 
 
 def cleanup(graph: ir.Model) -> None:
-    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place): see edgec/fold.py."""
-    from edgec.fold import cleanup as clean
+    """Inline, fold constants, drop dead nodes, lift constants, infer shapes (in place): see edgec/core/fold.py."""
+    from edgec.core.fold import cleanup as clean
 
     clean(graph)
 

@@ -16,8 +16,8 @@ import warnings
 
 import onnx_ir as ir
 
-from edgec.errors import BuildError, UnsupportedOpError
-from edgec.fallbacks import one_line
+from edgec.core.errors import BuildError, UnsupportedOpError
+from edgec.core.fallbacks import one_line
 
 log = logging.getLogger(__name__)
 

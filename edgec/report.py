@@ -127,7 +127,7 @@ def output_summary(artifact, outputs: list[np.ndarray], written: Path | None, as
 
 
 def inspect_table(model, as_json: bool) -> None:
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     stats = model_stats(model.graph)
     if as_json:

@@ -31,8 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgec.errors import TuningError
-from edgec.model import Model
+from edgec.core.errors import TuningError
+from edgec.core.model import Model
 from edgec.targets import ResolvedTarget, require_linker, resolve
 from edgec.tuning_db import default_database
 

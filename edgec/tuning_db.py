@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from edgec.errors import TuningError
+from edgec.core.errors import TuningError
 from edgec.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ lib.so runs on a seeded random input:
 - CUDA: on GPU 0 when this machine has one (runtimes/cuda.py), else
   skipped with the reason.
 
-Its outputs are compared (edgec.numerics.compare) with these references:
+Its outputs are compared (edgec.core.numerics.compare) with these references:
 
 - ``onnxruntime``: ONNX Runtime on the compiled graph or, when that holds
   edgec ops, on its standard-ONNX equivalent (``model.standard_graph``, the
@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import REFERENCE_ONNX, Artifact
-from edgec.errors import EmulatorError, VerificationError
-from edgec.fallbacks import one_line
-from edgec.inputs import random_inputs
-from edgec.model import Model, input_signatures, value_signature
-from edgec.numerics import compare
-from edgec.progress import Progress
+from edgec.core.artifact import REFERENCE_ONNX, Artifact
+from edgec.core.errors import EmulatorError, VerificationError
+from edgec.core.fallbacks import one_line
+from edgec.core.inputs import random_inputs
+from edgec.core.model import Model, input_signatures, value_signature
+from edgec.core.numerics import compare
+from edgec.core.progress import Progress
 from edgec.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class VerifyOptions:
     """Tolerances of the post-build check: per output, pass when every
-    |got - want| <= atol + rtol * max|want| (see edgec.numerics)."""
+    |got - want| <= atol + rtol * max|want| (see edgec.core.numerics)."""
 
     enabled: bool = True
     rtol: float = 1e-4

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgec.artifact import load_artifact
+from edgec.core.artifact import load_artifact
 
 _MACHINES = {3: "x86", 40: "ARM", 62: "x86-64", 183: "AArch64"}
 

@@ -15,7 +15,7 @@ the data:
 Such subgraphs are evaluated on demand with ONNX's reference ops (the
 evaluator onnxscript's constant folder uses too) for the values a pass asks
 about, and the graph is left as it is: the ``fold`` compile stage
-(edgec/fold.py) folds the whole graph before lowering, but a pass that
+(edgec/core/fold.py) folds the whole graph before lowering, but a pass that
 folded everything first would change nodes it does not rewrite, and its
 ``modified`` would not be exact. A matched layer's constant subgraph dies
 with it (``GraphEditor.drop_if_dead``).

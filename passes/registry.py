@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgec.errors import PassError
+from edgec.core.errors import PassError
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}

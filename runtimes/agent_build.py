@@ -41,8 +41,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from edgec.errors import AgentBuildError, TargetError, ToolchainError
-from edgec.progress import Progress
+from edgec.core.errors import AgentBuildError, TargetError, ToolchainError
+from edgec.core.progress import Progress
 from edgec.targets.presets import PRESETS, TargetPreset
 
 log = logging.getLogger(__name__)

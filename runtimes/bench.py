@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import Artifact
-from edgec.errors import InputDataError, VerificationError
-from edgec.numerics import compare
+from edgec.core.artifact import Artifact
+from edgec.core.errors import InputDataError, VerificationError
+from edgec.core.numerics import compare
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
 
@@ -116,7 +116,7 @@ def _flat(value) -> list:
 def reference_check(artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
     """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
     standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
-    artifact has no reference.onnx. The rule is compile's (edgec.numerics.compare)."""
+    artifact has no reference.onnx. The rule is compile's (edgec.core.numerics.compare)."""
     import onnx_ir as ir
 
     from edgec.runtimes.reference import has_custom_ops, reference_outputs, run_onnxruntime

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgec.errors import ArtifactError, NoCudaDeviceError
+from edgec.core.errors import ArtifactError, NoCudaDeviceError
 
 log = logging.getLogger(__name__)
 

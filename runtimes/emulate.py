@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgec.errors import EmulatorError
+from edgec.core.errors import EmulatorError
 from edgec.runtimes.agent_build import build_agent, build_counter_plugin
 from edgec.targets.presets import PRESETS
 

@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from edgec.errors import DeviceError
+from edgec.core.errors import DeviceError
 
 COUNT_REPEAT = 2  # counted runs per function: equal counts show the count is deterministic
 

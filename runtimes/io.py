@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.artifact import Artifact
-from edgec.errors import InputDataError, OutputError
+from edgec.core.artifact import Artifact
+from edgec.core.errors import InputDataError, OutputError
 
 
 def _load_array(path: Path):

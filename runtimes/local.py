@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgec.artifact import Artifact
-from edgec.errors import ArtifactError, InputDataError
+from edgec.core.artifact import Artifact
+from edgec.core.errors import ArtifactError, InputDataError
 
 log = logging.getLogger(__name__)
 

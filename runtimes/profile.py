@@ -11,7 +11,7 @@ On an emulated board that counts instructions (``edgec device emulate``) the
 device also counts each kernel's instructions per call and the whole model's
 per inference (runtimes/icount.py): exact and repeatable where the emulated
 times are not. A kernel's MACs are those of the ONNX nodes it computes
-(edgec/stats.py), so "instructions per MAC" reads the same as in bench.
+(edgec/core/stats.py), so "instructions per MAC" reads the same as in bench.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import KERNEL_CONSTANTS, Artifact
-from edgec.errors import ArtifactError
-from edgec.inputs import random_array
+from edgec.core.artifact import KERNEL_CONSTANTS, Artifact
+from edgec.core.errors import ArtifactError
+from edgec.core.inputs import random_array
 from edgec.runtimes.bench import load_vm, warm_up
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
@@ -173,7 +173,7 @@ def node_macs_by_name(artifact: Artifact) -> dict[str, int]:
     """MACs of each named node of the artifact's model.onnx (the graph the kernel table refers to)."""
     import onnx_ir as ir
 
-    from edgec.stats import node_macs
+    from edgec.core.stats import node_macs
 
     return {node.name: node_macs(node) for node in ir.load(str(artifact.onnx)).graph if node.name}
 

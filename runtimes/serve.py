@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 
-from edgec.errors import DeviceError
+from edgec.core.errors import DeviceError
 from edgec.runtimes import device_functions
 
 log = logging.getLogger(__name__)

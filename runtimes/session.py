@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from edgec.artifact import Artifact
-from edgec.errors import ArtifactError, DeviceError
+from edgec.core.artifact import Artifact
+from edgec.core.errors import ArtifactError, DeviceError
 from edgec.runtimes import device_functions
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class RemoteDevice(Device):
         self.dev = session.cpu()
 
     def use_gpu(self, artifact: Artifact) -> None:
-        from edgec.errors import NoCudaDeviceError
+        from edgec.core.errors import NoCudaDeviceError
 
         with self.step("asking the device for its GPU (edgec.device.cuda)"):
             try:

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Any
 
-from edgec.errors import TargetError
+from edgec.core.errors import TargetError
 from edgec.targets.host import host_cpu_name
 from edgec.targets.presets import PRESETS, TargetPreset
 

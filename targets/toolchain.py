@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
-from edgec.errors import ToolchainError
+from edgec.core.errors import ToolchainError
 from edgec.targets.presets import TargetPreset
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import edgec
 from backbone import ATOL, RTOL, invoke
-from edgec.artifact import load_artifact
+from edgec.core.artifact import load_artifact
 from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
 from edgec.targets import PRESETS, resolve

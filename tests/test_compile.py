@@ -13,8 +13,8 @@ import pytest
 
 import edgec
 from backbone import ATOL, RTOL, SOURCE_FORMAT, X86_SOURCE, assert_board_verified, elf_header
-from edgec.artifact import load_artifact
-from edgec.errors import UnsupportedOpError
+from edgec.core.artifact import load_artifact
+from edgec.core.errors import UnsupportedOpError
 from edgec.lower import supported_onnx_ops
 from edgec.runtimes.local import LocalRunner
 
@@ -137,7 +137,7 @@ def test_cross_compile_elf_header(artifacts, name, target, tool, header):
     assert manifest["target"]["tvm"]["mtriple"] == edgec.targets.PRESETS[target].mtriple
     assert manifest["target"]["host_runnable"] is False
     assert_board_verified(manifest, target)
-    with pytest.raises(edgec.errors.ArtifactError, match=target):
+    with pytest.raises(edgec.core.errors.ArtifactError, match=target):
         LocalRunner(load_artifact(path))
 
 

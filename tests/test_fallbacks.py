@@ -24,7 +24,7 @@ from torch import nn
 
 import edgec
 from edgec.cli import cli
-from edgec.fold import fold_constants
+from edgec.core.fold import fold_constants
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import schedules

@@ -13,8 +13,8 @@ import pytest
 
 import edgec
 from backbone import ATOL, FORMATS, RTOL, SOURCE_FORMAT
-from edgec import shapes
-from edgec.errors import EdgecError, InputShapeError, LoadError
+from edgec.core import shapes
+from edgec.core.errors import EdgecError, InputShapeError, LoadError
 
 
 def run_ort(model, inputs: list[np.ndarray]) -> list[np.ndarray]:

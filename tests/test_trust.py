@@ -27,12 +27,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-import edgec.artifact
+import edgec.core.artifact
 import edgec.lower
 from backbone import invoke, leftovers, make_onnx, one_error_line, tree_bytes
-from edgec.artifact import MANIFEST, load_artifact, staging
+from edgec.core.artifact import MANIFEST, load_artifact, staging
 from edgec.cli import cli
-from edgec.errors import ArtifactError, InputDataError, LoadError, PassError
+from edgec.core.errors import ArtifactError, InputDataError, LoadError, PassError
 from edgec.passes import PackBlockSparsePass
 
 EDGEC = [sys.executable, "-m", "edgec.cli"]
@@ -363,7 +363,7 @@ def test_output_next_to_a_file_or_unwritable(tmp_path, saved_models, monkeypatch
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", kwargs.get("dir"))
 
-    monkeypatch.setattr(edgec.artifact.tempfile, "mkdtemp", read_only)  # as root, chmod cannot make a directory read-only
+    monkeypatch.setattr(edgec.core.artifact.tempfile, "mkdtemp", read_only)  # as root, chmod cannot make a directory read-only
     one_error_line(invoke("compile", model, "-t", "x86", "-o", tmp_path / "ro" / "out"), "Permission denied", "-o")
 
 
@@ -475,7 +475,7 @@ def test_racing_compiles_on_one_output(tmp_path, saved_models):
             for round_ in range(10):
                 with staging(output) as directory:
                     (directory / "lib.so").write_bytes(f"{index}-{round_}".encode())
-                    edgec.artifact.write_manifest(directory, {"generator": "edgec", "format": 2, "files": ["lib.so"]})
+                    edgec.core.artifact.write_manifest(directory, {"generator": "edgec", "format": 2, "files": ["lib.so"]})
                     if round_ == 0:
                         barrier.wait(30)
         except BaseException as error:  # noqa: BLE001 - collected for the assertion

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import edgec
 from edgec.cli import cli
-from edgec.errors import TuningError
+from edgec.core.errors import TuningError
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import resolve

@@ -14,8 +14,8 @@ from onnx import helper
 
 import edgec
 from backbone import invoke, make_onnx
-from edgec.artifact import REFERENCE_ONNX
-from edgec.errors import VerificationError
+from edgec.core.artifact import REFERENCE_ONNX
+from edgec.core.errors import VerificationError
 from edgec.passes import LowerBinaryPass, LowerTernaryPass, PackBlockSparsePass
 from edgec.runtimes.reference import has_custom_ops
 

@@ -9,7 +9,7 @@ op family (``binary``, ``ternary``, ``block_sparse``), each split by layer
 ``edgec.runtimes.reference`` consult it. ``common.py`` holds what the ops
 share, ``transposes.py`` the Relax pass that removes their layout wrappers.
 
-Layer: custom ops import the floor (``edgec.errors``) and target data
+Layer: custom ops import the floor (``edgec.core.errors``) and target data
 (``edgec.targets.vector``), never passes, runtimes or the compiler.
 
 Custom op type names must not clash with standard ONNX op types: TVM's ONNX

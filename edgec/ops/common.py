@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from edgec.errors import BuildError
+from edgec.core.errors import BuildError
 from edgec.ops import DOMAIN
 
 ACTIVATIONS = ("none", "Relu", "Clip")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgec.fallbacks import FallbackLog
+from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.common import Rule
 from edgec.targets.vector import CpuVector
 

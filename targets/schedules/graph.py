@@ -56,7 +56,7 @@ import logging
 
 import numpy as np
 
-from edgec.fallbacks import FallbackLog
+from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.guard import describe_call, guarded
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from edgec.fallbacks import ALL_KERNELS, FallbackLog
+from edgec.core.fallbacks import ALL_KERNELS, FallbackLog
 
 
 def guarded(inner, rule: str, fallbacks: FallbackLog):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 
-from edgec.fallbacks import ALL_KERNELS, FallbackLog
+from edgec.core.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.targets.schedules.guard import describe_call
 
 log = logging.getLogger(__name__)

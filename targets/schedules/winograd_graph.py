@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from edgec.fallbacks import FallbackLog
+from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.guard import describe_call
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import edgec
 import edgec.build
 import edgec.runtimes.reference
 from backbone import leftovers, tree_bytes
-from edgec.artifact import MANIFEST, load_artifact, staging
-from edgec.errors import ArtifactError, BuildError, VerificationError
+from edgec.core.artifact import MANIFEST, load_artifact, staging
+from edgec.core.errors import ArtifactError, BuildError, VerificationError
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The one random-input rule (edgec/inputs.py): seeded, floats standard normal, integers
+"""The one random-input rule (edgec/core/inputs.py): seeded, floats standard normal, integers
 0/1 inside a Gather's index range; the same arrays for a model and for its artifact."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgec.inputs import random_array, random_inputs
-from edgec.model import input_signatures
+from edgec.core.inputs import random_array, random_inputs
+from edgec.core.model import input_signatures
 
 
 def _gather_model(rows: int) -> ir.Model:

@@ -1,4 +1,4 @@
-"""The float32 agreement rule (edgec/numerics.py): outputs agree on their scale, so large
+"""The float32 agreement rule (edgec/core/numerics.py): outputs agree on their scale, so large
 outputs verify where an element-wise rule refuses them, and a wrong kernel still fails (issue 15)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from onnx import helper
 import edgec
 import edgec.lower
 from backbone import make_onnx
-from edgec.errors import VerificationError
-from edgec.numerics import compare
+from edgec.core.errors import VerificationError
+from edgec.core.numerics import compare
 from edgec.runtimes.reference import run_onnxruntime
 
 
@@ -35,8 +35,8 @@ def large_activation_cnn() -> ir.Model:
 
 
 def test_large_outputs_verify_and_the_old_rule_would_refuse_them(tmp_path):
-    from edgec.inputs import random_inputs
-    from edgec.model import input_signatures
+    from edgec.core.inputs import random_inputs
+    from edgec.core.model import input_signatures
     from edgec.runtimes.local import LocalRunner
 
     model = edgec.from_onnx_ir(large_activation_cnn())

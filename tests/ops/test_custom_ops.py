@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from onnx.reference.op_run import OpRun
 
 import edgec
-from edgec.errors import UnsupportedOpError
+from edgec.core.errors import UnsupportedOpError
 from edgec.ops import CUSTOM_OPS, DOMAIN, CustomOp, register
 from edgec.ops.common import constant, emit_kernel, tensor_type
 from edgec.runtimes.reference import reference_outputs

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import edgec
 from edgec.apply_passes import apply as apply_passes
-from edgec.errors import PassError
+from edgec.core.errors import PassError
 from edgec.passes import PASSES, FoldBatchNormPass
 from edgec.passes.fold_batchnorm import (
     batchnorm_scale_shift,

@@ -37,7 +37,7 @@ from edgec.passes.fuse_filters import (
 )
 from edgec.passes.registry import parse
 from edgec.runtimes.reference import run_onnxruntime
-from edgec.stats import model_stats
+from edgec.core.stats import model_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402 - tests/ on sys.path first

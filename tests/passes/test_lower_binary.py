@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from edgec.errors import PassError
+from edgec.core.errors import PassError
 from edgec.ops import DOMAIN
 from edgec.ops.binary.format import unpack_bits
 from edgec.passes import PASSES, FoldBatchNormPass, LowerBinaryPass
@@ -358,7 +358,7 @@ def test_weights_shrink_32x_up_to_the_scales():
 
 
 def test_macs_are_those_of_the_float_layer():
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     rng = np.random.default_rng(4)
     model = conv_case(rng, sign_weight(rng, 64, 64, 3, 3), activation="sign")

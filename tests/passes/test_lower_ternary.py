@@ -151,7 +151,7 @@ def test_lowers(case, caplog):
 
 
 def test_macs_are_those_of_the_float_layer():
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     rng = np.random.default_rng(3)
     model = conv_model(rng, ternary_weight(rng, 32, 64, 3, 3))

@@ -36,7 +36,7 @@ from edgec.passes.block_sparsity import (
 )
 from edgec.passes.registry import parse
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
-from edgec.stats import node_macs
+from edgec.core.stats import node_macs
 
 RTOL, ATOL = 1e-4, 1e-5
 LOGGER = "edgec.passes.pack_block_sparse"

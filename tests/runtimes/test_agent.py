@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.errors import AgentBuildError, EmulatorError
+from edgec.core.errors import AgentBuildError, EmulatorError
 
 import models  # tests/models.py (conftest puts tests/ on sys.path)
 
@@ -397,7 +397,7 @@ def test_compile_error_names_the_file(tmp_path, monkeypatch):
 
 
 def test_agent_build_refuses_gpu_and_unknown_presets():
-    from edgec.errors import TargetError
+    from edgec.core.errors import TargetError
     from edgec.runtimes.agent_build import build_agent
 
     with pytest.raises(TargetError, match="CPU code only"):

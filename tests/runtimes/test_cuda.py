@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import edgec
 from backbone import elf_header
 from edgec.cli import cli
-from edgec.errors import ArtifactError, NoCudaDeviceError
+from edgec.core.errors import ArtifactError, NoCudaDeviceError
 from edgec.runtimes import cuda
 from edgec.targets import resolve
 from edgec.targets.resolve import FLOAT16_TOLERANCE
@@ -213,7 +213,7 @@ def test_float16_option():
     assert resolved.spec == "cuda:arch=sm_86,dtype=float16"
     assert resolved.tvm_json == {"kind": "cuda", "arch": "sm_86"}
     assert resolved.min_tolerance == FLOAT16_TOLERANCE
-    with pytest.raises(edgec.errors.TargetError, match="float32, float16"):
+    with pytest.raises(edgec.core.errors.TargetError, match="float32, float16"):
         resolve("cuda:dtype=int8")
 
 
@@ -367,8 +367,8 @@ STUB_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import tvm
-    from edgec.artifact import load_artifact
-    from edgec.errors import NoCudaDeviceError
+    from edgec.core.artifact import load_artifact
+    from edgec.core.errors import NoCudaDeviceError
     from edgec.runtimes import cuda
     from edgec.runtimes.local import LocalRunner
     from edgec.runtimes.serve import start_server
@@ -532,7 +532,7 @@ def test_gpu_over_rpc(gpu_results):
     import socket
 
     from edgec.runtimes.bench import bench
-    from edgec.inputs import random_inputs
+    from edgec.core.inputs import random_inputs
     from edgec.runtimes.serve import start_server
     from edgec.runtimes.session import connect
 

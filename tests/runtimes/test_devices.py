@@ -21,9 +21,9 @@ import edgec
 from edgec.cli import cli
 from backbone import assert_profile_adds_up
 from models import ProfileNet
-from edgec.errors import ArtifactError, DeviceError, VerificationError
+from edgec.core.errors import ArtifactError, DeviceError, VerificationError
 from edgec.runtimes.bench import bench
-from edgec.inputs import random_inputs
+from edgec.core.inputs import random_inputs
 from edgec.runtimes.profile import profile, write_html
 from edgec.runtimes.serve import start_server
 from edgec.runtimes.session import LocalDevice, connect

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from edgec.errors import DeviceError
+from edgec.core.errors import DeviceError
 from edgec.runtimes import guest_counter
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
@@ -218,7 +218,7 @@ def test_count_reads_the_devices_answer():
 
 
 def test_count_rejects_a_foreign_answer():
-    from edgec.errors import DeviceError
+    from edgec.core.errors import DeviceError
     from edgec.runtimes.icount import count
 
     with pytest.raises(DeviceError, match="not edgec's"):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import edgec
-from edgec.errors import ArtifactError, TargetError, ToolchainError
+from edgec.core.errors import ArtifactError, TargetError, ToolchainError
 from edgec.targets import PRESETS, TargetPreset, require_linker, required_tools, resolve
 from edgec.targets import host as target_host
 from edgec.targets.resolve import parse_spec
@@ -213,7 +213,7 @@ def _tiny_model():
 
 
 def test_local_runner_refuses_cross_artifacts(tmp_path):
-    from edgec.artifact import Artifact
+    from edgec.core.artifact import Artifact
     from edgec.runtimes.local import LocalRunner
 
     manifest = {"target": {"preset": "cortex-a7", "host_runnable": False}}

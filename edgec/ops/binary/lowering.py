@@ -23,7 +23,7 @@ import logging
 
 import numpy as np
 
-from edgec.errors import BuildError
+from edgec.core.errors import BuildError
 from edgec.ops.binary.format import WeightCode, binary_code, decode_bits, float_weight_hwio, weight_words
 from edgec.ops.binary.kernels import ConvShape, decode_kernel, pack_kernel, xnor_conv_kernel, xnor_plan
 from edgec.ops.binary.reference import BinaryConv, BinaryGemm

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from edgec.errors import BuildError
+from edgec.core.errors import BuildError
 from edgec.ops.block_sparse.format import unpack_blocks
 from edgec.ops.block_sparse.kernels import ConvShape, conv_kernel, gemm_kernel, kernel_plan
 from edgec.ops.block_sparse.reference import BlockSparseConv, BlockSparseGemm

@@ -4,7 +4,7 @@ two-plane ``TERNARY`` code."""
 
 from __future__ import annotations
 
-from edgec.errors import BuildError
+from edgec.core.errors import BuildError
 from edgec.ops.binary.lowering import coded_inputs, decoded_weight, emit_float_conv, emit_float_gemm
 from edgec.ops.ternary.format import TERNARY
 from edgec.ops.ternary.reference import TernaryConv, TernaryGemm

@@ -1,8 +1,8 @@
 """Seeded random inputs: the one rule every part of edgec makes test inputs with.
 
-An input is described by its signature (the manifest's form, ``edgec.model.value_signature``):
+An input is described by its signature (the manifest's form, ``edgec.core.model.value_signature``):
 ``{"shape": [...], "dtype": "float32", "index_range": [low, high]}`` (``index_range``
-optional, on integer inputs a Gather reads as indices, see ``edgec.model.index_ranges``).
+optional, on integer inputs a Gather reads as indices, see ``edgec.core.model.index_ranges``).
 
     float    standard normal
     integer  0 or 1, kept inside ``index_range`` when the input has one (an index

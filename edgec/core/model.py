@@ -76,7 +76,7 @@ def index_ranges(graph: ir.Model) -> dict[str, list[int]]:
 
 def input_signatures(graph: ir.Model) -> list[dict[str, Any]]:
     """``value_signature`` of each graph input, with its ``index_range`` where a Gather reads it
-    (what the manifest records and what ``edgec.inputs.random_inputs`` draws from)."""
+    (what the manifest records and what ``edgec.core.inputs.random_inputs`` draws from)."""
     ranges = index_ranges(graph)
     signatures = []
     for value in graph.graph.inputs:

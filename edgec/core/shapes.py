@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from edgec.errors import InputShapeError
+from edgec.core.errors import InputShapeError
 
 InputShapes = dict[str | int, tuple[int, ...]]
 

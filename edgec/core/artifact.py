@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgec.elf import ElfProblem, check_shared_object
-from edgec.errors import ArtifactError
+from edgec.core.elf import ElfProblem, check_shared_object
+from edgec.core.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
