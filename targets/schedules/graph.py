@@ -280,7 +280,6 @@ def batch_norm_scale_shift(gamma, beta, mean, var, epsilon: float) -> tuple[np.n
 
 
 def batch_norm_as_scale_shift(fallbacks: FallbackLog | None = None):
-    import tvm
     from tvm import relax
     from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
 
@@ -310,12 +309,9 @@ def batch_norm_as_scale_shift(fallbacks: FallbackLog | None = None):
         scaled = relax.op.multiply(matches[data], relax.const(scale.reshape(shape), dtype))
         return relax.op.add(scaled, relax.const(shift.reshape(shape), dtype))
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecBatchNormAsScaleShift")
-    def _pass(mod, _ctx):
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = rewrite_call(pattern, rewriter, func)
-        return mod
+    @relax.transform.function_pass(opt_level=0, name="EdgecBatchNormAsScaleShift")
+    def _pass(func, _mod, _ctx):
+        return rewrite_call(pattern, rewriter, func)
 
     return _pass
 
@@ -337,7 +333,6 @@ def padded_channels(channels: int, lanes: int) -> int | None:
 def pad_output_channels(lanes: int, fallbacks: FallbackLog | None = None):
     """``conv2d(x, w)`` (NHWC/HWIO, groups 1, constant w with F output channels) ->
     ``strided_slice(conv2d(x, w padded with zero filters to F'), channels [0, F))``."""
-    import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -369,11 +364,8 @@ def pad_output_channels(lanes: int, fallbacks: FallbackLog | None = None):
         out = relax.Call(matches[conv].op, [matches[data], relax.const(wider, str(kernel.dtype))], attrs)
         return relax.op.strided_slice(out, axes=[3], begin=[0], end=[channels])
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecPadOutputChannels")
-    def _pass(mod, _ctx):
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = rewrite_call(conv, rewriter, func)
-        return mod
+    @relax.transform.function_pass(opt_level=0, name="EdgecPadOutputChannels")
+    def _pass(func, _mod, _ctx):
+        return rewrite_call(conv, rewriter, func)
 
     return _pass
