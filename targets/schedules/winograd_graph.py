@@ -39,9 +39,10 @@ class WinogradPolicy:
     read for too little work), and needs at least ``min_channels`` input and
     output channels (the transforms cost about ``alpha^2 (C + F)`` per tile
     against ``alpha^2 C F`` for the GEMM). ``min_tiles`` None: the target's
-    (``TargetPreset.winograd_min_tiles``: 49 on x86, where bench/winograd.py
-    measured F(4x4) slower than F(2x2) at 14x14 and both no faster than direct at
-    7x7; 16 on aarch64, where both save instructions).
+    (``TargetPreset.winograd_min_tiles``: 49 on x86, where single-layer timings
+    on a loaded 2-core machine had F(4x4) slower than F(2x2) at 14x14 and neither
+    clearly faster than direct at 7x7 (noisy: re-measure with bench/winograd.py
+    on a quiet machine); 16 on aarch64, where both save instructions, README).
     """
 
     tiles: tuple[int, ...] = (4, 2)
