@@ -947,27 +947,7 @@ def test_compile_x86_after_the_pass(tmp_path):
     np.testing.assert_allclose(got[0], run(original, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def fold_bn_restore_logging():
-    """The CLI reconfigures logging (basicConfig(force=True), -v levels): put it back afterwards."""
-    root = logging.getLogger()
-    names = ("edgec", "torch", "onnxscript", "onnx_ir", "tvm")
-    saved = (list(root.handlers), root.level, {name: logging.getLogger(name).level for name in names})
-    with warnings.catch_warnings():
-        yield
-    handlers, level, levels = saved
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-    for name, value in levels.items():
-        logging.getLogger(name).setLevel(value)
-
-
-def test_cli_compile_with_fold_bn(tmp_path, fold_bn_restore_logging):
+def test_cli_compile_with_fold_bn(tmp_path, restore_logging):
     from click.testing import CliRunner
 
     from edgec.cli import cli
