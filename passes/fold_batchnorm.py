@@ -67,7 +67,7 @@ import onnx_ir as ir
 
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, value_name
-from edgec.passes.registry import option_help
+from edgec.passes.options import option_help
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from edgec.passes.channel_analysis import ChannelAnalysis, node_name
 from edgec.passes.channel_ops import zero_filters
 from edgec.passes.channel_rewrite import Plan, fuse_filters, shrink_channels
 from edgec.passes.graph_edit import describe
-from edgec.passes.registry import option_help, require_node_names
+from edgec.passes.options import option_help, require_node_names
 from edgec.passes.remove_zero_channels import RemoveZeroChannelsPass
 
 logger = logging.getLogger(__name__)

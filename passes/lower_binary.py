@@ -81,7 +81,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.passes.coded_weights import Codec, CodedWeight, conv_bits, lower_coded_layers, relative_error
-from edgec.passes.registry import option_help, require_node_names
+from edgec.passes.options import option_help, require_node_names
 
 __all__ = [
     "CodedWeight",

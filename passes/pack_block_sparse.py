@@ -94,7 +94,7 @@ from edgec.passes.block_sparsity import BlockSparsity, block_norms, block_sparsi
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe
-from edgec.passes.registry import option_help, require_node_names
+from edgec.passes.options import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 

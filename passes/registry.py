@@ -13,55 +13,18 @@ a ``help`` in the field metadata). Option values on the command line:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
-from collections.abc import Iterable
 from typing import Any
 
-import onnx_ir as ir
-
 from edgec.core.errors import PassError
+from edgec.passes import PASSES
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
-def option_help(text: str) -> dict[str, str]:
-    """Field metadata for an option: ``field(default=0.5, metadata=option_help("..."))``."""
-    return {"help": text}
-
-
-def require_node_names(
-    model: ir.Model, names: Iterable[str], option: str, pass_name: str, *, output_names: bool = False
-) -> None:
-    """A pass's ``requires`` hook for options that name nodes (``exclude``, ``layers``): a
-    PreconditionError naming the first name no node of the graph has, with the closest ones,
-    instead of a typo silently matching nothing. ``output_names``: a node's first output
-    name counts too (for passes that match nodes by either)."""
-    known: dict[str, str] = {}
-    for node in model.graph:
-        candidates = [node.name] + ([node.outputs[0].name] if output_names and node.outputs else [])
-        for name in candidates:
-            if name:
-                known.setdefault(name, node.op_type)
-    for name in names:
-        if name in known:
-            continue
-        layers = [known_name for known_name, op in known.items() if op in ("Conv", "Gemm", "MatMul")]
-        close = difflib.get_close_matches(name, layers or list(known), n=3)
-        if close:
-            hint = f"did you mean {', '.join(repr(item) for item in close)}?"
-        else:
-            hint = f"its Conv/Gemm/MatMul nodes are {', '.join(layers[:6]) or 'none'}{' ...' if len(layers) > 6 else ''}"
-        raise ir.passes.PreconditionError(
-            f"{option}={name!r} names no node of the graph ({hint}); `edgec inspect MODEL` lists the node names"
-        )
-
-
 def all_passes() -> dict[str, type]:
     """CLI name -> pass class, in the order ``edgec passes`` lists them."""
-    from edgec.passes import PASSES
-
     return {cls.cli_name: cls for cls in PASSES}
 
 

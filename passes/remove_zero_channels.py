@@ -34,7 +34,7 @@ import onnx_ir as ir
 from edgec.passes.channel_analysis import ChannelAnalysis, Sink, padded
 from edgec.passes.channel_ops import zero_filters
 from edgec.passes.channel_rewrite import Plan, shrink_channels
-from edgec.passes.registry import option_help, require_node_names
+from edgec.passes.options import option_help, require_node_names
 
 
 __all__ = ["RemoveZeroChannelsPass"]

@@ -20,12 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
 
-# Imports that close a cycle in a folder another helper of issue #12 owns, to be removed there.
-# Each must still close a cycle (the test says when it no longer does), so this list only shrinks.
-KNOWN_BACK_EDGES = {
-    ("edgec.passes.registry", "edgec.passes"),  # passes/registry.py's lazy lookup of PASSES
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
@@ -201,18 +195,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b": 1}, "b": {}}) == []
 
 
-def _without(graph: dict[str, dict[str, int]], edges) -> dict[str, dict[str, int]]:
-    return {name: {other: line for other, line in imported.items() if (name, other) not in edges}
-            for name, imported in graph.items()}
-
-
 def test_no_file_imports_a_file_that_imports_it(graph):
-    cycles = _cycles(_without(graph, KNOWN_BACK_EDGES))
+    cycles = _cycles(graph)
     assert not cycles, "import cycles between files:\n" + "\n".join(" <-> ".join(cycle) for cycle in cycles)
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_BACK_EDGES), ids="->".join)
-def test_known_back_edges_still_close_a_cycle(graph, edge):
-    importer, imported = edge
-    still = any({importer, imported} <= set(cycle) for cycle in _cycles(graph))
-    assert still, f"{importer} -> {imported} no longer closes a cycle: remove it from KNOWN_BACK_EDGES"
