@@ -3,6 +3,10 @@
     python bench/torchvision_corpus.py                              # all 80 constructors, smallest first
     python bench/torchvision_corpus.py --models resnet18,mobilenet_v2 --emulate 2
     python bench/torchvision_corpus.py --budget-minutes 60 --timeout 1200 --json tv.json
+    python bench/torchvision_corpus.py --table tv.json                # the tables of a (partial) run
+
+With ``--json`` the results are written after each model and models already in
+the file are skipped: a cut-off run is resumed by running the same command again.
 
 Per model (random weights, seeded; BatchNorm statistics randomised; eval mode;
 input 1x3x224x224), in a process of its own (``--timeout`` bounds it):
@@ -244,6 +248,22 @@ def status(entry: dict) -> tuple[str, str]:
     return "fails (TVM too)", reason
 
 
+def summary(result: dict) -> str:
+    """One line per model for the progress log."""
+    if "error" in result:
+        return result["error"]
+    parts = []
+    for fmt in ("torchscript", "torch.export"):
+        if fmt in result:
+            state, reason = status(result[fmt])
+            parts.append(f"{fmt}: {state}{' (' + reason + ')' if reason else ''}")
+    entry = result.get("torchscript", {})
+    parts.extend(f"{target}: {entry[target].get('status')}" for target in ARM if target in entry)
+    if "timing" in entry:
+        parts.append(f"edgec/ORT {entry['timing'].get('ratio', entry['timing'].get('error'))}")
+    return "; ".join(parts)
+
+
 def print_table(results: list[dict]) -> None:
     print("| model | params | format | compile s (x86) | edgec ms | ORT ms | edgec / ORT | status | reason |")
     print("|---|---:|---|---:|---:|---:|---:|---|---|")
@@ -279,6 +299,20 @@ def print_table(results: list[dict]) -> None:
         print(f"| {result['model']} | {arm[0]} | {arm[1]} | {emulated} |")
 
 
+def measured(path: Path) -> list[dict]:
+    """The results already in ``path`` (resuming a cut-off run), less models that were never run."""
+    if not path.exists():
+        return []
+    return [result for result in json.loads(path.read_text()) if not result.get("error", "").startswith("not run")]
+
+
+def write_json(path: Path, results: list[dict]) -> None:
+    """Write the results after each model, through a rename, so a cut-off run keeps what it measured."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1))
+    partial.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated constructor names [default: all, fewest parameters first]")
@@ -288,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emulate", type=int, default=3, help="run the ARM builds of the first N models on emulated boards")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here after each model; models already in it are skipped")
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print the tables of a results file and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--time", nargs=2, metavar=("KIND", "ARTIFACT"), help=argparse.SUPPRESS)
@@ -299,13 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(run_model(args.worker, args.work)))
         return 0
+    if args.table:
+        print_table(json.loads(args.table.read_text()))
+        return 0
     names = args.models.split(",") if args.models else model_names()
     names = names[: args.limit] if args.limit else names
-    results, start, emulated = [], time.perf_counter(), 0
+    results = measured(args.json) if args.json else []
+    done_names = {result["model"] for result in results}
+    emulated = sum(1 for result in results if result.get("torchscript", {}).get("emulated"))
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgec-torchvision-") as root:
         for index, name in enumerate(names, 1):
+            if name in done_names:
+                print(f"[{index}/{len(names)}] {name}: in {args.json}, skipped", file=sys.stderr, flush=True)
+                continue
             if args.budget_minutes is not None and time.perf_counter() - start > 60 * args.budget_minutes:
-                results.extend({"model": left, "error": "not run: --budget-minutes spent"} for left in names[index - 1 :])
+                results.extend({"model": left, "error": "not run: --budget-minutes spent"}
+                               for left in names[index - 1 :] if left not in done_names)
                 break
             work = Path(root) / name
             work.mkdir()
@@ -330,9 +375,12 @@ def main(argv: list[str] | None = None) -> int:
                         entry["emulated"][target] = {"ok": False, "error": one_line(error)}
                 emulated += 1
             results.append(result)
+            print(f"    {summary(result)}", file=sys.stderr, flush=True)
             subprocess.run(["rm", "-rf", str(work)], check=False)
             if args.json:
-                args.json.write_text(json.dumps(results, indent=1))
+                write_json(args.json, results)
+        if args.json:
+            write_json(args.json, results)
     print(f"{len(results)} models in {time.perf_counter() - start:.0f} s\n")
     print_table(results)
     return 0
