@@ -270,39 +270,60 @@ def summary(result: dict) -> str:
     return "; ".join(parts)
 
 
-def print_table(results: list[dict]) -> None:
-    print("| model | params | format | compile s (x86) | edgec ms | ORT ms | edgec / ORT | status | reason |")
-    print("|---|---:|---|---:|---:|---:|---:|---|---|")
+FORMATS = ("torchscript", "torch.export")
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    """One format's state for plain TVM (``tvm``) or edgec (``x86``, an ARM preset)."""
+    if entry is None:
+        return "-"
+    if "export" in entry:
+        return "export fails"
+    state = entry.get(key, {}).get("status", "-")
+    return {"builds": "ok", "matches": "ok", "not run": "no ONNX"}.get(state, state)
+
+
+def print_table(results: list[dict], not_measured: dict[str, str] | None = None) -> None:
+    """The README's table: one row per model, then each failure's reason, then what was not measured."""
+    print("| model | params | plain TVM x86 (TS / EP) | edgec x86 (TS / EP) | compile s (TS / EP) "
+          "| edgec ms | ORT ms | edgec / ORT | cortex-a53 | cortex-a7 | emulated boards |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---|---|---|")
+    reasons = []
     for result in results:
+        name = result["model"]
         if "error" in result:
-            print(f"| {result['model']} | | | | | | | error | {result['error']} |")
+            print(f"| {name} | | | | | | | | | | {result['error']} |")
             continue
-        for fmt in ("torchscript", "torch.export"):
-            entry = result.get(fmt)
+        entries = [result.get(fmt) for fmt in FORMATS]
+        seconds = [f"{entry['x86']['seconds']:.0f}" if entry and "seconds" in entry.get("x86", {}) else "-" for entry in entries]
+        timing = (entries[0] or {}).get("timing", {})
+        arm = [(entries[0] or {}).get(target, {}).get("status", "-") for target in ARM]  # matches (on the board), built
+        emulated = [target for target in ARM if (entries[0] or {}).get(target, {}).get("status") == "matches"]
+        cells = [
+            name, f"{result['params'] / 1e6:.1f}M",
+            " / ".join(_cell(entry, "tvm") for entry in entries), " / ".join(_cell(entry, "x86") for entry in entries),
+            " / ".join(seconds),
+            f"{timing['edgec_ms']:.1f}" if "edgec_ms" in timing else "",
+            f"{timing['ort_ms']:.1f}" if "ort_ms" in timing else "",
+            f"{timing['ratio']:.2f}x" if "ratio" in timing else timing.get("error", ""),
+            *arm,
+            "both match ORT and PyTorch" if len(emulated) == len(ARM) else ", ".join(emulated) or "-",
+        ]
+        print("| " + " | ".join(cells) + " |")
+        for fmt, entry in zip(FORMATS, entries, strict=True):
             if entry is None:
                 continue
             state, reason = status(entry)
-            x86 = entry.get("x86", {})
-            timing = entry.get("timing", {})
-            cells = [
-                result["model"], f"{result['params'] / 1e6:.1f}M", fmt,
-                f"{x86['seconds']:.0f}" if "seconds" in x86 else "",
-                f"{timing['edgec_ms']:.2f}" if "edgec_ms" in timing else "",
-                f"{timing['ort_ms']:.2f}" if "ort_ms" in timing else "",
-                f"{timing['ratio']:.2f}x" if "ratio" in timing else "",
-                state, reason.replace("|", "/"),
-            ]
-            print("| " + " | ".join(cells) + " |")
-    print("\n| model | cortex-a53 | cortex-a7 | emulated run |")
-    print("|---|---|---|---|")
-    for result in results:
-        entry = result.get("torchscript", {})
-        if not entry or "export" in entry:
-            continue
-        arm = [entry.get(target, {}).get("status", "-") for target in ARM]
-        emulated = ", ".join(target for target in ARM if entry.get(target, {}).get("status") == "matches")
-        emulated = f"{emulated}: match ONNX Runtime and PyTorch" if emulated else "-"
-        print(f"| {result['model']} | {arm[0]} | {arm[1]} | {emulated} |")
+            if state != "ok":
+                reasons.append(f"- {name} ({fmt}): {state}: {reason}")
+            reasons.extend(f"- {name} ({fmt}, {target}): {entry[target].get('reason', '')}"
+                           for target in ARM if entry.get(target, {}).get("status") == "fails")
+    if reasons:
+        print("\nFailures:\n")
+        print("\n".join(reasons))
+    if not_measured:
+        print("\nNot measured:\n")
+        print("\n".join(f"- {name}: {why}" for name, why in not_measured.items()))
 
 
 def measured(path: Path) -> list[dict]:
@@ -343,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_model(args.worker, args.work, arm_verify=not args.no_arm_verify)))
         return 0
     if args.table:
-        print_table(json.loads(args.table.read_text()))
+        results = json.loads(args.table.read_text())
+        done_names = {result["model"] for result in results}
+        print_table(results, {name: "not reached" for name in model_names() if name not in done_names})
         return 0
     names = args.models.split(",") if args.models else model_names()
     names = names[: args.limit] if args.limit else names
