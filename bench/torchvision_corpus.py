@@ -4,6 +4,7 @@
     python bench/torchvision_corpus.py --models resnet18,mobilenet_v2 --emulate 2
     python bench/torchvision_corpus.py --budget-minutes 60 --timeout 1200 --json tv.json
     python bench/torchvision_corpus.py --table tv.json                # the tables of a (partial) run
+    python bench/torchvision_corpus.py --models vit_b_32 --formats torchscript --x86-only --json spot.json
 
 With ``--json`` the results are written after each model and models already in
 the file are skipped: a cut-off run is resumed by running the same command again.
@@ -46,6 +47,7 @@ import numpy as np
 SHAPE = (1, 3, 224, 224)
 SEED = 0
 ARM = ("cortex-a53", "cortex-a7")
+FORMATS = ("torchscript", "torch.export")
 
 
 def import_torchvision():
@@ -161,7 +163,7 @@ def edgec_compile(path: Path, target: str, output: Path, verify: bool = True) ->
     }
 
 
-def run_model(name: str, work: Path, arm_verify: bool = True) -> dict:
+def run_model(name: str, work: Path, arm_verify: bool = True, formats: tuple[str, ...] = FORMATS, arm: bool = True) -> dict:
     """Everything for one model, in this process; see the module docstring."""
     import edgec  # noqa: F401 - fail early if edgec is missing
 
@@ -173,6 +175,8 @@ def run_model(name: str, work: Path, arm_verify: bool = True) -> dict:
     result["params"] = sum(p.numel() for p in model.parameters())
     result["output_max_abs"] = output_scale(model)
     for fmt, suffix in (("torchscript", "pt"), ("torch.export", "pt2")):
+        if fmt not in formats:
+            continue
         path = work / f"{name}.{suffix}"
         try:
             save(model, fmt, path)
@@ -187,7 +191,7 @@ def run_model(name: str, work: Path, arm_verify: bool = True) -> dict:
         except Exception as error:  # noqa: BLE001 - edgec.load failed: edgec_compile reports it
             entry["tvm"] = {"status": "not run", "reason": f"load: {one_line(error)}"}
         entry["x86"] = edgec_compile(path, "x86", work / f"{name}-{suffix}-x86")
-        if fmt == "torchscript":
+        if fmt == "torchscript" and arm:
             for target in ARM:
                 entry[target] = edgec_compile(path, target, work / f"{name}-{suffix}-{target}", verify=arm_verify)
         result[fmt] = entry
@@ -268,9 +272,6 @@ def summary(result: dict) -> str:
     if "timing" in entry:
         parts.append(f"edgec/ORT {entry['timing'].get('ratio', entry['timing'].get('error'))}")
     return "; ".join(parts)
-
-
-FORMATS = ("torchscript", "torch.export")
 
 
 def _cell(entry: dict | None, key: str) -> str:
@@ -355,13 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--no-arm-verify", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated export formats [default: both]")
+    parser.add_argument("--x86-only", action="store_true", help="a spot check: plain TVM and edgec x86 only (no ARM, no timing)")
     parser.add_argument("--time", nargs=2, metavar=("KIND", "ARTIFACT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time:
         print(json.dumps(time_runner(args.time[0], Path(args.time[1]), args.repeat)))
         return 0
     if args.worker:
-        print(json.dumps(run_model(args.worker, args.work, arm_verify=not args.no_arm_verify)))
+        formats = tuple(args.formats.split(","))
+        print(json.dumps(run_model(args.worker, args.work, not args.no_arm_verify, formats, arm=not args.x86_only)))
         return 0
     if args.table:
         results = json.loads(args.table.read_text())
@@ -387,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir()
             print(f"[{index}/{len(names)}] {name}", file=sys.stderr, flush=True)
             try:
-                verify = [] if emulated < args.emulate else ["--no-arm-verify"]
-                done = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), *verify],
+                options = [] if emulated < args.emulate else ["--no-arm-verify"]
+                options += ["--formats", args.formats] + (["--x86-only"] if args.x86_only else [])
+                done = subprocess.run([sys.executable, __file__, "--worker", name, "--work", str(work), *options],
                                       capture_output=True, text=True, timeout=args.timeout, check=False)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 result = json.loads(lines[-1]) if lines else {
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 result = {"model": name, "error": f"timed out after {args.timeout:g} s"}
             entry = result.get("torchscript", {})
-            if entry.get("x86", {}).get("status") == "matches":
+            if entry.get("x86", {}).get("status") == "matches" and not args.x86_only:
                 entry["timing"] = measure(work / f"{name}-pt-x86", args.rounds, args.repeat)
             emulated += emulated_on_boards(result)
             results.append(result)
