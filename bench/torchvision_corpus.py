@@ -323,8 +323,11 @@ def print_table(results: list[dict], not_measured: dict[str, str] | None = None)
         print("\nFailures:\n")
         print("\n".join(reasons))
     if not_measured:
+        by_reason: dict[str, list[str]] = {}
+        for name, why in not_measured.items():
+            by_reason.setdefault(why, []).append(name)
         print("\nNot measured:\n")
-        print("\n".join(f"- {name}: {why}" for name, why in not_measured.items()))
+        print("\n".join(f"- {why} ({len(names)}): {', '.join(names)}" for why, names in by_reason.items()))
 
 
 def measured(path: Path) -> list[dict]:
