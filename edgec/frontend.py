@@ -402,6 +402,9 @@ def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
                 )
                 graph = program.model
             else:
+                from edgec.torchscript_symbolics import register
+
+                register()  # ops the TorchScript exporter has no symbolic for (nn.MultiheadAttention's fast path)
                 buffer = io.BytesIO()
                 torch.onnx.export(
                     model,
