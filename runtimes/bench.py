@@ -40,9 +40,7 @@ class BenchResult:
 
     @property
     def instructions_per_mac(self) -> float | None:
-        if self.instructions is None or self.macs <= 0:
-            return None
-        return self.instructions.per_call / self.macs
+        return None if self.instructions is None else self.instructions.per_mac(self.macs)
 
     @property
     def mean_ms(self) -> float:

@@ -46,6 +46,10 @@ class InstructionCount:
     def deterministic(self) -> bool:
         return len(set(self.runs)) == 1
 
+    def per_mac(self, macs: int) -> float | None:
+        """Instructions per multiply-accumulate of a call doing ``macs`` of them (None without MACs)."""
+        return self.per_call / macs if macs > 0 else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "per_call": self.per_call, "runs": list(self.runs), "deterministic": self.deterministic,

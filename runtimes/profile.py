@@ -58,9 +58,7 @@ class KernelRow:
 
     @property
     def instructions_per_mac(self) -> float | None:
-        if self.instructions is None or self.macs_per_call <= 0:
-            return None
-        return self.instructions.per_call / self.macs_per_call
+        return None if self.instructions is None else self.instructions.per_mac(self.macs_per_call)
 
     @property
     def gflops(self) -> float:
@@ -105,9 +103,7 @@ class ProfileResult:
 
     @property
     def instructions_per_mac(self) -> float | None:
-        if not self.counted or self.macs <= 0:
-            return None
-        return self.end_to_end_instructions.per_call / self.macs
+        return self.end_to_end_instructions.per_mac(self.macs) if self.counted else None
 
     @property
     def coverage(self) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import edgec
 from edgec.core.errors import PassError
@@ -28,6 +28,8 @@ from edgec.passes.lower_binary import CodedWeight, binary_codes, conv_bits, quan
 from edgec.passes.registry import parse
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
+from backbone import make_onnx  # noqa: E402 - tests/ on sys.path (conftest.py)
+
 LOGGER = "edgec.passes"  # the pass and the coded-weight driver it shares with ternary
 RTOL = 1e-5
 
@@ -35,19 +37,6 @@ RTOL = 1e-5
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def make_model(nodes, inputs: dict, outputs: dict, initializers: dict) -> ir.Model:
-    graph = helper.make_graph(
-        nodes,
-        "lower_binary_test",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
-        [numpy_helper.from_array(np.asarray(array), name) for name, array in initializers.items()],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    return ir.serde.deserialize_model(proto)
 
 
 def sign_weight(rng, *shape, per_tensor: bool = False) -> np.ndarray:
@@ -235,7 +224,7 @@ def conv_case(
     if relu:
         nodes.append(helper.make_node("Relu", ["n" if batchnorm else "c"], ["y"], name="relu"))
     size = 8 + pads[0] + pads[2] - weight.shape[2] + 1
-    return make_model(nodes, {"x": [1, channels, 8, 8]}, {"y": [1, out, size, size]}, initializers)
+    return make_onnx(nodes, {"x": [1, channels, 8, 8]}, {"y": [1, out, size, size]}, initializers)
 
 
 def in_graph_binarised(rng, spelling: str) -> ir.Model:
@@ -255,7 +244,7 @@ def in_graph_binarised(rng, spelling: str) -> ir.Model:
     nodes.append(helper.make_node("Mul", ["codes", "scale"], ["w"]))
     nodes.append(helper.make_node("Sign", ["x"], ["x_bin"], name="sign"))
     nodes.append(helper.make_node("Conv", ["x_bin", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]))
-    return make_model(nodes, {"x": [2, 16, 6, 6]}, {"y": [2, 8, 6, 6]}, initializers)
+    return make_onnx(nodes, {"x": [2, 16, 6, 6]}, {"y": [2, 8, 6, 6]}, initializers)
 
 
 def gemm_case(rng, *, through_flatten: bool) -> ir.Model:
@@ -271,7 +260,7 @@ def gemm_case(rng, *, through_flatten: bool) -> ir.Model:
     nodes.append(helper.make_node("Gemm", [data, "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0))
     shape = [3, 3, 4, 4] if through_flatten else [3, 48]
     initializers = {"w": rows, "c": rng.standard_normal(10).astype(np.float32)}
-    return make_model(nodes, {"x": shape}, {"y": [3, 10]}, initializers)
+    return make_onnx(nodes, {"x": shape}, {"y": [3, 10]}, initializers)
 
 
 def matmul_case(rng) -> ir.Model:
@@ -281,7 +270,7 @@ def matmul_case(rng) -> ir.Model:
         helper.make_node("MatMul", ["x_bin", "w"], ["m"], name="matmul"),
         helper.make_node("Add", ["m", "bias"], ["y"], name="bias_add"),
     ]
-    return make_model(nodes, {"x": [4, 24]}, {"y": [4, 12]}, {"w": weight, "bias": rng.standard_normal(12).astype(np.float32)})
+    return make_onnx(nodes, {"x": [4, 24]}, {"y": [4, 12]}, {"w": weight, "bias": rng.standard_normal(12).astype(np.float32)})
 
 
 # name -> (builder(rng) -> model, pass, expected edgec op, binarize_input, ops that must be gone)
@@ -374,7 +363,7 @@ def test_shared_sign_stays_for_its_other_consumers():
         helper.make_node("Conv", ["x_bin", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("ReduceSum", ["x_bin"], ["s"], name="sum", keepdims=0),
     ]
-    model = make_model(nodes, {"x": [1, 8, 5, 5]}, {"y": [1, 4, 5, 5], "s": []}, {"w": sign_weight(rng, 4, 8, 3, 3)})
+    model = make_onnx(nodes, {"x": [1, 8, 5, 5]}, {"y": [1, 4, 5, 5], "s": []}, {"w": sign_weight(rng, 4, 8, 3, 3)})
     feeds = feeds_for(model)
     before = run_onnxruntime(model, feeds)
     assert LowerBinaryPass()(model).modified
@@ -398,7 +387,7 @@ def test_fold_bn_first_keeps_weights_binary():
         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn"),
     ]
     initializers = {"w": sign_weight(rng, channels, 16, 3, 3), **{key: value.astype(np.float32) for key, value in bn.items()}}
-    model = make_model(nodes, {"x": [1, 16, 6, 6]}, {"y": [1, channels, 6, 6]}, initializers)
+    model = make_onnx(nodes, {"x": [1, 16, 6, 6]}, {"y": [1, channels, 6, 6]}, initializers)
     feeds = feeds_for(model)
     before = run_onnxruntime(model, feeds)
     assert FoldBatchNormPass()(model).modified
@@ -418,12 +407,12 @@ def _float_conv(rng):
 
 def _weight_input(rng):
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
-    return make_model(nodes, {"x": [1, 4, 5, 5], "w": [2, 4, 3, 3]}, {"y": [1, 2, 3, 3]}, {})
+    return make_onnx(nodes, {"x": [1, 4, 5, 5], "w": [2, 4, 3, 3]}, {"y": [1, 2, 3, 3]}, {})
 
 
 def _conv1d(rng):
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
-    return make_model(nodes, {"x": [1, 4, 9]}, {"y": [1, 6, 7]}, {"w": sign_weight(rng, 6, 4, 3)})
+    return make_onnx(nodes, {"x": [1, 4, 9]}, {"y": [1, 6, 7]}, {"w": sign_weight(rng, 6, 4, 3)})
 
 
 NON_MATCHES = {

@@ -23,10 +23,10 @@ from edgec.passes import PASSES, FoldBatchNormPass, LowerTernaryPass
 from edgec.passes.lower_ternary import quantize_ternary, ternary_codes, ternary_planes
 from edgec.passes.registry import parse
 
+from backbone import make_onnx  # noqa: E402 - tests/ on sys.path (conftest.py)
 from test_lower_binary import (  # noqa: E402 - sibling test module: shared graph helpers
     edgec_nodes,
     lower_and_check,
-    make_model,
     messages,
     ops,
     sign_weight,
@@ -101,13 +101,13 @@ def conv_model(rng, weight, *, relu: bool = False, group: int = 1) -> ir.Model:
     if relu:
         nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
     initializers = {"w": weight, "b": rng.standard_normal(out).astype(np.float32)}
-    return make_model(nodes, {"x": [2, per_group * group, 7, 7]}, {"y": [2, out, 7, 7]}, initializers)
+    return make_onnx(nodes, {"x": [2, per_group * group, 7, 7]}, {"y": [2, out, 7, 7]}, initializers)
 
 
 def gemm_model(rng) -> ir.Model:
     weight = ternary_weight(rng, 12, 20).T.copy()  # (K, N) with transB=0: channels are columns
     nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", alpha=1.5, beta=0.5)]
-    return make_model(nodes, {"x": [3, 20]}, {"y": [3, 12]}, {"w": weight, "c": rng.standard_normal((1, 12)).astype(np.float32)})
+    return make_onnx(nodes, {"x": [3, 20]}, {"y": [3, 12]}, {"w": weight, "c": rng.standard_normal((1, 12)).astype(np.float32)})
 
 
 def batchnorm_model(rng) -> ir.Model:
@@ -124,7 +124,7 @@ def batchnorm_model(rng) -> ir.Model:
         "mean": rng.standard_normal(channels).astype(np.float32),
         "var": rng.uniform(0.2, 2.0, channels).astype(np.float32),
     }
-    return make_model(nodes, {"x": [2, 6, 7, 7]}, {"y": [2, channels, 7, 7]}, initializers)
+    return make_onnx(nodes, {"x": [2, 6, 7, 7]}, {"y": [2, channels, 7, 7]}, initializers)
 
 
 MATCHES = {
