@@ -47,15 +47,6 @@ def doc_layers() -> list[Layer]:
     return layers
 
 
-def floor_not_yet_moved() -> tuple[str, ...]:
-    """The floor modules tools/move_floor.py moves into edgec/core/, where they still lie in edgec/."""
-    tree = ast.parse((ROOT / "tools" / "move_floor.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FLOOR" for t in node.targets):
-            return tuple(f"edgec/{name}.py" for name in ast.literal_eval(node.value))
-    raise AssertionError("tools/move_floor.py defines no FLOOR")
-
-
 def package_dirs() -> dict[str, str]:
     """Import package -> folder, from pyproject (``edgec.passes`` -> ``passes``)."""
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -116,9 +107,7 @@ def graph() -> dict[str, dict[str, int]]:
     return {name: imports_of(ROOT / path, known) for name, path in known.items()}
 
 
-def layer_of(path: str, layers: list[Layer], floor: tuple[str, ...]) -> Layer:
-    if path in floor:
-        path = "edgec/core/" + path.rpartition("/")[2]
+def layer_of(path: str, layers: list[Layer]) -> Layer:
     matching = [layer for layer in layers if layer.holds(path)]
     assert matching, f"{path} lies in no folder of the layer table in docs/architecture.md: add its folder there"
     return max(matching, key=Layer.specificity)
@@ -131,19 +120,19 @@ def test_document_names_the_layers():
 
 
 def test_every_package_file_has_a_layer():
-    layers, floor = doc_layers(), floor_not_yet_moved()
+    layers = doc_layers()
     for path in modules().values():
-        layer_of(path, layers, floor)
+        layer_of(path, layers)
 
 
 def test_imports_go_down_the_layers(graph):
     """A file imports files of its own folder or of a lower layer, never a layer beside or above it."""
-    layers, floor, known = doc_layers(), floor_not_yet_moved(), modules()
+    layers, known = doc_layers(), modules()
     wrong = []
     for name, imported in graph.items():
-        mine = layer_of(known[name], layers, floor)
+        mine = layer_of(known[name], layers)
         for other, line in imported.items():
-            theirs = layer_of(known[other], layers, floor)
+            theirs = layer_of(known[other], layers)
             if theirs.level < mine.level or theirs == mine:
                 continue
             wrong.append(
