@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.passes.constants import Constants
-from edgec.passes.fold_batchnorm import batchnorm_scale_shift
+from edgec.passes.batchnorm_math import batchnorm_scale_shift
 from edgec.passes.graph_edit import GraphEditor, describe
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import edgec
 from edgec.apply_passes import apply as apply_passes
 from edgec.core.errors import PassError
 from edgec.passes import PASSES, FoldBatchNormPass
-from edgec.passes.fold_batchnorm import (
+from edgec.passes.batchnorm_math import (
     batchnorm_scale_shift,
     fold_batchnorm,
     fold_bias,
