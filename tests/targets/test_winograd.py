@@ -8,6 +8,7 @@ assertions: bench/winograd.py measures speed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -282,3 +283,21 @@ def test_failing_transform_schedule_falls_back_for_those_kernels_only(residual_o
     assert kernels[winograd_kernels.GEMM_KERNEL] == "dense"
     assert result.manifest["verification"]["status"] == "passed"
     _check_against_onnxruntime(model, result)
+
+
+def test_cli_default_and_no_winograd(residual_onnx, tmp_path, restore_logging):
+    """The CLI's default policy gives the 16-channel 18x18 convs F(2x2) (81 tiles >= x86's 49);
+    ``--no-winograd`` keeps every convolution direct. Both builds verify."""
+    from click.testing import CliRunner
+
+    from edgec.cli import cli
+
+    kernels = {}
+    for name, flags in (("default", []), ("direct", ["--no-winograd"])):
+        done = CliRunner().invoke(cli, ["compile", str(residual_onnx), "-t", "x86", "-o", str(tmp_path / name), *flags])
+        assert done.exit_code == 0, done.output
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["verification"]["status"] == "passed"
+        kernels[name] = _kernels(manifest)
+    assert kernels["default"][winograd_kernels.INPUT_KERNEL] == "winograd-transform"
+    assert not any("winograd" in name for name in kernels["direct"])
