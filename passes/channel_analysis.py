@@ -41,7 +41,7 @@ import onnx_ir as ir
 
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, REDUCES, UNARY, apply_elementwise, zero_filters
 from edgec.passes.constants import Constants
-from edgec.passes.graph_edit import describe
+from edgec.passes.graph_edit import describe, input_at
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +227,8 @@ class ChannelAnalysis:
     # ---- the ops ----------------------------------------------------------
 
     def _conv(self, node: ir.Node, region: list[tuple[int, ir.Value]]) -> None:
-        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        weight = self.constant(input_at(node, 1))
+        bias_value = input_at(node, 2)
         bias = self.constant(bias_value)
         constant_parameters = weight is not None and weight.ndim >= 3 and (bias_value is None or bias is not None)
         group = node.attributes.get_int("group", 1)
@@ -402,7 +402,7 @@ class ChannelAnalysis:
         if not keeps_channels:
             raise Blocked(f"are reshaped by {describe(node)} to {tuple(output_shape)}, not flattened")
         if node.op_type == "Reshape":
-            target = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+            target = self.constant(input_at(node, 1))
             if target is None:
                 raise Blocked(f"are reshaped by {describe(node)} to a shape that is not constant")
             if target.reshape(-1)[1] > 0:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.passes.channel_analysis import ChannelAnalysis, Layout, Sink, node_name, shrinkable_groups
-from edgec.passes.graph_edit import GraphEditor, describe
+from edgec.passes.graph_edit import GraphEditor, describe, input_at
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class ChannelRewriter:
         """A Conv as a source (output channels kept or fused) and/or a sink (input channels sliced)."""
         analysis = self.analysis
         weight = analysis.constant(node.inputs[1])
-        bias = analysis.constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        bias = analysis.constant(input_at(node, 2))
         new_weight, new_bias = weight, bias
         if value is not None and analysis.masked:  # fold the constants of removed input channels into the bias
             layout = analysis.layouts[value]
@@ -191,7 +191,7 @@ class ChannelRewriter:
             if np.any(contribution != 0):
                 alpha = node.attributes.get_float("alpha", 1.0)
                 beta = node.attributes.get_float("beta", 1.0)
-                c = analysis.constant(node.inputs[2]) if len(node.inputs) > 2 else None
+                c = analysis.constant(input_at(node, 2))
                 base = np.zeros(rows.shape[1]) if c is None else c.astype(np.float64)
                 self._set_input(node, 2, (base + contribution * alpha / beta).astype(weight.dtype))
         if len(columns) != rows.shape[0]:

@@ -72,7 +72,7 @@ from edgec.passes.batchnorm_math import (
     scale_transposed_conv_weight,
 )
 from edgec.passes.constants import Constants
-from edgec.passes.graph_edit import GraphEditor, describe, value_name
+from edgec.passes.graph_edit import GraphEditor, describe, input_at, value_name
 from edgec.passes.options import option_help
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class _Rewriter:
         self._check_only_consumer(data, consumer, bias_node or producer)
         if bias_node is not None:
             self._check_only_consumer(producer.outputs[0], bias_node, producer)
-        weight = self.constant(producer.inputs[1] if len(producer.inputs) > 1 else None)
+        weight = self.constant(input_at(producer, 1))
         if weight is None:
             raise _Skip(f"the weight of {describe(producer)} is not a constant")
         if not np.issubdtype(weight.dtype, np.floating):
@@ -311,12 +311,10 @@ class _Rewriter:
         op = producer.op_type
         if op == "MatMul":
             return self._matmul(producer, bias_node, data, weight)
-        bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
-        bias = None
-        if bias_value is not None:
-            bias = self.constant(bias_value)
-            if bias is None:
-                raise _Skip(f"the bias of {describe(producer)} is not a constant")
+        bias_value = input_at(producer, 2)
+        bias = self.constant(bias_value)
+        if bias_value is not None and bias is None:
+            raise _Skip(f"the bias of {describe(producer)} is not a constant")
         if op == "Conv":
             return _Linear(producer, data, weight, bias, weight.shape[0], weight.ndim, 1)
         if op == "ConvTranspose":

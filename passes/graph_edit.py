@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["GraphEditor", "describe", "legacy_inputs", "value_name"]
+__all__ = ["GraphEditor", "describe", "input_at", "legacy_inputs", "value_name"]
 
 
 def describe(node: ir.Node) -> str:
@@ -27,6 +27,11 @@ def describe(node: ir.Node) -> str:
     name = node.name or (node.outputs[0].name if node.outputs else "") or "?"
     op = node.op_type if node.domain == "" else f"{node.domain}.{node.op_type}"
     return f"{op} '{name}'"
+
+
+def input_at(node: ir.Node, index: int) -> ir.Value | None:
+    """The node's input ``index``, None when it is omitted (optional inputs such as a bias)."""
+    return node.inputs[index] if len(node.inputs) > index else None
 
 
 def value_name(value: ir.Value | None) -> str:

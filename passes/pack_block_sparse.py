@@ -93,7 +93,7 @@ import onnx_ir as ir
 from edgec.passes.block_sparsity import BlockSparsity, block_norms, block_sparsify, element_mask, pack_blocks
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
-from edgec.passes.graph_edit import GraphEditor, describe
+from edgec.passes.graph_edit import GraphEditor, describe, input_at
 from edgec.passes.options import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ class _Rewriter:
     def _match_gemm(self, node: ir.Node) -> _Layer:
         if node.attributes.get_int("transA", 0):
             raise _Skip("transA=1 (the input is transposed)")
-        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(input_at(node, 1))
         if weight is None:
             raise _Skip("its B is not a constant")
         if weight.ndim != 2 or weight.dtype != np.float32:
@@ -471,7 +471,7 @@ class _Rewriter:
         raise _Skip(f"its channels reach {describe(node)}, which the pass does not follow")
 
     def _follow_conv(self, node: ir.Node, order: np.ndarray, actions: list) -> list[tuple[ir.Value, np.ndarray]]:
-        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = self.constant(input_at(node, 1))
         if weight is None:
             raise _Skip(f"{describe(node)} has no constant weight")
         group = node.attributes.get_int("group", 1)

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.passes.constants import Constants
 from edgec.passes.batchnorm_math import batchnorm_scale_shift
-from edgec.passes.graph_edit import GraphEditor, describe
+from edgec.passes.graph_edit import GraphEditor, describe, input_at
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,10 @@ class WeightRewriter:
             raise Skip(f"its weight '{node.inputs[1].name}' is not a constant")
         if weight.dtype != np.float32:
             raise Skip(f"its weight is {weight.dtype}, not float32")
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        bias = None
-        if bias_value is not None:
-            bias = self.constant(bias_value)
-            if bias is None:
-                raise Skip(f"its bias '{bias_value.name}' is not a constant")
+        bias_value = input_at(node, 2)
+        bias = self.constant(bias_value)
+        if bias_value is not None and bias is None:
+            raise Skip(f"its bias '{bias_value.name}' is not a constant")
         if len(node.outputs) != 1:
             raise Skip("it has more than one output")
         if node.op_type == "MatMul":
