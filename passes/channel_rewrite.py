@@ -13,16 +13,18 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from edgec.passes.channel_analysis import ChannelAnalysis, Layout, Sink, node_name, shrinkable_groups
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
+from edgec.passes.options import option_help, require_node_names
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChannelRewriter", "Plan", "fuse_filters", "shrink_channels"]
+__all__ = ["ChannelRewriter", "ChannelShrinkPass", "Plan", "fuse_filters", "shrink_channels"]
 
 
 @dataclasses.dataclass
@@ -78,6 +80,35 @@ def fuse_filters(
         bias = np.asarray(bias)
         fused_bias = (rows @ bias.astype(np.float64)).astype(bias.dtype)
     return fused, fused_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelShrinkPass(ir.passes.InPlacePass):
+    """What the channel-removing passes share: ``exclude`` and ``min_channels``, their
+    checks, and the driver (``shrink_channels``) fed by the subclass's ``_plan``.
+    ``masked``: the removed channels' outputs are constant and fold into the next bias."""
+
+    masked: ClassVar[bool] = False
+
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata=option_help("Conv node names to leave untouched"))
+    min_channels: int = dataclasses.field(default=1, metadata=option_help("keep at least this many channels per Conv"))
+
+    def __post_init__(self) -> None:
+        if self.min_channels < 1:
+            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name, output_names=True)  # type: ignore[attr-defined]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = shrink_channels(model, masked=self.masked, exclude=self.exclude, plan=self._plan)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _plan(self, analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int) -> Plan | None:
+        """The channels to keep for one tied group of ``sources`` (None: keep all)."""
+        raise NotImplementedError
 
 
 class ChannelRewriter:

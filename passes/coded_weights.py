@@ -19,17 +19,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from edgec.ops.binary.format import pack_bits
 from edgec.passes.graph_edit import describe
+from edgec.passes.options import option_help, require_node_names
 from edgec.passes.weight_layers import LAYER_OPS, Skip, WeightRewriter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Codec", "CodedWeight", "conv_bits", "lower_coded_layers", "relative_error"]
+__all__ = ["Codec", "CodedWeight", "CodedWeightPass", "conv_bits", "lower_coded_layers", "relative_error"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,3 +167,49 @@ def lower_coded_layers(
             rewriter.bytes_before / max(rewriter.bytes_after, 1),
         )  # fmt: skip
     return lowered > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CodedWeightPass(ir.passes.InPlacePass):
+    """What every coded-weight pass shares: the options below, their checks and the driver.
+
+    A subclass names itself (``cli_name``), adds its own options (its ``quantize``
+    help says its lossy rule) and says how weights are coded (``codec()``).
+    """
+
+    scale: Literal["per-channel", "per-tensor"] = dataclasses.field(
+        default="per-channel", metadata=option_help("one scale a per output channel, or one per layer")
+    )
+    quantize: bool = dataclasses.field(default=False, metadata=option_help("code float weights too (lossy)"))
+    exclude: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
+    )
+    pack: bool = dataclasses.field(
+        default=True,
+        metadata=option_help(
+            "false: keep float Conv/Gemm with the weights the codes stand for (the standard-ONNX "
+            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("per-channel", "per-tensor"):
+            raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
+
+    def requires(self, model: ir.Model) -> None:
+        require_node_names(model, self.exclude, "exclude", self.cli_name)  # type: ignore[attr-defined]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = lower_coded_layers(
+            model, self.codec(), exclude=self.exclude, quantize=self.quantize, pack=self.pack,
+            binary_activations=self.reads_binary_activations(),
+        )  # fmt: skip
+        return ir.passes.PassResult(model, modified=modified)
+
+    def codec(self) -> Codec:
+        """This configuration's row of the codec table."""
+        raise NotImplementedError
+
+    def reads_binary_activations(self) -> bool:
+        """Whether layers on binarised inputs run xnor/popcount (binary's option; weight-only otherwise)."""
+        return False

@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 from edgec.passes.channel_analysis import ChannelAnalysis, node_name
 from edgec.passes.channel_ops import zero_filters
-from edgec.passes.channel_rewrite import Plan, fuse_filters, shrink_channels
+from edgec.passes.channel_rewrite import ChannelShrinkPass, Plan, fuse_filters
 from edgec.passes.graph_edit import describe
 from edgec.passes.options import option_help, require_node_names
 from edgec.passes.remove_zero_channels import RemoveZeroChannelsPass
@@ -145,7 +145,7 @@ def select_filters(importance: np.ndarray, keep: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class FuseFiltersPass(ir.passes.InPlacePass):
+class FuseFiltersPass(ChannelShrinkPass):
     """Remove Conv output channels by DCFF filter fusion.
 
     ``p_k(j) = softmax_j(-||W_k - W_j|| / (mean distance * t))`` over all
@@ -170,14 +170,13 @@ class FuseFiltersPass(ir.passes.InPlacePass):
             "originals; without fine-tuning 0.1 kept accuracy best on the digits CNN, 1.0 averages filters to chance"
         ),
     )
-    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata=option_help("Conv node names to leave untouched"))
     mode: Literal["fuse", "masked"] = dataclasses.field(
         default="fuse",
         metadata=option_help("deprecated: masked runs the zero-channels pass (-p zero-channels) instead of DCFF fusion"),
     )
-    min_channels: int = dataclasses.field(default=1, metadata=option_help("keep at least this many channels per Conv"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         for name, value in self.layer_ratios.items():
@@ -187,13 +186,9 @@ class FuseFiltersPass(ir.passes.InPlacePass):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.mode not in ("fuse", "masked"):
             raise ValueError(f"mode must be 'fuse' or 'masked', got {self.mode!r}")
-        if self.min_channels < 1:
-            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
 
     def requires(self, model: ir.Model) -> None:
-        require_node_names(model, self.exclude, "exclude", self.cli_name, output_names=True)
+        super().requires(model)
         require_node_names(model, self.layer_ratios, "layer_ratios", self.cli_name, output_names=True)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -205,8 +200,7 @@ class FuseFiltersPass(ir.passes.InPlacePass):
             warnings.warn(note, DeprecationWarning, stacklevel=2)
             logger.warning(note)  # DeprecationWarnings are hidden outside __main__: the CLI user sees this
             return RemoveZeroChannelsPass(exclude=self.exclude, min_channels=self.min_channels).call(model)
-        modified = shrink_channels(model, masked=False, exclude=self.exclude, plan=self._plan)
-        return ir.passes.PassResult(model, modified=modified)
+        return super().call(model)
 
     def _plan(self, analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int) -> Plan | None:
         """One keep-set for a tied group: the smallest ratio of its Convs, by summed importance."""

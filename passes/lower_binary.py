@@ -78,10 +78,9 @@ import dataclasses
 from typing import ClassVar, Literal
 
 import numpy as np
-import onnx_ir as ir
 
-from edgec.passes.coded_weights import Codec, CodedWeight, conv_bits, lower_coded_layers, relative_error
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.coded_weights import Codec, CodedWeight, CodedWeightPass, conv_bits, relative_error
+from edgec.passes.options import option_help
 
 __all__ = [
     "CodedWeight",
@@ -174,56 +173,36 @@ def binary_bits(coded: CodedWeight, encoding: str) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class LowerBinaryPass(ir.passes.InPlacePass):
+class LowerBinaryPass(CodedWeightPass):
     """Lower Conv/Gemm/MatMul with binary weights to 1-bit edgec ops, xnor/popcount on Sign inputs.
 
     Weights ``+-a`` (or ``{0, a}``) per output channel become edgec.BinaryConv /
-    edgec.BinaryGemm; see the module docstring.
+    edgec.BinaryGemm; see the module docstring. Options ``scale``, ``exclude``,
+    ``pack`` and the driver: passes/coded_weights.py.
     """
 
     cli_name: ClassVar[str] = "binary"
 
-    encoding: Literal["sign", "magnitude"] = dataclasses.field(
-        default="sign",
-        metadata=option_help("sign: weights +-a (XNOR-Net, RBNN, ReCU); magnitude: weights 0 or a (SiMaN)"),
-    )
-    scale: Literal["per-channel", "per-tensor"] = dataclasses.field(
-        default="per-channel", metadata=option_help("one scale a per output channel, or one per layer")
-    )
     quantize: bool = dataclasses.field(
         default=False,
         metadata=option_help("binarise float weights too (lossy: XNOR-Net sign/mean|W|, SiMaN angle alignment)"),
+    )
+    encoding: Literal["sign", "magnitude"] = dataclasses.field(
+        default="sign",
+        metadata=option_help("sign: weights +-a (XNOR-Net, RBNN, ReCU); magnitude: weights 0 or a (SiMaN)"),
     )
     binary_activations: bool = dataclasses.field(
         default=True,
         metadata=option_help("run layers whose input is Sign(x) or where(x>=0,1,-1) as xnor/popcount kernels"),
     )
-    exclude: tuple[str, ...] = dataclasses.field(
-        default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
-    )
-    pack: bool = dataclasses.field(
-        default=True,
-        metadata=option_help(
-            "false: keep float Conv/Gemm with the +-a weights and the Sign nodes (the standard-ONNX "
-            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
-        ),
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.encoding not in ("sign", "magnitude"):
             raise ValueError(f"encoding must be sign or magnitude, not {self.encoding!r}")
-        if self.scale not in ("per-channel", "per-tensor"):
-            raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
 
-    def requires(self, model: ir.Model) -> None:
-        require_node_names(model, self.exclude, "exclude", self.cli_name)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = lower_coded_layers(
-            model, self.codec(), exclude=self.exclude, quantize=self.quantize, pack=self.pack,
-            binary_activations=self.binary_activations,
-        )  # fmt: skip
-        return ir.passes.PassResult(model, modified=modified)
+    def reads_binary_activations(self) -> bool:
+        return self.binary_activations
 
     def codec(self) -> Codec:
         """This configuration's row of the codec table: 1 bit per weight, xnor/popcount on binary inputs."""

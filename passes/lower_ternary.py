@@ -42,13 +42,12 @@ shapes, Gemm transA or a C not per column, excluded).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
-import onnx_ir as ir
 
-from edgec.passes.coded_weights import Codec, CodedWeight, conv_bits, lower_coded_layers
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.coded_weights import Codec, CodedWeight, CodedWeightPass, conv_bits
+from edgec.passes.options import option_help
 
 __all__ = ["LowerTernaryPass", "quantize_ternary", "ternary_codes", "ternary_planes"]
 
@@ -110,49 +109,27 @@ def ternary_planes(coded: CodedWeight) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class LowerTernaryPass(ir.passes.InPlacePass):
+class LowerTernaryPass(CodedWeightPass):
     """Lower Conv/Gemm/MatMul with ternary weights to 2-bit edgec ops (weight-only).
 
     Weights ``{-a, 0, +a}`` per output channel become edgec.TernaryConv /
-    edgec.TernaryGemm, decoded at run time; see the module docstring.
+    edgec.TernaryGemm, decoded at run time; see the module docstring. Options
+    ``scale``, ``exclude``, ``pack`` and the driver: passes/coded_weights.py.
     """
 
     cli_name: ClassVar[str] = "ternary"
 
-    delta: float = dataclasses.field(
-        default=0.7, metadata=option_help("quantize: weights with |W| <= delta * mean|W| become 0 (TWN: 0.7)")
-    )
-    scale: Literal["per-channel", "per-tensor"] = dataclasses.field(
-        default="per-channel", metadata=option_help("one scale a per output channel, or one per layer")
-    )
     quantize: bool = dataclasses.field(
         default=False, metadata=option_help("ternarise float weights too (lossy, TWN threshold rule)")
     )
-    exclude: tuple[str, ...] = dataclasses.field(
-        default=(), metadata=option_help("node names to leave in float (e.g. the first and last layers)")
-    )
-    pack: bool = dataclasses.field(
-        default=True,
-        metadata=option_help(
-            "false: keep float Conv/Gemm with the dequantized {-a, 0, +a} weights (the standard-ONNX "
-            "equivalent, which ONNX Runtime runs; every packed build is checked against it)"
-        ),
+    delta: float = dataclasses.field(
+        default=0.7, metadata=option_help("quantize: weights with |W| <= delta * mean|W| become 0 (TWN: 0.7)")
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0, not {self.delta!r}")
-        if self.scale not in ("per-channel", "per-tensor"):
-            raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
-
-    def requires(self, model: ir.Model) -> None:
-        require_node_names(model, self.exclude, "exclude", self.cli_name)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = lower_coded_layers(
-            model, self.codec(), exclude=self.exclude, quantize=self.quantize, pack=self.pack, binary_activations=False
-        )
-        return ir.passes.PassResult(model, modified=modified)
 
     def codec(self) -> Codec:
         """This configuration's row of the codec table: 2 bit planes per weight, weight-only."""

@@ -33,37 +33,21 @@ import onnx_ir as ir
 
 from edgec.passes.channel_analysis import ChannelAnalysis, Sink, padded
 from edgec.passes.channel_ops import zero_filters
-from edgec.passes.channel_rewrite import Plan, shrink_channels
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.channel_rewrite import ChannelShrinkPass, Plan
 
 
 __all__ = ["RemoveZeroChannelsPass"]
 
 
 @dataclasses.dataclass(frozen=True)
-class RemoveZeroChannelsPass(ir.passes.InPlacePass):
+class RemoveZeroChannelsPass(ChannelShrinkPass):
     """Remove Conv output channels whose filters are all zero, exactly (their output goes into the next bias).
 
     The constant such a channel outputs is folded into the bias of the layers
     reading it; consumers are sliced to match; see the module docstring."""
 
     cli_name: ClassVar[str] = "zero-channels"
-
-    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata=option_help("Conv node names to leave untouched"))
-    min_channels: int = dataclasses.field(default=1, metadata=option_help("keep at least this many channels per Conv"))
-
-    def __post_init__(self) -> None:
-        if self.min_channels < 1:
-            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-
-    def requires(self, model: ir.Model) -> None:
-        require_node_names(model, self.exclude, "exclude", self.cli_name, output_names=True)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = shrink_channels(model, masked=True, exclude=self.exclude, plan=self._plan)
-        return ir.passes.PassResult(model, modified=modified)
+    masked: ClassVar[bool] = True
 
     def _plan(self, analysis: ChannelAnalysis, root: int, sources: list[ir.Node], channels: int) -> Plan | None:
         return _masked_plan(analysis, root, sources, channels, self.min_channels)
