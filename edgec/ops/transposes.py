@@ -76,13 +76,10 @@ def cancel_transposes():
                 return source
             return call if source.same_as(call.args[0]) else relax.op.permute_dims(source, axes)
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecCancelTransposes")
-    def _pass(mod, _ctx):
-        mutator = _Cancel(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = mutator.visit_expr(func)
-        mod = relax.transform.CanonicalizeBindings()(mod)
-        return relax.transform.DeadCodeElimination()(mod)
+    @relax.transform.function_pass(opt_level=0, name="EdgecCancelTransposes")
+    def _cancel(func, mod, _ctx):
+        return _Cancel(mod).visit_expr(func)
 
-    return _pass
+    return tvm.transform.Sequential(
+        [_cancel, relax.transform.CanonicalizeBindings(), relax.transform.DeadCodeElimination()]
+    )

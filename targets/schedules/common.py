@@ -31,6 +31,18 @@ class Rule:
     def apply(self, func) -> Any:  # -> s_tir.Schedule | None
         raise NotImplementedError
 
+    @staticmethod
+    def schedule_reduction(func, name_prefix: str = "") -> tuple[Any, Any] | tuple[None, None]:
+        """A schedule of ``func`` and its one reduction block, when it has exactly one
+        and the block's name starts with ``name_prefix``; else ``(None, None)``."""
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        anchor, _ = single_reduction(sch)
+        if anchor is None or not sch.get(anchor).name_hint.startswith(name_prefix):
+            return None, None
+        return sch, anchor
+
 
 def root_blocks(sch) -> list:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
@@ -48,10 +60,14 @@ def extents(sch, loops) -> list[int]:
     return [int(sch.get(loop).extent) for loop in loops]
 
 
-def has_constant_extents(sch, block) -> bool:
+def static_iter_kinds(sch, block) -> str | None:
+    """``iter_kinds`` of a block whose iteration extents are all constants, else None
+    (the rules schedule static shapes only)."""
     from tvm import tirx
 
-    return all(isinstance(iv.dom.extent, tirx.IntImm) for iv in sch.get(block).iter_vars)
+    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in sch.get(block).iter_vars):
+        return None
+    return iter_kinds(sch, block)
 
 
 def single_reduction(sch) -> tuple[Any | None, list]:
@@ -94,6 +110,14 @@ def inline_epilogue(sch, anchor):
     if len(tail) != 1:
         raise ValueError(f"{len(tail)} blocks after the anchor: not one fused epilogue")
     return tail[0]
+
+
+def epilogue_block(sch, anchor):
+    """The fused epilogue (``inline_epilogue``), or, when the anchor has none, a copy of
+    its output made a block of its own (``cache_write``): either way the anchor then
+    accumulates in a tile the epilogue block writes out."""
+    epilogue = inline_epilogue(sch, anchor)
+    return sch.cache_write(anchor, 0, "global") if epilogue is anchor else epilogue
 
 
 def divisors(number: int) -> list[int]:
@@ -188,4 +212,19 @@ def parallel_outer(sch, loops, work: int | None = None) -> Any:
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if work is None or work >= MIN_PARALLEL_WORK:
         sch.parallel(fused)
+    return fused
+
+
+def split_tiles(sch, loops, tiles) -> tuple[list, list]:
+    """Split each loop by its tile size: ``(outer loops, inner loops)``."""
+    pairs = [sch.split(loop, [None, tile]) for loop, tile in zip(loops, tiles, strict=True)]
+    return [outer for outer, _ in pairs], [inner for _, inner in pairs]
+
+
+def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int) -> Any:
+    """Order the anchor's loops ``outer`` then ``inner``, run the fused outer loops in
+    parallel (``parallel_outer``) and compute the epilogue inside them; returns the fused loop."""
+    sch.reorder(*outer, *inner)
+    fused = parallel_outer(sch, outer, block_work(sch, anchor))
+    schedule_epilogue(sch, epilogue, fused, lanes)
     return fused

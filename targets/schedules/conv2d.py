@@ -24,17 +24,14 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
-    block_work,
+    epilogue_block,
     extents,
-    has_constant_extents,
-    inline_epilogue,
     inline_producers,
-    iter_kinds,
-    parallel_outer,
     register_tile,
-    schedule_epilogue,
     schedule_injective,
-    single_reduction,
+    split_tiles,
+    static_iter_kinds,
+    tile_nest,
 )
 
 
@@ -48,7 +45,7 @@ def conv_operands(sch, block, depthwise: bool = False):
     from tvm import tirx
 
     stmt = sch.get(block)
-    if iter_kinds(sch, block) != "SSSSRRR" or not has_constant_extents(sch, block):
+    if static_iter_kinds(sch, block) != "SSSSRRR":
         return None
     if len(stmt.reads) != 3 and len(stmt.reads) != 2:
         return None
@@ -90,42 +87,23 @@ class Conv2DNHWC(Rule):
     """
 
     name = "conv2d-nhwc"
-
-    def __init__(self, vector, materialise_padding: bool = True):
-        super().__init__(vector)
-        self.materialise_padding = materialise_padding
+    materialise_padding = True
 
     def apply(self, func):
-        from tvm import s_tir
-
-        sch = s_tir.Schedule(func)
-        anchor, _ = single_reduction(sch)
-        if anchor is None or not sch.get(anchor).name_hint.startswith("conv2d_nhwc"):
-            return None
-        operands = conv_operands(sch, anchor)
+        sch, anchor = self.schedule_reduction(func, "conv2d_nhwc")
+        operands = conv_operands(sch, anchor) if anchor is not None else None
         if operands is None:
             return None
         data, weight = operands
-        epilogue = inline_epilogue(sch, anchor)
-        if epilogue is anchor:
-            epilogue = sch.cache_write(anchor, 0, "global")
+        epilogue = epilogue_block(sch, anchor)
         n, y, x, f, ry, rx, rc = sch.get_loops(anchor)
-        padding = padding_block(sch, anchor)
-        if padding is not None and self.materialise_padding and extents(sch, [ry, rx]) != [1, 1]:
-            inline_producers(sch, anchor, keep={sch.get(padding).name_hint})
-            schedule_injective(sch, padding, self.vector.lanes)
-        else:
-            inline_producers(sch, anchor)
+        inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding and extents(sch, [ry, rx]) != [1, 1])
         _, height, width, channels = extents(sch, [n, y, x, f])
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, self.vector)
-        y_outer, y_inner = sch.split(y, [None, tile_y])
-        x_outer, x_inner = sch.split(x, [None, tile_x])
-        f_outer, f_inner = sch.split(f, [None, tile_f])
+        (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         weight_stationary = _size(weight) > _size(data)
         outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
-        sch.reorder(*outer, ry, rx, rc, y_inner, x_inner, f_inner)
-        fused = parallel_outer(sch, outer, block_work(sch, anchor))
-        schedule_epilogue(sch, epilogue, fused, self.vector.lanes)
+        tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, f_inner], self.vector.lanes)
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], f_inner, self.vector.lanes)
         return sch
 
@@ -151,6 +129,17 @@ def finish_register_tile(sch, anchor, first_reduction, unrolled, vectorised, lan
         sch.vectorize(init_loops[-1])
     for loop in init_loops[:-1]:
         sch.unroll(loop)
+
+
+def inline_inputs(sch, anchor, lanes: int, materialise_padding: bool) -> None:
+    """Inline the anchor's producers; with ``materialise_padding``, except the padding
+    block when there is one, which then writes the padded input once (parallel, vectorised)."""
+    padding = padding_block(sch, anchor) if materialise_padding else None
+    if padding is None:
+        inline_producers(sch, anchor)
+        return
+    inline_producers(sch, anchor, keep={sch.get(padding).name_hint})
+    schedule_injective(sch, padding, lanes)
 
 
 def padding_block(sch, anchor):

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
-    block_work,
+    epilogue_block,
     extents,
-    has_constant_extents,
-    inline_epilogue,
     inline_producers,
-    iter_kinds,
-    parallel_outer,
     register_tile,
-    schedule_epilogue,
-    single_reduction,
+    split_tiles,
+    static_iter_kinds,
+    tile_nest,
 )
 from edgec.targets.schedules.conv2d import finish_register_tile
 
@@ -34,8 +31,8 @@ from edgec.targets.schedules.conv2d import finish_register_tile
 def matmul_operands(sch, block):
     """(a, b) regions when ``block`` is ``out[..., m, n] += a[..., m, k] * b[..., k, n]``."""
     stmt = sch.get(block)
-    kinds = iter_kinds(sch, block)
-    if not kinds.endswith("SSR") or set(kinds[:-3]) - {"S"} or not has_constant_extents(sch, block):
+    kinds = static_iter_kinds(sch, block)
+    if kinds is None or not kinds.endswith("SSR") or set(kinds[:-3]) - {"S"}:
         return None
     variables = [iv.var for iv in stmt.iter_vars]
     *batch, m, n, k = variables
@@ -61,24 +58,16 @@ class Dense(Rule):
     name = "dense"
 
     def apply(self, func):
-        from tvm import s_tir
-
-        sch = s_tir.Schedule(func)
-        anchor, _ = single_reduction(sch)
+        sch, anchor = self.schedule_reduction(func)
         if anchor is None or matmul_operands(sch, anchor) is None:
             return None
-        epilogue = inline_epilogue(sch, anchor)
-        if epilogue is anchor:
-            epilogue = sch.cache_write(anchor, 0, "global")
+        epilogue = epilogue_block(sch, anchor)
         inline_producers(sch, anchor)
         *batch, m, n, k = sch.get_loops(anchor)
         rows, columns = extents(sch, [m, n])
         (tile_m,), tile_n = register_tile([rows], columns, self.vector)
-        m_outer, m_inner = sch.split(m, [None, tile_m])
-        n_outer, n_inner = sch.split(n, [None, tile_n])
-        outer = [*batch, m_outer, n_outer]
-        sch.reorder(*outer, k, m_inner, n_inner)
-        fused = parallel_outer(sch, outer, block_work(sch, anchor))
-        schedule_epilogue(sch, epilogue, fused, self.vector.lanes)
+        outer, (m_inner, n_inner) = split_tiles(sch, [m, n], [tile_m, tile_n])
+        outer = [*batch, *outer]
+        tile_nest(sch, anchor, epilogue, outer, [k, m_inner, n_inner], self.vector.lanes)
         finish_register_tile(sch, anchor, k, [m_inner], n_inner, self.vector.lanes)
         return sch

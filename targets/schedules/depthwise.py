@@ -18,19 +18,8 @@ Padding is inlined into the loads.
 
 from __future__ import annotations
 
-from edgec.targets.schedules.common import (
-    Rule,
-    block_work,
-    extents,
-    inline_epilogue,
-    inline_producers,
-    parallel_outer,
-    register_tile,
-    schedule_epilogue,
-    schedule_injective,
-    single_reduction,
-)
-from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, padding_block
+from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_tiles, tile_nest
+from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, inline_inputs
 
 
 class DepthwiseConv2DNHWC(Rule):
@@ -41,39 +30,20 @@ class DepthwiseConv2DNHWC(Rule):
     test costs little next to a vector load."""
 
     name = "depthwise-conv2d-nhwc"
-
-    def __init__(self, vector, materialise_padding: bool = False):
-        super().__init__(vector)
-        self.materialise_padding = materialise_padding
+    materialise_padding = False
 
     def apply(self, func):
-        from tvm import s_tir
-
-        sch = s_tir.Schedule(func)
-        anchor, _ = single_reduction(sch)
-        if anchor is None or not sch.get(anchor).name_hint.startswith("group_conv2d_nhwc"):
+        sch, anchor = self.schedule_reduction(func, "group_conv2d_nhwc")
+        if anchor is None or conv_operands(sch, anchor, depthwise=True) is None:
             return None
-        if conv_operands(sch, anchor, depthwise=True) is None:
-            return None
-        epilogue = inline_epilogue(sch, anchor)
-        if epilogue is anchor:
-            epilogue = sch.cache_write(anchor, 0, "global")
-        padding = padding_block(sch, anchor)
-        if padding is not None and self.materialise_padding:
-            inline_producers(sch, anchor, keep={sch.get(padding).name_hint})
-            schedule_injective(sch, padding, self.vector.lanes)
-        else:
-            inline_producers(sch, anchor)
+        epilogue = epilogue_block(sch, anchor)
+        inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding)
         n, y, x, c, ry, rx, rc = sch.get_loops(anchor)
         _, height, width, channels = extents(sch, [n, y, x, c])
         (tile_y, tile_x), tile_c = register_tile([height, width], channels, self.vector, max_vectors=2)
-        y_outer, y_inner = sch.split(y, [None, tile_y])
-        x_outer, x_inner = sch.split(x, [None, tile_x])
-        c_outer, c_inner = sch.split(c, [None, tile_c])
-        outer = [n, y_outer, x_outer, c_outer]
-        sch.reorder(*outer, ry, rx, rc, y_inner, x_inner, c_inner)
-        fused = parallel_outer(sch, outer, block_work(sch, anchor))
-        schedule_epilogue(sch, epilogue, fused, self.vector.lanes)
+        outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
+        outer = [n, *outer]
+        tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, c_inner], self.vector.lanes)
         sch.unroll(rx)
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], c_inner, self.vector.lanes)
         return sch

@@ -196,15 +196,11 @@ def numpy_fold_constants(fallbacks: FallbackLog | None = None):
                 return call
             return call if folded is None else folded
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecNumpyFoldConstants")
-    def _pass(mod, _ctx):
-        folder = _Folder(mod)
-        for gvar, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = folder.visit_expr(func)
-        return relax.transform.CanonicalizeBindings()(mod)
+    @relax.transform.function_pass(opt_level=0, name="EdgecNumpyFoldConstants")
+    def _fold(func, mod, _ctx):
+        return _Folder(mod).visit_expr(func)
 
-    return _pass
+    return tvm.transform.Sequential([_fold, relax.transform.CanonicalizeBindings()])
 
 
 # --- 2: Clip back to relax.maximum / relax.minimum ------------------------------------------

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
-    block_work,
+    epilogue_block,
     extents,
-    has_constant_extents,
-    inline_epilogue,
     inline_producers,
     iter_kinds,
-    parallel_outer,
-    schedule_epilogue,
-    single_reduction,
+    static_iter_kinds,
+    tile_nest,
     vector_tile,
 )
 
@@ -46,20 +43,13 @@ class Pooling(Rule):
     name = "pool-reduce"
 
     def apply(self, func):
-        from tvm import s_tir
-
-        sch = s_tir.Schedule(func)
-        anchor, _ = single_reduction(sch)
-        if anchor is None or not has_constant_extents(sch, anchor):
-            return None
-        kinds = iter_kinds(sch, anchor)
-        if "O" in kinds or kinds.rstrip("R").count("R") or not kinds.startswith("S"):
+        sch, anchor = self.schedule_reduction(func)
+        kinds = static_iter_kinds(sch, anchor) if anchor is not None else None
+        if kinds is None or "O" in kinds or kinds.rstrip("R").count("R") or not kinds.startswith("S"):
             return None  # spatial iters first, then reductions
         if len(sch.get(anchor).writes) != 1 or not _innermost_spatial_is_contiguous(sch, anchor):
             return None
-        epilogue = inline_epilogue(sch, anchor)
-        if epilogue is anchor:
-            epilogue = sch.cache_write(anchor, 0, "global")
+        epilogue = epilogue_block(sch, anchor)
         inline_producers(sch, anchor)
         loops = sch.get_loops(anchor)
         spatial_count = kinds.count("S")
@@ -68,9 +58,7 @@ class Pooling(Rule):
         tile = vector_tile(channels, self.vector, max_vectors=4)[-1]
         c_outer, c_inner = sch.split(spatial[-1], [None, tile])
         outer = [*spatial[:-1], c_outer]
-        sch.reorder(*outer, *reduction, c_inner)
-        fused = parallel_outer(sch, outer, block_work(sch, anchor))
-        schedule_epilogue(sch, epilogue, fused, self.vector.lanes)
+        tile_nest(sch, anchor, epilogue, outer, [*reduction, c_inner], self.vector.lanes)
         if tile > 1:
             sch.vectorize(c_inner)
         init = sch.decompose_reduction(anchor, reduction[0])
