@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper
