@@ -133,3 +133,20 @@ def test_aarch64_inner_loop_multiplies_by_lanes(name):
     per_fma = len(loop) / len(fmla)
     plain_per_fma = len(plain_loop) / sum(op.startswith("fmla") for op in plain_loop)
     assert per_fma < plain_per_fma and per_fma < 1.35
+
+
+def test_few_channel_stem_unrolls_its_taps_where_lanes_are_read():
+    """An RGB stem (3 input channels: no whole vector to load) unrolls a kernel row's taps on
+    aarch64, and keeps the loop on x86 (conv2d.Conv2DNHWC's ``unroll_taps``)."""
+    from tvm import tirx
+
+    from edgec.targets.schedules.conv2d import Conv2DNHWC
+
+    def tap_loops(vector):
+        sch = Conv2DNHWC(vector).apply(conv_kernel(kernel=7, stride=2, channels=3, filters=64, size=32, relu=False))
+        loops = sch.get_loops(sch.get_sblock("conv2d_nhwc_update"))
+        kinds = [tirx.ForKind(int(sch.get(loop).kind)).name.lower() for loop in loops]
+        return kinds[-6:-4]  # rx, rc before the register tile (y, x, f registers, f lanes)
+
+    assert tap_loops(NEON64) == ["unrolled", "unrolled"]
+    assert tap_loops(dataclasses.replace(NEON64, lane_fma=False)) == ["serial", "serial"]
