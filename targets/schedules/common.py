@@ -234,11 +234,24 @@ MIN_PARALLEL_ELEMENTS = 4096
 
 def schedule_injective(sch, block, lanes: int) -> None:
     """One spatial block on its own: loops fused, ``lanes`` at a time vectorised
-    (when they divide), the rest in parallel when it is big enough."""
+    (when they divide), the rest in parallel when it is big enough.
+
+    An innermost axis shorter than a vector whose extent does not divide ``lanes``
+    (an RGB image's 3 channels, NHWC) is unrolled instead, the axis before it left a
+    loop: a vector of the flattened loop would straddle pixels with a different
+    ``% 3`` per lane, which LLVM scalarises with a division per element (ResNet-18's
+    padded stem input and NCHW -> NHWC transpose on cortex-a53)."""
     loops = sch.get_loops(block)
+    sizes = extents(sch, loops)
     total = 1
-    for extent in extents(sch, loops):
+    for extent in sizes:
         total *= extent
+    if len(loops) > 2 and sizes[-1] < lanes and lanes % sizes[-1]:
+        outer = sch.fuse(*loops[:-2])
+        sch.unroll(loops[-1])
+        if total >= MIN_PARALLEL_ELEMENTS:
+            sch.parallel(outer)
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if total % lanes == 0 and total >= lanes:
         outer, inner = sch.split(fused, [None, lanes])
