@@ -72,17 +72,8 @@ class WinogradTransforms(Rule):
         t, p, c = sch.get_loops(block)
         c_outer, c_inner = self._channel_split(sch, c)
         sch.reorder(p, c_outer, t, c_inner)
-        if _elements(sch, block) >= MIN_PARALLEL_ELEMENTS:
-            sch.parallel(p)
-        sch.unroll(t)
-        sch.vectorize(c_inner)
-        # the column pass per tile and channel vector, into a small global-scope buffer: TVM
-        # allocates it on the stack, and LLVM keeps it in registers
-        sch.compute_at(columns, c_outer, preserve_unit_loops=True)
-        eps, j, unit, lanes = sch.get_loops(columns)[-4:]
-        for loop in (eps, j, unit):
-            sch.unroll(loop)
-        sch.vectorize(lanes)
+        _finish(sch, block, p, [t], c_inner)
+        _first_pass_at(sch, columns, c_outer)
 
     def _output(self, sch, rows, anchor) -> bool:
         """Schedule the output transform and its epilogue; False when the epilogue does not
@@ -100,19 +91,30 @@ class WinogradTransforms(Rule):
         x_outer, x_inner = sch.split(x, [None, m])
         f_outer, f_inner = self._channel_split(sch, f)
         sch.reorder(n, y_outer, x_outer, f_outer, y_inner, x_inner, f_inner)
-        outer = sch.fuse(n, y_outer)
-        if _elements(sch, epilogue) >= MIN_PARALLEL_ELEMENTS:
-            sch.parallel(outer)
-        sch.unroll(y_inner)
-        sch.unroll(x_inner)
-        sch.vectorize(f_inner)
-        # the row pass per tile and channel vector, on the stack (as the input's column pass)
-        sch.compute_at(rows, f_outer, preserve_unit_loops=True)
-        a, col, unit, lanes = sch.get_loops(rows)[-4:]
-        for loop in (a, col, unit):
-            sch.unroll(loop)
-        sch.vectorize(lanes)
+        _finish(sch, epilogue, sch.fuse(n, y_outer), [y_inner, x_inner], f_inner)
+        _first_pass_at(sch, rows, f_outer)
         return True
+
+
+def _finish(sch, block, outer, unrolled, vectorised) -> None:
+    """The outer loop in parallel when the block is big enough, the tile's loops
+    unrolled, the channel vector vectorised."""
+    if _elements(sch, block) >= MIN_PARALLEL_ELEMENTS:
+        sch.parallel(outer)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(vectorised)
+
+
+def _first_pass_at(sch, block, loop) -> None:
+    """A separable transform's first pass computed per tile and channel vector at ``loop``,
+    into a small global-scope buffer: TVM allocates it on the stack, and LLVM keeps it in
+    registers. Its three tile loops unrolled, its channel vector vectorised."""
+    sch.compute_at(block, loop, preserve_unit_loops=True)
+    *unrolled, lanes = sch.get_loops(block)[-4:]
+    for tile_loop in unrolled:
+        sch.unroll(tile_loop)
+    sch.vectorize(lanes)
 
 
 def _elements(sch, block) -> int:
