@@ -7,23 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-# The newest ONNX IR version the pinned onnxruntime (1.31) reads; onnx 1.23 writes
-# IR 14 by default although no edgec graph uses anything newer than IR 13 features.
-ORT_MAX_IR_VERSION = 13
+from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
-
-def onnxruntime_session(graph: ir.Model, threads: int | None = None):
-    """An ORT CPU session on ``graph`` (all graph optimisations on)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    proto = ir.serde.serialize_model(graph)
-    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+__all__ = [
+    "ORT_MAX_IR_VERSION", "has_custom_ops", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
+    "run_onnxruntime",
+]
 
 
 def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
