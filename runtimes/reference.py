@@ -10,15 +10,21 @@ import onnx_ir as ir
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
 __all__ = [
-    "ORT_MAX_IR_VERSION", "has_custom_ops", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
+    "ORT_MAX_IR_VERSION", "has_custom_ops", "is_quantized", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
     "run_onnxruntime",
 ]
 
 
-def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    session = onnxruntime_session(graph)
+def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray], *, optimize: bool = True) -> list[np.ndarray]:
+    """ONNX Runtime's outputs; ``optimize=False`` runs every node as written (see edgec/core/ort.py)."""
+    session = onnxruntime_session(graph, optimize=optimize)
     names = [value.name for value in session.get_inputs()]
     return list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+def is_quantized(graph: ir.Model) -> bool:
+    """A QDQ graph: it holds QuantizeLinear or DequantizeLinear nodes."""
+    return any(node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.graph)
 
 
 def has_custom_ops(graph: ir.Model) -> bool:

@@ -17,6 +17,14 @@ right. A wrong kernel is still caught: its errors are of the order of the
 values it computes, far above ``rtol`` (1e-4) of the tensor's scale.
 What the rule cannot see: an error confined to elements many orders of
 magnitude below the tensor's largest one.
+
+int8 (QDQ) graphs. A quantized graph rounds every activation to a grid of
+256 values; a float32 summation order that differs by one ulp moves a value
+that lies on a rounding boundary to the neighbouring code, and that one-step
+difference travels to the output. There the rule's ``atol`` becomes a number
+of quantization steps of the output, ``quantization_step``: one step of a
+uint8 grid spanning the reference output's range, ``(max - min) / 255``.
+Float graphs keep the float32 rule above unchanged.
 """
 
 from __future__ import annotations
@@ -86,3 +94,17 @@ def compare(
             worst = (ratio, sentence)
     ok = worst is None or worst[0] <= 1.0
     return Agreement(ok, max_abs, max_rel, worst[1] if worst else "no output elements")
+
+
+UINT8_LEVELS = 255  # steps of a uint8 grid
+
+
+def quantization_step(want: Sequence[np.ndarray]) -> float:
+    """One step of a uint8 grid over an output's range, ``(max - min) / 255``, the largest over the outputs."""
+    steps = [0.0]
+    for reference in want:
+        values = np.asarray(reference, np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            steps.append(float(values.max() - values.min()) / UINT8_LEVELS)
+    return max(steps)
