@@ -34,6 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 EDGEC = [sys.executable, "-m", "edgec.cli"]
 SHAPE = "1,3,224,224"
+QDQ_STEPS = 16.0  # int8 check in output quantization steps: full-size random-weight MobileNetV2 measured 8.5
 
 
 def run(command: list[str], timeout: float = 3600) -> str:
@@ -68,11 +69,11 @@ def ort_time(onnx_path: Path, x: Path, out: Path, threads: int, repeat: int) -> 
     return json.loads(line.strip().splitlines()[-1])["median_ms"]
 
 
-def edgec_time(artifact: Path, x: Path, threads: int, repeat: int) -> tuple[float, np.ndarray]:
+def edgec_time(artifact: Path, x: Path, threads: int, repeat: int) -> tuple[float, dict]:
+    """Median ms of ``edgec bench --local`` (own process) and its output check against the artifact's reference."""
     result = json.loads(run([*EDGEC, "bench", str(artifact), "--local", "--threads", str(threads), "-i", str(x),
-                             "--repeat", str(repeat), "--json"]))  # fmt: skip
-    output = np.load(artifact / "bench_output.npy") if (artifact / "bench_output.npy").exists() else None
-    return result["latency_ms"]["median"], output
+                             "--repeat", str(repeat), "--qdq-steps", str(QDQ_STEPS), "--json"]))  # fmt: skip
+    return result["median_ms"], result["check"]
 
 
 def weight_bytes(onnx_path: Path) -> dict[str, int]:
@@ -120,7 +121,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--calib", type=int, default=16)
     parser.add_argument("--method", default="minmax")
-    parser.add_argument("--qdq-steps", type=float, default=16.0)
+    parser.add_argument("--qdq-steps", type=float, default=QDQ_STEPS)
     parser.add_argument("--arm", action="store_true")
     args = parser.parse_args()
     if args.worker:
@@ -147,8 +148,8 @@ def main() -> int:
                   f"lib.so fp32 {libs['fp32']} B, int8 {libs['int8']} B (ratio {libs['int8'] / libs['fp32']:.2f})")  # fmt: skip
             for threads in map(int, args.threads.split(",")):
                 times = {}
-                times["edgec fp32"], _ = edgec_time(fp32, x, threads, args.repeat)
-                times["edgec int8"], _ = edgec_time(int8, x, threads, args.repeat)
+                times["edgec fp32"], check_fp32 = edgec_time(fp32, x, threads, args.repeat)
+                times["edgec int8"], check_int8 = edgec_time(int8, x, threads, args.repeat)
                 times["ort fp32"] = ort_time(fp32 / "model.onnx", x, work / "ort_fp32.npy", threads, args.repeat)
                 times["ort int8"] = ort_time(int8 / "model.onnx", x, work / "ort_int8.npy", threads, args.repeat)
                 ort_int8 = np.load(work / "ort_int8.npy")
@@ -159,6 +160,7 @@ def main() -> int:
                 fused_steps = np.abs(ort_int8 - as_written).max() / quantization_step([as_written])
                 cells = ", ".join(f"{key} {value:.2f} ms" for key, value in times.items())
                 print(f"threads {threads}: {cells}")
+                print(f"  bench checks: fp32 {json.dumps(check_fp32)[:160]}; int8 {json.dumps(check_int8)[:160]}")
                 print(f"  int8/fp32 edgec {times['edgec int8'] / times['edgec fp32']:.2f} (target <= 0.5); "
                       f"edgec int8 / ORT int8 {times['edgec int8'] / times['ort int8']:.2f} (target <= 1.0); "
                       f"ORT int8 / ORT fp32 {times['ort int8'] / times['ort fp32']:.2f}; "
@@ -176,7 +178,7 @@ def arm_counts(name: str, builds: dict, work: Path) -> None:
         for variant in ("fp32", "int8"):
             out = builds[(variant, "cortex-a53")]["dir"]
             bench = json.loads(run([*EDGEC, "bench", str(out), "--rpc", addresses["cortex-a53"], "-i", str(work / "x.npy"),
-                                    "--repeat", "1", "--warmup", "0", "--json"]))  # fmt: skip
+                                    "--repeat", "1", "--warmup", "0", "--qdq-steps", str(QDQ_STEPS), "--json"]))  # fmt: skip
             counts[variant] = bench["instructions"]["per_inference"]
     print(f"cortex-a53 instructions per inference: fp32 {counts['fp32']:,}, int8 {counts['int8']:,}, "
           f"int8/fp32 {counts['int8'] / counts['fp32']:.2f} (target <= 0.6)")  # fmt: skip

@@ -274,9 +274,10 @@ def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | No
 @click.option("-i", "--input", "input_files", multiple=True, type=click.Path(path_type=Path), help="Input .npy per model input (default: seeded random).")
 @click.option("--rtol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Output check: allowed error relative to each output's largest |value|.")
 @click.option("--atol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Output check: allowed absolute error, added to rtol's.")
+@click.option("--qdq-steps", type=click.FloatRange(0), default=1.0, show_default=True, help="Output check of int8 (QDQ) graphs: allowed error in output quantization steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_threads_option
-def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json, threads):
+def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, qdq_steps, as_json, threads):
     """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
 
     The device's outputs are checked against ONNX Runtime on the artifact's
@@ -300,7 +301,7 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
         device = _device(use_local, rpc, tracker, key, timeout, threads)
     with device, progress.stage("bench", f"{repeat} runs after {warmup} warm-up"):
-        result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol)
+        result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol, qdq_steps=qdq_steps)
     bench_summary(result, as_json)
 
 
