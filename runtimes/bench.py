@@ -19,7 +19,7 @@ import numpy as np
 
 from edgec.core.artifact import Artifact
 from edgec.core.errors import InputDataError, VerificationError
-from edgec.core.numerics import compare, quantization_step
+from edgec.core.numerics import compare, int8_tolerance
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
 
@@ -118,15 +118,17 @@ def reference_check(
     """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
     standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
     artifact has no reference.onnx. The rule is compile's (edgec.core.numerics.compare; an int8 QDQ
-    graph: ORT on it as written, atol at least ``qdq_steps`` output quantization steps, as edgec/verify.py)."""
+    graph: ORT on it as written, atol at least ``qdq_steps`` output quantization steps or ORT's fused kernels'
+    distance from it, as edgec/verify.py)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import has_custom_ops, is_quantized, reference_outputs, run_onnxruntime
+    from edgec.runtimes.reference import has_custom_ops, is_quantized, qdq_references, reference_outputs, run_onnxruntime
 
     graph = None if artifact.reference_onnx is not None else ir.load(str(artifact.onnx))
     if graph is not None and not has_custom_ops(graph) and is_quantized(graph):
-        name, want = "onnxruntime (QDQ as written)", run_onnxruntime(graph, inputs, optimize=False)
-        atol = max(atol, qdq_steps * quantization_step(want))
+        want, fused = qdq_references(graph, inputs)
+        name = "onnxruntime (QDQ as written)"
+        atol = max(atol, int8_tolerance(want, fused, qdq_steps)[0])
     elif artifact.reference_onnx is not None:
         name, want = "onnxruntime (reference.onnx)", run_onnxruntime(ir.load(str(artifact.reference_onnx)), inputs)
     else:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
 __all__ = [
-    "ORT_MAX_IR_VERSION", "has_custom_ops", "is_quantized", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
+    "ORT_MAX_IR_VERSION", "has_custom_ops", "is_quantized", "qdq_references", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
     "run_onnxruntime",
 ]
 
@@ -20,6 +20,18 @@ def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray], *, optimize: 
     session = onnxruntime_session(graph, optimize=optimize)
     names = [value.name for value in session.get_inputs()]
     return list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+def qdq_references(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """ONNX Runtime on a QDQ graph twice: every node as written (the reference), and with its graph
+    optimisations (its fused integer kernels; None when ORT refuses to fuse it), whose distance to the
+    first is what two correct implementations differ by (edgec.core.numerics.int8_tolerance)."""
+    as_written = run_onnxruntime(graph, inputs, optimize=False)
+    try:
+        fused = run_onnxruntime(graph, inputs, optimize=True)
+    except Exception:  # noqa: BLE001 - an optimisation ORT cannot apply: the as-written run alone
+        fused = None
+    return as_written, fused
 
 
 def is_quantized(graph: ir.Model) -> bool:

@@ -23,7 +23,15 @@ int8 (QDQ) graphs. A quantized graph rounds every activation to a grid of
 that lies on a rounding boundary to the neighbouring code, and that one-step
 difference travels to the output. There the rule's ``atol`` becomes a number
 of quantization steps of the output, ``quantization_step``: one step of a
-uint8 grid spanning the reference output's range, ``(max - min) / 255``.
+uint8 grid spanning the reference output's range, ``(max - min) / 255``,
+or, when larger, the spread between two correct implementations of the same
+QDQ graph, ONNX Runtime as written and ONNX Runtime's fused integer kernels
+(``int8_tolerance``): in a deep network one flipped code early on moves the
+output by many steps (full-size random-weight MobileNetV2: the two ORT
+runs differ by 7 to 12 steps), and no output check can tell a build apart
+from a correct one when it lies within what correct implementations already
+differ by. On a graph where the two ORT runs agree the allowance stays one
+step, and a wrong scale or zero point is refused.
 Float graphs keep the float32 rule above unchanged.
 """
 
@@ -108,3 +116,16 @@ def quantization_step(want: Sequence[np.ndarray]) -> float:
         if values.size:
             steps.append(float(values.max() - values.min()) / UINT8_LEVELS)
     return max(steps)
+
+
+def int8_tolerance(as_written: Sequence[np.ndarray], fused: Sequence[np.ndarray] | None, steps: float) -> tuple[float, float, float]:
+    """(allowed absolute error, output step, spread) for an int8 build checked against ``as_written``:
+    ``max(steps x quantization_step(as_written), spread)``, where ``spread`` is the largest
+    ``|fused - as_written|`` (0 without ``fused``), the distance between two correct implementations."""
+    step = quantization_step(as_written)
+    spread = 0.0
+    if fused is not None:
+        for a, b in zip(fused, as_written, strict=True):
+            if np.asarray(b).size:
+                spread = max(spread, float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))))
+    return max(steps * step, spread), step, spread
