@@ -137,10 +137,11 @@ def main() -> int:
             fp32, int8 = builds[("fp32", "x86")]["dir"], builds[("int8", "x86")]["dir"]
             x = work / "x.npy"
             verification = json.loads((int8 / "manifest.json").read_text())["verification"]["onnxruntime"]
-            step = verification["atol"] / args.qdq_steps if args.qdq_steps else float("nan")
+            step = verification["output_step"]
             print(f"\n## {name}")
             print(f"int8 verification vs ORT (QDQ as written): max abs {verification['max_abs']:.3g} = "
-                  f"{verification['max_abs'] / step:.1f} output steps (step {step:.3g})")  # fmt: skip
+                  f"{verification['max_abs'] / step:.1f} output steps (step {step:.3g}); allowed {verification['atol'] / step:.1f} "
+                  f"steps (ORT fused vs as written: {verification['ort_fused_spread'] / step:.1f})")  # fmt: skip
             sizes = {variant: weight_bytes(path / "model.onnx") for variant, path in (("fp32", fp32), ("int8", int8))}
             libs = {variant: (path / "lib.so").stat().st_size for variant, path in (("fp32", fp32), ("int8", int8))}
             print(f"weights: fp32 {sizes['fp32']}, int8 {sizes['int8']}; "
