@@ -71,14 +71,14 @@ def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None,
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
-    from edgec.targets.schedules.qdq_integer import RULE as QDQ_RULE
-    from edgec.targets.schedules.qdq_integer import qdq_integer
+    from edgec.targets.schedules import qdq_elementwise, qdq_integer
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
         ("graph:clip", clip_as_relax_ops(fallbacks)),
-        (QDQ_RULE, qdq_integer(fallbacks)),
+        (qdq_integer.RULE, qdq_integer.qdq_integer(fallbacks)),
+        (qdq_elementwise.RULE, qdq_elementwise.qdq_elementwise(fallbacks)),
         ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
         ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),

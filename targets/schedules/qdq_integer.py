@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 RULE = "graph:qdq-integer"
 # 1.5 * 2**23: adding it to a float32 |v| < 2**22 leaves no fraction bits, so the sum is v rounded
 # half to even (the default rounding mode), as MLAS's requantize does
-_ROUNDING = 12582912.0
+ROUNDING = 12582912.0
 _ACCUMULATOR = "int32"
 
 
@@ -69,9 +69,9 @@ def qdq_integer(fallbacks: FallbackLog | None = None):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             try:
-                if self.quantized and _is_op(call, "relax.quantize"):
+                if self.quantized and is_op(call, "relax.quantize"):
                     found = _match_quantized(call, self.lookup_binding, self.uses)
-                elif not self.quantized and (_is_op(call, "relax.nn.conv2d") or _is_op(call, "relax.matmul")):
+                elif not self.quantized and (is_op(call, "relax.nn.conv2d") or is_op(call, "relax.matmul")):
                     found = _match_layer(call, self.lookup_binding)
                 else:
                     return call
@@ -117,7 +117,7 @@ class _Layer:
         self.out: tuple[float, int, str, float, float] | None = None  # (s_y, zp_y, dtype, lo, hi) codes
 
 
-def _is_op(expr, name: str) -> bool:
+def is_op(expr, name: str) -> bool:
     from tvm import relax
 
     return isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == name
@@ -156,9 +156,9 @@ def _constant(expr, lookup) -> np.ndarray:
     expr = _resolve(expr, lookup)
     if isinstance(expr, tvm.ir.expr.Constant):
         return expr.value.numpy()
-    if _is_op(expr, "relax.reshape"):
+    if is_op(expr, "relax.reshape"):
         return _constant(expr.args[0], lookup).reshape([int(dim) for dim in expr.ty.shape])
-    if _is_op(expr, "relax.dequantize"):
+    if is_op(expr, "relax.dequantize"):
         q, scale, zp = (_constant(arg, lookup) for arg in expr.args)
         axis = int(expr.attrs.axis)
         return ((q.astype(np.int64) - _along(zp, q.ndim, axis)) * _along(scale, q.ndim, axis)).astype(np.float32)
@@ -185,18 +185,18 @@ def _scalar(expr, lookup) -> np.ndarray:
 def _match_layer(anchor, lookup) -> _Layer:
     """conv2d / matmul of a dequantized per-tensor activation and dequantized constant int8 weights."""
     data, weight = (_resolve(arg, lookup) for arg in anchor.args[:2])
-    if not _is_op(data, "relax.dequantize"):
+    if not is_op(data, "relax.dequantize"):
         raise _NoMatch("the activation is not dequantized")
     x_q = data.args[0]
     if x_q.ty.dtype not in ("uint8", "int8"):
         raise _NoMatch(f"activation dtype {x_q.ty.dtype}")
     s_x, zp_x = _scalar(data.args[1], lookup), _scalar(data.args[2], lookup)
-    transposed = _is_op(weight, "relax.permute_dims")
+    transposed = is_op(weight, "relax.permute_dims")
     if transposed:
         if weight.attrs.axes is not None and [int(a) for a in weight.attrs.axes] != [1, 0]:
             raise _NoMatch("a weight permutation other than a 2-D transpose")
         weight = _resolve(weight.args[0], lookup)
-    if not _is_op(weight, "relax.dequantize"):
+    if not is_op(weight, "relax.dequantize"):
         raise _NoMatch("the weights are not dequantized")
     w_q = _constant(weight.args[0], lookup)
     if w_q.dtype != np.int8:
@@ -205,7 +205,7 @@ def _match_layer(anchor, lookup) -> _Layer:
         raise _NoMatch("asymmetric weights (nonzero weight zero point)")
     scale = _constant(weight.args[1], lookup).astype(np.float32).reshape(-1)
     axis = int(weight.attrs.axis) % w_q.ndim
-    if _is_op(anchor, "relax.nn.conv2d"):
+    if is_op(anchor, "relax.nn.conv2d"):
         if anchor.attrs.data_layout != "NCHW" or anchor.attrs.kernel_layout != "OIHW" or anchor.attrs.out_layout != "NCHW":
             raise _NoMatch("conv2d not NCHW/OIHW")
         if scale.size > 1 and axis != 0:
@@ -233,11 +233,11 @@ def _match_quantized(quantize, lookup, uses) -> _Layer:
     expr = quantize.args[0]
     while True:  # activation: max/min with scalar constants, outermost first
         inner = _step(expr, lookup, uses)
-        if _is_op(inner, "relax.maximum") or _is_op(inner, "relax.minimum"):
+        if is_op(inner, "relax.maximum") or is_op(inner, "relax.minimum"):
             bound = float(_scalar(inner.args[1], lookup))
             code = float(np.float32(bound) / np.float32(s_y))
             code = float(np.rint(code)) + float(zp_y)
-            if _is_op(inner, "relax.maximum"):
+            if is_op(inner, "relax.maximum"):
                 lo = max(lo, code)
             else:
                 hi = min(hi, code)
@@ -246,10 +246,10 @@ def _match_quantized(quantize, lookup, uses) -> _Layer:
         break
     bias = None
     inner = _step(expr, lookup, uses)
-    if _is_op(inner, "relax.add"):
+    if is_op(inner, "relax.add"):
         bias, expr = inner.args[1], inner.args[0]
         inner = _step(expr, lookup, uses)
-    if not (_is_op(inner, "relax.nn.conv2d") or _is_op(inner, "relax.matmul")):
+    if not (is_op(inner, "relax.nn.conv2d") or is_op(inner, "relax.matmul")):
         raise _NoMatch("no conv2d / matmul under the quantize")
     layer = _match_layer(inner, lookup)
     if bias is not None:
@@ -271,9 +271,9 @@ def _attach_bias(layer: _Layer, bias, lookup) -> None:
     """An int32 dequantize at s_x * s_w (kept integer) or any float constant [O] (added in float)."""
     channels = layer.s_w.size
     core = _resolve(bias, lookup)
-    while _is_op(core, "relax.reshape"):
+    while is_op(core, "relax.reshape"):
         core = _resolve(core.args[0], lookup)
-    if _is_op(core, "relax.dequantize"):
+    if is_op(core, "relax.dequantize"):
         q = _constant(core.args[0], lookup)
         zp = _constant(core.args[2], lookup)
         scale = np.broadcast_to(_constant(core.args[1], lookup).astype(np.float32).reshape(-1), (channels,))
@@ -327,11 +327,17 @@ def _integer_expr(layer: _Layer):
     scaled = relax.op.multiply(real, _vector((s_xw / np.float32(s_y)).astype(np.float32), ndim, layer.channel_axis))
     if layer.bias_f is not None:
         scaled = relax.op.add(scaled, _vector((layer.bias_f / np.float32(s_y)).astype(np.float32), ndim, layer.channel_axis))
-    # MLAS's order: clamp to [lo - zp, hi - zp], round half to even, + zp
-    scaled = relax.op.minimum(relax.op.maximum(scaled, _scalar_const(lo - zp_y)), _scalar_const(hi - zp_y))
-    rounded = relax.op.astype(relax.op.add(scaled, _scalar_const(_ROUNDING)), _ACCUMULATOR)  # an exact integer
-    code = relax.op.add(rounded, relax.const(np.int32(zp_y - int(_ROUNDING)), _ACCUMULATOR))
-    return relax.op.astype(code, dtype)
+    return round_to_codes(scaled, zp_y, lo, hi, dtype)
+
+
+def round_to_codes(scaled, zero: int, lo: float, hi: float, dtype: str):
+    """``scaled`` (float32, in units of the output step) -> codes: MLAS's order, clamp to
+    ``[lo - zero, hi - zero]``, round half to even (+ ROUNDING, cast to int32), + zero, cast to ``dtype``."""
+    from tvm import relax
+
+    scaled = relax.op.minimum(relax.op.maximum(scaled, _scalar_const(lo - zero)), _scalar_const(hi - zero))
+    rounded = relax.op.astype(relax.op.add(scaled, _scalar_const(ROUNDING)), _ACCUMULATOR)  # an exact integer
+    return relax.op.astype(relax.op.add(rounded, relax.const(np.int32(zero - int(ROUNDING)), _ACCUMULATOR)), dtype)
 
 
 def _vector(values: np.ndarray, ndim: int, axis: int):

@@ -95,7 +95,7 @@ def integer_module(graph: ir.Model):
     from edgec.targets.schedules.qdq_integer import qdq_integer
 
     mod = to_relax(graph)
-    for inner in (numpy_fold_constants(), clip_as_relax_ops(), qdq_integer()):
+    for inner in (numpy_fold_constants(), clip_as_relax_ops(), qdq_integer()):  # qdq-elementwise not: structure of the layers
         mod = inner(mod)
     return mod
 
