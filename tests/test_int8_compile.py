@@ -83,6 +83,22 @@ def test_ort_quantized_model_builds_and_verifies_from_the_cli(ort_qdq, tmp_path)
     manifest = load_artifact(tmp_path / "ort_int8").manifest
     assert manifest["verification"]["onnxruntime"]["within_tolerance"]
     assert manifest["verification"]["onnxruntime"]["rule"].startswith("int8")
+    assert_integer_kernels(manifest, ort_qdq)
+
+
+def assert_integer_kernels(manifest: dict, qdq_path) -> None:
+    """Every Conv / Gemm of the QDQ graph runs as an integer kernel (a uint8 activation and int8 constant
+    weights among its arguments, one kernel call per layer); no float32 4-D weights left in lib.so."""
+    layers = sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in ir.load(str(qdq_path)).graph)
+    def is_integer(kernel: dict) -> bool:
+        args = kernel["args"]
+        return (any(arg["dtype"] == "uint8" and not arg.get("constant") for arg in args)
+                and any(arg["dtype"] == "int8" and arg.get("constant") for arg in args))  # fmt: skip
+
+    integer = [kernel for kernel in manifest["kernels"] if ("conv2d" in kernel["kernel"] or "matmul" in kernel["kernel"]) and is_integer(kernel)]
+    assert len(integer) == layers, [kernel["kernel"] for kernel in manifest["kernels"]]  # one kernel call per layer
+    assert not any(arg["dtype"] == "float32" and arg.get("constant") and len(arg["shape"]) == 4
+                   for kernel in manifest["kernels"] for arg in kernel["args"])  # fmt: skip
 
 
 def test_cortex_a53_int8_build_verified_on_the_emulated_board(ort_qdq, tmp_path):
