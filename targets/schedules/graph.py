@@ -14,6 +14,11 @@ in order, and why:
                      two transposes. Such calls (one elementwise block
                      ``out[i] = max(x[i], c[()])``) become ``R.maximum`` /
                      ``R.minimum`` again.
+2b. int8 (QDQ)       quantize(act(conv2d/matmul(dequantize, dequantize) + bias)) becomes an
+                     int8 x int8 -> int32 kernel with a fused requantization
+                     (qdq_integer.py); the per-tensor quantize/dequantize left around
+                     float ops become element-wise ops (qdq_elementwise.py), so that
+                     step 4 moves them to NHWC instead of wrapping them in transposes.
 3. batch norm        inference BN with constant statistics becomes a per-channel
                      scale and shift, ``y = x * s + t`` with
                      ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``
