@@ -75,13 +75,12 @@ def qdq_integer(fallbacks: FallbackLog | None = None):
                     found = _match_layer(call, self.lookup_binding)
                 else:
                     return call
+                integer = _integer_expr(found)
             except _NoMatch as reason:
                 log.debug("qdq-integer: %s left in float: %s", getattr(call.op, "name", call.op), reason)
                 return call
-            if found is None:
-                return call
             self.rewritten += 1
-            return _integer_expr(found)
+            return integer
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecQdqInteger")
     def _pass(mod, _ctx):
