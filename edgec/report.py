@@ -140,7 +140,8 @@ def inspect_table(model, as_json: bool) -> None:
                     "format": model.source_format,
                     **stats.as_dict(),
                     "layers": [
-                        {"name": l.name, "op": l.op_type, "output_shape": l.output_shape, "params": l.params, "macs": l.macs}
+                        {"name": l.name, "op": l.op_type, "output_shape": l.output_shape, "params": l.params, "macs": l.macs,
+                         **({"int8": l.int8.as_dict()} if l.int8 else {})}  # fmt: skip
                         for l in stats.layers
                     ],
                 },
@@ -150,14 +151,21 @@ def inspect_table(model, as_json: bool) -> None:
         return
     from rich.table import Table
 
+    quantized = [layer for layer in stats.layers if layer.int8]
     table = Table(title=f"{model.source} ({model.source_format})", title_justify="left")
-    for column in ("#", "node", "op", "output shape", "params", "MACs"):
+    columns = ("#", "node", "op", "output shape", "params", "MACs") + (("int8 scales",) if quantized else ())
+    for column in columns:
         table.add_column(column, justify="right" if column in ("#", "params", "MACs") else "left")
     for index, layer in enumerate(stats.layers):
         shape = "x".join(map(str, layer.output_shape)) if layer.output_shape else "?"
-        table.add_row(str(index), layer.name, layer.op_type, shape, f"{layer.params:,}", f"{layer.macs:,}")
+        row = [str(index), layer.name, layer.op_type, shape, f"{layer.params:,}", f"{layer.macs:,}"]
+        table.add_row(*row, *((layer.int8.describe() if layer.int8 else "",) if quantized else ()))
     console = _console()
     console.print(table)
+    if quantized:
+        weighted = [layer for layer in stats.layers if layer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+        console.print(f"int8: {len(quantized)} of {len(weighted)} Conv/Gemm/MatMul layers have int8 weights "
+                      "(x: input scale, w: weight scales, y: output scale; float: not quantized there)")
     ops = ", ".join(f"{op} x{count}" for op, count in sorted(stats.op_counts.items(), key=lambda item: -item[1]))
     console.print(f"total: {stats.params:,} parameters, {stats.macs:,} MACs ({_si(stats.macs)}), "
                   f"weights {_si(stats.size_bytes, 'B')}; ops: {ops}")

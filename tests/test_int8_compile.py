@@ -118,3 +118,28 @@ def test_quantization_step_rule():
     assert step == pytest.approx(2.55 / 255)
     assert compare([want[0] + 0.9 * step], want, rtol=0.0, atol=step).ok
     assert not compare([want[0] + 1.5 * step], want, rtol=0.0, atol=step).ok
+
+
+def test_inspect_shows_which_layers_are_int8_and_their_scales(ort_qdq, float_onnx):
+    """`edgec inspect` of a QDQ graph: a row's int8 scales are the graph's own initializers."""
+    import json
+
+    graph = ir.load(str(ort_qdq))
+    weight_dq = {node.outputs[0].name: node for node in graph.graph if node.op_type == "DequantizeLinear"}
+    convs = [node for node in graph.graph if node.op_type in ("Conv", "Gemm")]
+    result = invoke("inspect", ort_qdq, "--json")
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert convs and all("int8" in layers[node.name] for node in convs)
+    for node in convs:
+        scales = weight_dq[node.inputs[1].name].inputs[1].const_value.numpy()
+        int8 = layers[node.name]["int8"]
+        assert int8["weight_dtype"] == "int8" and int8["channels"] == scales.size
+        assert int8["weight_scales"] == [float(scales.min()), float(scales.max())]
+        x_scale = weight_dq[node.inputs[0].name].inputs[1].const_value.numpy()
+        assert int8["input_scale"] == float(x_scale)
+    assert not any("int8" in layer for layer in layers.values() if layer["op"] not in ("Conv", "Gemm"))
+    table = invoke("inspect", ort_qdq)
+    assert table.exit_code == 0 and "int8 scales" in table.output and f"{len(convs)} of {len(convs)}" in table.output
+    plain = invoke("inspect", float_onnx)
+    assert plain.exit_code == 0 and "int8 scales" not in plain.output and "int8:" not in plain.output
