@@ -48,7 +48,7 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
     """graph.py's passes for ``vector``; ``winograd``: a WinogradPolicy, None for none."""
     from edgec.targets.schedules.graph import graph_passes as passes
 
-    return passes(vector.lanes if vector else None, fallbacks, winograd)
+    return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma))
 
 
 def first_schedule(

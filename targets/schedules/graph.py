@@ -16,7 +16,8 @@ in order, and why:
                      ``R.minimum`` again.
 2b. int8 (QDQ)       quantize(act(conv2d/matmul(dequantize, dequantize) + bias)) becomes an
                      int8 x int8 -> int32 kernel with a fused requantization
-                     (qdq_integer.py); the per-tensor quantize/dequantize left around
+                     (qdq_integer.py; on aarch64 the int8 weights are stored as
+                     int16, what its lane multiply-add reads); the per-tensor quantize/dequantize left around
                      float ops become element-wise ops (qdq_elementwise.py), so that
                      step 4 moves them to NHWC instead of wrapping them in transposes.
 3. batch norm        inference BN with constant statistics becomes a per-channel
@@ -70,9 +71,12 @@ log = logging.getLogger(__name__)
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:
+def graph_passes(
+    lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False
+) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
-    step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone."""
+    step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
+    ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 3)."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -82,7 +86,7 @@ def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None,
     passes = [
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
         ("graph:clip", clip_as_relax_ops(fallbacks)),
-        (qdq_integer.RULE, qdq_integer.qdq_integer(fallbacks)),
+        (qdq_integer.RULE, qdq_integer.qdq_integer(fallbacks, qdq_integer.weight_dtype(lane_fma))),
         (qdq_elementwise.RULE, qdq_elementwise.qdq_elementwise(fallbacks)),
         ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),

@@ -52,9 +52,10 @@ ROUNDING = 12582912.0
 _ACCUMULATOR = "int32"
 
 
-def qdq_integer(fallbacks: FallbackLog | None = None):
+def qdq_integer(fallbacks: FallbackLog | None = None, weight_dtype: str = "int8"):
     """The module pass described above; ``fallbacks`` is unused (a pattern that does not fit is
-    simply not one), kept for the graph passes' common signature."""
+    simply not one), kept for the graph passes' common signature. ``weight_dtype``: the dtype
+    the int8 weights are stored in (``int16``: widened at compile time, see ``weight_dtype``)."""
     import tvm
     from tvm import relax
 
@@ -75,7 +76,7 @@ def qdq_integer(fallbacks: FallbackLog | None = None):
                     found = _match_layer(call, self.lookup_binding)
                 else:
                     return call
-                integer = _integer_expr(found)
+                integer = _integer_expr(found, weight_dtype)
             except _NoMatch as reason:
                 log.debug("qdq-integer: %s left in float: %s", getattr(call.op, "name", call.op), reason)
                 return call
@@ -286,8 +287,17 @@ def _attach_bias(layer: _Layer, bias, lookup) -> None:
     layer.bias_f = value.reshape(-1)
 
 
-def _integer_expr(layer: _Layer):
-    """The Relax expression computing the layer with an int32 accumulator (see the module doc)."""
+def weight_dtype(lane_multiply_add: bool) -> str:
+    """How the kernels' int8 weights are stored: ``int16`` on a CPU with a lane multiply-add
+    (aarch64), whose ``smlal v.4s, v.4h, v.h[i]`` multiplies int16 halves: widened once at
+    compile time instead of an ``sshll`` per weight vector in every inner loop (lib.so holds
+    twice the weight bytes); elsewhere ``int8`` (x86 widens in the load, ``vpmovsxbd``)."""
+    return "int16" if lane_multiply_add else "int8"
+
+
+def _integer_expr(layer: _Layer, stored: str = "int8"):
+    """The Relax expression computing the layer with an int32 accumulator (see the module doc);
+    ``stored``: the weights' dtype (``weight_dtype``), the same values."""
     from tvm import relax
 
     anchor = layer.anchor
@@ -298,7 +308,7 @@ def _integer_expr(layer: _Layer):
     correction = -int(layer.zp_x) * w_sum
     if layer.bias_q is not None:
         correction = correction + layer.bias_q.astype(np.int64)
-    weights = relax.const(layer.w_q, "int8")
+    weights = relax.const(layer.w_q.astype(stored), stored)
     if layer.channel_axis == 1:
         attrs = anchor.attrs
         padding = [int(p) for p in attrs.padding]

@@ -203,3 +203,35 @@ def test_cortex_a7_int8_verified_on_the_emulated_board(tmp_path):
     result = edgec.compile(_model(tie_layer()), "cortex-a7", tmp_path / "a7")
     assert_board_verified(result.manifest, "cortex-a7")
     assert any("conv2d" in kernel["kernel"] for kernel in result.manifest["kernels"])
+
+
+def test_aarch64_stores_the_int8_weights_as_int16_and_stays_bit_exact(tiny_qdq, tmp_path):
+    """aarch64 (lane multiply-add) keeps the weights' values in int16 constants, what
+    ``smlal v.4s, v.4h, v.h[i]`` reads; x86 keeps int8. The cortex-a53 build of the tie layer
+    is bit-exact against ONNX Runtime on the emulated board (compile's verification) and
+    here through the board's output."""
+    from edgec.lower import to_relax
+    from edgec.targets import resolve
+    from edgec.targets.schedules.graph import clip_as_relax_ops, numpy_fold_constants
+    from edgec.targets.schedules.qdq_integer import qdq_integer, weight_dtype
+    from edgec.targets.vector import cpu_vector
+
+    assert weight_dtype(cpu_vector(resolve("cortex-a53")).lane_fma) == "int16"
+    assert weight_dtype(cpu_vector(resolve("x86")).lane_fma) == "int8"
+    assert weight_dtype(cpu_vector(resolve("cortex-a7")).lane_fma) == "int8"
+    narrow = integer_module(tiny_qdq.graph)
+    wide = to_relax(tiny_qdq.graph)
+    for inner in (numpy_fold_constants(), clip_as_relax_ops(), qdq_integer(weight_dtype=weight_dtype(True))):
+        wide = inner(wide)
+    pairs = list(zip(calls(narrow, "relax.nn.conv2d") + calls(narrow, "relax.matmul"),
+                     calls(wide, "relax.nn.conv2d") + calls(wide, "relax.matmul"), strict=True))  # fmt: skip
+    assert pairs
+    for small, big in pairs:
+        assert big.args[1].value.numpy().dtype == np.int16
+        np.testing.assert_array_equal(big.args[1].value.numpy(), small.args[1].value.numpy().astype(np.int16))
+    graph = tie_layer()
+    result = edgec.compile(_model(graph), "cortex-a53", tmp_path / "a53")
+    assert_board_verified(result.manifest, "cortex-a53")
+    verification = result.manifest["verification"]
+    if verification["status"] == "passed":
+        assert verification["onnxruntime"]["max_abs"] == 0.0  # bit-exact
