@@ -81,15 +81,16 @@ def test_lane_schedule_copies_the_operand_and_computes_what_the_naive_one_does(n
     assert_computes_the_same(func, scheduled)  # TIR means the same on any CPU: checked here
 
 
-def _inner_loop(func, target) -> list[str]:
-    """The instructions of the smallest loop holding ``fmla`` in the aarch64 assembly of ``func``."""
+def inner_loop(func, target, multiply_add: str | tuple[str, ...] = "fmla") -> list[str]:
+    """The instructions of the smallest loop holding ``multiply_add`` (aarch64 ``fmla``,
+    armv7 ``vfma.f32``) in the assembly of ``func``."""
     import tvm
 
     library = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     labels: dict[str, int] = {}
     instructions: list[str] = []
     for line in library.inspect_source("asm").splitlines():
-        text = line.split("//")[0].strip()
+        text = re.split(r"//|@", line)[0].strip()
         label = re.match(r"^([.\w$]+):$", text)
         if label:
             labels[label.group(1)] = len(instructions)
@@ -97,10 +98,10 @@ def _inner_loop(func, target) -> list[str]:
             instructions.append(text)
     loops = []
     for end, text in enumerate(instructions):
-        branch = re.match(r"^(?:b\.\w+|b|cbnz|cbz)\s+(?:\w+,\s*)?([.\w$]+)$", text)
+        branch = re.match(r"^(?:b\.\w+|b(?:eq|ne|lt|le|gt|ge|lo|hs|hi|ls)?|cbnz|cbz)\s+(?:\w+,\s*)?([.\w$]+)$", text)
         if branch and labels.get(branch.group(1), end + 1) <= end:
             body = instructions[labels[branch.group(1)] : end + 1]
-            if any(op.startswith("fmla") for op in body):
+            if any(op.startswith(multiply_add) for op in body):
                 loops.append(body)
     return min(loops, key=len)
 
@@ -111,7 +112,7 @@ def test_aarch64_inner_loop_multiplies_by_lanes(name):
     func = KERNELS[name]()
     lanes, _ = schedule_func(func, default_rules(cpu_vector(resolve("cortex-a53"))))
     plain, _ = schedule_func(func, default_rules(dataclasses.replace(NEON64, lane_fma=False)))
-    loop, plain_loop = _inner_loop(lanes, target), _inner_loop(plain, target)
+    loop, plain_loop = inner_loop(lanes, target), inner_loop(plain, target)
     fmla = [op for op in loop if op.startswith("fmla")]
     assert all(re.search(r"\.s\[[0-3]\]$", op) for op in fmla)  # every FMA reads a lane
     assert len({re.search(r"\.s\[([0-3])\]$", op).group(1) for op in fmla}) == 4  # of whole vectors

@@ -19,7 +19,7 @@ EXPECTED_TVM_JSON = {
         "kind": "llvm",
         "mtriple": "armv7a-linux-gnueabihf",
         "mcpu": "cortex-a7",
-        "mattr": ["+neon", "+vfp4"],
+        "mattr": ["+neon", "+vfp4", "-slowfpvfmx"],
         "mfloat-abi": "hard",
     },
     "cortex-a53": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"]},
