@@ -114,21 +114,19 @@ def _flat(value) -> list:
 def reference_check(artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
     """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
     standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
-    artifact has no reference.onnx; a float64 evaluation instead of ONNX Runtime for a graph that
-    binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare)."""
+    artifact has no reference.onnx; a float64 evaluation of reference.onnx instead of ONNX Runtime when
+    it binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import checking_reference, has_custom_ops, run_numpy_reference
+    from edgec.runtimes.reference import checking_reference, has_custom_ops, reference_outputs
 
     if artifact.reference_onnx is not None:
         how, want = checking_reference(ir.load(str(artifact.reference_onnx)), inputs)
         name = f"{how} (reference.onnx)"
     else:
         graph = ir.load(str(artifact.onnx))
-        if has_custom_ops(graph):
-            name, want = "numpy reference", run_numpy_reference(graph, inputs)
-        else:
-            name, want = checking_reference(graph, inputs)
+        name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
+        want = reference_outputs(graph, inputs)
     if want is None:
         return {"reference": None, "ok": None, "note": "no reference for this graph's custom ops"}
     agreement = compare(outputs, want, rtol=rtol, atol=atol, names=[spec["name"] for spec in artifact.outputs])

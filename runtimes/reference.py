@@ -2,14 +2,16 @@
 
 Graphs that binarise float values (``Sign``, or a comparison of floats as in
 ``Where(x >= 0, 1, -1)``) are discontinuous: a value within float32 rounding
-of the threshold is binarised differently by two float32 evaluations that sum
-in different orders (ONNX Runtime folds a Conv's scale into its weights and
-sums ``+-a*s`` terms, edgec's xnor/popcount kernels sum exact integers), and
-one flipped sign moves every output downstream by far more than any
-tolerance. Those graphs are checked against a float64 evaluation
-(:func:`run_float64`: onnx's reference evaluator, since ONNX Runtime has no
-float64 Conv), which is within float32 rounding of the exact function;
-:func:`checking_reference` picks the reference.
+of the threshold is binarised differently by two evaluations that round
+differently, and one flipped sign moves every output downstream by far more
+than any tolerance. edgec's xnor/popcount ops sum exact integers and scale
+once; the standard twin of such a build (``pack=false``) has float Convs
+with weights ``+-a*s`` that ONNX Runtime sums in float32. So a twin that
+binarises is checked in float64 (:func:`run_float64`: onnx's reference
+evaluator, since ONNX Runtime has no float64 Conv), which sums those layers
+exactly as the ops do; :func:`checking_reference` picks the reference of a
+twin. (A graph without edgec ops is float32 in the build and in ONNX
+Runtime alike and stays checked by ONNX Runtime.)
 """
 
 from __future__ import annotations
@@ -97,8 +99,8 @@ def run_float64(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarra
 
 
 def checking_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[str, list[np.ndarray]]:
-    """The reference a build of the standard graph ``graph`` is checked against, and how it was
-    computed: ONNX Runtime, or float64 for a graph that binarises (the module docstring)."""
+    """The reference a build whose standard twin is ``graph`` is checked against, and how it was
+    computed: ONNX Runtime, or float64 for a twin that binarises (the module docstring)."""
     nodes = binarizing_nodes(graph)
     if nodes:
         shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
