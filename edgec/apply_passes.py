@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from edgec.core.errors import PassError
@@ -69,6 +70,8 @@ def pass_options(graph_pass: ir.passes.PassBase) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):  # e.g. calibration data handed to a pass in Python
+        return f"<{value.dtype} array {'x'.join(map(str, value.shape))}>"
     if isinstance(value, (tuple, list)):
         return [_jsonable(item) for item in value]
     if isinstance(value, dict):

@@ -141,12 +141,13 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("--no-verify", is_flag=True, help="Skip running the build against ONNX Runtime / PyTorch.")
 @click.option("--rtol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Verification: allowed error relative to each output's largest |value|.")
 @click.option("--atol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Verification: allowed absolute error, added to rtol's.")
+@click.option("--qdq-steps", type=click.FloatRange(0), default=1.0, show_default=True, help="Verification of int8 (QDQ) graphs: allowed error in quantization steps of the output ((max - min) / 255).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--no-schedules", is_flag=True, help="Build without edgec's CPU schedule library: TVM's naive single-threaded kernels.")
 @click.option("--no-winograd", is_flag=True, help="Keep every 3x3 convolution direct (no Winograd F(4x4)/F(2x2) convolutions).")
 @click.option("--tuning-db", metavar="PATH|none", help="MetaSchedule database from `edgec tune` [default: ~/.cache/edgec/tuning/<target>/ when it exists].")
 @_threads_option
-def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, as_json, no_schedules, no_winograd, tuning_db, threads):  # noqa: A001
+def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, qdq_steps, as_json, no_schedules, no_winograd, tuning_db, threads):  # noqa: A001
     """Compile MODEL for TARGET into an artifact directory.
 
     MODEL is a TorchScript (.pt), torch.export (.pt2) or ONNX (.onnx) file.
@@ -179,7 +180,7 @@ def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_sp
     from edgec.tuning_db import database_for_compile
 
     result = compile_model(
-        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol, threads=threads), progress=progress,
+        model, target, output, verify=VerifyOptions(enabled=not no_verify, rtol=rtol, atol=atol, threads=threads, qdq_steps=qdq_steps), progress=progress,
         schedules=not no_schedules, tuning_db=database_for_compile(target, tuning_db), winograd=None if no_winograd else DEFAULT_POLICY,
     )
     from edgec.report import compile_summary
@@ -273,9 +274,10 @@ def _device(use_local: bool, rpc: str | None, tracker: str | None, key: str | No
 @click.option("-i", "--input", "input_files", multiple=True, type=click.Path(path_type=Path), help="Input .npy per model input (default: seeded random).")
 @click.option("--rtol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Output check: allowed error relative to each output's largest |value|.")
 @click.option("--atol", type=click.FloatRange(0), default=1e-4, show_default=True, help="Output check: allowed absolute error, added to rtol's.")
+@click.option("--qdq-steps", type=click.FloatRange(0), default=1.0, show_default=True, help="Output check of int8 (QDQ) graphs: allowed error in output quantization steps.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_threads_option
-def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, as_json, threads):
+def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, input_files, rtol, atol, qdq_steps, as_json, threads):
     """Time ARTIFACT end to end on a device (or --local) with the device's own timer.
 
     The device's outputs are checked against ONNX Runtime on the artifact's
@@ -299,7 +301,7 @@ def bench(artifact_path, use_local, rpc, tracker, key, timeout, repeat, warmup, 
     with progress.stage("connect", rpc or (f"{tracker} key {key}" if tracker else "local")):
         device = _device(use_local, rpc, tracker, key, timeout, threads)
     with device, progress.stage("bench", f"{repeat} runs after {warmup} warm-up"):
-        result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol)
+        result = run_bench(artifact, device, inputs, repeat=repeat, warmup=warmup, rtol=rtol, atol=atol, qdq_steps=qdq_steps)
     bench_summary(result, as_json)
 
 

@@ -31,6 +31,18 @@ Its outputs are compared (edgec.core.numerics.compare) with these references:
   ops, for graphs with edgec ops. Enforced, but not independent.
 - ``pytorch``: the source model, when it was PyTorch. Enforced unless a
   lossy pass changed the function (the other references carry the check).
+
+int8 builds (a QDQ graph: QuantizeLinear/DequantizeLinear, from
+``-p quantize-int8`` or quantized elsewhere): ONNX Runtime runs the QDQ
+graph as written (graph optimisations off: the float arithmetic of the ONNX
+operators, not ORT's fused integer kernels), and the allowed absolute error
+is ``qdq_steps`` quantization steps of the output (edgec.core.numerics:
+``(max - min) / 255`` of the reference output), or, if larger, how far ONNX
+Runtime's own fused integer kernels are from the graph as written on the same
+input (``int8_tolerance``), or ``atol``. A
+rounding boundary crossed one ulp apart moves an activation by one step and
+that moves the output; a wrong kernel, scale or zero point moves it by
+much more. Float builds keep their tolerances.
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ from edgec.core.errors import EmulatorError, VerificationError
 from edgec.core.fallbacks import one_line
 from edgec.core.inputs import random_inputs
 from edgec.core.model import Model, input_signatures, value_signature
-from edgec.core.numerics import compare
+from edgec.core.numerics import compare, int8_tolerance, quantization_step
 from edgec.core.progress import Progress
 from edgec.targets import ResolvedTarget
 
@@ -68,6 +80,7 @@ class VerifyOptions:
     atol: float = 1e-4
     seed: int = 0
     threads: int | None = None  # kernel threads when the build runs in this process (None: TVM's default)
+    qdq_steps: float = 1.0  # int8 (QDQ) builds: allowed error in quantization steps of the output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,8 @@ class Reference:
     outputs: list[np.ndarray]
     enforced: bool
     graph: str = ""  # which graph ONNX Runtime ran
+    quantized: bool = False  # ONNX Runtime on a QDQ graph: the tolerance is in quantization steps
+    fused: list[np.ndarray] | None = None  # QDQ: ORT's fused integer kernels on the same inputs
     note: str = ""  # how it was computed / why it is not enforced
 
 
@@ -86,7 +101,10 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[lis
 
     found: list[Reference] = []
     unchecked = ""
-    if not reference.has_custom_ops(model.graph):
+    if not reference.has_custom_ops(model.graph) and reference.is_quantized(model.graph):
+        outputs, fused = reference.qdq_references(model.graph, inputs)
+        found.append(Reference("onnxruntime", outputs, True, "model.onnx (QDQ, every node as written)", quantized=True, fused=fused))
+    elif not reference.has_custom_ops(model.graph):
         try:
             found.append(Reference("onnxruntime", reference.reference_outputs(model.graph, inputs), True, "model.onnx"))
         except Exception as error:  # noqa: BLE001 - ONNX Runtime refuses the graph (e.g. opsets before 7)
@@ -123,8 +141,8 @@ def _standard_references(graph, inputs: list[np.ndarray], label: str) -> list[Re
         return [Reference("onnxruntime", outputs, True, label)]
     float32 = "float32 rounding at its binarisations differs between implementations; the float64 check is enforced"
     return [
-        Reference("float64", outputs, True, label, how),
-        Reference("onnxruntime", reference.run_onnxruntime(graph, inputs), False, label, float32),
+        Reference("float64", outputs, True, label, note=how),
+        Reference("onnxruntime", reference.run_onnxruntime(graph, inputs), False, label, note=float32),
     ]
 
 
@@ -179,18 +197,31 @@ def verify(
         }
         names = [value.name for value in model.graph.graph.outputs]
         for reference in found:
-            agreement = compare(got, reference.outputs, rtol=options.rtol, atol=options.atol, names=names)
-            entry = {**agreement.as_dict(), "enforced": reference.enforced}
+            atol = options.atol
+            entry = {}
+            if reference.quantized:
+                allowed, step, spread = int8_tolerance(reference.outputs, reference.fused, options.qdq_steps)
+                atol = max(atol, allowed)
+                entry = {"atol": atol, "rule": f"int8: atol = max(--atol, {options.qdq_steps:g} x output step {step:.4g}, "
+                                               f"ORT fused vs as written {spread:.4g} = {spread / max(step, 1e-30):.1f} steps)",
+                         "output_step": step, "ort_fused_spread": spread}
+            agreement = compare(got, reference.outputs, rtol=options.rtol, atol=atol, names=names)
+            entry = {**agreement.as_dict(), "enforced": reference.enforced, **entry}
             if reference.graph:
                 entry["graph"] = reference.graph
             if reference.note:
                 entry["note"] = reference.note
             result[reference.name] = entry
             if not agreement.ok and reference.enforced:
+                hint = "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
+                if reference.quantized:
+                    steps = agreement.max_abs / max(quantization_step(reference.outputs), 1e-30)
+                    hint = (f"an int8 graph: {steps:.1f} output quantization steps, {atol / max(quantization_step(reference.outputs), 1e-30):.1f} "
+                            "allowed (--qdq-steps, or ORT's fused kernels' own distance from the graph as written when larger): "
+                            "a kernel, scale or zero point is wrong, or raise --qdq-steps if this is expected, or --no-verify")
                 raise VerificationError(
                     f"compiled outputs ({where}) differ from {reference.name}: {agreement.detail}; max abs error "
-                    f"{agreement.max_abs:.3g}, max rel {agreement.max_rel:.3g}; no artifact was written. "
-                    "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
+                    f"{agreement.max_abs:.3g}, max rel {agreement.max_rel:.3g}; no artifact was written. {hint}"
                 )
         from edgec.runtimes.reference import has_custom_ops
 

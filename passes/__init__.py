@@ -12,6 +12,7 @@ from edgec.passes.remove_zero_channels import RemoveZeroChannelsPass
 from edgec.passes.pack_block_sparse import PackBlockSparsePass
 from edgec.passes.lower_binary import LowerBinaryPass
 from edgec.passes.lower_ternary import LowerTernaryPass
+from edgec.passes.quantize_int8 import QuantizeInt8Pass
 
 PASSES: tuple[type, ...] = (
     FoldBatchNormPass,
@@ -20,6 +21,7 @@ PASSES: tuple[type, ...] = (
     PackBlockSparsePass,
     LowerBinaryPass,
     LowerTernaryPass,
+    QuantizeInt8Pass,
 )
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "PackBlockSparsePass",
     "LowerBinaryPass",
     "LowerTernaryPass",
+    "QuantizeInt8Pass",
     "PASSES",
 ]

@@ -70,7 +70,7 @@ class GraphEditor:
 
     def new_initializer(self, array: np.ndarray, base: str) -> ir.Value:
         """A new initializer holding ``array``, named ``unique(base)``."""
-        tensor = ir.tensor(np.ascontiguousarray(array))
+        tensor = ir.tensor(np.asarray(array, order="C"))  # not ascontiguousarray: it makes a scalar 1-D
         value = ir.Value(
             name=self.unique(base), shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
         )

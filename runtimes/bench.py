@@ -19,7 +19,7 @@ import numpy as np
 
 from edgec.core.artifact import Artifact
 from edgec.core.errors import InputDataError, VerificationError
-from edgec.core.numerics import compare
+from edgec.core.numerics import compare, int8_tolerance
 from edgec.runtimes.icount import InstructionCount, count, counts_instructions
 from edgec.runtimes.session import Device
 
@@ -111,20 +111,29 @@ def _flat(value) -> list:
     return [value]
 
 
-def reference_check(artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float) -> dict[str, Any]:
+def reference_check(
+    artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float,
+    qdq_steps: float = 1.0,
+) -> dict[str, Any]:
     """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
     standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
     artifact has no reference.onnx; a float64 evaluation of reference.onnx instead of ONNX Runtime when
-    it binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare)."""
+    it binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare; an int8 QDQ
+    graph: ORT on it as written, atol at least ``qdq_steps`` output quantization steps or ORT's fused kernels'
+    distance from it, as edgec/verify.py)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import checking_reference, has_custom_ops, reference_outputs
+    from edgec.runtimes.reference import checking_reference, has_custom_ops, is_quantized, qdq_references, reference_outputs
 
-    if artifact.reference_onnx is not None:
+    graph = None if artifact.reference_onnx is not None else ir.load(str(artifact.onnx))
+    if graph is not None and not has_custom_ops(graph) and is_quantized(graph):
+        want, fused = qdq_references(graph, inputs)
+        name = "onnxruntime (QDQ as written)"
+        atol = max(atol, int8_tolerance(want, fused, qdq_steps)[0])
+    elif artifact.reference_onnx is not None:
         how, want = checking_reference(ir.load(str(artifact.reference_onnx)), inputs)
         name = f"{how} (reference.onnx)"
     else:
-        graph = ir.load(str(artifact.onnx))
         name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
         want = reference_outputs(graph, inputs)
     if want is None:
@@ -145,6 +154,7 @@ def bench(
     warmup: int = 5,
     rtol: float = 1e-4,
     atol: float = 1e-4,
+    qdq_steps: float = 1.0,
 ) -> BenchResult:
     if repeat < 1 or warmup < 0:
         raise InputDataError("--repeat must be >= 1 and --warmup >= 0")
@@ -152,7 +162,7 @@ def bench(
     _module, vm = load_vm(device, artifact)
     outputs = run_once(device, vm, inputs)
     floor = artifact.manifest["target"].get("min_tolerance", 0.0)  # float16 builds are checked at least this loosely
-    check = reference_check(artifact, inputs, outputs, max(rtol, floor), max(atol, floor))
+    check = reference_check(artifact, inputs, outputs, max(rtol, floor), max(atol, floor), qdq_steps)
     if check["ok"] is False:  # wrong code is not timed
         raise VerificationError(
             f"the outputs of {device.label} differ from {check['reference']}: {check['detail']}; not timed. "

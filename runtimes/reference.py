@@ -21,27 +21,18 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-# The newest ONNX IR version the pinned onnxruntime (1.31) reads; onnx 1.23 writes
-# IR 14 by default although no edgec graph uses anything newer than IR 13 features.
-ORT_MAX_IR_VERSION = 13
+from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
+
+__all__ = [
+    "ORT_MAX_IR_VERSION", "THRESHOLD_OPS", "binarizing_nodes", "checking_reference", "float64_copy", "has_custom_ops",
+    "is_quantized", "qdq_references", "onnxruntime_session", "reference_outputs", "run_float64", "run_numpy_reference",
+    "run_onnxruntime",
+]
 
 
-def onnxruntime_session(graph: ir.Model, threads: int | None = None):
-    """An ORT CPU session on ``graph`` (all graph optimisations on)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    proto = ir.serde.serialize_model(graph)
-    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    session = onnxruntime_session(graph)
+def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray], *, optimize: bool = True) -> list[np.ndarray]:
+    """ONNX Runtime's outputs; ``optimize=False`` runs every node as written (see edgec/core/ort.py)."""
+    session = onnxruntime_session(graph, optimize=optimize)
     names = [value.name for value in session.get_inputs()]
     return list(session.run(None, dict(zip(names, inputs, strict=True))))
 
@@ -106,6 +97,23 @@ def checking_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[s
         shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
         return FLOAT64_NOTE.format(nodes=shown), run_float64(graph, inputs)
     return "onnxruntime", run_onnxruntime(graph, inputs)
+
+
+def qdq_references(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """ONNX Runtime on a QDQ graph twice: every node as written (the reference), and with its graph
+    optimisations (its fused integer kernels; None when ORT refuses to fuse it), whose distance to the
+    first is what two correct implementations differ by (edgec.core.numerics.int8_tolerance)."""
+    as_written = run_onnxruntime(graph, inputs, optimize=False)
+    try:
+        fused = run_onnxruntime(graph, inputs, optimize=True)
+    except Exception:  # noqa: BLE001 - an optimisation ORT cannot apply: the as-written run alone
+        fused = None
+    return as_written, fused
+
+
+def is_quantized(graph: ir.Model) -> bool:
+    """A QDQ graph: it holds QuantizeLinear or DequantizeLinear nodes."""
+    return any(node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.graph)
 
 
 def has_custom_ops(graph: ir.Model) -> bool:

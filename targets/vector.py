@@ -19,6 +19,12 @@ One rule per fact:
   own count of such operands when that is larger (``operands``, 4 for a float
   FMA tile: 32 registers -> 24, 16 -> 12; the popcount tile needs 6: 16 -> 10).
 - a vectorised loop covers at most 4 registers' worth (``vectorize_innermost``).
+- lane multiply-add: whether one multiply-add can take a lane of a vector
+  register as its scalar operand (aarch64 NEON ``fmla v0.4s, v1.4s, v2.s[3]``).
+  Then a contraction loads ``lanes`` consecutive values of its broadcast operand
+  with one vector load instead of one load per value (``common.lane_broadcast``).
+  aarch64 only: x86 folds a broadcast load into the FMA itself, and armv7's
+  multiply-by-scalar forms are not fused (LLVM splits them on cortex-a7).
 
 ``None`` as the target means this machine (x86, its CPU detected).
 """
@@ -30,8 +36,8 @@ import logging
 
 log = logging.getLogger(__name__)
 
-# NEON per CPU architecture: (general-purpose word bits, vector registers, how bits are counted)
-_NEON = {"armv7": (32, 16, "NEON vcnt.8 + vpaddl"), "aarch64": (64, 32, "NEON cnt + uaddlp")}
+# NEON per CPU architecture: (general-purpose word bits, vector registers, how bits are counted, lane FMA)
+_NEON = {"armv7": (32, 16, "NEON vcnt.8 + vpaddl", False), "aarch64": (64, 32, "NEON cnt + uaddlp", True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +49,8 @@ class CpuVector:
     of integer vector operations (``None``: as the float ones, ``lanes * 32``).
     ``word_bits``: the general-purpose register, the bit kernels' word.
     ``popcount``: how the CPU counts bits in a vector, as LLVM emits it (for the
-    log and the reader of a manifest).
+    log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
+    lane of a vector register as its scalar operand (module docstring).
     """
 
     lanes: int
@@ -51,6 +58,7 @@ class CpuVector:
     integer_bits: int | None = None
     word_bits: int = 64
     popcount: str = "scalar popcnt"
+    lane_fma: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -85,8 +93,8 @@ def cpu_vector(target) -> CpuVector:
     lanes = getattr(preset, "vector_lanes", None)
     registers = getattr(preset, "vector_registers", None)
     if arch in _NEON:
-        word_bits, neon_registers, popcount = _NEON[arch]
-        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount)
+        word_bits, neon_registers, popcount, lane_fma = _NEON[arch]
+        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma)
     features = _x86_features(target)
     if "avx512f" in features:
         detected, integer_bits = 16, 512

@@ -17,6 +17,22 @@ right. A wrong kernel is still caught: its errors are of the order of the
 values it computes, far above ``rtol`` (1e-4) of the tensor's scale.
 What the rule cannot see: an error confined to elements many orders of
 magnitude below the tensor's largest one.
+
+int8 (QDQ) graphs. A quantized graph rounds every activation to a grid of
+256 values; a float32 summation order that differs by one ulp moves a value
+that lies on a rounding boundary to the neighbouring code, and that one-step
+difference travels to the output. There the rule's ``atol`` becomes a number
+of quantization steps of the output, ``quantization_step``: one step of a
+uint8 grid spanning the reference output's range, ``(max - min) / 255``,
+or, when larger, the spread between two correct implementations of the same
+QDQ graph, ONNX Runtime as written and ONNX Runtime's fused integer kernels
+(``int8_tolerance``): in a deep network one flipped code early on moves the
+output by many steps (full-size random-weight MobileNetV2: the two ORT
+runs differ by 7 to 12 steps), and no output check can tell a build apart
+from a correct one when it lies within what correct implementations already
+differ by. On a graph where the two ORT runs agree the allowance stays one
+step, and a wrong scale or zero point is refused.
+Float graphs keep the float32 rule above unchanged.
 """
 
 from __future__ import annotations
@@ -86,3 +102,30 @@ def compare(
             worst = (ratio, sentence)
     ok = worst is None or worst[0] <= 1.0
     return Agreement(ok, max_abs, max_rel, worst[1] if worst else "no output elements")
+
+
+UINT8_LEVELS = 255  # steps of a uint8 grid
+
+
+def quantization_step(want: Sequence[np.ndarray]) -> float:
+    """One step of a uint8 grid over an output's range, ``(max - min) / 255``, the largest over the outputs."""
+    steps = [0.0]
+    for reference in want:
+        values = np.asarray(reference, np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            steps.append(float(values.max() - values.min()) / UINT8_LEVELS)
+    return max(steps)
+
+
+def int8_tolerance(as_written: Sequence[np.ndarray], fused: Sequence[np.ndarray] | None, steps: float) -> tuple[float, float, float]:
+    """(allowed absolute error, output step, spread) for an int8 build checked against ``as_written``:
+    ``max(steps x quantization_step(as_written), spread)``, where ``spread`` is the largest
+    ``|fused - as_written|`` (0 without ``fused``), the distance between two correct implementations."""
+    step = quantization_step(as_written)
+    spread = 0.0
+    if fused is not None:
+        for a, b in zip(fused, as_written, strict=True):
+            if np.asarray(b).size:
+                spread = max(spread, float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))))
+    return max(steps * step, spread), step, spread

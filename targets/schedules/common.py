@@ -137,33 +137,88 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
     return [max(1, width)]
 
 
-def register_tile(rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4) -> tuple[list[int], int]:
+def register_tile(
+    rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False
+) -> tuple[list[int], int]:
     """Choose the register tile of a channels-last contraction.
 
     ``rows``: extents of the axes whose points share one weight vector (output
     rows and columns, or matrix rows); each tile factor divides its axis, so no
     tail loops or predicates. Returns (row factors, channel tile). The tile
-    maximises the FMAs per load, ``p * v / (p + v)`` for ``p`` rows and ``v``
-    vectors, with ``p * v`` accumulators at most ``vector.accumulators``.
+    maximises the FMAs per load, ``p * v / (loads)`` for ``p`` rows and ``v``
+    vectors. Per reduction step a tile loads ``v`` weight vectors and ``p``
+    broadcast values, or with ``lane_operand`` (``lane_broadcast``: the values
+    come a vector of ``lanes`` reduction steps at a time) ``p / lanes`` vectors,
+    which then hold ``p`` registers: ``p * v`` accumulators at most
+    ``vector.accumulators``, or ``vector.accumulator_budget(p + v)`` with
+    ``lane_operand``.
     """
     best = None
     for channel_tile in vector_tile(channels, vector, max_vectors):
         vectors = -(-channel_tile // vector.lanes)
-        budget = vector.accumulators // vectors
-        if budget < 1:
-            continue
         for factors in itertools.product(*(divisors(extent) for extent in rows)):
             points = 1
             for factor in factors:
                 points *= factor
-            if points > budget:
+            budget = vector.accumulator_budget(points + vectors) if lane_operand else vector.accumulators
+            if points * vectors > budget:
                 continue
-            score = (points * vectors / (points + vectors), points * vectors, factors[-1] if factors else 0)
+            loads = points / vector.lanes + vectors if lane_operand else points + vectors
+            score = (points * vectors / loads, points * vectors, factors[-1] if factors else 0)
             if best is None or score > best[0]:
                 best = (score, list(factors), channel_tile)
     if best is None:
         return [1] * len(rows), vector_tile(channels, vector, 1)[0]
     return best[1], best[2]
+
+
+def wants_lane_broadcast(vector: CpuVector, depth: int) -> bool:
+    """Whether a contraction over ``depth`` should load its broadcast operand a vector
+    at a time (``lane_broadcast``): the CPU has a lane multiply-add and whole vectors
+    of more than one cover the depth."""
+    return vector.lane_fma and depth % vector.lanes == 0 and depth > vector.lanes
+
+
+def lane_broadcast(sch, anchor, reduction, lanes: int):
+    """Load the broadcast operand of the contraction ``anchor`` a vector at a time.
+
+    ``reduction`` is the innermost reduction loop, right outside the register
+    tile, and the last index of exactly one of the block's operands (the
+    broadcast one: a pixel's channels, a matrix row). The loop is split by
+    ``lanes``; at the outer part the operand's tile, ``[tile rows..., lanes]``,
+    is copied into a small buffer (one vector load per row; a ``global``-scope
+    buffer: TVM puts those on the stack, where LLVM keeps them in registers),
+    and the inner part is unrolled, so every multiply-add reads its scalar as a
+    lane of those registers (aarch64 ``fmla v.4s, v.4s, v.s[i]``). Returns the
+    outer loop, or None (nothing changed) when ``lanes`` does not divide the
+    reduction or no single operand ends with it.
+    """
+    extent = int(sch.get(reduction).extent)
+    variable = sch.get(anchor).iter_vars[-1].var
+    stmt = sch.get(anchor)
+    written = stmt.writes[0].source
+    candidates = [
+        index for index, region in enumerate(stmt.reads)
+        if not region.source.same_as(written) and _last_index_is(region, variable)
+    ]  # fmt: skip
+    if extent % lanes or extent == lanes or len(candidates) != 1:
+        return None
+    outer, inner = sch.split(reduction, [None, lanes])
+    depth = 1 + [sch.get(loop) for loop in sch.get_loops(anchor)].index(sch.get(outer))
+    cached = sch.cache_read(anchor, candidates[0], "global")
+    sch.compute_at(cached, outer, preserve_unit_loops=True)
+    copy_loops = sch.get_loops(cached)[depth:]
+    sch.vectorize(copy_loops[-1])
+    for loop in copy_loops[:-1]:
+        sch.unroll(loop)
+    sch.unroll(inner)
+    return outer
+
+
+def _last_index_is(region, variable) -> bool:
+    """Whether the region's last index is the block's iter var ``variable`` (a unit extent)."""
+    last = region.region[-1]
+    return last.min.same_as(variable) and int(last.extent) == 1
 
 
 def schedule_epilogue(sch, epilogue, at_loop, lanes: int) -> None:
@@ -179,11 +234,24 @@ MIN_PARALLEL_ELEMENTS = 4096
 
 def schedule_injective(sch, block, lanes: int) -> None:
     """One spatial block on its own: loops fused, ``lanes`` at a time vectorised
-    (when they divide), the rest in parallel when it is big enough."""
+    (when they divide), the rest in parallel when it is big enough.
+
+    An innermost axis shorter than a vector whose extent does not divide ``lanes``
+    (an RGB image's 3 channels, NHWC) is unrolled instead, the axis before it left a
+    loop: a vector of the flattened loop would straddle pixels with a different
+    ``% 3`` per lane, which LLVM scalarises with a division per element (ResNet-18's
+    padded stem input and NCHW -> NHWC transpose on cortex-a53)."""
     loops = sch.get_loops(block)
+    sizes = extents(sch, loops)
     total = 1
-    for extent in extents(sch, loops):
+    for extent in sizes:
         total *= extent
+    if len(loops) > 2 and sizes[-1] < lanes and lanes % sizes[-1]:
+        outer = sch.fuse(*loops[:-2])
+        sch.unroll(loops[-1])
+        if total >= MIN_PARALLEL_ELEMENTS:
+            sch.parallel(outer)
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if total % lanes == 0 and total >= lanes:
         outer, inner = sch.split(fused, [None, lanes])

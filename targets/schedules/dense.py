@@ -9,6 +9,10 @@ in the weight and the output:
                 acc[m, n] += a[m, k] (broadcast) * b[k, n]
       epilogue  out[M, N] = g(acc)
 
+On CPUs with a lane multiply-add (aarch64) ``a`` is read a vector of ``lanes``
+k at a time (``common.lane_broadcast``): ``for k / lanes: a_tile[M, lanes] =
+a[m, k...]; for lanes, M, N: acc += a_tile[m, l] (a lane) * b[k, n]``.
+
 At batch 1 (``m == 1``) this is a matrix-vector product bound by reading the
 weights once, split over the threads by output columns.
 """
@@ -20,10 +24,12 @@ from edgec.targets.schedules.common import (
     epilogue_block,
     extents,
     inline_producers,
+    lane_broadcast,
     register_tile,
     split_tiles,
     static_iter_kinds,
     tile_nest,
+    wants_lane_broadcast,
 )
 from edgec.targets.schedules.conv2d import finish_register_tile
 
@@ -64,10 +70,13 @@ class Dense(Rule):
         epilogue = epilogue_block(sch, anchor)
         inline_producers(sch, anchor)
         *batch, m, n, k = sch.get_loops(anchor)
-        rows, columns = extents(sch, [m, n])
-        (tile_m,), tile_n = register_tile([rows], columns, self.vector)
+        rows, columns, depth = extents(sch, [m, n, k])
+        lane = wants_lane_broadcast(self.vector, depth)
+        (tile_m,), tile_n = register_tile([rows], columns, self.vector, lane_operand=lane)
         outer, (m_inner, n_inner) = split_tiles(sch, [m, n], [tile_m, tile_n])
         outer = [*batch, *outer]
         tile_nest(sch, anchor, epilogue, outer, [k, m_inner, n_inner], self.vector.lanes)
+        if lane:
+            k = lane_broadcast(sch, anchor, k, self.vector.lanes) or k
         finish_register_tile(sch, anchor, k, [m_inner], n_inner, self.vector.lanes)
         return sch

@@ -14,6 +14,11 @@ in order, and why:
                      two transposes. Such calls (one elementwise block
                      ``out[i] = max(x[i], c[()])``) become ``R.maximum`` /
                      ``R.minimum`` again.
+2b. int8 (QDQ)       quantize(act(conv2d/matmul(dequantize, dequantize) + bias)) becomes an
+                     int8 x int8 -> int32 kernel with a fused requantization
+                     (qdq_integer.py); the per-tensor quantize/dequantize left around
+                     float ops become element-wise ops (qdq_elementwise.py), so that
+                     step 4 moves them to NHWC instead of wrapping them in transposes.
 3. batch norm        inference BN with constant statistics becomes a per-channel
                      scale and shift, ``y = x * s + t`` with
                      ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``
@@ -71,11 +76,14 @@ def graph_passes(lanes: int | None = None, fallbacks: FallbackLog | None = None,
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
+    from edgec.targets.schedules import qdq_elementwise, qdq_integer
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
         ("graph:clip", clip_as_relax_ops(fallbacks)),
+        (qdq_integer.RULE, qdq_integer.qdq_integer(fallbacks)),
+        (qdq_elementwise.RULE, qdq_elementwise.qdq_elementwise(fallbacks)),
         ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
         ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),

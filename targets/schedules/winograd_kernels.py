@@ -3,13 +3,20 @@
 convolution's epilogue (bias, BN scale/shift, residual add, activation).
 
     winograd_input          V[t, p, c] = (B^T d_p B)[t]       d_p: the zero-padded input tile p
+                            in two passes: R = B^T d_p (columns), then V = R B (rows)
     winograd_gemm           M[t, p, f] = sum_c V[t, p, c] * U[t, c, f]
     conv2d_winograd_output  out[n, y, x, f] = (A^T M_p A)[y % m, x % m]
+                            in two passes: S = M_p A (rows), then A^T S (columns)
 
 The transforms are written as explicit sums with the matrices' zero terms
 dropped, one expression per tile element, chosen by ``if_then_else`` on the
 element index: once winograd_schedule.py unrolls that index the choice folds
-away and LLVM shares the tile's loads between the elements. Of the three
+away and LLVM shares the tile's loads between the elements. Both transforms
+are separable and written so, one pass per axis: F(4x4)'s input transform
+sums 2 x 6 x 26 = 312 terms per tile and channel, where the 36 double sums
+``B[i, eps] B[j, nu] d[i, j]`` have 676; its output transform 6 x 18 + 4 x 18
+= 180 per tile and filter, not the 16 double sums' 324 (F(2x2): 64 and 36
+terms either way). Of the three
 kernel names only the output transform's holds ``conv2d``: fused with the
 epilogue (``fused_conv2d_winograd_output_add_relu``) it maps to the Conv node
 and its epilogue's nodes as a direct convolution's kernel does (the profiler's
@@ -21,8 +28,10 @@ from __future__ import annotations
 from edgec.targets.schedules.winograd import WinogradMatrices, tile_counts
 
 INPUT_KERNEL = "winograd_input"
+INPUT_COLUMNS = "winograd_input_columns"  # the first pass of the input transform, inside its kernel
 GEMM_KERNEL = "winograd_gemm"
 OUTPUT_KERNEL = "conv2d_winograd_output"
+OUTPUT_ROWS = "winograd_output_rows"  # the first pass of the output transform, inside its kernel
 
 
 def _weighted_sum(terms):
@@ -50,31 +59,36 @@ def _select(index, expressions):
 
 
 def input_transform(data, mats: WinogradMatrices, padding: tuple[int, int, int, int], out_size: tuple[int, int]):
-    """``V[eps*alpha + nu, p, c] = sum_ij B[i, eps] B[j, nu] d[n, ty*m + i - top, tx*m + j - left, c]``
-    (NHWC ``data``, zeros outside it), ``p = (n*tiles_h + ty)*tiles_w + tx``."""
+    """``V[eps*alpha + nu, p, c] = sum_j B[j, nu] R[eps, j, p, c]``, ``R[eps, j, p, c] = sum_i B[i, eps]
+    d[n, ty*m + i - top, tx*m + j - left, c]`` (NHWC ``data``, zeros outside it),
+    ``p = (n*tiles_h + ty)*tiles_w + tx``."""
     from tvm import te, tirx
 
     batch, height, width, channels = (int(dim) for dim in data.shape)
     m, alpha = mats.m, mats.alpha
     tiles_h, tiles_w = tile_counts(*out_size, m)
     top, left = padding[0], padding[1]
+    tiles = batch * tiles_h * tiles_w
 
-    def compute(t, p, c):
+    def columns(eps, j, p, c):
         n, ty, tx = p // (tiles_h * tiles_w), p // tiles_w % tiles_h, p % tiles_w
 
-        def load(i, j):
+        def load(i):
             y, x = ty * m + (i - top), tx * m + (j - left)
             inside = tirx.all(y >= 0, y < height, x >= 0, x < width)
             return te.if_then_else(inside, data[n, y, x, c], tirx.const(0, data.dtype))
 
-        elements = []
-        for eps in range(alpha):
-            for nu in range(alpha):
-                terms = [(mats.B[i, eps] * mats.B[j, nu], load(i, j)) for i in range(alpha) for j in range(alpha)]
-                elements.append(_weighted_sum([(k, v) for k, v in terms if k != 0]))
-        return _select(t, elements)
+        return _select(eps, [_weighted_sum([(mats.B[i, row], load(i)) for i in range(alpha) if mats.B[i, row] != 0])
+                             for row in range(alpha)])
 
-    return te.compute((alpha * alpha, batch * tiles_h * tiles_w, channels), compute, name=INPUT_KERNEL)
+    rows = te.compute((alpha, alpha, tiles, channels), columns, name=INPUT_COLUMNS)
+
+    def compute(t, p, c):
+        eps, nu = t // alpha, t % alpha
+        return _select(nu, [_weighted_sum([(mats.B[j, col], rows[eps, j, p, c]) for j in range(alpha) if mats.B[j, col] != 0])
+                            for col in range(alpha)])
+
+    return te.compute((alpha * alpha, tiles, channels), compute, name=INPUT_KERNEL)
 
 
 def gemm(transformed_input, transformed_weight):
@@ -92,7 +106,8 @@ def gemm(transformed_input, transformed_weight):
 
 
 def output_transform(products, mats: WinogradMatrices, batch: int, out_size: tuple[int, int]):
-    """``out[n, y, x, f] = sum_ab A[a, y % m] A[b, x % m] M[a*alpha + b, p(n, y // m, x // m), f]``."""
+    """``out[n, y, x, f] = sum_a A[a, y % m] S[a, x % m, p, f]``, ``S[a, col, p, f] = sum_b A[b, col]
+    M[a*alpha + b, p, f]``, ``p = p(n, y // m, x // m)``."""
     from tvm import te
 
     m, alpha = mats.m, mats.alpha
@@ -100,14 +115,15 @@ def output_transform(products, mats: WinogradMatrices, batch: int, out_size: tup
     tiles_h, tiles_w = tile_counts(out_h, out_w, m)
     filters = int(products.shape[2])
 
+    def rows(a, col, p, f):
+        return _select(col, [_weighted_sum([(mats.A[b, c], products[a * alpha + b, p, f]) for b in range(alpha) if mats.A[b, c] != 0])
+                             for c in range(m)])
+
+    reduced = te.compute((alpha, m, batch * tiles_h * tiles_w, filters), rows, name=OUTPUT_ROWS)
+
     def compute(n, y, x, f):
         p = (n * tiles_h + y // m) * tiles_w + x // m
-        elements = []
-        for row in range(m):
-            for col in range(m):
-                terms = [(mats.A[a, row] * mats.A[b, col], products[a * alpha + b, p, f])
-                         for a in range(alpha) for b in range(alpha)]
-                elements.append(_weighted_sum([(k, v) for k, v in terms if k != 0]))
-        return _select((y % m) * m + x % m, elements)
+        return _select(y % m, [_weighted_sum([(mats.A[a, row], reduced[a, x % m, p, f]) for a in range(alpha) if mats.A[a, row] != 0])
+                               for row in range(m)])
 
     return te.compute((batch, out_h, out_w, filters), compute, name=OUTPUT_KERNEL)

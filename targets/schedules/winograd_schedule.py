@@ -2,12 +2,18 @@
 them is a batched matrix product and ``dense.py`` schedules it.
 
     winograd_input   parallel (tiles p)
-                       for c / lanes:  for t: (unrolled)  for lanes: (vectorised)
-                         V[t, p, c] = (B^T d B)[t]
-    winograd_output  (fused with the epilogue, one block)
+                       for c / lanes:
+                         for eps, j: (unrolled)  for lanes: (vectorised)
+                           R[eps, j, c] = (B^T d)[eps, j]      (alpha^2 vectors on the stack: registers)
+                         for t: (unrolled)  for lanes: (vectorised)
+                           V[t, p, c] = (R B)[t]
+    winograd_output  (fused with the epilogue, one block after the row pass)
                      parallel (n, y / m)
-                       for x / m, f / lanes:  for y % m, x % m: (unrolled)  for lanes: (vectorised)
-                         out[n, y, x, f] = g((A^T M A)[y % m, x % m])
+                       for x / m, f / lanes:
+                         for a, col: (unrolled)  for lanes: (vectorised)
+                           S[a, col, f] = (M A)[a, col]        (on the stack: registers)
+                         for y % m, x % m: (unrolled)  for lanes: (vectorised)
+                           out[n, y, x, f] = g((A^T S)[y % m, x % m])
 
 Unrolling the tile-element loops turns each element's ``if_then_else``
 choice into one expression and lets LLVM load each input of the tile once
@@ -29,7 +35,7 @@ from edgec.targets.schedules.common import (
     root_blocks,
     vector_tile,
 )
-from edgec.targets.schedules.winograd_kernels import INPUT_KERNEL, OUTPUT_KERNEL
+from edgec.targets.schedules.winograd_kernels import INPUT_COLUMNS, INPUT_KERNEL, OUTPUT_KERNEL, OUTPUT_ROWS
 
 
 def _alpha(buffer) -> int:
@@ -50,11 +56,11 @@ class WinogradTransforms(Rule):
         sch = s_tir.Schedule(func)
         blocks = root_blocks(sch)
         names = [sch.get(block).name_hint for block in blocks]
-        if names == [INPUT_KERNEL]:
-            self._input(sch, blocks[0])
+        if names == [INPUT_COLUMNS, INPUT_KERNEL]:
+            self._input(sch, blocks[0], blocks[1])
             return sch
-        if names and names[0] == OUTPUT_KERNEL:
-            return sch if self._output(sch, blocks[0]) else None
+        if names[:2] == [OUTPUT_ROWS, OUTPUT_KERNEL]:
+            return sch if self._output(sch, blocks[0], blocks[1]) else None
         return None
 
     def _channel_split(self, sch, loop):
@@ -62,19 +68,17 @@ class WinogradTransforms(Rule):
         lanes = vector_tile(extent, self.vector, 1)[0]
         return sch.split(loop, [None, lanes])
 
-    def _input(self, sch, block):
+    def _input(self, sch, columns, block):
         t, p, c = sch.get_loops(block)
         c_outer, c_inner = self._channel_split(sch, c)
         sch.reorder(p, c_outer, t, c_inner)
-        if _elements(sch, block) >= MIN_PARALLEL_ELEMENTS:
-            sch.parallel(p)
-        sch.unroll(t)
-        sch.vectorize(c_inner)
+        _finish(sch, block, p, [t], c_inner)
+        _first_pass_at(sch, columns, c_outer)
 
-    def _output(self, sch, anchor) -> bool:
+    def _output(self, sch, rows, anchor) -> bool:
         """Schedule the output transform and its epilogue; False when the epilogue does not
         write an NHWC tensor of the transform's shape (a layout transpose fused at the graph's end)."""
-        alpha = _alpha(sch.get(anchor).reads[0].source)
+        alpha = _alpha(sch.get(rows).reads[0].source)
         m = alpha - 2
         shape = [int(dim) for dim in sch.get(anchor).writes[0].source.shape]
         epilogue = inline_epilogue(sch, anchor)
@@ -87,13 +91,30 @@ class WinogradTransforms(Rule):
         x_outer, x_inner = sch.split(x, [None, m])
         f_outer, f_inner = self._channel_split(sch, f)
         sch.reorder(n, y_outer, x_outer, f_outer, y_inner, x_inner, f_inner)
-        outer = sch.fuse(n, y_outer)
-        if _elements(sch, epilogue) >= MIN_PARALLEL_ELEMENTS:
-            sch.parallel(outer)
-        sch.unroll(y_inner)
-        sch.unroll(x_inner)
-        sch.vectorize(f_inner)
+        _finish(sch, epilogue, sch.fuse(n, y_outer), [y_inner, x_inner], f_inner)
+        _first_pass_at(sch, rows, f_outer)
         return True
+
+
+def _finish(sch, block, outer, unrolled, vectorised) -> None:
+    """The outer loop in parallel when the block is big enough, the tile's loops
+    unrolled, the channel vector vectorised."""
+    if _elements(sch, block) >= MIN_PARALLEL_ELEMENTS:
+        sch.parallel(outer)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(vectorised)
+
+
+def _first_pass_at(sch, block, loop) -> None:
+    """A separable transform's first pass computed per tile and channel vector at ``loop``,
+    into a small global-scope buffer: TVM allocates it on the stack, and LLVM keeps it in
+    registers. Its three tile loops unrolled, its channel vector vectorised."""
+    sch.compute_at(block, loop, preserve_unit_loops=True)
+    *unrolled, lanes = sch.get_loops(block)[-4:]
+    for tile_loop in unrolled:
+        sch.unroll(tile_loop)
+    sch.vectorize(lanes)
 
 
 def _elements(sch, block) -> int:

@@ -84,11 +84,15 @@ def global_mean_kernel():
     return _prim_func([data, topi.divide(topi.sum(data, axis=(1, 2), keepdims=True), 196.0)])
 
 
-def transpose_kernel():
+def transpose_kernel(channels=3):
     from tvm import te, topi
 
-    data = te.placeholder((1, 3, 64, 64), name="x")
+    data = te.placeholder((1, channels, 64, 64), name="x")
     return _prim_func([data, topi.transpose(data, (0, 2, 3, 1))])
+
+
+def wide_transpose_kernel():
+    return transpose_kernel(channels=16)
 
 
 def concat_kernel():
@@ -128,6 +132,7 @@ MATCHES = [
     ("pool-reduce", max_pool_kernel),
     ("pool-reduce", global_mean_kernel),
     ("generic", transpose_kernel),
+    ("generic", wide_transpose_kernel),
     ("generic", concat_kernel),
 ]
 
@@ -142,7 +147,9 @@ def test_rule_schedules_its_kernel(rule_name, make, vector):
     assert applied == rule_name  # the first rule that matches is the family's own
     kinds = loop_kinds(scheduled)
     assert "parallel" in kinds
-    if rule_name != "generic" or make is transpose_kernel:
+    if make is transpose_kernel:  # 3 channels innermost: pixel by pixel, channels unrolled (schedule_injective)
+        assert "unrolled" in kinds and "vectorized" not in kinds
+    elif rule_name != "generic" or make is wide_transpose_kernel:
         assert "vectorized" in kinds
     assert bool(scheduled.attrs["tirx.is_scheduled"])
 
@@ -185,16 +192,23 @@ def test_unmatched_kernels_still_get_the_generic_schedule(make):
         max_pool_kernel,
         global_mean_kernel,
         concat_kernel,
+        transpose_kernel,
+        lambda: conv_kernel(kernel=7, stride=2, channels=3, filters=64, size=32, relu=False),
         lambda: conv_kernel(layout="NCHW"),
     ],
-    ids=["conv3x3s2", "depthwise", "dense", "maxpool", "mean", "concat", "generic-nchw-conv"],
+    ids=["conv3x3s2", "depthwise", "dense", "maxpool", "mean", "concat", "transpose-rgb", "conv7x7s2-rgb", "generic-nchw-conv"],
 )
 def test_scheduled_kernel_computes_what_the_naive_one_does(make):
-    import tvm
-
     func = make()
     scheduled, rule = schedule_func(func, default_rules(cpu_vector(resolve("x86"))))
     assert rule is not None
+    assert_computes_the_same(func, scheduled)
+
+
+def assert_computes_the_same(func, scheduled):
+    """Build both PrimFuncs for this machine, run them on the same seeded inputs, compare outputs."""
+    import tvm
+
     target = resolve("x86").tvm_target()
     rng = np.random.default_rng(0)
     shapes = [[int(d) for d in param.ty.shape] for param in func.params]

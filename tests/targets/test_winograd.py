@@ -160,6 +160,42 @@ def test_policy_that_rejects_leaves_the_module_unchanged():
     assert relax.analysis.check_well_formed(rewritten)
 
 
+# --- the transform kernels ------------------------------------------------------------------------
+
+
+def _loop_kinds(sch, block) -> list[str]:
+    from tvm import tirx
+
+    return [tirx.ForKind(int(sch.get(loop).kind)).name.lower() for loop in sch.get_loops(block)]
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_run_one_pass_per_axis_per_tile_and_channel_vector(m):
+    """The first pass of each transform (the input's columns, the output's rows) is computed
+    inside the tile and channel-vector loops of the second, unrolled and vectorised: its
+    alpha^2 (or alpha*m) vectors stay in registers instead of a tensor in memory."""
+    from tvm import te, topi
+
+    from edgec.targets.vector import CpuVector
+
+    mats, size, channels = winograd_matrices(m), 9, 16
+    tiles = -(-size // m) ** 2
+    rule = WinogradTransforms(CpuVector(lanes=4, registers=32, lane_fma=True))
+    x = te.placeholder((1, size, size, channels), name="x")
+    products = te.placeholder((mats.alpha**2, tiles, channels), name="M")
+    kernels = {
+        winograd_kernels.INPUT_COLUMNS: te.create_prim_func([x, winograd_kernels.input_transform(x, mats, (1, 1, 1, 1), (size, size))]),
+        winograd_kernels.OUTPUT_ROWS: te.create_prim_func(
+            [products, topi.nn.relu(winograd_kernels.output_transform(products, mats, 1, (size, size)))]),
+    }
+    for first_pass, func in kernels.items():
+        sch = rule.apply(func)
+        assert sch is not None
+        kinds = _loop_kinds(sch, sch.get_sblock(first_pass))
+        assert kinds[-4:] == ["unrolled", "unrolled", "unrolled", "vectorized"], kinds  # its own loops
+        assert len(kinds) > 4, kinds  # under the tile and channel loops of the second pass
+
+
 # --- compiled models -------------------------------------------------------------------------------
 
 
