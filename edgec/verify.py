@@ -17,7 +17,16 @@ Its outputs are compared (edgec.core.numerics.compare) with these references:
   passes run with ``pack=false``: masked dense weights, dequantized weights,
   Sign activations kept), which is saved as reference.onnx. It shares no
   code with edgec's kernels or with edgec's NumPy versions of its ops.
-  Enforced.
+  Enforced -- except for a standard twin that binarises float values (Sign,
+  a comparison): edgec's xnor/popcount ops sum exact integers, the twin's
+  float Conv sums ``+-a`` terms in float32, and a Sign input within that
+  rounding of 0 flips (edgec.runtimes.reference), so there the enforced
+  check is
+- ``float64``: reference.onnx evaluated in float64 by onnx's reference
+  evaluator, which sums the binarised layers exactly as the ops define
+  them; ONNX Runtime's float32 outputs are recorded, not enforced. A graph
+  without edgec ops is float32 in the build as in ONNX Runtime: checked by
+  ONNX Runtime as above.
 - ``numpy``: onnx's ReferenceEvaluator with edgec's NumPy versions of its
   ops, for graphs with edgec ops. Enforced, but not independent.
 - ``pytorch``: the source model, when it was PyTorch. Enforced unless a
@@ -76,12 +85,13 @@ class VerifyOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    name: str  # the manifest's key: onnxruntime, numpy, pytorch
+    name: str  # the manifest's key: onnxruntime, float64, numpy, pytorch
     outputs: list[np.ndarray]
     enforced: bool
     graph: str = ""  # which graph ONNX Runtime ran
     quantized: bool = False  # ONNX Runtime on a QDQ graph: the tolerance is in quantization steps
     fused: list[np.ndarray] | None = None  # QDQ: ORT's fused integer kernels on the same inputs
+    note: str = ""  # how it was computed / why it is not enforced
 
 
 def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[list[Reference], str]:
@@ -101,8 +111,9 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[lis
             unchecked = _numpy_instead(model, inputs, found, f"ONNX Runtime: {one_line(error)}")
     else:
         if model.standard_graph is not None:
-            standard = reference.reference_outputs(model.standard_graph, inputs)  # ONNX Runtime: no edgec ops in it
-            found.append(Reference("onnxruntime", standard, True, f"{REFERENCE_ONNX} (the standard-ONNX equivalent of the edgec ops)"))
+            found += _standard_references(  # no edgec ops in it
+                model.standard_graph, inputs, f"{REFERENCE_ONNX} (the standard-ONNX equivalent of the edgec ops)"
+            )
         else:
             log.warning("the build is checked against edgec's NumPy references only: %s", standard_note(model))
         numpy_outputs = reference.run_numpy_reference(model.graph, inputs)
@@ -118,6 +129,21 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[lis
         )
         found.append(Reference("pytorch", model.torch_reference(*inputs), exact))
     return found, unchecked
+
+
+def _standard_references(graph, inputs: list[np.ndarray], label: str) -> list[Reference]:
+    """ONNX Runtime on the standard twin ``graph``, enforced; for a twin that binarises float values,
+    its float64 evaluation enforced and ONNX Runtime recorded only (see the module docstring)."""
+    from edgec.runtimes import reference
+
+    how, outputs = reference.checking_reference(graph, inputs)
+    if how == "onnxruntime":
+        return [Reference("onnxruntime", outputs, True, label)]
+    float32 = "float32 rounding at its binarisations differs between implementations; the float64 check is enforced"
+    return [
+        Reference("float64", outputs, True, label, note=how),
+        Reference("onnxruntime", reference.run_onnxruntime(graph, inputs), False, label, note=float32),
+    ]
 
 
 def _numpy_instead(model: Model, inputs: list[np.ndarray], found: list[Reference], ort_error: str) -> str:
@@ -183,6 +209,8 @@ def verify(
             entry = {**agreement.as_dict(), "enforced": reference.enforced, **entry}
             if reference.graph:
                 entry["graph"] = reference.graph
+            if reference.note:
+                entry["note"] = reference.note
             result[reference.name] = entry
             if not agreement.ok and reference.enforced:
                 hint = "Loosen --rtol/--atol if this is expected, or --no-verify to skip"

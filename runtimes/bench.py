@@ -117,12 +117,13 @@ def reference_check(
 ) -> dict[str, Any]:
     """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
     standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
-    artifact has no reference.onnx. The rule is compile's (edgec.core.numerics.compare; an int8 QDQ
+    artifact has no reference.onnx; a float64 evaluation of reference.onnx instead of ONNX Runtime when
+    it binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare; an int8 QDQ
     graph: ORT on it as written, atol at least ``qdq_steps`` output quantization steps or ORT's fused kernels'
     distance from it, as edgec/verify.py)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import has_custom_ops, is_quantized, qdq_references, reference_outputs, run_onnxruntime
+    from edgec.runtimes.reference import checking_reference, has_custom_ops, is_quantized, qdq_references, reference_outputs
 
     graph = None if artifact.reference_onnx is not None else ir.load(str(artifact.onnx))
     if graph is not None and not has_custom_ops(graph) and is_quantized(graph):
@@ -130,7 +131,8 @@ def reference_check(
         name = "onnxruntime (QDQ as written)"
         atol = max(atol, int8_tolerance(want, fused, qdq_steps)[0])
     elif artifact.reference_onnx is not None:
-        name, want = "onnxruntime (reference.onnx)", run_onnxruntime(ir.load(str(artifact.reference_onnx)), inputs)
+        how, want = checking_reference(ir.load(str(artifact.reference_onnx)), inputs)
+        name = f"{how} (reference.onnx)"
     else:
         name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
         want = reference_outputs(graph, inputs)

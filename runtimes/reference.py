@@ -1,4 +1,18 @@
-"""Reference executions: ONNX Runtime on the ONNX graph, PyTorch on the source."""
+"""Reference executions: ONNX Runtime on the ONNX graph, PyTorch on the source.
+
+Graphs that binarise float values (``Sign``, or a comparison of floats as in
+``Where(x >= 0, 1, -1)``) are discontinuous: a value within float32 rounding
+of the threshold is binarised differently by two evaluations that round
+differently, and one flipped sign moves every output downstream by far more
+than any tolerance. edgec's xnor/popcount ops sum exact integers and scale
+once; the standard twin of such a build (``pack=false``) has float Convs
+with weights ``+-a*s`` that ONNX Runtime sums in float32. So a twin that
+binarises is checked in float64 (:func:`run_float64`: onnx's reference
+evaluator, since ONNX Runtime has no float64 Conv), which sums those layers
+exactly as the ops do; :func:`checking_reference` picks the reference of a
+twin. (A graph without edgec ops is float32 in the build and in ONNX
+Runtime alike and stays checked by ONNX Runtime.)
+"""
 
 from __future__ import annotations
 
@@ -10,7 +24,8 @@ import onnx_ir as ir
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
 __all__ = [
-    "ORT_MAX_IR_VERSION", "has_custom_ops", "is_quantized", "qdq_references", "onnxruntime_session", "reference_outputs", "run_numpy_reference",
+    "ORT_MAX_IR_VERSION", "THRESHOLD_OPS", "binarizing_nodes", "checking_reference", "float64_copy", "has_custom_ops",
+    "is_quantized", "qdq_references", "onnxruntime_session", "reference_outputs", "run_float64", "run_numpy_reference",
     "run_onnxruntime",
 ]
 
@@ -20,6 +35,68 @@ def run_onnxruntime(graph: ir.Model, inputs: Sequence[np.ndarray], *, optimize: 
     session = onnxruntime_session(graph, optimize=optimize)
     names = [value.name for value in session.get_inputs()]
     return list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+
+# ops whose output jumps where a float input crosses a threshold (Sign at 0, the comparisons)
+THRESHOLD_OPS = frozenset({"Sign", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"})
+FLOAT64_NOTE = "float64 (onnx reference evaluator): the graph binarises float values ({nodes})"
+
+
+def binarizing_nodes(graph: ir.Model) -> list[str]:
+    """The standard nodes of ``graph`` that binarise a float input (THRESHOLD_OPS on FLOAT/FLOAT16/DOUBLE)."""
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+    return [
+        node.name or node.op_type
+        for node in ir.traversal.RecursiveGraphIterator(graph.graph)
+        if node.domain in ("", "ai.onnx") and node.op_type in THRESHOLD_OPS and node.inputs[0] is not None
+        and node.inputs[0].dtype in floats
+    ]  # fmt: skip
+
+
+def float64_copy(graph: ir.Model) -> ir.Model:
+    """A copy of ``graph`` that computes in float64: float32 inputs, initializers, Constant
+    values and values, and ``Cast(to=FLOAT)``, become float64."""
+    proto = ir.serde.serialize_model(graph)
+    copy = ir.serde.deserialize_model(proto)
+    for value in copy.graph.initializers.values():
+        if value.const_value is not None and value.const_value.dtype == ir.DataType.FLOAT:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float64), name=value.name)
+    for node in ir.traversal.RecursiveGraphIterator(copy.graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == ir.DataType.FLOAT:
+                node.attributes[attribute.name] = ir.AttrTensor(attribute.name, ir.tensor(attribute.value.numpy().astype(np.float64)))
+        if node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.FLOAT:
+            node.attributes["to"] = ir.AttrInt64("to", int(ir.DataType.DOUBLE))
+        for value in [*node.inputs, *node.outputs]:
+            if value is not None and value.dtype == ir.DataType.FLOAT:
+                value.dtype = ir.DataType.DOUBLE
+    for value in [*copy.graph.inputs, *copy.graph.outputs, *copy.graph.initializers.values()]:
+        if value.dtype == ir.DataType.FLOAT:
+            value.dtype = ir.DataType.DOUBLE
+    return copy
+
+
+def run_float64(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``graph``'s outputs computed in float64 by onnx's reference evaluator (standard ops only)."""
+    from onnx.reference import ReferenceEvaluator
+
+    copy = float64_copy(graph)
+    evaluator = ReferenceEvaluator(ir.serde.serialize_model(copy))
+    feeds = {
+        value.name: np.asarray(array, np.float64) if np.asarray(array).dtype == np.float32 else array
+        for value, array in zip(copy.graph.inputs, inputs, strict=True)
+    }
+    return [np.asarray(output) for output in evaluator.run(None, feeds)]
+
+
+def checking_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[str, list[np.ndarray]]:
+    """The reference a build whose standard twin is ``graph`` is checked against, and how it was
+    computed: ONNX Runtime, or float64 for a twin that binarises (the module docstring)."""
+    nodes = binarizing_nodes(graph)
+    if nodes:
+        shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+        return FLOAT64_NOTE.format(nodes=shown), run_float64(graph, inputs)
+    return "onnxruntime", run_onnxruntime(graph, inputs)
 
 
 def qdq_references(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
