@@ -18,7 +18,16 @@ Padding is inlined into the loads.
 
 from __future__ import annotations
 
-from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_tiles, tile_nest
+from edgec.targets.schedules.common import (
+    Rule,
+    block_work,
+    epilogue_block,
+    extents,
+    parallel_outer,
+    register_tile,
+    schedule_epilogue,
+    split_tiles,
+)
 from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, inline_inputs
 
 
@@ -42,8 +51,12 @@ class DepthwiseConv2DNHWC(Rule):
         _, height, width, channels = extents(sch, [n, y, x, c])
         (tile_y, tile_x), tile_c = register_tile([height, width], channels, self.vector, max_vectors=2)
         outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
-        outer = [n, *outer]
-        tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, c_inner], self.vector.lanes)
+        y_outer, x_outer, c_outer = outer
+        sch.reorder(n, y_outer, x_outer, c_outer, ry, rx, rc, y_inner, x_inner, c_inner)
+        rows = parallel_outer(sch, [n, y_outer], block_work(sch, anchor))
+        sch.annotate(rows, "pragma_loop_partition_hint", 1)
+        sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
+        schedule_epilogue(sch, epilogue, c_outer, self.vector.lanes)
         sch.unroll(rx)
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], c_inner, self.vector.lanes)
         return sch
