@@ -4,16 +4,24 @@ element-wise epilogue.
 
 The legalized kernel is ``out[n, y, x, c] += pad[n, y*s + ry, x*s + rx, c] *
 w[ry, rx, 0, c]``. Every load is a contiguous channel vector, so the schedule
-vectorises channels and register-tiles output pixels along a row:
+vectorises channels and register-tiles output pixels along one row:
 
-    parallel  (n, y/Y, x/X, c/C)
-      init      acc[Y, X, C] = 0
-      for ry, rx:                                      (reduction, the taps)
-        for Y, X: (unrolled)  for C: (vectorised)
-          acc[y, x, c] += pad[n, y*s + ry, x*s + rx, c] * w[ry, rx, 0, c]
-      epilogue  out[Y, X, C] = g(acc)
+    parallel  (n, y)                                   (partitioned)
+      for x/X:                                         (partitioned)
+        for c/C:
+          init      acc[X, C] = 0
+          for ry, rx:                                  (reduction, the taps)
+            for X: (unrolled)  for C: (vectorised)
+              acc[x, c] += pad[n, y*s + ry, x*s + rx, c] * w[ry, rx, 0, c]
+          epilogue  out[X, C] = g(acc)
 
-Padding is inlined into the loads.
+Padding is inlined into the loads as a border test. The row and column tile
+loops carry ``pragma_loop_partition_hint``: TVM's LoopPartition (in the default
+TIR pipeline) splits each into the tiles that touch the border, which keep the
+test, and the interior ones, whose loads go straight (aarch64: no compare and
+branch per load). One row per tile: two rows per tile (2x4 points) ran 1.39
+instructions per MAC on MobileNetV2's 28x28x192 layer on cortex-a53, one row
+(1x7) 0.65.
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ class DepthwiseConv2DNHWC(Rule):
         inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding)
         n, y, x, c, ry, rx, rc = sch.get_loops(anchor)
         _, height, width, channels = extents(sch, [n, y, x, c])
-        (tile_y, tile_x), tile_c = register_tile([height, width], channels, self.vector, max_vectors=2)
+        (tile_x,), tile_c = register_tile([width], channels, self.vector, max_vectors=2)
+        tile_y = 1
         outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
         y_outer, x_outer, c_outer = outer
         sch.reorder(n, y_outer, x_outer, c_outer, ry, rx, rc, y_inner, x_inner, c_inner)
