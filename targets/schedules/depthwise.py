@@ -4,21 +4,39 @@ element-wise epilogue.
 
 The legalized kernel is ``out[n, y, x, c] += pad[n, y*s + ry, x*s + rx, c] *
 w[ry, rx, 0, c]``. Every load is a contiguous channel vector, so the schedule
-vectorises channels and register-tiles output pixels along a row:
+vectorises channels and register-tiles output pixels along one row:
 
-    parallel  (n, y/Y, x/X, c/C)
-      init      acc[Y, X, C] = 0
-      for ry, rx:                                      (reduction, the taps)
-        for Y, X: (unrolled)  for C: (vectorised)
-          acc[y, x, c] += pad[n, y*s + ry, x*s + rx, c] * w[ry, rx, 0, c]
-      epilogue  out[Y, X, C] = g(acc)
+    parallel  (n, y)                                   (partitioned)
+      for x/X:                                         (partitioned)
+        for c/C:
+          init      acc[X, C] = 0
+          for ry, rx:                                  (reduction, the taps, unrolled)
+            for X: (unrolled)  for C: (vectorised)
+              acc[x, c] += pad[n, y*s + ry, x*s + rx, c] * w[ry, rx, 0, c]
+          epilogue  out[X, C] = g(acc)
 
-Padding is inlined into the loads.
+Padding is inlined into the loads as a border test. The row and column tile
+loops carry ``pragma_loop_partition_hint``: TVM's LoopPartition (in the default
+TIR pipeline) splits each into the tiles that touch the border, which keep the
+test, and the interior ones, whose loads go straight (aarch64: no compare and
+branch per load). One row per tile: two rows per tile (2x4 points) ran 1.39
+instructions per MAC on MobileNetV2's 28x28x192 layer on cortex-a53, one row
+(1x7) 0.65; the taps unrolled in TIR (rows too, not only columns) 0.58, the
+depthwise layers together 0.75 -> 0.64.
 """
 
 from __future__ import annotations
 
-from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_tiles, tile_nest
+from edgec.targets.schedules.common import (
+    Rule,
+    block_work,
+    epilogue_block,
+    extents,
+    parallel_outer,
+    register_tile,
+    schedule_epilogue,
+    split_tiles,
+)
 from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, inline_inputs
 
 
@@ -40,10 +58,16 @@ class DepthwiseConv2DNHWC(Rule):
         inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding)
         n, y, x, c, ry, rx, rc = sch.get_loops(anchor)
         _, height, width, channels = extents(sch, [n, y, x, c])
-        (tile_y, tile_x), tile_c = register_tile([height, width], channels, self.vector, max_vectors=2)
+        (tile_x,), tile_c = register_tile([width], channels, self.vector, max_vectors=2)
+        tile_y = 1
         outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
-        outer = [n, *outer]
-        tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, c_inner], self.vector.lanes)
+        y_outer, x_outer, c_outer = outer
+        sch.reorder(n, y_outer, x_outer, c_outer, ry, rx, rc, y_inner, x_inner, c_inner)
+        rows = parallel_outer(sch, [n, y_outer], block_work(sch, anchor))
+        sch.annotate(rows, "pragma_loop_partition_hint", 1)
+        sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
+        schedule_epilogue(sch, epilogue, c_outer, self.vector.lanes)
+        sch.unroll(ry)
         sch.unroll(rx)
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], c_inner, self.vector.lanes)
         return sch

@@ -1,0 +1,81 @@
+"""``schedules/depthwise.py``: the depthwise convolution's output tiles along
+rows and columns are partitioned (TVM's LoopPartition, from the loops'
+``pragma_loop_partition_hint``) into border tiles, which keep the zero-padding
+test in their loads, and interior tiles, which load straight; the register
+tile is one output row. Checked: the structure after lowering, and the numbers
+against the naive kernel (TIR means the same on any CPU: built for this
+machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edgec.targets.schedules import default_rules, schedule_func
+from edgec.targets.vector import CpuVector
+from test_schedules import AVX512, assert_computes_the_same, conv_kernel  # tests/targets is on the path
+
+NEON64 = CpuVector(lanes=4, registers=32, lane_fma=True)
+
+
+def _lowered_updates(func) -> list[str]:
+    """The accumulator updates (one TIR line each) of ``func`` lowered through LoopPartition."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    passes = [
+        s_tir.transform.CanonicalizeLoop(),
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerMatchBuffer(),
+        s_tir.transform.StmtSimplify(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+        s_tir.transform.LoopPartition(),
+        tirx.transform.StmtSimplify(),
+    ]
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    for transform in passes:
+        mod = transform(mod)
+    return [line for line in mod["main"].script().splitlines() if "w_1[" in line and "=" in line]
+
+
+@pytest.mark.parametrize("vector", [NEON64, AVX512], ids=["neon64", "avx512"])
+def test_interior_tiles_load_without_the_border_test(vector):
+    func = conv_kernel(kernel=3, channels=64, filters=64, groups=64, size=28)
+    scheduled, rule = schedule_func(func, default_rules(vector))
+    assert rule == "depthwise-conv2d-nhwc"
+    updates = _lowered_updates(scheduled)
+    straight = [line for line in updates if "if_then_else" not in line]
+    bordered = [line for line in updates if "if_then_else" in line]
+    assert len(straight) == 1  # the interior: rows 1.. and columns 1.. short of the last tile
+    assert len(bordered) == 8  # the 3x3 grid of partitions less its centre
+
+
+def test_register_tile_is_one_output_row():
+    import tvm_ffi
+    from tvm import tirx
+
+    func = conv_kernel(kernel=3, channels=192, filters=192, groups=192, size=28)  # was 2x4 points
+    scheduled, _ = schedule_func(func, default_rules(NEON64))
+    loops = {}
+
+    def visit(node):
+        loops[node.loop_var.name] = int(node.extent)
+
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    assert loops["yy_1"] == 1 and loops["xx_1"] > 1
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "channels", "size"),
+    [(3, 1, 64, 28), (3, 2, 48, 57), (3, 1, 24, 13), (5, 1, 32, 14), (3, 2, 96, 112)],
+)
+@pytest.mark.parametrize("vector", [NEON64, AVX512], ids=["neon64", "avx512"])
+def test_partitioned_kernel_computes_what_the_naive_one_does(kernel, stride, channels, size, vector):
+    func = conv_kernel(kernel=kernel, stride=stride, channels=channels, filters=channels, groups=channels, size=size)
+    scheduled, rule = schedule_func(func, default_rules(vector))
+    assert rule == "depthwise-conv2d-nhwc"
+    assert_computes_the_same(func, scheduled)
