@@ -63,7 +63,7 @@ from edgec.core.errors import EmulatorError, VerificationError
 from edgec.core.fallbacks import one_line
 from edgec.core.inputs import random_inputs
 from edgec.core.model import Model, input_signatures, value_signature
-from edgec.core.numerics import compare, int8_tolerance, quantization_step
+from edgec.core.numerics import compare, int8_tolerance
 from edgec.core.progress import Progress
 from edgec.targets import ResolvedTarget
 
@@ -215,8 +215,8 @@ def verify(
             if not agreement.ok and reference.enforced:
                 hint = "Loosen --rtol/--atol if this is expected, or --no-verify to skip"
                 if reference.quantized:
-                    steps = agreement.max_abs / max(quantization_step(reference.outputs), 1e-30)
-                    hint = (f"an int8 graph: {steps:.1f} output quantization steps, {atol / max(quantization_step(reference.outputs), 1e-30):.1f} "
+                    unit = max(step, 1e-30)  # the output quantization step int8_tolerance measured above
+                    hint = (f"an int8 graph: {agreement.max_abs / unit:.1f} output quantization steps, {atol / unit:.1f} "
                             "allowed (--qdq-steps, or ORT's fused kernels' own distance from the graph as written when larger): "
                             "a kernel, scale or zero point is wrong, or raise --qdq-steps if this is expected, or --no-verify")
                 raise VerificationError(
