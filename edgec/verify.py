@@ -60,11 +60,11 @@ import numpy as np
 
 from edgec.core.artifact import REFERENCE_ONNX, Artifact
 from edgec.core.errors import EmulatorError, VerificationError
-from edgec.core.fallbacks import one_line
 from edgec.core.inputs import random_inputs
 from edgec.core.model import Model, input_signatures, value_signature
 from edgec.core.numerics import compare, int8_tolerance
 from edgec.core.progress import Progress
+from edgec.runtimes.reference import Reference
 from edgec.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)
@@ -83,44 +83,15 @@ class VerifyOptions:
     qdq_steps: float = 1.0  # int8 (QDQ) builds: allowed error in quantization steps of the output
 
 
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    name: str  # the manifest's key: onnxruntime, float64, numpy, pytorch
-    outputs: list[np.ndarray]
-    enforced: bool
-    graph: str = ""  # which graph ONNX Runtime ran
-    quantized: bool = False  # ONNX Runtime on a QDQ graph: the tolerance is in quantization steps
-    fused: list[np.ndarray] | None = None  # QDQ: ORT's fused integer kernels on the same inputs
-    note: str = ""  # how it was computed / why it is not enforced
-
-
 def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[list[Reference], str]:
-    """Every reference that can run ``model`` on ``inputs`` (see the module docstring), and why
-    none could when the list is empty."""
+    """Every reference that can run ``model`` on ``inputs`` (the module docstring; the rule shared with
+    ``edgec bench`` is edgec.runtimes.reference.build_references), and why none could when the list is empty."""
     from edgec.runtimes import reference
 
-    found: list[Reference] = []
-    unchecked = ""
-    if not reference.has_custom_ops(model.graph) and reference.is_quantized(model.graph):
-        outputs, fused = reference.qdq_references(model.graph, inputs)
-        found.append(Reference("onnxruntime", outputs, True, "model.onnx (QDQ, every node as written)", quantized=True, fused=fused))
-    elif not reference.has_custom_ops(model.graph):
-        try:
-            found.append(Reference("onnxruntime", reference.reference_outputs(model.graph, inputs), True, "model.onnx"))
-        except Exception as error:  # noqa: BLE001 - ONNX Runtime refuses the graph (e.g. opsets before 7)
-            unchecked = _numpy_instead(model, inputs, found, f"ONNX Runtime: {one_line(error)}")
-    else:
-        if model.standard_graph is not None:
-            found += _standard_references(  # no edgec ops in it
-                model.standard_graph, inputs, f"{REFERENCE_ONNX} (the standard-ONNX equivalent of the edgec ops)"
-            )
-        else:
-            log.warning("the build is checked against edgec's NumPy references only: %s", standard_note(model))
-        numpy_outputs = reference.run_numpy_reference(model.graph, inputs)
-        if numpy_outputs is not None:
-            found.append(Reference("numpy", numpy_outputs, True))
-        elif not found:
-            unchecked = "no reference can run this graph (custom ops)"
+    if reference.has_custom_ops(model.graph) and model.standard_graph is None:
+        log.warning("the build is checked against edgec's NumPy references only: %s", standard_note(model))
+    label = f"{REFERENCE_ONNX} (the standard-ONNX equivalent of the edgec ops)"
+    found, unchecked = reference.build_references(model.graph, inputs, model.standard_graph, label)
     if model.torch_reference is not None:
         exact = all(
             report.max_abs_deviation is not None and report.max_rel_deviation <= rtol
@@ -129,35 +100,6 @@ def references(model: Model, inputs: list[np.ndarray], rtol: float) -> tuple[lis
         )
         found.append(Reference("pytorch", model.torch_reference(*inputs), exact))
     return found, unchecked
-
-
-def _standard_references(graph, inputs: list[np.ndarray], label: str) -> list[Reference]:
-    """ONNX Runtime on the standard twin ``graph``, enforced; for a twin that binarises float values,
-    its float64 evaluation enforced and ONNX Runtime recorded only (see the module docstring)."""
-    from edgec.runtimes import reference
-
-    how, outputs = reference.checking_reference(graph, inputs)
-    if how == "onnxruntime":
-        return [Reference("onnxruntime", outputs, True, label)]
-    float32 = "float32 rounding at its binarisations differs between implementations; the float64 check is enforced"
-    return [
-        Reference("float64", outputs, True, label, note=how),
-        Reference("onnxruntime", reference.run_onnxruntime(graph, inputs), False, label, note=float32),
-    ]
-
-
-def _numpy_instead(model: Model, inputs: list[np.ndarray], found: list[Reference], ort_error: str) -> str:
-    """onnx's reference evaluator where ONNX Runtime refused the graph; the reason when it fails too."""
-    from edgec.runtimes import reference
-
-    log.info("%s; checking against onnx's reference evaluator", ort_error)
-    try:
-        found.append(Reference("numpy", reference.run_numpy_reference(model.graph, inputs), True))
-    except Exception as error:  # noqa: BLE001 - no reference runs this graph
-        reason = f"no reference runs this graph ({ort_error}; onnx reference: {one_line(error)})"
-        log.warning("verification skipped: %s", reason)
-        return reason
-    return ""
 
 
 def standard_note(model: Model) -> str:

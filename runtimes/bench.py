@@ -115,34 +115,30 @@ def reference_check(
     artifact: Artifact, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray], rtol: float, atol: float,
     qdq_steps: float = 1.0,
 ) -> dict[str, Any]:
-    """Compare device outputs with ONNX Runtime on the artifact's model.onnx, or on reference.onnx (its
-    standard-ONNX equivalent) when model.onnx holds edgec ops; edgec's NumPy references only when an
-    artifact has no reference.onnx; a float64 evaluation of reference.onnx instead of ONNX Runtime when
-    it binarises (edgec.runtimes.reference.checking_reference). The rule is compile's (edgec.core.numerics.compare; an int8 QDQ
-    graph: ORT on it as written, atol at least ``qdq_steps`` output quantization steps or ORT's fused kernels'
-    distance from it, as edgec/verify.py)."""
+    """Compare device outputs with the references compile checked the build against
+    (edgec.runtimes.reference.build_references on the artifact's model.onnx and reference.onnx): every
+    enforced one must agree; the entry shown is the first that does not, else the first. The rule is
+    compile's (edgec.core.numerics.compare; an int8 QDQ graph: atol at least ``qdq_steps`` output
+    quantization steps or ORT's fused kernels' distance from the graph as written, as edgec/verify.py)."""
     import onnx_ir as ir
 
-    from edgec.runtimes.reference import checking_reference, has_custom_ops, is_quantized, qdq_references, reference_outputs
+    from edgec.runtimes.reference import build_references
 
-    graph = None if artifact.reference_onnx is not None else ir.load(str(artifact.onnx))
-    if graph is not None and not has_custom_ops(graph) and is_quantized(graph):
-        want, fused = qdq_references(graph, inputs)
-        name = "onnxruntime (QDQ as written)"
-        atol = max(atol, int8_tolerance(want, fused, qdq_steps)[0])
-    elif artifact.reference_onnx is not None:
-        how, want = checking_reference(ir.load(str(artifact.reference_onnx)), inputs)
-        name = f"{how} (reference.onnx)"
-    else:
-        name = "numpy reference" if has_custom_ops(graph) else "onnxruntime"
-        want = reference_outputs(graph, inputs)
-    if want is None:
-        return {"reference": None, "ok": None, "note": "no reference for this graph's custom ops"}
-    agreement = compare(outputs, want, rtol=rtol, atol=atol, names=[spec["name"] for spec in artifact.outputs])
-    return {
-        "reference": name, "ok": agreement.ok, "max_abs": agreement.max_abs, "max_rel": agreement.max_rel,
-        "detail": agreement.detail, "rtol": rtol, "atol": atol,
-    }
+    standard = ir.load(str(artifact.reference_onnx)) if artifact.reference_onnx is not None else None
+    found, unchecked = build_references(ir.load(str(artifact.onnx)), inputs, standard, "reference.onnx")
+    enforced = [reference for reference in found if reference.enforced]
+    if not enforced:
+        return {"reference": None, "ok": None, "note": unchecked or "no enforced reference for this graph"}
+    names = [spec["name"] for spec in artifact.outputs]
+    checks = []
+    for reference in enforced:
+        allowed = max(atol, int8_tolerance(reference.outputs, reference.fused, qdq_steps)[0]) if reference.quantized else atol
+        agreement = compare(outputs, reference.outputs, rtol=rtol, atol=allowed, names=names)
+        checks.append({
+            "reference": f"{reference.name} ({reference.graph})", "ok": agreement.ok, "max_abs": agreement.max_abs,
+            "max_rel": agreement.max_rel, "detail": agreement.detail, "rtol": rtol, "atol": allowed,
+        })  # fmt: skip
+    return next((check for check in checks if not check["ok"]), checks[0])
 
 
 def bench(

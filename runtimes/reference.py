@@ -16,15 +16,20 @@ Runtime alike and stays checked by ONNX Runtime.)
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.fallbacks import one_line
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
+log = logging.getLogger(__name__)
+
 __all__ = [
-    "ORT_MAX_IR_VERSION", "THRESHOLD_OPS", "binarizing_nodes", "checking_reference", "float64_copy", "has_custom_ops",
+    "ORT_MAX_IR_VERSION", "QDQ_AS_WRITTEN", "Reference", "build_references", "THRESHOLD_OPS", "binarizing_nodes", "checking_reference", "float64_copy", "has_custom_ops",
     "is_quantized", "qdq_references", "onnxruntime_session", "reference_outputs", "run_float64", "run_numpy_reference",
     "run_onnxruntime",
 ]
@@ -142,3 +147,69 @@ def run_numpy_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[n
     evaluator = ReferenceEvaluator(proto, new_ops=[op.reference for op in custom.values()])
     names = [value.name for value in graph.graph.inputs]
     return [np.asarray(output) for output in evaluator.run(None, dict(zip(names, inputs, strict=True)))]
+
+
+QDQ_AS_WRITTEN = "model.onnx: QDQ, every node as written"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """One reference's outputs for a build's check (``edgec compile``'s verify stage and ``edgec bench``)."""
+
+    name: str  # the manifest's key: onnxruntime, float64, numpy, pytorch
+    outputs: list[np.ndarray]
+    enforced: bool
+    graph: str = ""  # which graph it ran
+    quantized: bool = False  # ONNX Runtime on a QDQ graph: the tolerance is in quantization steps
+    fused: list[np.ndarray] | None = None  # QDQ: ORT's fused integer kernels on the same inputs
+    note: str = ""  # how it was computed / why it is not enforced
+
+
+def build_references(
+    graph: ir.Model, inputs: Sequence[np.ndarray], standard: ir.Model | None = None, standard_label: str = "reference.onnx"
+) -> tuple[list[Reference], str]:
+    """Every reference a build of ``graph`` (model.onnx) is checked against on ``inputs``, and why
+    none could run when the list is empty. The one rule of compile and bench:
+
+    - a QDQ graph: ONNX Runtime on it as written (:func:`qdq_references`; the tolerance is in
+      quantization steps, edgec.core.numerics.int8_tolerance);
+    - a standard graph: ONNX Runtime, or onnx's reference evaluator where ONNX Runtime refuses it;
+    - a graph with edgec ops: its standard twin ``standard`` (reference.onnx; ONNX Runtime, or
+      float64 enforced with ONNX Runtime recorded for a twin that binarises, see the module
+      docstring) and edgec's NumPy references of the ops.
+    """
+    if not has_custom_ops(graph) and is_quantized(graph):
+        outputs, fused = qdq_references(graph, inputs)
+        return [Reference("onnxruntime", outputs, True, QDQ_AS_WRITTEN, quantized=True, fused=fused)], ""
+    if not has_custom_ops(graph):
+        try:
+            return [Reference("onnxruntime", run_onnxruntime(graph, inputs), True, "model.onnx")], ""
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime refuses the graph (e.g. opsets before 7)
+            return _evaluator_instead(graph, inputs, f"ONNX Runtime: {one_line(error)}")
+    found = _twin_references(standard, inputs, standard_label) if standard is not None else []
+    numpy_outputs = run_numpy_reference(graph, inputs)
+    if numpy_outputs is not None:
+        found.append(Reference("numpy", numpy_outputs, True, "model.onnx"))
+    return found, "" if found else "no reference can run this graph (custom ops)"
+
+
+def _twin_references(graph: ir.Model, inputs: Sequence[np.ndarray], label: str) -> list[Reference]:
+    how, outputs = checking_reference(graph, inputs)
+    if how == "onnxruntime":
+        return [Reference("onnxruntime", outputs, True, label)]
+    float32 = "float32 rounding at its binarisations differs between implementations; the float64 check is enforced"
+    return [
+        Reference("float64", outputs, True, label, note=how),
+        Reference("onnxruntime", run_onnxruntime(graph, inputs), False, label, note=float32),
+    ]
+
+
+def _evaluator_instead(graph: ir.Model, inputs: Sequence[np.ndarray], ort_error: str) -> tuple[list[Reference], str]:
+    """onnx's reference evaluator where ONNX Runtime refused a standard graph; the reason when it fails too."""
+    log.info("%s; checking against onnx's reference evaluator", ort_error)
+    try:
+        return [Reference("numpy", run_numpy_reference(graph, inputs), True, "model.onnx")], ""
+    except Exception as error:  # noqa: BLE001 - no reference runs this graph
+        reason = f"no reference runs this graph ({ort_error}; onnx reference: {one_line(error)})"
+        log.warning("verification skipped: %s", reason)
+        return [], reason
