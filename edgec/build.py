@@ -116,8 +116,9 @@ def relax_pipeline(
     -> tuned      CPU + tuning_db: kernels with a record in the database get its
                   best measured schedule (the library's own is measured and recorded
                   by edgec tune too, so a record wins only when it was faster)
-    -> schedules  CPU + schedules: the schedule library for every kernel not yet
-                  scheduled; after fusion because a kernel's epilogue is part of it
+    -> schedules  CPU + schedules: float32 exp/sigmoid/erf rewritten as polynomials that
+                  vectorise (targets/schedules/fast_math.py), then the schedule library for
+                  every kernel not yet scheduled; after fusion because a kernel's epilogue is part of it
     -> capture the kernel table (names are final here) -> dataflow lowering
     -> memory planning and VM finalisation.
 
@@ -141,12 +142,13 @@ def relax_pipeline(
     tuned, scheduled = [], []
     if stages.schedules or stages.tuning_db is not None:
         from edgec.targets.schedules import apply_schedules, default_rules
+        from edgec.targets.schedules.fast_math import fast_math
         from edgec.targets.vector import cpu_vector
 
         rules = default_rules(cpu_vector(target))
         record.schedules = {}
-        if stages.schedules:
-            scheduled = [apply_schedules(rules, record.schedules, fallbacks, attempt.skip)]
+        if stages.schedules:  # exp/sigmoid/erf as vectorisable polynomials, then the rules
+            scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip)]
         if stages.tuning_db is not None:
             from edgec.tuning_db import apply_database_pass
 
