@@ -19,8 +19,9 @@ Unrolling the tile-element loops turns each element's ``if_then_else``
 choice into one expression and lets LLVM load each input of the tile once
 for all elements of the tile (alpha^2 loads instead of alpha^2 times the
 nonzero terms). An output whose size is not a multiple of ``m`` keeps a
-predicated last tile. An output transform fused with a layout transpose (the
-graph's last convolution, before an NCHW output) is left to ``generic``.
+predicated last tile. Blocks fused after the epilogue that change the shape (a
+concatenation, a layout transpose before an NCHW output) read its result as
+injective blocks of their own.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from edgec.targets.schedules.common import (
     MIN_PARALLEL_ELEMENTS,
     Rule,
     extents,
-    inline_epilogue,
     root_blocks,
+    schedule_injective,
     vector_tile,
 )
 from edgec.targets.schedules.winograd_kernels import INPUT_COLUMNS, INPUT_KERNEL, OUTPUT_KERNEL, OUTPUT_ROWS
@@ -76,16 +77,16 @@ class WinogradTransforms(Rule):
         _first_pass_at(sch, columns, c_outer)
 
     def _output(self, sch, rows, anchor) -> bool:
-        """Schedule the output transform and its epilogue; False when the epilogue does not
-        write an NHWC tensor of the transform's shape (a layout transpose fused at the graph's end)."""
+        """Schedule the output transform and its element-wise epilogue; what follows that changes
+        the shape (a concatenation, SqueezeNet's Fire modules; a layout transpose at the graph's
+        end) reads the result as a block of its own, an injective copy, rather than being
+        inlined: inlined, it recomputed the whole tile's transform for every element it writes."""
         alpha = _alpha(sch.get(rows).reads[0].source)
         m = alpha - 2
-        shape = [int(dim) for dim in sch.get(anchor).writes[0].source.shape]
-        epilogue = inline_epilogue(sch, anchor)
-        if [int(dim) for dim in sch.get(epilogue).writes[0].source.shape] != shape:
-            return False
+        epilogue = _same_shape_epilogue(sch, anchor)
         if epilogue is not anchor:
             sch.compute_inline(anchor)
+        tail = _after(sch, epilogue)
         n, y, x, f = sch.get_loops(epilogue)
         y_outer, y_inner = sch.split(y, [None, m])
         x_outer, x_inner = sch.split(x, [None, m])
@@ -93,7 +94,35 @@ class WinogradTransforms(Rule):
         sch.reorder(n, y_outer, x_outer, f_outer, y_inner, x_inner, f_inner)
         _finish(sch, epilogue, sch.fuse(n, y_outer), [y_inner, x_inner], f_inner)
         _first_pass_at(sch, rows, f_outer)
+        if tail:
+            for block in tail[:-1]:
+                sch.compute_inline(block)
+            schedule_injective(sch, _after(sch, epilogue)[-1], self.vector.lanes)
         return True
+
+
+def _after(sch, block) -> list:
+    blocks = root_blocks(sch)
+    names = [sch.get(each).name_hint for each in blocks]
+    return blocks[names.index(sch.get(block).name_hint) + 1 :]
+
+
+def _same_shape_epilogue(sch, anchor):
+    """The element-wise blocks right after ``anchor`` that write its output's shape, inlined into the
+    last of them, which is returned (``anchor`` when there is none)."""
+    shape = _shape(sch, anchor)
+    same = []
+    for block in _after(sch, anchor):
+        if _shape(sch, block) != shape:
+            break
+        same.append(block)
+    for block in same[:-1]:
+        sch.compute_inline(block)
+    return _after(sch, anchor)[0] if same else anchor
+
+
+def _shape(sch, block) -> list[int]:
+    return [int(dim) for dim in sch.get(block).writes[0].source.shape]
 
 
 def _finish(sch, block, outer, unrolled, vectorised) -> None:

@@ -337,3 +337,37 @@ def test_cli_default_and_no_winograd(residual_onnx, tmp_path, restore_logging):
         kernels[name] = _kernels(manifest)
     assert kernels["default"][winograd_kernels.INPUT_KERNEL] == "winograd-transform"
     assert not any("winograd" in name for name in kernels["direct"])
+
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated on channels."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.expand1 = nn.Sequential(nn.Conv2d(channels, 2 * channels, 1), nn.ReLU())
+        self.expand3 = nn.Sequential(nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(4 * channels, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.cat([self.expand1(x), self.expand3(x)], 1))
+
+
+@pytest.mark.parametrize("policy", [F4, F2], ids=["F4x4", "F2x2"])
+def test_output_transform_fused_with_a_concatenation(policy, tmp_path):
+    """FuseOps fuses the concatenation into the output transform's kernel; the rule used to give it up
+    to 'generic', whose inlined concatenation recomputed the tile's transform for every element
+    (SqueezeNet 1.1: 12 of its 41 ms). The concatenation now copies the transform's result."""
+    torch.manual_seed(0)
+    path = tmp_path / "fire.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Fire().eval(), (torch.randn(1, 3, 18, 18),), str(path), dynamo=False, opset_version=17)
+    model = edgec.load(path)
+    result = edgec.compile(model, "x86", tmp_path / "out", winograd=policy)
+    kernels = _kernels(result.manifest)
+    fused = [name for name in kernels if winograd_kernels.OUTPUT_KERNEL in name and "concatenate" in name]
+    assert fused and all(kernels[name] == "winograd-transform" for name in fused)
+    assert result.manifest["schedules"]["fallbacks"] == []
+    _check_against_onnxruntime(model, result)
