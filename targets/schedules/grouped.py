@@ -42,11 +42,10 @@ from edgec.targets.schedules.common import (
     lane_broadcast,
     register_tile,
     split_tiles,
-    static_iter_kinds,
     tile_nest,
     wants_lane_broadcast,
 )
-from edgec.targets.schedules.conv2d import _indexed_by, _size, finish_register_tile, inline_inputs
+from edgec.targets.schedules.conv2d import buffer_size, conv_regions, finish_register_tile, inline_inputs
 
 
 def grouped_operands(sch, block):
@@ -59,18 +58,11 @@ def grouped_operands(sch, block):
     """
     from tvm import tirx
 
+    regions = conv_regions(sch, block)
+    if regions is None:
+        return None
+    (_, _, _, f, _, _, rc), data, weight = regions
     stmt = sch.get(block)
-    if static_iter_kinds(sch, block) != "SSSSRRR" or len(stmt.writes) != 1:
-        return None
-    n, y, x, f, ry, rx, rc = (iv.var for iv in stmt.iter_vars)
-    if not _indexed_by(stmt.writes[0], [n, y, x, f]):
-        return None
-    reads = [region for region in stmt.reads if not region.source.same_as(stmt.writes[0].source)]
-    if len(reads) != 2:
-        return None
-    data, weight = reads
-    if not _indexed_by(weight, [ry, rx, rc, f]) or len(data.region) != 4:
-        return None
     channel = data.region[3].min
     if not isinstance(channel, tirx.Add) or not channel.b.same_as(rc):
         return None
@@ -109,7 +101,7 @@ class GroupedConv2DNHWC(Rule):
         lane = wants_lane_broadcast(self.vector, depth) and materialised is not False
         (tile_y, tile_x), tile_f = register_tile([height, width], per_group, self.vector, lane_operand=lane)
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
-        weight_stationary = _size(weight) > _size(data)
+        weight_stationary = buffer_size(weight) > buffer_size(data)
         outer = [group, f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, group, f_outer]
         tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, f_inner], self.vector.lanes)
         if lane:
