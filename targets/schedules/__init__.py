@@ -8,6 +8,7 @@ that matches a kernel schedules it):
     winograd_schedule.py  Winograd input/output transforms   tiles parallel, elements unrolled
     conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
     depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
+    grouped.py    grouped conv2d NHWC, 1<groups<C   conv2d's register tile, per group
     dense.py      matmul / Linear, [k, n] weights   like a 1x1 conv
     pooling.py    max/avg pool, mean, channel-last reductions
     generic.py    everything else                   parallel + vectorised, or parallel only
@@ -38,10 +39,14 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     from edgec.targets.schedules.dense import Dense
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
     from edgec.targets.schedules.generic import Generic
+    from edgec.targets.schedules.grouped import GroupedConv2DNHWC
     from edgec.targets.schedules.pooling import Pooling
     from edgec.targets.schedules.winograd_schedule import WinogradTransforms
 
-    return [WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
+    return [
+        WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), GroupedConv2DNHWC(vector),
+        Dense(vector), Pooling(vector), Generic(vector),
+    ]  # fmt: skip
 
 
 def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:

@@ -216,9 +216,13 @@ def lane_broadcast(sch, anchor, reduction, lanes: int):
 
 
 def _last_index_is(region, variable) -> bool:
-    """Whether the region's last index is the block's iter var ``variable`` (a unit extent)."""
+    """Whether the region's last index is the block's iter var ``variable``, or an offset plus
+    it (a grouped convolution's ``g * C_g + rc``), with a unit extent."""
+    from tvm import tirx
+
     last = region.region[-1]
-    return last.min.same_as(variable) and int(last.extent) == 1
+    index = last.min.b if isinstance(last.min, tirx.Add) else last.min
+    return index.same_as(variable) and int(last.extent) == 1
 
 
 def schedule_epilogue(sch, epilogue, at_loop, lanes: int) -> None:

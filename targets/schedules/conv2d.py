@@ -41,21 +41,16 @@ from edgec.targets.schedules.common import (
 )
 
 
-def conv_operands(sch, block, depthwise: bool = False):
-    """(data buffer, weight buffer) when ``block`` is an NHWC/HWIO convolution, else None.
-
-    Checked on the access pattern, not only the name: the output is indexed
-    ``[n, y, x, f]`` by the four spatial iters, the weight ``[ry, rx, rc, f]``
-    and the data's last index is ``rc`` (``f + rc`` for depthwise).
-    """
-    from tvm import tirx
-
+def conv_regions(sch, block):
+    """(iter vars, data region, weight region) when ``block`` is a channels-last convolution's
+    contraction, ``out[n, y, x, f] += data[n, ., ., .] * w[ry, rx, rc, f]`` over static
+    ``SSSSRRR`` iters, else None; what indexes the data's channel is left to the caller."""
     stmt = sch.get(block)
     if static_iter_kinds(sch, block) != "SSSSRRR":
         return None
     if len(stmt.reads) != 3 and len(stmt.reads) != 2:
         return None
-    n, y, x, f, ry, rx, rc = (iv.var for iv in stmt.iter_vars)
+    n, y, x, f, ry, rx, rc = iters = tuple(iv.var for iv in stmt.iter_vars)
     if len(stmt.writes) != 1 or not _indexed_by(stmt.writes[0], [n, y, x, f]):
         return None
     reads = [region for region in stmt.reads if not region.source.same_as(stmt.writes[0].source)]
@@ -64,10 +59,26 @@ def conv_operands(sch, block, depthwise: bool = False):
     data, weight = reads
     if not _indexed_by(weight, [ry, rx, rc, f]) or len(data.region) != 4:
         return None
+    return iters, data, weight
+
+
+def conv_operands(sch, block, depthwise: bool = False):
+    """(data buffer, weight buffer) when ``block`` is an NHWC/HWIO convolution, else None.
+
+    Checked on the access pattern, not only the name (``conv_regions``): the output is
+    indexed ``[n, y, x, f]`` by the four spatial iters, the weight ``[ry, rx, rc, f]``
+    and the data's last index is ``rc`` (``f + rc`` for depthwise).
+    """
+    from tvm import tirx
+
+    regions = conv_regions(sch, block)
+    if regions is None:
+        return None
+    (_, _, _, f, _, _, rc), data, weight = regions
     channel = data.region[3].min
     if depthwise:
         # group conv with one input channel per group: data[..., f + rc], rc of extent 1
-        if int(stmt.iter_vars[6].dom.extent) != 1 or not isinstance(channel, tirx.Add):
+        if int(sch.get(block).iter_vars[6].dom.extent) != 1 or not isinstance(channel, tirx.Add):
             return None
         if not (channel.a.same_as(f) and channel.b.same_as(rc)):
             return None
@@ -122,7 +133,7 @@ class Conv2DNHWC(Rule):
         lane = wants_lane_broadcast(self.vector, depth) and materialised is not False
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, self.vector, lane_operand=lane)
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
-        weight_stationary = _size(weight) > _size(data)
+        weight_stationary = buffer_size(weight) > buffer_size(data)
         outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
         tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, f_inner], self.vector.lanes)
         if lane:
@@ -182,7 +193,7 @@ def padding_block(sch, anchor):
     return None
 
 
-def _size(buffer) -> int:
+def buffer_size(buffer) -> int:
     size = 1
     for dim in buffer.shape:
         size *= int(dim)

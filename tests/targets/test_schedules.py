@@ -161,6 +161,9 @@ def test_rule_schedules_its_kernel(rule_name, make, vector):
         ("conv2d-nhwc", lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=32)),  # depthwise
         ("depthwise-conv2d-nhwc", lambda: conv_kernel(kernel=3)),  # dense conv
         ("depthwise-conv2d-nhwc", lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=8)),  # grouped
+        ("grouped-conv2d-nhwc", lambda: conv_kernel(kernel=3)),  # dense conv
+        ("grouped-conv2d-nhwc", lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=32)),  # depthwise
+        ("grouped-conv2d-nhwc", lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=8, layout="NCHW")),
         ("dense", lambda: conv_kernel(kernel=1)),
         ("pool-reduce", transpose_kernel),  # no reduction
     ],
@@ -173,9 +176,9 @@ def test_rule_leaves_other_kernels_alone(rule_name, make):
     "make",
     [
         lambda: conv_kernel(layout="NCHW"),
-        lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=8),
+        lambda: conv_kernel(kernel=3, channels=32, filters=32, groups=8, layout="NCHW"),
     ],
-    ids=["conv-nchw", "grouped-conv"],
+    ids=["conv-nchw", "grouped-conv-nchw"],
 )
 def test_unmatched_kernels_still_get_the_generic_schedule(make):
     scheduled, applied = schedule_func(make(), default_rules(AVX512))
