@@ -28,8 +28,8 @@ Schedule (``Conv2DInt8Dot``), conv2d.py's register tile with the reduction in st
           acc[y, x, f:f+16] = vpdpbusd(acc, broadcast(int32 of pad[..., rc:rc+4]), P[f/16, ry, rx, rc/4])
       epilogue  out[Y, X, F] = g(acc)
 
-The 16x4 step is a tensor intrinsic (``sch.tensorize``): TVM's ``dot_16x4_vnni`` description
-with an implementation for the LLVM in the wheel (22), whose ``llvm.x86.avx512.vpdpbusd.512``
+The 16x4 step is a tensor intrinsic (``sch.tensorize``): the description of TVM's
+``dot_16x4_vnni`` with an implementation for the LLVM in the wheel (22), whose ``llvm.x86.avx512.vpdpbusd.512``
 takes its products' operands as ``<64 x i8>`` (TVM's own implementation passes ``<16 x i32>``,
 which LLVM 22 refuses). Input channels
 not a multiple of 4 (an RGB stem), output channels not a multiple of 16, depthwise and
@@ -180,11 +180,27 @@ INTRINSIC = "edgec_dot_16x4_u8i8i32_vnni"
 def dot_intrinsic() -> str:
     """The name of the registered 16x4 uint8 x int8 -> int32 ``vpdpbusd`` tensor intrinsic."""
     from tvm.s_tir import TensorIntrin
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
+    # not tvm.s_tir.tensor_intrin.x86: importing it parses all of TVM's ~250 intrinsics
+    # (CUDA's too), minutes on a loaded machine
     if TensorIntrin.get(INTRINSIC, allow_missing=True) is not None:
         return INTRINSIC
+
+    @T.prim_func(s_tir=True)
+    def description(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def vpdpbusd(
@@ -204,7 +220,7 @@ def dot_intrinsic() -> str:
                 dtype="int32x16",
             )
 
-    TensorIntrin.register(INTRINSIC, dot_product_16x4_u8i8i32_desc, vpdpbusd)
+    TensorIntrin.register(INTRINSIC, description, vpdpbusd)
     return INTRINSIC
 
 
