@@ -7,14 +7,15 @@ byte is widened to an int32 lane and one ``vpdpwssd`` does 16 MACs. ``vpdpbusd``
 when 4 consecutive input channels of one output channel sit in one 32-bit lane. So:
 
 Graph rewrite (after the layout pass, before LegalizeOps): such a ``conv2d`` (groups 1,
-constant weights, input channels a multiple of 4, output channels a multiple of 16)
+constant weights, input channels a multiple of 4, output channels a multiple of 8)
 becomes a ``call_te`` of
 
     out[n, y, x, f] = sum_{ry, rx, rc} int32(pad[n, y*s + ry*d, x*s + rx*d, rc])
-                                        * int32(P[f // 16, ry, rx, rc // 4, f % 16, rc % 4])
+                                        * int32(P[f // L, ry, rx, rc // 4, f % L, rc % 4])
 
-with the weights ``P`` repacked here, in NumPy, once: ``[O/16][KH][KW][I/4][16][4]`` int8 (a
-constant of the module, the same bytes as HWIO). ``pad`` pads with 0 as the conv2d did
+with the weights ``P`` repacked here, in NumPy, once: ``[O/L][KH][KW][I/4][L][4]`` int8 (a
+constant of the module, the same bytes as HWIO); ``L`` = 16 int32 lanes (zmm), or 8 (ymm,
+AVX-512VL) when the output channels are not a multiple of 16 (MobileNetV2's 24). ``pad`` pads with 0 as the conv2d did
 (qdq_integer.py already wrote the zero point's padding as an explicit ``pad`` before it).
 FuseOps fuses the kernel with the requantize epilogue as it did the conv2d (the kernel is
 marked out-element-wise fusable, as TVM marks a conv2d).
@@ -24,15 +25,15 @@ Schedule (``Conv2DInt8Dot``), conv2d.py's register tile with the reduction in st
     parallel  (n, y/Y, x/X, f/F)  or (f/F, n, y/Y, x/X) when the weights are the bigger operand
       init      acc[Y, X, F] = 0
       for ry, rx, rc/4:
-        for Y, X, F/16: (unrolled)
-          acc[y, x, f:f+16] = vpdpbusd(acc, broadcast(int32 of pad[..., rc:rc+4]), P[f/16, ry, rx, rc/4])
+        for Y, X, F/L: (unrolled)
+          acc[y, x, f:f+L] = vpdpbusd(acc, broadcast(int32 of pad[..., rc:rc+4]), P[f/L, ry, rx, rc/4])
       epilogue  out[Y, X, F] = g(acc)
 
-The 16x4 step is a tensor intrinsic (``sch.tensorize``): the description of TVM's
+The Lx4 step is a tensor intrinsic (``sch.tensorize``): the description of TVM's
 ``dot_16x4_vnni`` with an implementation for the LLVM in the wheel (22), whose ``llvm.x86.avx512.vpdpbusd.512``
 takes its products' operands as ``<64 x i8>`` (TVM's own implementation passes ``<16 x i32>``,
 which LLVM 22 refuses). Input channels
-not a multiple of 4 (an RGB stem), output channels not a multiple of 16, depthwise and
+not a multiple of 4 (an RGB stem), output channels not a multiple of 8, depthwise and
 grouped convolutions keep the float-style path; so does a CPU without VNNI (AVX2).
 """
 
@@ -53,7 +54,7 @@ RULE = "graph:int8-dot"
 KERNEL = "conv2d_nhwc_int8_dot"  # "conv2d" in the name: the profiler maps it to the Conv node (edgec/kernels.py)
 BLOCK = "conv2d_int8_dot"
 PAD_BLOCK = "pad_int8_dot"
-DOT_LANES = 16  # int32 lanes of one vpdpbusd (zmm)
+DOT_LANES = (16, 8)  # int32 lanes of one vpdpbusd: zmm, ymm
 DOT_DEPTH = 4  # uint8 x int8 products summed into each lane
 OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable, what TVM gives a conv2d
 
@@ -75,17 +76,23 @@ def ineligible(call, weight) -> str | None:
     if any(not hasattr(dim, "value") for dim in (*call.args[0].ty.shape, *call.ty.shape)):
         return "the shapes are not static"
     channels, filters = weight.shape[2], weight.shape[3]
-    if channels % DOT_DEPTH or filters % DOT_LANES:
-        return f"{channels} -> {filters} channels: not multiples of {DOT_DEPTH} -> {DOT_LANES}"
+    if channels % DOT_DEPTH or filters % DOT_LANES[-1]:
+        return f"{channels} -> {filters} channels: not multiples of {DOT_DEPTH} -> {DOT_LANES[-1]}"
     return None
 
 
 def pack_weights(weight: np.ndarray) -> np.ndarray:
-    """HWIO int8 weights -> ``[O/16][KH][KW][I/4][16][4]``: 4 input channels of one output
-    channel per 32-bit lane, 16 output channels per vector."""
+    """HWIO int8 weights -> ``[O/L][KH][KW][I/4][L][4]``: 4 input channels of one output
+    channel per 32-bit lane, ``L`` (``dot_lanes``) output channels per vector."""
     kh, kw, channels, filters = weight.shape
-    blocked = weight.reshape(kh, kw, channels // DOT_DEPTH, DOT_DEPTH, filters // DOT_LANES, DOT_LANES)
+    lanes = dot_lanes(filters)
+    blocked = weight.reshape(kh, kw, channels // DOT_DEPTH, DOT_DEPTH, filters // lanes, lanes)
     return np.ascontiguousarray(blocked.transpose(4, 0, 1, 2, 5, 3))
+
+
+def dot_lanes(filters: int) -> int:
+    """The int32 lanes of the vectors a convolution with ``filters`` output channels uses."""
+    return next(lanes for lanes in DOT_LANES if filters % lanes == 0)
 
 
 def conv2d_int8_dot(data, packed, strides, padding, dilation, out_shape):
@@ -174,29 +181,30 @@ def int8_dot_conv2d(fallbacks: FallbackLog | None = None):
     return _pass
 
 
-INTRINSIC = "edgec_dot_16x4_u8i8i32_vnni"
-
-
-def dot_intrinsic() -> str:
-    """The name of the registered 16x4 uint8 x int8 -> int32 ``vpdpbusd`` tensor intrinsic."""
+def dot_intrinsic(lanes: int) -> str:
+    """The name of the registered ``lanes`` x 4 uint8 x int8 -> int32 ``vpdpbusd`` tensor
+    intrinsic (``lanes`` 16: zmm, 8: ymm)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    name = f"edgec_dot_{lanes}x4_u8i8i32_vnni"
     # not tvm.s_tir.tensor_intrin.x86: importing it parses all of TVM's ~250 intrinsics
     # (CUDA's too), minutes on a loaded machine
-    if TensorIntrin.get(INTRINSIC, allow_missing=True) is not None:
-        return INTRINSIC
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    llvm = f"llvm.x86.avx512.vpdpbusd.{lanes * 32}"
+    accumulator, products = f"int32x{lanes}", f"int8x{lanes * 4}"
 
     @T.prim_func(s_tir=True)
     def description(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
@@ -205,28 +213,28 @@ def dot_intrinsic() -> str:
     @T.prim_func(s_tir=True)
     def vpdpbusd(
         A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
             pixel = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(pixel, 16), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16",
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm),
+                C.vload([0], dtype=accumulator),
+                T.reinterpret(T.broadcast(pixel, lanes), dtype=products),
+                B.vload([0, 0], dtype=products),
+                dtype=accumulator,
             )
 
-    TensorIntrin.register(INTRINSIC, description, vpdpbusd)
-    return INTRINSIC
+    TensorIntrin.register(name, description, vpdpbusd)
+    return name
 
 
 class Conv2DInt8Dot(Rule):
-    """``conv2d_int8_dot`` kernels: conv2d.py's register tile, each 16 output channels x 4
-    input channels step one ``vpdpbusd`` (module docstring)."""
+    """``conv2d_int8_dot`` kernels: conv2d.py's register tile, each 16 (or 8) output channels
+    x 4 input channels step one ``vpdpbusd`` (module docstring)."""
 
     name = "conv2d-int8-dot"
 
@@ -240,10 +248,11 @@ class Conv2DInt8Dot(Rule):
         inline_inputs(sch, anchor, lanes, materialise_padding=True)  # the dot reads 4 channels as one int32
         _, height, width, channels = extents(sch, [n, y, x, f])
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, self.vector)
-        if tile_f % DOT_LANES:
+        lanes_f = dot_lanes(tile_f)
+        if lanes_f != _packed_lanes(sch.get(anchor)):
             return None
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
-        f_vectors, f_lanes = sch.split(f_inner, [None, DOT_LANES])
+        f_vectors, f_lanes = sch.split(f_inner, [None, lanes_f])
         rc_outer, rc_inner = sch.split(rc, [None, DOT_DEPTH])
         block = sch.get(anchor)
         weight, data = _operand_sizes(block)
@@ -256,7 +265,7 @@ class Conv2DInt8Dot(Rule):
         sch.vectorize(init_loops[-1])
         for loop in init_loops[:-1]:
             sch.unroll(loop)
-        sch.tensorize(f_lanes, dot_intrinsic())
+        sch.tensorize(f_lanes, dot_intrinsic(lanes_f))
         return sch
 
 
@@ -269,3 +278,8 @@ def _operand_sizes(block) -> tuple[int, int]:
             size *= int(dim)
         sizes[str(region.source.dtype)] = size
     return sizes["int8"], sizes["uint8"]
+
+
+def _packed_lanes(block) -> int:
+    """``L`` of the packed weights ``[O/L][KH][KW][I/4][L][4]`` the block reads."""
+    return next(int(region.source.shape[4]) for region in block.reads if len(region.source.shape) == 6)

@@ -32,6 +32,7 @@ LAYERS = {
     "3x3 zero-point padding": (32, 64, 3, 10, 1, 3, 1),
     "1x1 stride 2": (48, 32, 1, 9, 2, 0, 0),
     "3x3 zero padding": (16, 16, 3, 7, 1, 0, 1),
+    "1x1 24 filters (ymm)": (96, 24, 1, 8, 1, 5, 0),
 }
 
 
@@ -112,6 +113,10 @@ def test_packed_weights_put_four_input_channels_of_one_filter_in_a_lane():
     assert packed.shape == (2, 3, 3, 2, 16, 4) and packed.dtype == np.int8
     f, ry, rx, c = np.meshgrid(np.arange(32), np.arange(3), np.arange(3), np.arange(8), indexing="ij")
     np.testing.assert_array_equal(packed[f // 16, ry, rx, c // 4, f % 16, c % 4], weight[ry, rx, c, f])
+    narrow = pack_weights(weight[..., :24])  # 24 filters: 8 int32 lanes (ymm)
+    assert narrow.shape == (3, 3, 3, 2, 8, 4)
+    f = f[:24]
+    np.testing.assert_array_equal(narrow[f // 8, ry[:24], rx[:24], c[:24] // 4, f % 8, c[:24] % 4], weight[ry[:24], rx[:24], c[:24], f])
 
 
 @needs_objdump
