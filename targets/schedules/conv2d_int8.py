@@ -47,6 +47,7 @@ from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_tiles, tile_nest
 from edgec.targets.schedules.conv2d import inline_inputs
 from edgec.targets.schedules.guard import describe_call
+from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,9 @@ OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable, what TVM gives 
 def ineligible(call, weight) -> str | None:
     """Why the Relax ``call`` cannot take the int8 dot-product kernel, or None; ``weight`` is
     its weight as a NumPy array (None when not a constant)."""
-    attrs = call.attrs
-    if weight is None:
-        return "the weights are not a constant"
-    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-    if layouts != ("NHWC", "HWIO", "NHWC"):
-        return f"layouts {layouts}, not NHWC/HWIO"
-    if int(attrs.groups) != 1:
-        return f"groups={int(attrs.groups)}"
+    reason = not_dense_nhwc(call, weight)
+    if reason is not None:
+        return reason
     dtypes = (str(call.args[0].ty.dtype), str(weight.dtype), str(call.ty.dtype))
     if dtypes != ("uint8", "int8", "int32"):
         return f"dtypes {dtypes}, not uint8 x int8 -> int32"
@@ -130,52 +126,31 @@ def int8_dot_conv2d(fallbacks: FallbackLog | None = None):
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d":
-                return call
-            weight = self._constant(call.args[1])
-            reason = ineligible(call, weight)
-            if reason is not None:
-                log.debug("%s: not an int8 dot-product convolution (%s)", describe_call(call), reason)
-                return call
-            try:
-                return self._rewrite(call, weight)
-            except Exception as error:  # noqa: BLE001 - keep the conv2d
-                fallbacks.add(describe_call(call), RULE, error, "kept as an int32-lane convolution")
-                return call
+    def decide(call, weight):
+        reason = ineligible(call, weight)
+        if reason is not None:
+            log.debug("%s: not an int8 dot-product convolution (%s)", describe_call(call), reason)
+        return None if reason is not None else True
 
-        def _constant(self, expr):
-            if isinstance(expr, relax.Var):
-                expr = self.lookup_binding(expr)
-            return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+    def rewrite(mutator, call, weight, _choice):
+        attrs = call.attrs
+        strides = [int(s) for s in attrs.strides]
+        padding = [int(p) for p in attrs.padding]
+        dilation = [int(d) for d in attrs.dilation]
+        out_shape = [int(dim) for dim in call.ty.shape]
+        packed = relax.const(pack_weights(weight), "int8")
+        kernel = mutator.builder_.call_te(lambda x, w: conv2d_int8_dot(x, w, strides, padding, dilation, out_shape),
+                                          call.args[0], packed, primfunc_name_hint=KERNEL)  # fmt: skip
+        mutator.patterns.append((kernel.args[0], OUT_EWISE_FUSABLE))
+        return kernel
 
-        def _rewrite(self, call, weight):
-            attrs = call.attrs
-            strides = [int(s) for s in attrs.strides]
-            padding = [int(p) for p in attrs.padding]
-            dilation = [int(d) for d in attrs.dilation]
-            out_shape = [int(dim) for dim in call.ty.shape]
-            packed = relax.const(pack_weights(weight), "int8")
-            kernel = self.builder_.call_te(lambda x, w: conv2d_int8_dot(x, w, strides, padding, dilation, out_shape),
-                                           call.args[0], packed, primfunc_name_hint=KERNEL)  # fmt: skip
-            self.kernels.append(kernel.args[0])
-            return kernel
+    _Rewriter = conv2d_rewriter(decide, rewrite, RULE, fallbacks, "kept as an int32-lane convolution")
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecInt8DotConv2d")
     def _pass(mod, _ctx):
-        rewriter = _Rewriter(mod)
-        rewriter.kernels = []
-        bodies = {gvar: rewriter.visit_expr(func) for gvar, func in mod.functions_items() if isinstance(func, relax.Function)}
-        rewritten = rewriter.builder_.get()
-        for gvar, body in bodies.items():
-            rewritten[gvar] = body
-        for gvar in rewriter.kernels:
-            rewritten[gvar] = rewritten[gvar].with_attr("op_pattern", OUT_EWISE_FUSABLE)
-        if rewriter.kernels:
-            log.info("int8-dot: %d convolution(s) take the vpdpbusd kernel", len(rewriter.kernels))
+        rewritten, rewriter = rewrite_module(mod, _Rewriter)
+        if rewriter.patterns:
+            log.info("int8-dot: %d convolution(s) take the vpdpbusd kernel", len(rewriter.patterns))
         return rewritten
 
     return _pass

@@ -41,16 +41,12 @@ def qdq_conv(channels, filters, kernel, size, stride, zp_x, pad) -> ir.Model:
     rng = np.random.default_rng(channels + filters + kernel)
     weight = rng.integers(-127, 128, (filters, channels, kernel, kernel)).astype(np.int8)
     scales = rng.uniform(0.001, 0.003, filters).astype(np.float32)
-    nodes = [
-        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
-        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wf"], axis=0),
-        helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bf"], axis=0),
-        helper.make_node("Conv", ["xf", "wf", "bf"], ["c"], pads=[pad] * 4, kernel_shape=[kernel] * 2, strides=[stride] * 2),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
-        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
-    ]
+    qdq = [("QuantizeLinear", "x", "xq", "x"), ("DequantizeLinear", "xq", "xf", "x"), ("DequantizeLinear", "wq", "wf", "w"),
+           ("DequantizeLinear", "bq", "bf", "b"), ("QuantizeLinear", "r", "yq", "y"), ("DequantizeLinear", "yq", "y", "y")]
+    nodes = [helper.make_node(op, [source, f"s{tensor}", f"z{tensor}"], [result], **({"axis": 0} if tensor in "wb" else {}))
+             for op, source, result, tensor in qdq]  # fmt: skip
+    conv = {"pads": [pad] * 4, "kernel_shape": [kernel] * 2, "strides": [stride] * 2}
+    nodes[4:4] = [helper.make_node("Conv", ["xf", "wf", "bf"], ["c"], **conv), helper.make_node("Relu", ["c"], ["r"])]
     initializers = [
         numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
         numpy_helper.from_array(np.array(zp_x, np.uint8), "zx"),
