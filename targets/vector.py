@@ -113,7 +113,7 @@ def cpu_vector(target) -> CpuVector:
     if getattr(preset, "vector_lanes", None):
         integer_bits = lanes * 32
     registers = registers or (32 if "avx512f" in features else 16)
-    int8_dot = integer_bits == 512 and "avx512vnni" in features
+    int8_dot = integer_bits == 512 and {"avx512vnni", "avx512vl"} <= features  # VL: the 8-lane (ymm) form
     return CpuVector(lanes, registers, integer_bits, 64, _x86_popcount(features, integer_bits), int8_dot=int8_dot)
 
 
