@@ -25,6 +25,9 @@ One rule per fact:
   with one vector load instead of one load per value (``common.lane_broadcast``).
   aarch64 only: x86 folds a broadcast load into the FMA itself, and armv7's
   multiply-by-scalar forms are not fused (LLVM splits them on cortex-a7).
+- int8 dot product: whether one instruction multiplies 4 uint8 by 4 int8 and adds
+  the 4 products into an int32 lane (x86 AVX-512 VNNI ``vpdpbusd``, 64 MACs per
+  zmm instruction): the int8 convolutions then take ``conv2d_int8``'s kernel.
 
 ``None`` as the target means this machine (x86, its CPU detected).
 """
@@ -51,6 +54,7 @@ class CpuVector:
     ``popcount``: how the CPU counts bits in a vector, as LLVM emits it (for the
     log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
     lane of a vector register as its scalar operand (module docstring).
+    ``int8_dot``: a 4-way uint8 x int8 -> int32 dot product per lane (VNNI).
     """
 
     lanes: int
@@ -59,6 +63,7 @@ class CpuVector:
     word_bits: int = 64
     popcount: str = "scalar popcnt"
     lane_fma: bool = False
+    int8_dot: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -107,7 +112,9 @@ def cpu_vector(target) -> CpuVector:
     lanes = lanes or detected
     if getattr(preset, "vector_lanes", None):
         integer_bits = lanes * 32
-    return CpuVector(lanes, registers or (32 if "avx512f" in features else 16), integer_bits, 64, _x86_popcount(features, integer_bits))
+    registers = registers or (32 if "avx512f" in features else 16)
+    int8_dot = integer_bits == 512 and {"avx512vnni", "avx512vl"} <= features  # VL: the 8-lane (ymm) form
+    return CpuVector(lanes, registers, integer_bits, 64, _x86_popcount(features, integer_bits), int8_dot=int8_dot)
 
 
 def _x86_popcount(features: set[str], integer_bits: int) -> str:

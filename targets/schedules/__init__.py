@@ -6,6 +6,7 @@ without any tuning. One module per op family, tried in this order (the first
 that matches a kernel schedules it):
 
     winograd_schedule.py  Winograd input/output transforms   tiles parallel, elements unrolled
+    conv2d_int8.py  uint8 x int8 conv2d, packed weights  vpdpbusd (VNNI CPUs only)
     conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
     depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
     grouped.py    grouped conv2d NHWC, 1<groups<C   conv2d's register tile, per group
@@ -43,8 +44,11 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     from edgec.targets.schedules.pooling import Pooling
     from edgec.targets.schedules.winograd_schedule import WinogradTransforms
 
+    from edgec.targets.schedules.conv2d_int8 import Conv2DInt8Dot
+
+    int8_dot = [Conv2DInt8Dot(vector)] if vector.int8_dot else []
     return [
-        WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), GroupedConv2DNHWC(vector),
+        WinogradTransforms(vector), *int8_dot, Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), GroupedConv2DNHWC(vector),
         Dense(vector), Pooling(vector), Generic(vector),
     ]  # fmt: skip
 
@@ -53,7 +57,8 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
     """graph.py's passes for ``vector``; ``winograd``: a WinogradPolicy, None for none."""
     from edgec.targets.schedules.graph import graph_passes as passes
 
-    return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma))
+    return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
+                  bool(vector and vector.int8_dot))
 
 
 def first_schedule(

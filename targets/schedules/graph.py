@@ -37,6 +37,8 @@ in order, and why:
                      lanes when that wastes at most 1/8, and a slice after it:
                      its kernel then runs on whole vectors (1.5x measured on
                      SqueezeNet's classifier with AVX-512).
+6b. int8 dot         on a VNNI CPU, uint8 x int8 convolutions become a kernel on
+                     weights packed 4 input channels per int32 lane (conv2d_int8.py).
 7. winograd          3x3 stride-1 convolutions the policy picks become Winograd
                      ones: input transform, GEMM, output transform (fused with
                      the epilogue later); weights transformed here, once
@@ -72,11 +74,13 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
 def graph_passes(
-    lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False
+    lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
+    int8_dot: bool = False,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
-    ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 3)."""
+    ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 2b);
+    ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py)."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -95,6 +99,10 @@ def graph_passes(
     ]
     if lanes and lanes > 1:
         passes.append(("graph:pad-channels", pad_output_channels(lanes, fallbacks)))
+    if int8_dot:
+        from edgec.targets.schedules.conv2d_int8 import RULE as INT8_DOT, int8_dot_conv2d
+
+        passes.append((INT8_DOT, int8_dot_conv2d(fallbacks)))
     if winograd is not None:
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 

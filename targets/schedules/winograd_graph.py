@@ -21,6 +21,7 @@ import logging
 
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.guard import describe_call
+from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,10 @@ DEFAULT_POLICY = WinogradPolicy()
 def ineligible(call, weight) -> str | None:
     """Why the Relax ``call`` cannot be a Winograd convolution (whatever the policy), or None;
     ``weight`` is its weight as a NumPy array (None when not a constant)."""
+    reason = not_dense_nhwc(call, weight)
+    if reason is not None:
+        return reason
     attrs = call.attrs
-    if weight is None:
-        return "the weights are not a constant"
-    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-    if layouts != ("NHWC", "HWIO", "NHWC"):
-        return f"layouts {layouts}, not NHWC/HWIO"
-    if int(attrs.groups) != 1:
-        return f"groups={int(attrs.groups)}"
     if weight.shape[:2] != (3, 3):
         return f"kernel {weight.shape[0]}x{weight.shape[1]}, not 3x3"
     if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]:
@@ -102,58 +99,38 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d":
-                return call
-            weight = self._constant(call.args[1])
-            m, reason = None, ineligible(call, weight)
-            if reason is None:
-                batch, out_h, out_w, filters = (int(dim) for dim in call.ty.shape)
-                m, reason = policy.choose(batch, out_h, out_w, int(weight.shape[2]), filters)
-            if m is None:
-                log.debug("%s: direct convolution (%s)", describe_call(call), reason)
-                return call
+    def decide(call, weight):
+        m, reason = None, ineligible(call, weight)
+        if reason is None:
+            batch, out_h, out_w, filters = (int(dim) for dim in call.ty.shape)
+            m, reason = policy.choose(batch, out_h, out_w, int(weight.shape[2]), filters)
+        if m is None:
+            log.debug("%s: direct convolution (%s)", describe_call(call), reason)
+        else:
             log.debug("%s: Winograd F(%dx%d, 3x3) (%s)", describe_call(call), m, m, reason)
-            try:
-                return self._winograd(call, weight, winograd_matrices(m))
-            except Exception as error:  # noqa: BLE001 - keep the direct convolution
-                fallbacks.add(describe_call(call), RULE, error, "kept as a direct convolution")
-                return call
+        return m
 
-        def _constant(self, expr):
-            if isinstance(expr, relax.Var):
-                expr = self.lookup_binding(expr)
-            return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+    def winograd(mutator, call, weight, m):
+        mats = winograd_matrices(m)
+        padding = tuple(int(p) for p in call.attrs.padding)
+        batch, out_h, out_w, _ = (int(dim) for dim in call.ty.shape)
+        out_size = (out_h, out_w)
+        builder = mutator.builder_
+        transform = builder.call_te(lambda data: kernels.input_transform(data, mats, padding, out_size),
+                                    call.args[0], primfunc_name_hint=kernels.INPUT_KERNEL)
+        # FuseOps would fuse it (injective) into the output transform before it: one kernel
+        # no rule schedules well. Opaque, it stays a kernel of its own.
+        mutator.patterns.append((transform.args[0], OPAQUE))
+        transformed = builder.emit(transform)
+        weights = relax.const(transform_weights(weight, mats.m), "float32")
+        products = builder.emit(builder.call_te(kernels.gemm, transformed, weights, primfunc_name_hint=kernels.GEMM_KERNEL))
+        return builder.call_te(lambda gemm: kernels.output_transform(gemm, mats, batch, out_size), products,
+                               primfunc_name_hint=kernels.OUTPUT_KERNEL)
 
-        def _winograd(self, call, weight, mats):
-            padding = tuple(int(p) for p in call.attrs.padding)
-            batch, out_h, out_w, _ = (int(dim) for dim in call.ty.shape)
-            out_size = (out_h, out_w)
-            builder = self.builder_
-            transform = builder.call_te(lambda data: kernels.input_transform(data, mats, padding, out_size),
-                                        call.args[0], primfunc_name_hint=kernels.INPUT_KERNEL)
-            self.input_kernels.append(transform.args[0])
-            transformed = builder.emit(transform)
-            weights = relax.const(transform_weights(weight, mats.m), "float32")
-            products = builder.emit(builder.call_te(kernels.gemm, transformed, weights, primfunc_name_hint=kernels.GEMM_KERNEL))
-            return builder.call_te(lambda gemm: kernels.output_transform(gemm, mats, batch, out_size), products,
-                                   primfunc_name_hint=kernels.OUTPUT_KERNEL)
+    _Rewriter = conv2d_rewriter(decide, winograd, RULE, fallbacks, "kept as a direct convolution")
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecWinogradConv2d")
     def _pass(mod, _ctx):
-        rewriter = _Rewriter(mod)
-        rewriter.input_kernels = []
-        bodies = {gvar: rewriter.visit_expr(func) for gvar, func in mod.functions_items() if isinstance(func, relax.Function)}
-        rewritten = rewriter.builder_.get()
-        for gvar, body in bodies.items():
-            rewritten[gvar] = body
-        for gvar in rewriter.input_kernels:
-            # FuseOps would fuse it (injective) into the output transform before it: one kernel
-            # no rule schedules well. Opaque, it stays a kernel of its own.
-            rewritten[gvar] = rewritten[gvar].with_attr("op_pattern", OPAQUE)
-        return rewritten
+        return rewrite_module(mod, _Rewriter)[0]
 
     return _pass
