@@ -37,14 +37,13 @@ __all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes"]
 def default_rules(vector: CpuVector) -> list[Rule]:
     """The rules in the order they are tried."""
     from edgec.targets.schedules.conv2d import Conv2DNHWC
+    from edgec.targets.schedules.conv2d_int8 import Conv2DInt8Dot
     from edgec.targets.schedules.dense import Dense
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
     from edgec.targets.schedules.generic import Generic
     from edgec.targets.schedules.grouped import GroupedConv2DNHWC
     from edgec.targets.schedules.pooling import Pooling
     from edgec.targets.schedules.winograd_schedule import WinogradTransforms
-
-    from edgec.targets.schedules.conv2d_int8 import Conv2DInt8Dot
 
     int8_dot = [Conv2DInt8Dot(vector)] if vector.int8_dot else []
     return [
