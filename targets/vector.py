@@ -25,6 +25,8 @@ One rule per fact:
   with one vector load instead of one load per value (``common.lane_broadcast``).
   aarch64 only: x86 folds a broadcast load into the FMA itself, and armv7's
   multiply-by-scalar forms are not fused (LLVM splits them on cortex-a7).
+- dot product: 4-way int8 dot products into int32 lanes (aarch64 ``sdot``/``udot``,
+  armv8.2-a FEAT_DotProd): the preset's ``mattr`` holds ``+dotprod``.
 
 ``None`` as the target means this machine (x86, its CPU detected).
 """
@@ -51,6 +53,7 @@ class CpuVector:
     ``popcount``: how the CPU counts bits in a vector, as LLVM emits it (for the
     log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
     lane of a vector register as its scalar operand (module docstring).
+    ``dot_product``: ``sdot`` (module docstring).
     """
 
     lanes: int
@@ -59,6 +62,7 @@ class CpuVector:
     word_bits: int = 64
     popcount: str = "scalar popcnt"
     lane_fma: bool = False
+    dot_product: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -94,7 +98,8 @@ def cpu_vector(target) -> CpuVector:
     registers = getattr(preset, "vector_registers", None)
     if arch in _NEON:
         word_bits, neon_registers, popcount, lane_fma = _NEON[arch]
-        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma)
+        dot_product = "+dotprod" in getattr(preset, "mattr", ())
+        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma, dot_product)
     features = _x86_features(target)
     if "avx512f" in features:
         detected, integer_bits = 16, 512

@@ -6,6 +6,7 @@ without any tuning. One module per op family, tried in this order (the first
 that matches a kernel schedules it):
 
     winograd_schedule.py  Winograd input/output transforms   tiles parallel, elements unrolled
+    conv2d_dot.py int8 dot-product conv2d (sdot)    register tile, 4 input channels per lane
     conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
     depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
     dense.py      matmul / Linear, [k, n] weights   like a 1x1 conv
@@ -35,20 +36,23 @@ __all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes"]
 def default_rules(vector: CpuVector) -> list[Rule]:
     """The rules in the order they are tried."""
     from edgec.targets.schedules.conv2d import Conv2DNHWC
+    from edgec.targets.schedules.conv2d_dot import Conv2DDot
     from edgec.targets.schedules.dense import Dense
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
     from edgec.targets.schedules.generic import Generic
     from edgec.targets.schedules.pooling import Pooling
     from edgec.targets.schedules.winograd_schedule import WinogradTransforms
 
-    return [WinogradTransforms(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector)]
+    return [WinogradTransforms(vector), Conv2DDot(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), Dense(vector),
+            Pooling(vector), Generic(vector)]
 
 
 def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None = None, winograd=None) -> list:
     """graph.py's passes for ``vector``; ``winograd``: a WinogradPolicy, None for none."""
     from edgec.targets.schedules.graph import graph_passes as passes
 
-    return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma))
+    return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
+                  dot_product=bool(vector and vector.dot_product))
 
 
 def first_schedule(
