@@ -13,9 +13,10 @@ the register tile as conv2d.py's (``common.register_tile`` with the lane operand
 load of a pixel's channels serves 4 ``sdot`` steps as one float vector serves 4 ``fmla``), over
 groups of 4 input channels instead of channels. The shifted activations are computed where
 they are read: ``signed`` is computed at the group loop, 16 channels of the tile's pixels at a
-time (``sdot v.4s, v.16b, v.4b[i]`` reads its lane), unless the convolution pads its input, or
-fewer than 8 groups cover the channels: then ``signed`` is written once, whole (parallel,
-vectorised), and every ``sdot`` loads its 4 bytes broadcast.
+time (``sdot v.4s, v.16b, v.4b[i]`` reads its lane). A convolution that pads its input writes
+``signed`` once, whole (parallel, vectorised: no border test in the loop), and copies the
+tile's 16 channels from it at the group loop. With fewer than 8 groups (one 16-byte vector
+covers the channels: nothing to share) every ``sdot`` loads its 4 bytes broadcast.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Conv2DDot(Rule):
         n, y, x, f, ry, rx, group, lane = sch.get_loops(anchor)
         _, height, width, channels, groups = extents(sch, [n, y, x, f, group])
         vector = self.vector
-        lane_operand = wants_lane_broadcast(vector, groups) and not _pads(sch, signed)
+        lane_operand = wants_lane_broadcast(vector, groups)
+        padded = _pads(sch, signed)
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, vector, lane_operand=lane_operand)
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         registers, four = sch.split(f_inner, [None, vector.lanes])
@@ -93,8 +95,12 @@ class Conv2DDot(Rule):
         weight_stationary = _size(weight) > _size(data)
         outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
         tile_nest(sch, anchor, epilogue, outer, [ry, rx, group, y_inner, x_inner, registers, four, lane], vector.lanes)
+        if padded or not lane_operand:
+            schedule_injective(sch, signed, vector.lanes_of("int8"))  # written once, whole
         if lane_operand:
             group, steps = sch.split(group, [None, vector.lanes])
+            if padded:  # a copy of the tile's 16 channels from the padded input (border tests stay out of the loop)
+                signed = sch.cache_read(anchor, _read_index(sch, anchor, data), "global")
             sch.compute_at(signed, group, preserve_unit_loops=True)
             depth = 1 + [sch.get(loop) for loop in sch.get_loops(anchor)].index(sch.get(group))
             copy = sch.get_loops(signed)[depth:]
@@ -102,8 +108,6 @@ class Conv2DDot(Rule):
             for loop in copy[:-1]:
                 sch.unroll(loop)
             sch.unroll(steps)
-        else:
-            schedule_injective(sch, signed, vector.lanes_of("int8"))
         for loop in (y_inner, x_inner, registers):
             sch.unroll(loop)
         init = sch.decompose_reduction(anchor, ry)
@@ -128,6 +132,10 @@ def _operands(sch, anchor, signed):
     data = sch.get(signed).writes[0].source
     weights = [r.source for r in stmt.reads if not r.source.same_as(data) and not r.source.same_as(stmt.writes[0].source)]
     return data, weights[0]
+
+
+def _read_index(sch, block, buffer) -> int:
+    return [region.source.same_as(buffer) for region in sch.get(block).reads].index(True)
 
 
 def _size(buffer) -> int:
