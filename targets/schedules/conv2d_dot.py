@@ -13,10 +13,10 @@ the register tile as conv2d.py's (``common.register_tile`` with the lane operand
 load of a pixel's channels serves 4 ``sdot`` steps as one float vector serves 4 ``fmla``), over
 groups of 4 input channels instead of channels. The shifted activations are computed where
 they are read: ``signed`` is computed at the group loop, 16 channels of the tile's pixels at a
-time (``sdot v.4s, v.16b, v.4b[i]`` reads its lane). A convolution that pads its input writes
-``signed`` once, whole (parallel, vectorised: no border test in the loop), and copies the
-tile's 16 channels from it at the group loop. With fewer than 8 groups (one 16-byte vector
-covers the channels: nothing to share) every ``sdot`` loads its 4 bytes broadcast.
+time (``sdot v.4s, v.16b, v.4b[i]`` reads its lane; 8 channels when 16 do not divide the
+channels, ``lane_steps``). A convolution that pads its input writes ``signed`` once, whole
+(parallel, vectorised: no border test in the loop), and copies the tile's 16 channels from
+it at the group loop. With an odd number of groups every ``sdot`` loads its 4 bytes broadcast.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from edgec.targets.schedules.common import (
     schedule_injective,
     split_tiles,
     tile_nest,
-    wants_lane_broadcast,
 )
 from edgec.targets.schedules.dot_kernels import ANCHOR, GROUP, SIGNED
 
@@ -61,10 +60,12 @@ def register_sdot() -> str:
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:4, 0:4])
             T.writes(C[0:4])
-            lane = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+            # one expression: a named value would be a "local" buffer, allocated from the workspace per call
             C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                C.vload([0], dtype="int32x4"), B.vload([0, 0], dtype="int8x16"), lane, dtype="int32x4",
+                C.vload([0], dtype="int32x4"), B.vload([0, 0], dtype="int8x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16"),
+                dtype="int32x4",
             )
 
     TensorIntrin.register(SDOT_INTRIN, description, implementation)
@@ -86,7 +87,8 @@ class Conv2DDot(Rule):
         n, y, x, f, ry, rx, group, lane = sch.get_loops(anchor)
         _, height, width, channels, groups = extents(sch, [n, y, x, f, group])
         vector = self.vector
-        lane_operand = wants_lane_broadcast(vector, groups)
+        steps = lane_steps(groups, vector.lanes)
+        lane_operand = steps > 1
         padded = _pads(sch, signed)
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, vector, lane_operand=lane_operand)
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
@@ -98,7 +100,7 @@ class Conv2DDot(Rule):
         if padded or not lane_operand:
             schedule_injective(sch, signed, vector.lanes_of("int8"))  # written once, whole
         if lane_operand:
-            group, steps = sch.split(group, [None, vector.lanes])
+            group, steps = sch.split(group, [None, steps])
             if padded:  # a copy of the tile's 16 channels from the padded input (border tests stay out of the loop)
                 signed = sch.cache_read(anchor, _read_index(sch, anchor, data), "global")
             sch.compute_at(signed, group, preserve_unit_loops=True)
@@ -117,6 +119,14 @@ class Conv2DDot(Rule):
             sch.unroll(loop)
         sch.tensorize(four, register_sdot())
         return sch
+
+
+def lane_steps(groups: int, lanes: int) -> int:
+    """Groups of 4 channels one copied vector of activations serves: the most of ``lanes``
+    (16 bytes), ``lanes / 2`` (8) that divides ``groups``; 1: none, each ``sdot`` loads its 4
+    bytes broadcast. Unlike a float FMA (``wants_lane_broadcast``), one vector is worth copying:
+    aarch64's broadcast load ``ld1r`` takes no offset, each costs an address ``add`` too."""
+    return next((steps for steps in (lanes, lanes // 2) if steps > 1 and groups % steps == 0), 1)
 
 
 def _pads(sch, signed) -> bool:
