@@ -36,7 +36,8 @@ import numpy as np
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules import dot_kernels
 from edgec.targets.schedules.dot_kernels import GROUP, SHIFT
-from edgec.targets.schedules.guard import describe_call
+from edgec.targets.schedules.guard import describe_call, not_channels_last_conv
+from edgec.targets.schedules.qdq_integer import is_op, use_counts
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,9 @@ def shift_correction(weight: np.ndarray, activation_dtype: str) -> np.ndarray:
 def ineligible(call, weight: np.ndarray | None) -> str | None:
     """Why the Relax conv2d ``call`` (``weight`` its constant weights or None) does not become a
     dot-product convolution, or None."""
-    attrs = call.attrs
-    if weight is None:
-        return "the weights are not a constant"
-    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-    if layouts != ("NHWC", "HWIO", "NHWC"):
-        return f"layouts {layouts}, not NHWC/HWIO"
-    if int(attrs.groups) != 1:
-        return f"groups={int(attrs.groups)}"
+    reason = not_channels_last_conv(call, weight)
+    if reason is not None:
+        return reason
     data_dtype, out_dtype = str(call.args[0].ty.dtype), str(call.ty.dtype)
     if data_dtype not in ("uint8", "int8") or out_dtype != "int32":
         return f"{data_dtype} activations -> {out_dtype}, not 8-bit -> int32"
@@ -93,10 +89,9 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
     class _Rewriter(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.add":
-                return call
-            conv, constant = self._bound(call.args[0]), self._constant(call.args[1])
-            if getattr(getattr(conv, "op", None), "name", None) != "relax.nn.conv2d" or constant is None:
+            conv = self._bound(call.args[0]) if is_op(call, "relax.add") else None
+            constant = self._constant(call.args[1]) if is_op(conv, "relax.nn.conv2d") else None
+            if constant is None:
                 return call
             if self.uses.get(call.args[0], 0) != 1:
                 log.debug("%s: its int32 result is used elsewhere too; kept", describe_call(conv))
@@ -143,8 +138,6 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecDotProductConv2d")
     def _pass(mod, _ctx):
-        from edgec.targets.schedules.qdq_integer import use_counts
-
         rewriter = _Rewriter(mod)
         bodies = {}
         for gvar, func in mod.functions_items():

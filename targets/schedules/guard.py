@@ -1,5 +1,6 @@
 """How the graph rewrites fail without failing a build: a pass that raises is skipped
-(``guarded``), and a fallback names the op it left alone by its shapes (``describe_call``)."""
+(``guarded``), and a fallback names the op it left alone by its shapes (``describe_call``);
+why a rewrite of channels-last convolutions leaves one alone (``not_channels_last_conv``)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,17 @@ def _describe_type(ty) -> str:
     if isinstance(ty, relax.TensorType) and shape is not None:
         return "x".join(str(int(dim)) if isinstance(dim, tirx.IntImm) else str(dim) for dim in shape) or "scalar"
     return "?"
+
+
+def not_channels_last_conv(call, weight) -> str | None:
+    """Why the Relax conv2d ``call`` is not a groups-1 NHWC/HWIO convolution with constant
+    weights (``weight``: their NumPy value, None when not a constant), or None."""
+    attrs = call.attrs
+    if weight is None:
+        return "the weights are not a constant"
+    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+    if layouts != ("NHWC", "HWIO", "NHWC"):
+        return f"layouts {layouts}, not NHWC/HWIO"
+    if int(attrs.groups) != 1:
+        return f"groups={int(attrs.groups)}"
+    return None

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules.guard import describe_call
+from edgec.targets.schedules.guard import describe_call, not_channels_last_conv
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,10 @@ DEFAULT_POLICY = WinogradPolicy()
 def ineligible(call, weight) -> str | None:
     """Why the Relax ``call`` cannot be a Winograd convolution (whatever the policy), or None;
     ``weight`` is its weight as a NumPy array (None when not a constant)."""
+    reason = not_channels_last_conv(call, weight)
+    if reason is not None:
+        return reason
     attrs = call.attrs
-    if weight is None:
-        return "the weights are not a constant"
-    layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-    if layouts != ("NHWC", "HWIO", "NHWC"):
-        return f"layouts {layouts}, not NHWC/HWIO"
-    if int(attrs.groups) != 1:
-        return f"groups={int(attrs.groups)}"
     if weight.shape[:2] != (3, 3):
         return f"kernel {weight.shape[0]}x{weight.shape[1]}, not 3x3"
     if [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]:
