@@ -31,7 +31,7 @@ from edgec.targets.schedules.common import (
     split_tiles,
     tile_nest,
 )
-from edgec.targets.schedules.dot_kernels import ANCHOR, GROUP, SIGNED
+from edgec.targets.schedules.dot_kernels import ANCHOR, SIGNED
 
 SDOT_INTRIN = "edgec_sdot_4x4_lane"
 
