@@ -104,7 +104,7 @@ def cpu_vector(target) -> CpuVector:
     if arch in _NEON:
         word_bits, neon_registers, popcount, lane_fma = _NEON[arch]
         dot_product = "+dotprod" in getattr(preset, "mattr", ())
-        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma, dot_product)
+        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma, dot_product=dot_product)
     features = _x86_features(target)
     if "avx512f" in features:
         detected, integer_bits = 16, 512
