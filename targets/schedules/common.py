@@ -300,3 +300,15 @@ def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int) -> Any:
     fused = parallel_outer(sch, outer, block_work(sch, anchor))
     schedule_epilogue(sch, epilogue, fused, lanes)
     return fused
+
+
+def split_init(sch, anchor, first_reduction, unrolled: int, vectorise: bool = True) -> None:
+    """The accumulators' initialisation split out of ``anchor`` in front of ``first_reduction``:
+    its innermost loop vectorised (``vectorise``), the ``unrolled`` loops around it unrolled, as
+    the tile's own loops are."""
+    init = sch.decompose_reduction(anchor, first_reduction)
+    loops = sch.get_loops(init)[-(unrolled + 1) :]
+    if vectorise:
+        sch.vectorize(loops[-1])
+    for loop in loops[:-1]:
+        sch.unroll(loop)

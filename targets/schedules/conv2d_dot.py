@@ -28,6 +28,7 @@ from edgec.targets.schedules.common import (
     inline_producers,
     register_tile,
     schedule_injective,
+    split_init,
     split_tiles,
     tile_nest,
 )
@@ -112,11 +113,7 @@ class Conv2DDot(Rule):
             sch.unroll(steps)
         for loop in (y_inner, x_inner, registers):
             sch.unroll(loop)
-        init = sch.decompose_reduction(anchor, ry)
-        init_loops = sch.get_loops(init)[-4:]
-        sch.vectorize(init_loops[-1])
-        for loop in init_loops[:-1]:
-            sch.unroll(loop)
+        split_init(sch, anchor, ry, 3)
         sch.tensorize(four, register_sdot())
         return sch
 
