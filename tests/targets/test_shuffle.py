@@ -18,7 +18,11 @@ import edgec
 from edgec.core.fallbacks import FallbackLog
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
+from edgec.targets.schedules import default_rules, schedule_func
 from edgec.targets.schedules.shuffle import shuffle_groups, shuffle_permutation, sink_transposes
+from edgec.targets.vector import CpuVector
+from test_grouped import _loops  # tests/targets is on the path
+from test_schedules import _prim_func, assert_computes_the_same
 
 SHAPE = (1, 3, 32, 32)
 SHUFFLES = 4  # channel shuffles in ShuffleNetSmall
@@ -132,8 +136,6 @@ def test_graph_passes_leave_no_layout_transpose_and_no_fence(shufflenet):
     from edgec.targets.schedules import graph_passes
     from edgec.targets.schedules.layout import convert_layout
     from edgec.targets.schedules.graph import DESIRED_LAYOUTS
-    from edgec.targets.vector import CpuVector
-
     fenced = FallbackLog()
     _graph(shufflenet, [convert_layout(DESIRED_LAYOUTS, fenced)])
     assert [record.rule for record in fenced] == ["graph:layout"] * 2  # the layout pass alone: the rank-5 reshapes
@@ -218,3 +220,20 @@ def test_small_shufflenet_verified_on_the_emulated_cortex_a53(shufflenet, tmp_pa
     assert _layout_fallbacks(result.manifest) == []
     assert _layout_transposes(result.manifest) == []
     assert_board_verified(result.manifest, "cortex-a53")
+
+
+@pytest.mark.parametrize(("vector", "lanes"), [(CpuVector(lanes=4, registers=16), 4), (CpuVector(lanes=16, registers=32), 8)])
+def test_a_channel_slice_loads_whole_vectors_pixel_by_pixel(vector, lanes):
+    """NHWC channels 24..48 of 48: the generic rule runs the pixels in parallel and each pixel's
+    24 channels as vectors inside them (AVX-512: 8 lanes, 24 is no multiple of 16), so a
+    vector's index is affine, not a flattened loop's ``% 24``."""
+    from tvm import te, topi
+    from tvm.tirx import ForKind
+
+    data = te.placeholder((1, 28, 28, 48), name="x")
+    func = _prim_func([data, topi.strided_slice(data, [0, 0, 0, 24], [1, 28, 28, 48])])
+    scheduled, rule = schedule_func(func, default_rules(vector))
+    assert rule == "generic"
+    loops = sorted((extent, kind) for extent, kind in _loops(scheduled).values())
+    assert loops == sorted([(28 * 28, ForKind.PARALLEL), (24 // lanes, ForKind.SERIAL), (lanes, ForKind.VECTORIZED)])
+    assert_computes_the_same(func, scheduled)
