@@ -29,7 +29,10 @@ in order, and why:
                      kernel names keep a BN token for the profiler's ONNX map.
 4. layout            ``ConvertLayout``: conv2d to NHWC/HWIO; pooling,
                      element-wise ops, concat and reductions follow. Transposes
-                     remain only at the graph's edges (input, flatten).
+                     remain only at the graph's edges (input, flatten). Around
+                     it, ShuffleNet's channel shuffle becomes a ``take`` on the
+                     channel axis and the transposes the layout pass leaves
+                     around take / split / concat sink and cancel (shuffle.py).
 5. fold constants    the transposed weights and reshaped BN vectors.
 6. pad channels      a convolution whose output channels are not a whole
                      number of vectors (SqueezeNet's 1000 classes with 16
@@ -89,7 +92,7 @@ def graph_passes(
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
-    from edgec.targets.schedules import qdq_elementwise, qdq_integer
+    from edgec.targets.schedules import qdq_elementwise, qdq_integer, shuffle
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
@@ -99,7 +102,9 @@ def graph_passes(
         (qdq_elementwise.RULE, qdq_elementwise.qdq_elementwise(fallbacks)),
         ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
+        (shuffle.RULE, shuffle.channel_shuffle_as_take(fallbacks)),
         ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),
+        (shuffle.RULE, shuffle.sink_transposes()),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
     ]
     if lanes and lanes > 1:
