@@ -12,10 +12,12 @@ Per model (bench/models.py, batch 1, 1x3x224x224, seeded weights):
 Each runtime runs in its own process (``edgec bench --local --json`` for edgec, ``--worker``
 below for ORT), 1 and 2 threads; outputs are checked (int8 against ORT on the QDQ graph as
 written, in output quantization steps; fp32 against ORT fp32, edgec's rule) and the ratios are
-printed. ``--arm`` adds instructions per inference on emulated cortex-a53 (int8 / fp32), counted
-as bench/peers_arm.py does (``edgec device emulate`` + ``edgec bench --rpc``).
+printed. ``--arm`` adds instructions per inference on emulated boards (int8 / fp32; default
+cortex-a53 and cortex-a55, the dot-product preset; ``--arm cortex-a53`` names them), counted as
+bench/peers_arm.py does (``edgec device emulate`` + ``edgec bench --rpc``); ``--no-x86`` skips
+the x86 builds and timings.
 
-    python bench/int8.py [--models mobilenet_v2,resnet18] [--threads 1,2] [--arm]
+    python bench/int8.py [--models mobilenet_v2,resnet18] [--threads 1,2] [--arm [BOARDS]] [--no-x86]
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def compile_pair(name: str, work: Path, args) -> dict:
     builds = {}
     for variant, passes in (("fp32", ["-p", "fold-bn"]),
                             ("int8", ["-p", "fold-bn", "-p", f"quantize-int8:calibration={calib},method={args.method}"])):  # fmt: skip
-        for target in ("x86", *(("cortex-a53",) if args.arm else ())):
+        for target in (*(("x86",) if args.x86 else ()), *(args.arm.split(",") if args.arm else ())):
             out = work / f"{variant}_{target}"
             start = time.perf_counter()
             summary = json.loads(run([*EDGEC, "compile", str(traced), "--input-shape", SHAPE, "-t", target, *passes,
@@ -122,7 +124,8 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=16)
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--qdq-steps", type=float, default=QDQ_STEPS)
-    parser.add_argument("--arm", action="store_true")
+    parser.add_argument("--arm", nargs="?", const="cortex-a53,cortex-a55", default="")
+    parser.add_argument("--no-x86", dest="x86", action="store_false")
     args = parser.parse_args()
     if args.worker:
         onnx_path, x, out, threads, repeat = args.worker
@@ -134,6 +137,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"edgec-int8-{name}-") as directory:
             work = Path(directory)
             builds = compile_pair(name, work, args)
+            if not args.x86:
+                arm_counts(name, builds, work, args.arm.split(","))
+                continue
             fp32, int8 = builds[("fp32", "x86")]["dir"], builds[("int8", "x86")]["dir"]
             x = work / "x.npy"
             verification = json.loads((int8 / "manifest.json").read_text())["verification"]["onnxruntime"]
@@ -167,22 +173,27 @@ def main() -> int:
                       f"ORT int8 / ORT fp32 {times['ort int8'] / times['ort fp32']:.2f}; "
                       f"ORT int8 (fused) vs QDQ as written: {fused_steps:.1f} output steps")  # fmt: skip
             if args.arm:
-                arm_counts(name, builds, work)
+                arm_counts(name, builds, work, args.arm.split(","))
     return 0
 
 
-def arm_counts(name: str, builds: dict, work: Path) -> None:
+def arm_counts(name: str, builds: dict, work: Path, boards: list[str]) -> None:
     from peers_arm import emulated_boards
 
-    counts = {}
-    with emulated_boards(("cortex-a53",)) as addresses:
-        for variant in ("fp32", "int8"):
-            out = builds[(variant, "cortex-a53")]["dir"]
-            bench = json.loads(run([*EDGEC, "bench", str(out), "--rpc", addresses["cortex-a53"], "-i", str(work / "x.npy"),
-                                    "--repeat", "1", "--warmup", "0", "--qdq-steps", str(QDQ_STEPS), "--json"]))  # fmt: skip
-            counts[variant] = bench["instructions"]["per_inference"]
-    print(f"cortex-a53 instructions per inference: fp32 {counts['fp32']:,}, int8 {counts['int8']:,}, "
-          f"int8/fp32 {counts['int8'] / counts['fp32']:.2f} (target <= 0.6)")  # fmt: skip
+    with emulated_boards(tuple(boards)) as addresses:
+        for board in boards:
+            counts = {}
+            for variant in ("fp32", "int8"):
+                out = builds[(variant, board)]["dir"]
+                bench = json.loads(run([*EDGEC, "bench", str(out), "--rpc", addresses[board], "-i", str(work / "x.npy"),
+                                        "--repeat", "1", "--warmup", "0", "--qdq-steps", str(QDQ_STEPS), "--json"]))  # fmt: skip
+                counts[variant] = bench["instructions"]["per_inference"]
+            verification = json.loads((builds[("int8", board)]["dir"] / "manifest.json").read_text())["verification"]
+            checked = verification.get("onnxruntime", {})
+            print(f"{name} {board} instructions per inference: fp32 {counts['fp32']:,}, int8 {counts['int8']:,}, "
+                  f"int8/fp32 {counts['int8'] / counts['fp32']:.2f} (target <= 0.6); int8 build verification "
+                  f"{verification['status']}, max abs vs ORT {checked.get('max_abs')} (step {checked.get('output_step')})",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -419,7 +419,7 @@ def serve(host, port, tracker, key):
 
 
 @device.command("build-agent")
-@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET", help="CPU preset of the board: cortex-a7 (armv7), cortex-a53/cortex-a72 (aarch64) or x86.")
+@click.option("-t", "--target", "target_spec", required=True, metavar="TARGET", help="CPU preset of the board: cortex-a7 (armv7), cortex-a53/cortex-a55/cortex-a72 (aarch64) or x86.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgec-agent"), show_default=True, help="Where to write the agent (a file, or a directory to put edgec-agent in).")
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None, help="Compilers run at once [default: CPU count].")
 def build_agent(target_spec, output, jobs):
@@ -441,7 +441,7 @@ def build_agent(target_spec, output, jobs):
 
 
 @device.command()
-@click.option("-t", "--target", "target_spec", required=True, type=click.Choice(["cortex-a7", "cortex-a53", "cortex-a72"]), help="The board to emulate.")
+@click.option("-t", "--target", "target_spec", required=True, type=click.Choice(["cortex-a7", "cortex-a53", "cortex-a55", "cortex-a72"]), help="The board to emulate.")
 @click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True, help="Loopback port to listen on.")
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
 @click.option("--key", metavar="KEY", help="Device key at the tracker [default: the target name].")

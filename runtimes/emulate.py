@@ -7,8 +7,9 @@ By default the board counts instructions: the agent runs as ``qemu-arm -L
 /usr/arm-linux-gnueabihf -cpu cortex-a7 -plugin libedgec-icount.so
 edgec-agent --port P`` (aarch64: ``qemu-aarch64 -L /usr/aarch64-linux-gnu
 -cpu cortex-a53``), Debian's dynamic qemu-user, the only one that loads TCG
-plugins. ``-cpu`` is the preset's CPU, so that code which detects CPU features
-at run time takes the board's paths. Kernels run on one thread
+plugins. ``-cpu`` is the preset's CPU (its ``emulated_cpu`` where QEMU lacks it:
+cortex-a76 for cortex-a55), so that code which detects CPU features at run time
+takes the board's paths. Kernels run on one thread
 (``TVM_NUM_THREADS=1``): the plugin counts per thread, and the count of the
 thread that runs the model is then all of the model's work, with no idle
 worker spinning in it. ``count_instructions=False`` runs ``qemu-arm-static``
@@ -121,14 +122,15 @@ def emulate(
     if emulator is None:
         raise EmulatorError(f"no emulator for target {preset!r}")
     counting = count_instructions and emulator.qemu is not None
-    command = _emulator_command(emulator, target.mcpu, counting)
+    cpu = target.emulated_cpu or target.mcpu
+    command = _emulator_command(emulator, cpu, counting)
     binary = Path(agent) if agent is not None else build_agent(preset)
     port = port or free_port(host)
     handle, log_name = tempfile.mkstemp(prefix="edgec-agent-", suffix=".log")
     log_path = Path(log_name)
     env = dict(os.environ, EDGEC_EMULATED="1" if emulator.qemu else "0")
     if emulator.qemu:
-        env["EDGEC_EMULATED_CPU"] = target.mcpu or ""
+        env["EDGEC_EMULATED_CPU"] = cpu or ""
     if counting:
         env["TVM_NUM_THREADS"] = "1"
     with os.fdopen(handle, "wb") as log_file:

@@ -33,6 +33,8 @@ class TargetPreset:
     tiles; ``None`` means "detect the compiling machine" (AVX-512: 16 and 32,
     AVX2: 8 and 16). ``winograd_min_tiles``: a 3x3 convolution becomes a
     Winograd one when it has at least this many output tiles (WinogradPolicy).
+    ``emulated_cpu``: the CPU qemu-user emulates for this preset's board (``-cpu``); ``None``:
+    ``mcpu`` (QEMU 7.2 knows cortex-a7, -a53, -a72, -a76, not -a55).
     """
 
     name: str
@@ -52,6 +54,7 @@ class TargetPreset:
     vector_lanes: int | None = None
     vector_registers: int | None = None
     winograd_min_tiles: int = 49
+    emulated_cpu: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("llvm", "cuda"):
@@ -86,6 +89,15 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
         winograd_min_tiles=16,  # fewer instructions at 14x14 (F(4x4)) and 7x7 (F(2x2)) too: README
+    ),
+    TargetPreset(
+        name="cortex-a55", description="ARM Cortex-A55, 64-bit armv8.2-a, NEON + dot product (udot/sdot; Rockchip RK3566/RK3568, Amlogic S905X3)",
+        kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a55",
+        mattr=("+neon", "+dotprod"), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
+        elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
+        winograd_min_tiles=16,  # as cortex-a53: the same in-order NEON pipeline
+        # QEMU 7.2 has no cortex-a55; cortex-a76 is armv8.2-a with the same dot product (FEAT_DotProd)
+        emulated_cpu="cortex-a76",
     ),
     TargetPreset(
         name="cortex-a72", description="ARM Cortex-A72, 64-bit aarch64, NEON (Raspberry Pi 4)",

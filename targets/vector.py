@@ -28,6 +28,8 @@ One rule per fact:
 - int8 dot product: whether one instruction multiplies 4 uint8 by 4 int8 and adds
   the 4 products into an int32 lane (x86 AVX-512 VNNI ``vpdpbusd``, 64 MACs per
   zmm instruction): the int8 convolutions then take ``conv2d_int8``'s kernel.
+- dot product (aarch64): 4-way int8 dot products into int32 lanes (aarch64 ``sdot``/``udot``,
+  armv8.2-a FEAT_DotProd): the preset's ``mattr`` holds ``+dotprod``.
 
 ``None`` as the target means this machine (x86, its CPU detected).
 """
@@ -55,6 +57,7 @@ class CpuVector:
     log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
     lane of a vector register as its scalar operand (module docstring).
     ``int8_dot``: a 4-way uint8 x int8 -> int32 dot product per lane (VNNI).
+    ``dot_product``: ``sdot`` (module docstring).
     """
 
     lanes: int
@@ -64,6 +67,7 @@ class CpuVector:
     popcount: str = "scalar popcnt"
     lane_fma: bool = False
     int8_dot: bool = False
+    dot_product: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -99,7 +103,8 @@ def cpu_vector(target) -> CpuVector:
     registers = getattr(preset, "vector_registers", None)
     if arch in _NEON:
         word_bits, neon_registers, popcount, lane_fma = _NEON[arch]
-        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma)
+        dot_product = "+dotprod" in getattr(preset, "mattr", ())
+        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma, dot_product=dot_product)
     features = _x86_features(target)
     if "avx512f" in features:
         detected, integer_bits = 16, 512

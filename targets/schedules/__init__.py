@@ -7,6 +7,7 @@ that matches a kernel schedules it):
 
     winograd_schedule.py  Winograd input/output transforms   tiles parallel, elements unrolled
     conv2d_int8.py  uint8 x int8 conv2d, packed weights  vpdpbusd (VNNI CPUs only)
+    conv2d_dot.py int8 dot-product conv2d (sdot)    register tile, 4 input channels per lane
     conv2d.py     conv2d NHWC/HWIO, groups 1        register tile, weights or pixels stationary
     depthwise.py  depthwise conv2d NHWC             channels vectorised, pixels register-tiled
     grouped.py    grouped conv2d NHWC, 1<groups<C   conv2d's register tile, per group
@@ -37,6 +38,7 @@ __all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes"]
 def default_rules(vector: CpuVector) -> list[Rule]:
     """The rules in the order they are tried."""
     from edgec.targets.schedules.conv2d import Conv2DNHWC
+    from edgec.targets.schedules.conv2d_dot import Conv2DDot
     from edgec.targets.schedules.conv2d_int8 import Conv2DInt8Dot
     from edgec.targets.schedules.dense import Dense
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
@@ -47,8 +49,8 @@ def default_rules(vector: CpuVector) -> list[Rule]:
 
     int8_dot = [Conv2DInt8Dot(vector)] if vector.int8_dot else []
     return [
-        WinogradTransforms(vector), *int8_dot, Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector), GroupedConv2DNHWC(vector),
-        Dense(vector), Pooling(vector), Generic(vector),
+        WinogradTransforms(vector), *int8_dot, Conv2DDot(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector),
+        GroupedConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector),
     ]  # fmt: skip
 
 
@@ -57,7 +59,7 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
     from edgec.targets.schedules.graph import graph_passes as passes
 
     return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
-                  bool(vector and vector.int8_dot))
+                  int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product))
 
 
 def first_schedule(

@@ -234,6 +234,8 @@ def schedule_epilogue(sch, epilogue, at_loop, lanes: int) -> None:
 
 # parallel chunks smaller than this many elements cost more in thread wake-ups than they save
 MIN_PARALLEL_ELEMENTS = 4096
+MIN_PARALLEL_ROWS = 16  # fewer rows (outer iterations) than this: a row's vectors are shared out too
+MIN_VECTOR_LANES = 4  # the narrowest vector schedule_injective splits an innermost axis into
 
 
 def schedule_injective(sch, block, lanes: int) -> None:
@@ -244,7 +246,9 @@ def schedule_injective(sch, block, lanes: int) -> None:
     (an RGB image's 3 channels, NHWC) is unrolled instead, the axis before it left a
     loop: a vector of the flattened loop would straddle pixels with a different
     ``% 3`` per lane, which LLVM scalarises with a division per element (ResNet-18's
-    padded stem input and NCHW -> NHWC transpose on cortex-a53)."""
+    padded stem input and NCHW -> NHWC transpose on cortex-a53). An innermost axis at least a
+    vector long that is a whole number of vectors (of ``lanes``, or of a half or quarter of it)
+    is split on its own, so that each vector lies inside it."""
     loops = sch.get_loops(block)
     sizes = extents(sch, loops)
     total = 1
@@ -253,6 +257,19 @@ def schedule_injective(sch, block, lanes: int) -> None:
     if len(loops) > 2 and sizes[-1] < lanes and lanes % sizes[-1]:
         outer = sch.fuse(*loops[:-2])
         sch.unroll(loops[-1])
+        if total >= MIN_PARALLEL_ELEMENTS:
+            sch.parallel(outer)
+        return
+    width = lanes  # AVX-512's 24 channels: 8 lanes (a ymm vector), not a flattened loop
+    while width > MIN_VECTOR_LANES and sizes[-1] % width:
+        width //= 2
+    if len(loops) > 1 and sizes[-1] >= lanes and sizes[-1] % width == 0:
+        # vectors within the innermost axis, a loop of its own: a vector's index is affine in
+        # it (an NHWC slice or concat of channels loads whole vectors, with no ``// C`` per vector)
+        chunks, inner = sch.split(loops[-1], [None, width])
+        sch.vectorize(inner)
+        rows = total // sizes[-1]
+        outer = sch.fuse(*loops[:-1], *([chunks] if rows < MIN_PARALLEL_ROWS else []))
         if total >= MIN_PARALLEL_ELEMENTS:
             sch.parallel(outer)
         return
@@ -300,3 +317,15 @@ def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int) -> Any:
     fused = parallel_outer(sch, outer, block_work(sch, anchor))
     schedule_epilogue(sch, epilogue, fused, lanes)
     return fused
+
+
+def split_init(sch, anchor, first_reduction, unrolled: int, vectorise: bool = True) -> None:
+    """The accumulators' initialisation split out of ``anchor`` in front of ``first_reduction``:
+    its innermost loop vectorised (``vectorise``), the ``unrolled`` loops around it unrolled, as
+    the tile's own loops are."""
+    init = sch.decompose_reduction(anchor, first_reduction)
+    loops = sch.get_loops(init)[-(unrolled + 1) :]
+    if vectorise:
+        sch.vectorize(loops[-1])
+    for loop in loops[:-1]:
+        sch.unroll(loop)

@@ -34,6 +34,7 @@ from edgec.targets.schedules.common import (
     lane_broadcast,
     register_tile,
     schedule_injective,
+    split_init,
     split_tiles,
     static_iter_kinds,
     tile_nest,
@@ -160,12 +161,7 @@ def finish_register_tile(sch, anchor, first_reduction, unrolled, vectorised, lan
         sch.vectorize(vectorised)
     for loop in unrolled:
         sch.unroll(loop)
-    init = sch.decompose_reduction(anchor, first_reduction)
-    init_loops = sch.get_loops(init)[-(len(unrolled) + 1) :]
-    if extent > 1:
-        sch.vectorize(init_loops[-1])
-    for loop in init_loops[:-1]:
-        sch.unroll(loop)
+    split_init(sch, anchor, first_reduction, len(unrolled), extent > 1)
 
 
 def inline_inputs(sch, anchor, lanes: int, materialise_padding: bool) -> bool | None:

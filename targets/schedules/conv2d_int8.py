@@ -44,7 +44,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_tiles, tile_nest
+from edgec.targets.schedules.common import Rule, epilogue_block, extents, register_tile, split_init, split_tiles, tile_nest
 from edgec.targets.schedules.conv2d import inline_inputs
 from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
@@ -235,11 +235,7 @@ class Conv2DInt8Dot(Rule):
         tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc_outer, y_inner, x_inner, f_vectors, f_lanes, rc_inner], lanes)
         for loop in (y_inner, x_inner, f_vectors):
             sch.unroll(loop)
-        init = sch.decompose_reduction(anchor, ry)
-        init_loops = sch.get_loops(init)[-4:]
-        sch.vectorize(init_loops[-1])
-        for loop in init_loops[:-1]:
-            sch.unroll(loop)
+        split_init(sch, anchor, ry, 3)
         sch.tensorize(f_lanes, dot_intrinsic(lanes_f))
         return sch
 

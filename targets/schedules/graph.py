@@ -29,7 +29,10 @@ in order, and why:
                      kernel names keep a BN token for the profiler's ONNX map.
 4. layout            ``ConvertLayout``: conv2d to NHWC/HWIO; pooling,
                      element-wise ops, concat and reductions follow. Transposes
-                     remain only at the graph's edges (input, flatten).
+                     remain only at the graph's edges (input, flatten). Around
+                     it, ShuffleNet's channel shuffle becomes a ``take`` on the
+                     channel axis and the transposes the layout pass leaves
+                     around take / split / concat sink and cancel (shuffle.py).
 5. fold constants    the transposed weights and reshaped BN vectors.
 6. pad channels      a convolution whose output channels are not a whole
                      number of vectors (SqueezeNet's 1000 classes with 16
@@ -43,6 +46,9 @@ in order, and why:
                      ones: input transform, GEMM, output transform (fused with
                      the epilogue later); weights transformed here, once
                      (winograd_graph.py). After step 6: the GEMM gets whole vectors.
+8. dot product       on a CPU with ``sdot`` (CpuVector.dot_product), step 2b's int32
+                     convolutions whose channels are multiples of 4 become dot-product
+                     convolutions, weights repacked once (dot_graph.py). After step 6.
 
 Constant folding is done in NumPy for a small table of ops: TVM's
 FoldConstant compiles one LLVM kernel per op and shape, which took 30 s for a
@@ -76,15 +82,17 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 def graph_passes(
     lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
     int8_dot: bool = False,
+    dot_product: bool = False,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
     ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 2b);
-    ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py)."""
+    ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py);
+    ``dot_product`` (the CPU has ``sdot``): step 8."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
-    from edgec.targets.schedules import qdq_elementwise, qdq_integer
+    from edgec.targets.schedules import qdq_elementwise, qdq_integer, shuffle
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
@@ -94,7 +102,9 @@ def graph_passes(
         (qdq_elementwise.RULE, qdq_elementwise.qdq_elementwise(fallbacks)),
         ("graph:batch-norm", batch_norm_as_scale_shift(fallbacks)),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
+        (shuffle.RULE, shuffle.channel_shuffle_as_take(fallbacks)),
         ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),
+        (shuffle.RULE, shuffle.sink_transposes()),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
     ]
     if lanes and lanes > 1:
@@ -107,6 +117,10 @@ def graph_passes(
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
         passes.append((RULE, winograd_conv2d(winograd, fallbacks)))
+    if dot_product:
+        from edgec.targets.schedules import dot_graph
+
+        passes.append((dot_graph.RULE, dot_graph.dot_product_conv2d(fallbacks)))
     passes.append(("graph:dead-code", relax.transform.DeadCodeElimination()))
     return [guarded(inner, rule, fallbacks) for rule, inner in passes]
 

@@ -89,7 +89,7 @@ def qdq_integer(fallbacks: FallbackLog | None = None, weight_dtype: str = "int8"
         for quantized in (True, False):
             for gvar, func in list(mod.functions_items()):
                 if isinstance(func, relax.Function):
-                    rewriter = _Rewriter(mod, _use_counts(func), quantized)
+                    rewriter = _Rewriter(mod, use_counts(func), quantized)
                     mod[gvar] = rewriter.visit_expr(func)
                     log.info("qdq-integer: %d %s layer(s) of %s lowered to integer kernels", rewriter.rewritten,
                              "quantized" if quantized else "float-output", gvar.name_hint)  # fmt: skip
@@ -123,7 +123,7 @@ def is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == name
 
 
-def _use_counts(func) -> dict:
+def use_counts(func) -> dict:
     """How many bindings (and the function's result) use each variable."""
     from tvm import relax
 

@@ -23,12 +23,13 @@ EXPECTED_TVM_JSON = {
         "mfloat-abi": "hard",
     },
     "cortex-a53": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53", "mattr": ["+neon"]},
+    "cortex-a55": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55", "mattr": ["+neon", "+dotprod"]},
     "cortex-a72": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]},
 }
 
 
 def test_registry_holds_the_presets():
-    assert set(PRESETS) == {"x86", "cortex-a7", "cortex-a53", "cortex-a72", "cuda"}
+    assert set(PRESETS) == {"x86", "cortex-a7", "cortex-a53", "cortex-a55", "cortex-a72", "cuda"}
     for name, preset in PRESETS.items():
         assert preset.name == name
         assert preset.description
