@@ -35,12 +35,16 @@ class BuildOptions:
     directory (edgec tune) whose records replace the library's schedule for
     the kernels they match. ``winograd``: with the schedule library, the 3x3 stride-1
     convolutions this policy picks become Winograd ones (targets/schedules/winograd_graph.py);
-    None keeps them all direct. None of these changes CUDA builds (TVM's dlight).
+    None keeps them all direct. ``stack_buffers``: kernels' scratch buffers of 1-16 KiB (a
+    register tile's accumulator) on the stack instead of TVM's workspace pool, which served
+    them with an allocation and a free per parallel-loop iteration (edgec/stack_buffers.py).
+    None of these changes CUDA builds (TVM's dlight).
     """
 
     schedules: bool = True
     tuning_db: Path | None = None
     winograd: WinogradPolicy | None = DEFAULT_POLICY
+    stack_buffers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +239,8 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None,
         try:
             pipeline = relax_pipeline(target, record, options, fallbacks, attempt)
             with _cuda_source_modules(target), _fast_tvmscript_import(target):
-                executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline)
+                executable = relax.build(mod.clone(), target=target.tvm_target(), relax_pipeline=pipeline,
+                                         tir_pipeline=_tir_pipeline(target, options))
             break
         except Exception as error:  # noqa: BLE001 - find what broke it, keep it out, build again
             attempt = _next_attempt(attempt, error, target, record, fallbacks)
@@ -253,6 +258,16 @@ def build(mod, target: ResolvedTarget, options: BuildOptions | None = None,
         if call["kernel"] in failed_rules:
             call["fallbacks"] = failed_rules[call["kernel"]]
     return BuildResult(executable, calls, constants, record.tuning)
+
+
+def _tir_pipeline(target: ResolvedTarget, options: BuildOptions) -> str:
+    """The name of the TIR pipeline ``relax.build`` runs: TVM's default, on CPUs followed by
+    edgec's stack buffers (``BuildOptions.stack_buffers``)."""
+    if target.preset.kind == "cuda" or not options.stack_buffers:
+        return "default"
+    from edgec.stack_buffers import tir_pipeline
+
+    return tir_pipeline()
 
 
 def _next_attempt(attempt: Attempt, error: Exception, target: ResolvedTarget, record: PipelineRecord,

@@ -82,6 +82,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     schedules: bool = True,
     tuning_db: str | Path | None = None,
     winograd: WinogradPolicy | None = DEFAULT_POLICY,
+    stack_buffers: bool = True,
 ) -> CompileResult:
     """Compile ``model`` for ``target`` into the artifact directory ``output``.
 
@@ -89,7 +90,8 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
     naive default kernels); ``tuning_db`` names a MetaSchedule database
     (``edgec tune``) whose records are applied to the kernels they match.
     ``winograd``: which 3x3 convolutions become Winograd ones (a WinogradPolicy),
-    None: all stay direct (see BuildOptions).
+    None: all stay direct; ``stack_buffers=False`` keeps kernels' scratch buffers in TVM's
+    workspace pool (see BuildOptions).
     """
     from edgec.build import BuildOptions, Stages
     from edgec.core.fold import fold_constants
@@ -105,7 +107,8 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             folded = fold_constants(model.graph)
         with progress.stage("lower", "ONNX -> TVM Relax"):
             mod = to_relax(model.graph, resolved)
-        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None, winograd=winograd)
+        options = BuildOptions(schedules=schedules, tuning_db=Path(tuning_db) if tuning_db else None, winograd=winograd,
+                               stack_buffers=stack_buffers)
         fallbacks = FallbackLog()
         built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
         try:

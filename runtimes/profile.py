@@ -5,7 +5,9 @@ TVM 0.27 has no VM profiler, so each kernel of the artifact's kernel table
 device (``edgec.profile.register_kernel``) and timed there by TVM's own time
 evaluator, on random tensors of the recorded shapes. A kernel's time is its
 median per call times its number of calls; the rows' sum is compared with
-the end-to-end median (the rest is VM overhead: allocation, builtins).
+the end-to-end median. Timed alone, a kernel runs on warm caches: most of the rest is
+the kernels running slower in sequence, a little is the VM's own work (allocation, builtins;
+README, Performance, time outside the kernels).
 
 On an emulated board that counts instructions (``edgec device emulate``) the
 device also counts each kernel's instructions per call and the whole model's
@@ -301,7 +303,7 @@ td.bar div {{ background: #3b82f6; height: 14px; }}
 {banner}
 {summary}
 <p>end to end (median) {result.end_to_end_ms:.3f} ms; kernels sum {result.kernels_ms:.3f} ms
-({100 * result.coverage:.1f}% of end to end; the rest is VM overhead)</p>
+({100 * result.coverage:.1f}% of end to end; kernels timed alone, on warm caches)</p>
 <table><thead><tr><th>kernel</th><th>ONNX nodes</th><th>shapes (inputs -> output)</th><th>calls</th>
 {count_heads}<th>ms{' (emulated)' if result.emulated else ''}</th><th>%</th><th>GFLOP/s</th><th>{'instructions' if counted else 'time'} (bar)</th></tr></thead><tbody>
 {chr(10).join(lines)}
