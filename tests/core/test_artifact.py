@@ -41,12 +41,13 @@ def test_failed_build_leaves_nothing(tmp_path, mlp_model, monkeypatch):
 
 
 def test_failed_verification_leaves_nothing(tmp_path, mlp_model, monkeypatch):
-    real = edgec.runtimes.reference.reference_outputs
+    real = edgec.runtimes.reference.run_onnxruntime
 
-    def off_by_one(graph, inputs):
-        return [array + 1.0 for array in real(graph, inputs)]
+    def off_by_one(graph, inputs, **options):
+        return [array + 1.0 for array in real(graph, inputs, **options)]
 
-    monkeypatch.setattr(edgec.runtimes.reference, "reference_outputs", off_by_one)
+    # the reference every compile and bench checks a standard graph against (build_references)
+    monkeypatch.setattr(edgec.runtimes.reference, "run_onnxruntime", off_by_one)
     output = tmp_path / "model_x86"
     with pytest.raises(VerificationError) as error:
         edgec.compile(mlp_model, "x86", output)
@@ -87,7 +88,7 @@ def test_good_artifact_survives_failed_recompile(tmp_path, mlp_model, monkeypatc
 
     monkeypatch.undo()
     monkeypatch.setattr(
-        edgec.runtimes.reference, "reference_outputs", lambda graph, inputs: [np.full((1, 10), 1e3, np.float32)]
+        edgec.runtimes.reference, "run_onnxruntime", lambda graph, inputs, **_: [np.full((1, 10), 1e3, np.float32)]
     )
     with pytest.raises(VerificationError):
         edgec.compile(mlp_model, "x86", output)
