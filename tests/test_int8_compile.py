@@ -14,7 +14,7 @@ import pytest
 import edgec
 from backbone import assert_board_verified, invoke
 from edgec.core.artifact import load_artifact
-from edgec.core.numerics import compare, quantization_step
+from edgec.core.numerics import INT8_INPUTS, INT8_NOISE_FACTOR, compare, quantization_step
 from edgec.passes import FoldBatchNormPass, QuantizeInt8Pass
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
@@ -65,6 +65,9 @@ def test_quantize_pass_build_verified_on_x86(float_onnx, tmp_path):
     check = verification["onnxruntime"]
     assert verification["status"] == "passed" and check["within_tolerance"] and check["enforced"]
     assert "QDQ" in check["graph"] and check["rule"].startswith("int8")
+    # checked on INT8_INPUTS seeded inputs, the noise of correct implementations recorded for edgec bench
+    assert check["inputs"] == INT8_INPUTS and check["worst_seed"] in range(INT8_INPUTS) and check["int8_noise_steps"] >= 0
+    assert check["atol"] >= INT8_NOISE_FACTOR * check["int8_noise_steps"] * check["output_step"] * (1 - 1e-9)
     artifact = load_artifact(result.artifact.path)
     compiled = ir.load(str(artifact.onnx))
     assert sum(node.op_type == "QuantizeLinear" for node in compiled.graph) >= 5  # compiled as QDQ, not refolded
@@ -143,3 +146,37 @@ def test_inspect_shows_which_layers_are_int8_and_their_scales(ort_qdq, float_onn
     assert table.exit_code == 0 and "int8 scales" in table.output and f"{len(convs)} of {len(convs)}" in table.output
     plain = invoke("inspect", float_onnx)
     assert plain.exit_code == 0 and "int8 scales" not in plain.output and "int8:" not in plain.output
+
+
+def test_every_seeded_input_must_pass(float_onnx, tmp_path):
+    """compile's int8 check runs INT8_INPUTS seeded inputs: a build wrong on one of them only
+    (here: 20 output steps off on the third) is refused, and that input is the one reported."""
+    from edgec.core.inputs import random_inputs
+    from edgec.core.model import input_signatures
+    from edgec.runtimes.reference import build_references
+    from edgec.verify import Runner, VerifyOptions, _check_int8
+
+    model = edgec.load(float_onnx)
+    edgec.apply(model, [FoldBatchNormPass(), QuantizeInt8Pass(calibration=calibration())])
+    artifact = load_artifact(edgec.compile(model, "x86", tmp_path / "int8").artifact.path)
+    local = LocalRunner(artifact)
+    seen = []
+
+    def run(_artifact, inputs):
+        outputs = local.run(inputs)
+        seen.append(inputs[0])
+        if len(seen) == 3:  # the third seeded input
+            return [outputs[0] + np.float32(20 * quantization_step(outputs))]
+        return outputs
+
+    options = VerifyOptions()
+    first = random_inputs(input_signatures(model.graph), options.seed)
+    reference = [ref for ref in build_references(model.graph, first)[0] if ref.quantized][0]
+    seen.append(first[0])
+    agreement, entry = _check_int8(model, artifact, Runner("test", run), options, (local.run(first), reference), ["y"])
+    assert len(seen) == INT8_INPUTS and entry["inputs"] == INT8_INPUTS
+    assert not agreement.ok and entry["worst_seed"] == options.seed + 2
+    assert len({x.tobytes() for x in seen}) == INT8_INPUTS  # four different inputs
+    agreement, entry = _check_int8(model, artifact, Runner("test", lambda _, inputs: local.run(inputs)), options,
+                                   (local.run(first), reference), ["y"])  # fmt: skip
+    assert agreement.ok and entry["inputs"] == INT8_INPUTS  # the right build passes on all of them

@@ -30,8 +30,12 @@ QDQ graph, ONNX Runtime as written and ONNX Runtime's fused integer kernels
 output by many steps (full-size random-weight MobileNetV2: the two ORT
 runs differ by 7 to 12 steps), and no output check can tell a build apart
 from a correct one when it lies within what correct implementations already
-differ by. On a graph where the two ORT runs agree the allowance stays one
-step, and a wrong scale or zero point is refused.
+differ by. That spread is itself noisy from input to input, so compile
+measures it on ``INT8_INPUTS`` seeded inputs, records the largest (in output
+steps) in the manifest, and allows ``INT8_NOISE_FACTOR`` times it on every
+input (``edgec bench`` too, on its own input). On a graph where the two ORT
+runs agree the allowance stays one step, and a wrong scale or zero point is
+refused.
 Float graphs keep the float32 rule above unchanged.
 """
 
@@ -118,14 +122,30 @@ def quantization_step(want: Sequence[np.ndarray]) -> float:
     return max(steps)
 
 
-def int8_tolerance(as_written: Sequence[np.ndarray], fused: Sequence[np.ndarray] | None, steps: float) -> tuple[float, float, float]:
-    """(allowed absolute error, output step, spread) for an int8 build checked against ``as_written``:
-    ``max(steps x quantization_step(as_written), spread)``, where ``spread`` is the largest
-    ``|fused - as_written|`` (0 without ``fused``), the distance between two correct implementations."""
-    step = quantization_step(as_written)
+INT8_INPUTS = 4  # seeded inputs compile checks an int8 build on (the noise below is their largest)
+INT8_NOISE_FACTOR = 1.5  # allowed: this many times the noise of correct implementations
+
+
+def int8_spread(as_written: Sequence[np.ndarray], fused: Sequence[np.ndarray] | None) -> float:
+    """The largest ``|fused - as_written|`` (0 without ``fused``): how far two correct implementations
+    of a QDQ graph (ONNX Runtime's fused integer kernels, the graph as written) are apart."""
     spread = 0.0
     if fused is not None:
         for a, b in zip(fused, as_written, strict=True):
             if np.asarray(b).size:
                 spread = max(spread, float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))))
-    return max(steps * step, spread), step, spread
+    return spread
+
+
+def int8_tolerance(
+    as_written: Sequence[np.ndarray], fused: Sequence[np.ndarray] | None, steps: float, noise_steps: float = 0.0
+) -> tuple[float, float, float]:
+    """(allowed absolute error, output step, spread) for an int8 build checked against ``as_written``:
+    ``max(steps x step, INT8_NOISE_FACTOR x max(spread, noise_steps x step))``, ``step`` the output's
+    ``quantization_step``, ``spread`` ``int8_spread`` on these outputs and ``noise_steps`` the largest
+    spread, in output steps, over the inputs compile checked (``INT8_INPUTS``). One input's spread
+    alone is a coin flip: a correct build's own distance from the graph as written is as large as
+    ORT's fused kernels' and exceeds it on about half the inputs (bench/int8_agreement.py, README)."""
+    step = quantization_step(as_written)
+    spread = int8_spread(as_written, fused)
+    return max(steps * step, INT8_NOISE_FACTOR * max(spread, noise_steps * step)), step, spread

@@ -82,3 +82,17 @@ def test_compare_rule():
     assert compare([nan], [nan], rtol=1e-4, atol=1e-4).ok  # NaN where the reference has NaN
     assert not compare([np.array([np.nan, 1.0], np.float32)], [np.array([0.0, 1.0], np.float32)], rtol=1e-4, atol=1e-4).ok
     assert not compare([np.zeros((2, 2))], [np.zeros((2, 3))], rtol=1, atol=1).ok
+
+
+def test_int8_tolerance_uses_the_larger_of_one_step_and_the_noise():
+    from edgec.core.numerics import INT8_NOISE_FACTOR, int8_tolerance
+
+    want = [np.linspace(0.0, 2.55, 1000, dtype=np.float32)]  # output step 0.01
+    fused = [want[0] + np.float32(0.04)]  # ORT fused 4 steps from as written on this input
+    allowed, step, spread = int8_tolerance(want, None, 1.0)
+    assert np.isclose(step, 0.01) and spread == 0.0 and np.isclose(allowed, 0.01)  # one step
+    allowed, _, spread = int8_tolerance(want, fused, 1.0)
+    assert np.isclose(spread, 0.04) and np.isclose(allowed, INT8_NOISE_FACTOR * 0.04)
+    # the noise compile measured over its inputs (in steps) when larger than this input's spread
+    assert np.isclose(int8_tolerance(want, fused, 1.0, noise_steps=10.0)[0], INT8_NOISE_FACTOR * 0.1)
+    assert np.isclose(int8_tolerance(want, fused, 1.0, noise_steps=1.0)[0], INT8_NOISE_FACTOR * 0.04)
