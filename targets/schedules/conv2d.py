@@ -94,6 +94,11 @@ def _indexed_by(region, variables) -> bool:
     )
 
 
+# accumulators of a register tile whose taps are unrolled (Conv2DNHWC.unroll_taps): half the
+# register file, the other half for the taps' inputs and weights
+UNROLLED_TAPS_ACCUMULATORS = 16
+
+
 class Conv2DNHWC(Rule):
     """Register-tiled direct convolution: pixels x output channels, vectorised over channels.
 
@@ -109,7 +114,11 @@ class Conv2DNHWC(Rule):
     instructions. On CPUs with a lane multiply-add (aarch64), where it was
     measured (ResNet-18's 7x7 stem on cortex-a53: 1.54 -> 1.40 instructions
     per fmla in the inner loop); LLVM's AVX-512 code for the unrolled stem moves
-    36 vectors through the stack, so x86 keeps the loop.
+    36 vectors through the stack, so x86 keeps the loop. The unrolled taps hold
+    their inputs and weights in registers beside the tile: at most
+    ``UNROLLED_TAPS_ACCUMULATORS`` accumulators (ShuffleNetV2's 3x3/2 stem, 3 -> 24
+    channels, on cortex-a53: the 8-point x 3-vector tile, 24 accumulators, spilled
+    to the stack in every row of taps, 4.66M instructions; 4 x 3, 4.13M).
     """
 
     name = "conv2d-nhwc"
@@ -132,14 +141,18 @@ class Conv2DNHWC(Rule):
         _, height, width, channels, depth = extents(sch, [n, y, x, f, rc])
         # a border test inlined into the loads cannot be copied as a whole vector
         lane = wants_lane_broadcast(self.vector, depth) and materialised is not False
-        (tile_y, tile_x), tile_f = register_tile([height, width], channels, self.vector, lane_operand=lane)
+        unroll = not lane and depth < self.vector.lanes and self.unroll_taps
+        cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None
+        (tile_y, tile_x), tile_f = register_tile(
+            [height, width], channels, self.vector, lane_operand=lane, max_accumulators=cap
+        )
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         weight_stationary = buffer_size(weight) > buffer_size(data)
         outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
         tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, f_inner], self.vector.lanes)
         if lane:
             rc = lane_broadcast(sch, anchor, rc, self.vector.lanes) or rc
-        elif depth < self.vector.lanes and self.unroll_taps:
+        elif unroll:
             sch.unroll(rx)
             sch.unroll(rc)
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], f_inner, self.vector.lanes)
