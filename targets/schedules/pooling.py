@@ -50,6 +50,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     vector_tile,
 )
+from edgec.targets.schedules.conv2d import finish_register_tile
 
 # a window tile's accumulators: half the register file, the other half for the loaded columns
 WINDOW_ACCUMULATORS = 16
@@ -129,13 +130,7 @@ class Pooling(Rule):
         sch.annotate(rows, "pragma_loop_partition_hint", 1)
         sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
         schedule_epilogue(sch, epilogue, c_outer, self.vector.lanes)
-        for loop in (ry, rx, x_inner):
-            sch.unroll(loop)
-        if tile > 1:
-            sch.vectorize(c_inner)
-        init = sch.decompose_reduction(anchor, ry)
-        init_x, init_c = sch.get_loops(init)[-2:]
-        sch.unroll(init_x)
-        if tile > 1:
-            sch.vectorize(init_c)
+        sch.unroll(ry)
+        sch.unroll(rx)
+        finish_register_tile(sch, anchor, ry, [x_inner], c_inner, self.vector.lanes)
         return sch
