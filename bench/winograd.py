@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgec.targets import PRESETS
     from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 
-    default = DEFAULT_POLICY.for_target(PRESETS["x86"].winograd_min_tiles)
+    x86 = PRESETS["x86"]
+    default = DEFAULT_POLICY.for_target(x86.winograd_min_tiles, x86.winograd_tiles, x86.winograd_transform_cost)
 
     variants = {
         "direct": None,

@@ -62,7 +62,8 @@ class Stages:
         tuned = options.tuning_db if cpu else None
         winograd = options.winograd if cpu and options.schedules else None
         if winograd is not None:
-            winograd = winograd.for_target(target.preset.winograd_min_tiles)
+            preset = target.preset
+            winograd = winograd.for_target(preset.winograd_min_tiles, preset.winograd_tiles, preset.winograd_transform_cost)
         return cls(graph=cpu and (options.schedules or tuned is not None), schedules=cpu and options.schedules, tuning_db=tuned,
                    winograd=winograd)
 

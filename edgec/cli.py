@@ -144,7 +144,7 @@ def _load(model_path: Path, input_shapes, trust_pickle: bool, progress):
 @click.option("--qdq-steps", type=click.FloatRange(0), default=1.0, show_default=True, help="Verification of int8 (QDQ) graphs: allowed error in quantization steps of the output ((max - min) / 255).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--no-schedules", is_flag=True, help="Build without edgec's CPU schedule library: TVM's naive single-threaded kernels.")
-@click.option("--no-winograd", is_flag=True, help="Keep every 3x3 convolution direct (no Winograd F(4x4)/F(2x2) convolutions).")
+@click.option("--no-winograd", is_flag=True, help="Keep every 3x3 convolution direct (no Winograd F(mxm, 3x3) convolutions).")
 @click.option("--tuning-db", metavar="PATH|none", help="MetaSchedule database from `edgec tune` [default: ~/.cache/edgec/tuning/<target>/ when it exists].")
 @_threads_option
 def compile(model_path, target_spec, output, input_shapes, trust_pickle, pass_specs, no_verify, rtol, atol, qdq_steps, as_json, no_schedules, no_winograd, tuning_db, threads):  # noqa: A001

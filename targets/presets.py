@@ -32,7 +32,10 @@ class TargetPreset:
     SIMD register) and ``vector_registers`` shape the CPU schedule library's
     tiles; ``None`` means "detect the compiling machine" (AVX-512: 16 and 32,
     AVX2: 8 and 16). ``winograd_min_tiles``: a 3x3 convolution becomes a
-    Winograd one when it has at least this many output tiles (WinogradPolicy).
+    Winograd one when it has at least this many output tiles; ``winograd_tiles``: the
+    output tiles m of F(m x m, 3x3) tried; ``winograd_transform_cost``: None, the first
+    of them with enough tiles, else the one of fewest estimated multiply-adds, a
+    transform term costing this many (WinogradPolicy).
     ``emulated_cpu``: the CPU qemu-user emulates for this preset's board (``-cpu``); ``None``:
     ``mcpu`` (QEMU 7.2 knows cortex-a7, -a53, -a72, -a76, not -a55).
     """
@@ -54,6 +57,8 @@ class TargetPreset:
     vector_lanes: int | None = None
     vector_registers: int | None = None
     winograd_min_tiles: int = 49
+    winograd_tiles: tuple[int, ...] = (4, 2)
+    winograd_transform_cost: float | None = None
     emulated_cpu: str | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +71,8 @@ class TargetPreset:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"preset {self.name!r}: {field} must be a positive int or None")
 
+
+ARM_WINOGRAD_TILES = (6, 5, 4, 3, 2)  # aarch64: the cheapest by WinogradPolicy's estimate
 
 # fmt: off
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
@@ -88,14 +95,18 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a53",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
-        winograd_min_tiles=16,  # fewer instructions at 14x14 (F(4x4)) and 7x7 (F(2x2)) too: README
+        # instruction counts (README, Winograd): F(5x5) at 14x14, F(4x4) at 7x7 (4 tiles); a transform
+        # term (measured: 0.48-0.64 instructions per term and channel, F(4x4) to F(6x6)) costs ~2 GEMM
+        # multiply-adds (0.3 instructions each: a 4-lane fmla, 1.2-1.3 instructions)
+        winograd_min_tiles=4, winograd_tiles=ARM_WINOGRAD_TILES, winograd_transform_cost=2.0,
     ),
     TargetPreset(
         name="cortex-a55", description="ARM Cortex-A55, 64-bit armv8.2-a, NEON + dot product (udot/sdot; Rockchip RK3566/RK3568, Amlogic S905X3)",
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a55",
         mattr=("+neon", "+dotprod"), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
-        winograd_min_tiles=16,  # as cortex-a53: the same in-order NEON pipeline
+        # as cortex-a53: the same in-order NEON pipeline
+        winograd_min_tiles=4, winograd_tiles=ARM_WINOGRAD_TILES, winograd_transform_cost=2.0,
         # QEMU 7.2 has no cortex-a55; cortex-a76 is armv8.2-a with the same dot product (FEAT_DotProd)
         emulated_cpu="cortex-a76",
     ),
@@ -104,7 +115,10 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         kind="llvm", arch="aarch64", cpu_arch="aarch64", mtriple="aarch64-linux-gnu", mcpu="cortex-a72",
         mattr=("+neon",), toolchain=Toolchain("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"),
         elf_machine="AArch64", elf_bits=64, vector_lanes=4, vector_registers=32,
-        winograd_min_tiles=16,  # fewer instructions at 14x14 (F(4x4)) and 7x7 (F(2x2)) too: README
+        # instruction counts (README, Winograd): F(5x5) at 14x14, F(4x4) at 7x7 (4 tiles); a transform
+        # term (measured: 0.48-0.64 instructions per term and channel, F(4x4) to F(6x6)) costs ~2 GEMM
+        # multiply-adds (0.3 instructions each: a 4-lane fmla, 1.2-1.3 instructions)
+        winograd_min_tiles=4, winograd_tiles=ARM_WINOGRAD_TILES, winograd_transform_cost=2.0,
     ),
     TargetPreset(
         name="cuda", description="NVIDIA GPU via CUDA, TVM dlight default GPU schedules (host code generic x86-64)",

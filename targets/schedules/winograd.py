@@ -55,6 +55,14 @@ def winograd_matrices(m: int) -> WinogradMatrices:
     return WinogradMatrices(m, np.asarray(A, np.float64), np.asarray(B, np.float64), np.asarray(G, np.float64))
 
 
+def transform_terms(m: int) -> tuple[int, int]:
+    """Terms (multiply-adds, +-1 ones as adds) per tile of the separable transforms of F(m x m, 3x3),
+    the matrices' zeros dropped: the input transform's per channel, ``2 alpha nnz(B)`` (one pass
+    per axis), and the output transform's per filter, ``(alpha + m) nnz(A)``."""
+    mats = winograd_matrices(m)
+    return 2 * mats.alpha * int(np.count_nonzero(mats.B)), (mats.alpha + m) * int(np.count_nonzero(mats.A))
+
+
 def transform_weights(weight_hwio: np.ndarray, m: int) -> np.ndarray:
     """``U[eps*alpha + nu, c, f] = sum_ij G[eps, i] w[i, j, c, f] G[nu, j]`` for HWIO 3x3 weights,
     computed in float64 and returned in the weights' dtype."""

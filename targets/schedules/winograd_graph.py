@@ -33,38 +33,69 @@ OPAQUE = 8  # relax's OpPatternKind kOpaque: FuseOps fuses nothing with it
 class WinogradPolicy:
     """Which convolutions become Winograd ones, and with which output tile.
 
-    ``tiles``: the output tiles ``m`` of F(m x m, 3x3) to try, largest first
-    (fewest multiplies). A convolution takes the first ``m`` that gives it at
-    least ``min_tiles`` output tiles (the GEMM's rows: with fewer, each of the
-    transformed weights, ``(m + 2)^2 / 9`` times the direct convolution's, is
-    read for too little work), and needs at least ``min_channels`` input and
-    output channels (the transforms cost about ``alpha^2 (C + F)`` per tile
-    against ``alpha^2 C F`` for the GEMM). ``min_tiles`` None: the target's
-    (``TargetPreset.winograd_min_tiles``: 49 on x86, where single-layer timings
-    on a loaded 2-core machine had F(4x4) slower than F(2x2) at 14x14 and neither
-    clearly faster than direct at 7x7 (noisy: re-measure with bench/winograd.py
-    on a quiet machine); 16 on aarch64, where both save instructions, README).
+    ``tiles``: the output tiles ``m`` of F(m x m, 3x3) to try. A convolution needs
+    at least ``min_channels`` input and output channels (the transforms cost about
+    ``alpha^2 (C + F)`` per tile against ``alpha^2 C F`` for the GEMM) and an ``m``
+    that gives it at least ``min_tiles`` output tiles (the GEMM's rows: with fewer,
+    each of the transformed weights, ``(m + 2)^2 / 9`` times the direct
+    convolution's, is read for too little work). Then:
+
+    - ``transform_cost`` None: the first such ``m`` (list the largest first: fewest
+      multiplies per output).
+    - ``transform_cost`` set: the ``m`` of the smallest ``estimated_cost``, the GEMM's
+      multiply-adds plus ``transform_cost`` multiply-adds per term of the separable
+      transforms and channel, and direct convolution (``9 C F`` per output) when
+      that is cheaper still. A partial last tile costs a whole one: at 7x7, F(4x4)'s
+      4 tiles (36 x 4 products per filter and channel) beat F(2x2)'s 16 (16 x 16).
+
+    None in ``tiles``, ``min_tiles`` or ``transform_cost`` (the defaults): the target's
+    (``TargetPreset.winograd_*``: x86 F(4x4) then F(2x2) from 49 tiles, first fit,
+    where single-layer timings on a loaded 2-core machine had F(4x4) slower than
+    F(2x2) at 14x14 and neither clearly faster than direct at 7x7 (noisy: re-measure
+    with bench/winograd.py on a quiet machine); aarch64 the cheapest of F(2x2) to
+    F(6x6) by instruction counts, README).
     """
 
-    tiles: tuple[int, ...] = (4, 2)
+    tiles: tuple[int, ...] | None = None
     min_channels: int = 16
     min_tiles: int | None = None
+    transform_cost: float | None = None
 
-    def for_target(self, min_tiles: int) -> WinogradPolicy:
-        """This policy with ``min_tiles`` filled in where it was left to the target."""
+    def for_target(self, min_tiles: int, tiles: tuple[int, ...] = (4, 2), transform_cost: float | None = None) -> WinogradPolicy:
+        """This policy with what was left to the target filled in (``transform_cost`` only
+        when ``tiles`` was left too: explicit tiles keep their own choice rule)."""
+        if self.tiles is None:
+            return dataclasses.replace(self, tiles=tuple(tiles), transform_cost=self.transform_cost or transform_cost,
+                                       min_tiles=self.min_tiles if self.min_tiles is not None else min_tiles)
         return self if self.min_tiles is not None else dataclasses.replace(self, min_tiles=min_tiles)
+
+    def estimated_cost(self, m: int, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> float:
+        """Multiply-adds of F(m x m, 3x3) on these shapes, transform terms weighted by ``transform_cost``."""
+        from edgec.targets.schedules.winograd import transform_terms
+
+        alpha = m + 2
+        tiles = batch * -(-out_h // m) * -(-out_w // m)
+        input_terms, output_terms = transform_terms(m)
+        return tiles * (alpha * alpha * channels * filters + (self.transform_cost or 0) * (input_terms * channels + output_terms * filters))
 
     def choose(self, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> tuple[int | None, str]:
         """(output tile m, why) for a convolution of these shapes; m None: stays direct."""
-        if self.min_tiles is None:
-            raise ValueError("WinogradPolicy.min_tiles is the target's: call for_target first")
+        if self.min_tiles is None or self.tiles is None:
+            raise ValueError("WinogradPolicy.tiles and .min_tiles are the target's: call for_target first")
         if min(channels, filters) < self.min_channels:
             return None, f"{channels} -> {filters} channels: fewer than {self.min_channels}"
-        for m in self.tiles:
-            tiles = batch * -(-out_h // m) * -(-out_w // m)
-            if tiles >= self.min_tiles:
-                return m, f"{tiles} output tiles of {m}x{m}"
-        return None, f"fewer than {self.min_tiles} output tiles of {min(self.tiles)}x{min(self.tiles)}"
+        enough = [m for m in self.tiles if batch * -(-out_h // m) * -(-out_w // m) >= self.min_tiles]
+        if not enough:
+            return None, f"fewer than {self.min_tiles} output tiles of {min(self.tiles)}x{min(self.tiles)}"
+        if self.transform_cost is None:
+            m = enough[0]
+            return m, f"{batch * -(-out_h // m) * -(-out_w // m)} output tiles of {m}x{m}"
+        costs = {m: self.estimated_cost(m, batch, out_h, out_w, channels, filters) for m in enough}
+        m = min(costs, key=lambda each: (costs[each], -each))
+        direct = 9 * batch * out_h * out_w * channels * filters
+        if costs[m] >= direct:
+            return None, f"F({m}x{m}) estimated at {costs[m]:.3g} multiply-adds, direct {direct:.3g}"
+        return m, f"estimated {costs[m]:.3g} multiply-adds, the fewest of " + ", ".join(f"F({k}x{k}) {v:.3g}" for k, v in costs.items())
 
 
 DEFAULT_POLICY = WinogradPolicy()

@@ -29,12 +29,14 @@ from edgec.targets.schedules.winograd_schedule import WinogradTransforms
 RTOL = ATOL = 1e-4
 F4 = WinogradPolicy(tiles=(4,), min_tiles=1)
 F2 = WinogradPolicy(tiles=(2,), min_tiles=1)
+F5 = WinogradPolicy(tiles=(5,), min_tiles=1)
+F6 = WinogradPolicy(tiles=(6,), min_tiles=1)
 
 
 # --- the math ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6])
 def test_matrices_compute_a_one_dimensional_correlation(m):
     """F(m, 3): A^T [(G g) * (B^T d)] is the valid correlation of alpha inputs with 3 taps."""
     mats = winograd_matrices(m)
@@ -56,7 +58,7 @@ def direct_conv2d(x, w, padding):
     return out
 
 
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", [2, 4, 5, 6])
 @pytest.mark.parametrize(("size", "padding"), [((8, 8), (1, 1, 1, 1)), ((7, 5), (1, 1, 1, 1)), ((9, 6), (0, 0, 0, 0)),
                                                ((6, 7), (2, 1, 0, 1))])
 def test_reference_matches_direct_convolution(m, size, padding):
@@ -68,21 +70,36 @@ def test_reference_matches_direct_convolution(m, size, padding):
 
 def test_policy_picks_a_tile_per_layer():
     """ResNet-18's 3x3 stride-1 layers on x86: F(4x4) at 56 and 28, F(2x2) at 14, direct at 7
-    (bench/winograd.py); on aarch64 (instruction counts, README): F(4x4) at 14, F(2x2) at 7."""
-    assert (PRESETS["x86"].winograd_min_tiles, PRESETS["cortex-a53"].winograd_min_tiles) == (49, 16)
+    (bench/winograd.py, first fit); on aarch64 the fewest estimated multiply-adds (README's
+    instruction counts): F(4x4) at 56, F(6x6) at 28, F(5x5) at 14, F(4x4) at 7."""
+    x86, a53 = PRESETS["x86"], PRESETS["cortex-a53"]
+    assert (x86.winograd_min_tiles, x86.winograd_tiles, x86.winograd_transform_cost) == (49, (4, 2), None)
     with pytest.raises(ValueError, match="for_target"):
         WinogradPolicy().choose(1, 56, 56, 64, 64)
-    policy = WinogradPolicy().for_target(PRESETS["x86"].winograd_min_tiles)
+    policy = WinogradPolicy().for_target(x86.winograd_min_tiles, x86.winograd_tiles, x86.winograd_transform_cost)
     assert WinogradPolicy(min_tiles=3).for_target(49).min_tiles == 3  # an explicit value wins
-    arm = WinogradPolicy().for_target(PRESETS["cortex-a53"].winograd_min_tiles)
-    assert [arm.choose(1, size, size, 256, 256)[0] for size in (56, 28, 14, 7)] == [4, 4, 4, 2]
-    assert policy.choose(1, 56, 56, 64, 64)[0] == 4
-    assert policy.choose(1, 28, 28, 128, 128)[0] == 4
-    assert policy.choose(1, 14, 14, 256, 256)[0] == 2
+    assert WinogradPolicy(tiles=(4,)).for_target(1, (6, 2), 2.0) == WinogradPolicy(tiles=(4,), min_tiles=1)  # explicit tiles: first fit
+    arm = WinogradPolicy().for_target(a53.winograd_min_tiles, a53.winograd_tiles, a53.winograd_transform_cost)
+    resnet = [(56, 64), (28, 128), (14, 256), (7, 512)]
+    assert [arm.choose(1, size, size, width, width)[0] for size, width in resnet] == [4, 6, 5, 4]
+    assert [policy.choose(1, size, size, width, width)[0] for size, width in resnet] == [4, 4, 2, None]
     m, why = policy.choose(1, 7, 7, 512, 512)
     assert m is None and "tiles" in why
     m, why = policy.choose(1, 56, 56, 8, 64)
     assert m is None and "channels" in why
+    m, why = WinogradPolicy(tiles=(6, 4), min_tiles=1, transform_cost=2.0).choose(1, 2, 2, 64, 64)  # one tile: more than direct
+    assert m is None and "direct" in why
+
+
+def test_estimated_cost_counts_the_gemm_and_the_transform_terms():
+    from edgec.targets.schedules.winograd import transform_terms
+
+    assert transform_terms(4) == (2 * 6 * 26, (6 + 4) * 18)  # 312 and 180: winograd_kernels' docstring
+    assert transform_terms(2) == (2 * 4 * 8, (4 + 2) * 6)
+    bare, weighted = WinogradPolicy(tiles=(4,), min_tiles=1), WinogradPolicy(tiles=(4,), min_tiles=1, transform_cost=2.0)
+    tiles = 2 * 2  # 7x7 outputs in tiles of 4: the partial ones cost whole tiles
+    assert bare.estimated_cost(4, 1, 7, 7, 8, 16) == tiles * 36 * 8 * 16
+    assert weighted.estimated_cost(4, 1, 7, 7, 8, 16) == tiles * (36 * 8 * 16 + 2.0 * (312 * 8 + 180 * 16))
 
 
 # --- the rewrite ---------------------------------------------------------------------------------
@@ -154,7 +171,7 @@ def test_policy_that_rejects_leaves_the_module_unchanged():
     from tvm import relax
 
     mod, _ = _relax_convs()
-    rewritten = winograd_conv2d(WinogradPolicy(min_tiles=10_000))(mod)
+    rewritten = winograd_conv2d(WinogradPolicy(tiles=(4, 2), min_tiles=10_000))(mod)
     assert len([c for c in _calls(rewritten) if getattr(c.op, "name", "") == "relax.nn.conv2d"]) == 3
     assert not any(getattr(c.op, "name", "") == "relax.call_tir" for c in _calls(rewritten))
     assert relax.analysis.check_well_formed(rewritten)
@@ -169,7 +186,7 @@ def _loop_kinds(sch, block) -> list[str]:
     return [tirx.ForKind(int(sch.get(loop).kind)).name.lower() for loop in sch.get_loops(block)]
 
 
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", [2, 4, 5, 6])
 def test_transforms_run_one_pass_per_axis_per_tile_and_channel_vector(m):
     """The first pass of each transform (the input's columns, the output's rows) is computed
     inside the tile and channel-vector loops of the second, unrolled and vectorised: its
@@ -241,9 +258,9 @@ def _check_against_onnxruntime(model, result):
     np.testing.assert_allclose(got, run_onnxruntime(model.graph, [x])[0], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("policy", [F4, F2], ids=["F4x4", "F2x2"])
+@pytest.mark.parametrize("policy", [F4, F2, F5, F6], ids=["F4x4", "F2x2", "F5x5", "F6x6"])
 def test_winograd_model_matches_onnxruntime_on_x86(policy, residual_onnx, tmp_path):
-    """18x18 outputs: F(4x4) has a partial last tile row and column."""
+    """18x18 outputs: F(4x4) and F(5x5) have a partial last tile row and column."""
     model = edgec.load(residual_onnx)
     result = edgec.compile(model, "x86", tmp_path / "out", winograd=policy)
     manifest = result.manifest
