@@ -138,7 +138,8 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
 
 
 def register_tile(
-    rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False
+    rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False,
+    max_accumulators: int | None = None,
 ) -> tuple[list[int], int]:
     """Choose the register tile of a channels-last contraction.
 
@@ -151,7 +152,7 @@ def register_tile(
     come a vector of ``lanes`` reduction steps at a time) ``p / lanes`` vectors,
     which then hold ``p`` registers: ``p * v`` accumulators at most
     ``vector.accumulators``, or ``vector.accumulator_budget(p + v)`` with
-    ``lane_operand``.
+    ``lane_operand``; and at most ``max_accumulators`` when given.
     """
     best = None
     for channel_tile in vector_tile(channels, vector, max_vectors):
@@ -161,6 +162,7 @@ def register_tile(
             for factor in factors:
                 points *= factor
             budget = vector.accumulator_budget(points + vectors) if lane_operand else vector.accumulators
+            budget = min(budget, max_accumulators or budget)
             if points * vectors > budget:
                 continue
             loads = points / vector.lanes + vectors if lane_operand else points + vectors
