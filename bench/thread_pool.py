@@ -9,7 +9,10 @@ processes at 2 threads), and the slowest process.
 
 Variants: ``edgec`` (TVM's pool as edgec ships it), the TVM pool's settings named in ``--env``
 (each ``NAME:VAR=VALUE[;VAR=VALUE]``, e.g. ``nobind:TVM_BIND_THREADS=0``), and ``ort`` (ONNX
-Runtime on the same model.onnx, the same thread count: the machine's own noise).
+Runtime on the same model.onnx, the same thread count: the machine's own noise). One setting is
+this script's own: ``BENCH_PIN_MAIN_CPU=N`` pins the calling (main) thread to CPU ``N`` after the
+warm-up runs (TVM's pool pins its workers, one per CPU from the second on, and leaves the main
+thread, which runs task 0 of every parallel loop, free on all of them).
 
     python bench/thread_pool.py [--models mobilenet_v2] [--threads 2] [--processes 30] [--repeat 20]
                                 [--env nobind:TVM_BIND_THREADS=0] [--work DIR] [-o table.md]
@@ -76,7 +79,10 @@ def worker(job: dict) -> float:
     from edgec.runtimes.local import LocalRunner
 
     runner = LocalRunner(load_artifact(job["path"]), threads=job["threads"])
-    return statistics.median(runner.time_ms([x], repeat=job["repeat"], warmup=5))
+    runner.time_ms([x], repeat=1, warmup=5)  # the pool starts (and sets the threads' affinity) here
+    if os.environ.get("BENCH_PIN_MAIN_CPU"):
+        os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_MAIN_CPU"])})  # 0: the calling thread (Linux)
+    return statistics.median(runner.time_ms([x], repeat=job["repeat"], warmup=2))
 
 
 def parse_env(specs: list[str]) -> dict[str, dict[str, str]]:
