@@ -15,11 +15,17 @@ calibrated on ``--calib`` seeded N(0, 1) inputs), then ``--inputs`` other seeded
   by, on that input or the largest compile measured, whichever is larger), the worst error /
   allowed, and the largest differences of edgec and of ORT fused, in output steps.
 
+``--scale-errors`` adds what the rule can and cannot see: ORT as written on copies of the QDQ graph
+with one per-channel weight scale multiplied (the first, a middle and the last int8 layer's, by
+1.05, and the middle one's by 1.01), standing for a wrong kernel; per variant (edgec's build
+first), the range of output steps from the graph as written and how many inputs the rule refuses,
+and the old rule (one input's spread alone, no factor) for comparison.
+
 No data set lies on this machine and the weights are not trained, so the logits are those of a
 random network: a harder test for top-1 than a trained one (the classes' margins are small), and
 not an accuracy. The trained digits CNN's accuracy is in tests/passes/test_quantize_int8.py.
 
-    python bench/int8_agreement.py [--models mobilenet_v2,resnet18,...] [--inputs 100] [--method minmax]
+    python bench/int8_agreement.py [--models mobilenet_v2,resnet18,...] [--inputs 100] [--method minmax] [--scale-errors]
 """
 
 from __future__ import annotations
@@ -50,6 +56,28 @@ def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> tuple[flo
     return 100.0 * top1 / len(reference), 100.0 * top5 / len(reference)
 
 
+SCALE_ERRORS = (("first", 1.05), ("middle", 1.05), ("middle", 1.01), ("last", 1.05))
+
+
+def scaled(graph, which: str, factor: float):
+    """A copy of the QDQ ``graph`` with the ``which`` (first, middle, last) per-channel weight scale times ``factor``."""
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    proto = ir.serde.serialize_model(graph)
+    tensors = {tensor.name: tensor for tensor in proto.graph.initializer}
+    names = dict.fromkeys(node.input[1] for node in proto.graph.node if node.op_type == "DequantizeLinear")
+    per_channel = [name for name in names if name in tensors and numpy_helper.to_array(tensors[name]).size > 1]
+    name = {"first": per_channel[0], "middle": per_channel[len(per_channel) // 2], "last": per_channel[-1]}[which]
+    tensors[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensors[name]) * np.float32(factor), name))
+    return ir.serde.deserialize_model(proto)
+
+
+def refused(got: np.ndarray, want: np.ndarray, allowed: float) -> bool:
+    """edgec bench's check (edgec.core.numerics.compare with rtol = atol = RTOL) with the int8 allowance."""
+    return float(np.abs(got - want).max()) > max(RTOL, allowed) + RTOL * float(np.abs(want).max())
+
+
 def measure(name: str, args) -> dict:
     import onnx_ir as ir
 
@@ -70,6 +98,8 @@ def measure(name: str, args) -> dict:
         outputs: dict[str, list[np.ndarray]] = {"edgec fp32": [], "edgec int8": [], "ort fp32": [], "ort int8": []}
         worst = {"edgec": 0.0, "ort fused": 0.0, "edgec vs fused": 0.0}
         outside, worst_ratio = 0, 0.0
+        wrong = {f"{which} x{factor:g}": scaled(qdq_graph, which, factor) for which, factor in SCALE_ERRORS} if args.scale_errors else {}
+        sensitivity = {variant: {"steps": [], "new": 0, "old": 0} for variant in ["edgec", *wrong]}
         for index in range(args.inputs):
             x = np.random.default_rng(INPUT_SEED + index).standard_normal((1, 3, 224, 224)).astype(np.float32)
             outputs["edgec fp32"].append(fp32.run([x])[0])
@@ -85,6 +115,15 @@ def measure(name: str, args) -> dict:
             to_fused = float(np.abs(outputs["edgec int8"][-1] - fused[0]).max()) if fused is not None else float("nan")
             worst = {"edgec": max(worst["edgec"], error / step), "ort fused": max(worst["ort fused"], spread / step),
                      "edgec vs fused": max(worst["edgec vs fused"], to_fused / step)}
+            if wrong:
+                candidates = {"edgec": outputs["edgec int8"][-1]}
+                candidates.update((variant, run_onnxruntime(graph, [x], optimize=False)[0]) for variant, graph in wrong.items())
+                old_allowed = max(args.qdq_steps * step, spread)
+                for variant, got in candidates.items():
+                    record = sensitivity[variant]
+                    record["steps"].append(float(np.abs(got - as_written).max()) / step)
+                    record["new"] += refused(got, as_written, allowed)
+                    record["old"] += refused(got, as_written, old_allowed)
             print(f"{name}: input {index + 1}/{args.inputs}", end="\r", file=sys.stderr)
         print(file=sys.stderr)
     return {
@@ -95,6 +134,8 @@ def measure(name: str, args) -> dict:
         "outside": outside,
         "worst / allowed": worst_ratio,
         "steps": worst,
+        "noise": noise,
+        "sensitivity": sensitivity,
     }
 
 
@@ -105,6 +146,7 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=16, help="seeded calibration inputs (as bench/int8.py)")
     parser.add_argument("--method", default="minmax", help="calibration method: minmax, percentile, entropy")
     parser.add_argument("--qdq-steps", type=float, default=1.0, help="compile's int8 verification tolerance")
+    parser.add_argument("--scale-errors", action="store_true", help="also graphs with one weight scale off (what the rule refuses)")
     args = parser.parse_args()
     if args.inputs < 1:
         parser.error("--inputs must be at least 1")
@@ -112,7 +154,7 @@ def main() -> int:
     for name in args.models.split(","):
         result = measure(name, args)
         rows.append((name, result))
-        print(f"{name}: {result}", file=sys.stderr)
+        print(f"{name}: { {key: value for key, value in result.items() if key != 'sensitivity'} }", file=sys.stderr)
     print(f"\n{args.inputs} seeded N(0,1) inputs per model, calibration {args.calib} inputs, method {args.method}, x86\n")
     print("| model | int8 vs fp32 top-1 (edgec) | fp32 top-1 in int8 top-5 (edgec) | same for ORT (QDQ as written vs float) "
           "| edgec int8 vs ORT int8 top-1 | edgec fp32 vs ORT fp32 top-1 | inputs outside the int8 tolerance "
@@ -122,6 +164,13 @@ def main() -> int:
         print(f"| {name} | {r['edgec'][0]:.0f}% | {r['edgec'][1]:.0f}% | {r['ort'][0]:.0f}% / {r['ort'][1]:.0f}% "
               f"| {r['edgec vs ort int8'][0]:.0f}% | {r['fp32'][0]:.0f}% | {r['outside']} of {args.inputs} ({r['worst / allowed']:.2f}) "
               f"| {r['steps']['edgec']:.1f} / {r['steps']['ort fused']:.1f} | {r['steps']['edgec vs fused']:.1f} |")  # fmt: skip
+    if args.scale_errors:
+        print("\n| model | noise (steps, compile's 4 seeds) | variant | output steps from ORT as written | refused now | refused by the old rule |")
+        print("|---|---:|---|---|---:|---:|")
+        for name, r in rows:
+            for variant, record in r["sensitivity"].items():
+                print(f"| {name} | {r['noise']:.1f} | {variant} | {min(record['steps']):.2f}-{max(record['steps']):.2f} "
+                      f"| {record['new']} of {args.inputs} | {record['old']} of {args.inputs} |")  # fmt: skip
     return 0
 
 
