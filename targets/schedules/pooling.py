@@ -18,7 +18,8 @@ vector tile of channels per step, the window's taps unrolled (neighbouring
 windows share input columns: with stride 2 a 3-wide window of 4 columns loads
 9 columns, not 12), and the row and column loops carry
 ``pragma_loop_partition_hint``, so TVM's LoopPartition splits off the tiles that
-touch the border and the interior loads go without the padding test:
+touch the border and the interior loads go without the padding test; on aarch64
+the maximum is ``fmaxnm`` (``max_as_maxnum``):
 
     parallel  (n, y)                                   (partitioned)
       for x/X:                                         (partitioned)
@@ -70,9 +71,8 @@ def _innermost_spatial_is_contiguous(sch, block) -> bool:
 
 def max_as_maxnum(func):
     """``func`` with its float32 ``max`` as LLVM's ``maxnum`` (IEEE maxNum: the number when one side
-    is NaN), which NEON runs as one ``fmaxnm`` and x86 as ``vmaxps`` plus a NaN fix-up; TVM's
-    ``max`` is ``a > b ? a : b``, two NEON instructions and a copy (``fcmgt``, ``bsl``, ``mov``)."""
-    import tvm
+    is NaN), which aarch64 runs as one ``fmaxnm``; TVM's ``max`` is ``a > b ? a : b``, there two
+    instructions and a copy (``fcmgt``, ``bsl``, ``mov``). For CPUs with ``CpuVector.max_number``."""
     import tvm_ffi
     from tvm import tirx
 
@@ -98,9 +98,10 @@ class Pooling(Rule):
         inline_producers(sch, anchor)
         loops = sch.get_loops(anchor)
         if kinds == "SSSSRR" and min(extents(sch, loops[1:3])) > 1:
-            sch, anchor = self.schedule_reduction(max_as_maxnum(func))
-            epilogue = epilogue_block(sch, anchor)
-            inline_producers(sch, anchor)
+            if self.vector.max_number:
+                sch, anchor = self.schedule_reduction(max_as_maxnum(func))
+                epilogue = epilogue_block(sch, anchor)
+                inline_producers(sch, anchor)
             return self.window(sch, anchor, epilogue, sch.get_loops(anchor))
         spatial_count = kinds.count("S")
         spatial, reduction = loops[:spatial_count], loops[spatial_count:]
