@@ -321,6 +321,23 @@ def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int) -> Any:
     return fused
 
 
+def border_partitioned_nest(sch, anchor, epilogue, outer, taps, inner, lanes: int) -> None:
+    """Order a window kernel's loops (depthwise convolution, pooling): ``outer`` = (batch,
+    rows, column tiles, channel tiles), then the window's ``taps`` (unrolled), then the tile's
+    ``inner`` loops. The batch and rows run fused in parallel (``parallel_outer``); the rows and
+    the column tiles carry ``pragma_loop_partition_hint``, so TVM's LoopPartition splits off
+    the tiles that touch the border (their loads keep the padding test) from the interior
+    ones; the epilogue is computed per channel tile."""
+    batch, rows, columns, channels = outer
+    sch.reorder(*outer, *taps, *inner)
+    fused = parallel_outer(sch, [batch, rows], block_work(sch, anchor))
+    sch.annotate(fused, "pragma_loop_partition_hint", 1)
+    sch.annotate(columns, "pragma_loop_partition_hint", 1)
+    schedule_epilogue(sch, epilogue, channels, lanes)
+    for tap in taps:
+        sch.unroll(tap)
+
+
 def split_init(sch, anchor, first_reduction, unrolled: int, vectorise: bool = True) -> None:
     """The accumulators' initialisation split out of ``anchor`` in front of ``first_reduction``:
     its innermost loop vectorised (``vectorise``), the ``unrolled`` loops around it unrolled, as

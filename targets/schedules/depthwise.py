@@ -29,12 +29,10 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
-    block_work,
+    border_partitioned_nest,
     epilogue_block,
     extents,
-    parallel_outer,
     register_tile,
-    schedule_epilogue,
     split_tiles,
 )
 from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, inline_inputs
@@ -62,12 +60,8 @@ class DepthwiseConv2DNHWC(Rule):
         tile_y = 1
         outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
         y_outer, x_outer, c_outer = outer
-        sch.reorder(n, y_outer, x_outer, c_outer, ry, rx, rc, y_inner, x_inner, c_inner)
-        rows = parallel_outer(sch, [n, y_outer], block_work(sch, anchor))
-        sch.annotate(rows, "pragma_loop_partition_hint", 1)
-        sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
-        schedule_epilogue(sch, epilogue, c_outer, self.vector.lanes)
-        sch.unroll(ry)
-        sch.unroll(rx)
+        border_partitioned_nest(
+            sch, anchor, epilogue, [n, y_outer, x_outer, c_outer], [ry, rx], [rc, y_inner, x_inner, c_inner], self.vector.lanes
+        )
         finish_register_tile(sch, anchor, ry, [y_inner, x_inner], c_inner, self.vector.lanes)
         return sch

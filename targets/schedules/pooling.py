@@ -38,14 +38,12 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
-    epilogue_block,
+    border_partitioned_nest,
     divisors,
+    epilogue_block,
     extents,
     inline_producers,
     iter_kinds,
-    parallel_outer,
-    block_work,
-    schedule_epilogue,
     split_tiles,
     static_iter_kinds,
     tile_nest,
@@ -126,12 +124,6 @@ class Pooling(Rule):
         budget = max(1, min(self.vector.accumulators, WINDOW_ACCUMULATORS) // vectors)
         tile_x = max(d for d in divisors(width) if d <= budget)
         (x_outer, c_outer), (x_inner, c_inner) = split_tiles(sch, [x, c], [tile_x, tile])
-        sch.reorder(n, y, x_outer, c_outer, ry, rx, x_inner, c_inner)
-        rows = parallel_outer(sch, [n, y], block_work(sch, anchor))
-        sch.annotate(rows, "pragma_loop_partition_hint", 1)
-        sch.annotate(x_outer, "pragma_loop_partition_hint", 1)
-        schedule_epilogue(sch, epilogue, c_outer, self.vector.lanes)
-        sch.unroll(ry)
-        sch.unroll(rx)
+        border_partitioned_nest(sch, anchor, epilogue, [n, y, x_outer, c_outer], [ry, rx], [x_inner, c_inner], self.vector.lanes)
         finish_register_tile(sch, anchor, ry, [x_inner], c_inner, self.vector.lanes)
         return sch

@@ -33,7 +33,9 @@ def pool_kernel(kind="max", size=15, channels=24, window=3, stride=2, padding=1,
 
     data = te.placeholder((1, size, size, channels), name="x")
     pads = (padding,) * 4
-    out = topi.nn.pool2d(data, (window, window), (stride, stride), (1, 1), pads, kind, count_include_pad=count_include_pad, layout="NHWC")
+    out = topi.nn.pool2d(
+        data, (window, window), (stride, stride), (1, 1), pads, kind, count_include_pad=count_include_pad, layout="NHWC"
+    )
     return te.create_prim_func([data, out])
 
 
@@ -150,7 +152,8 @@ def test_aarch64_max_pool_takes_the_maximum_in_one_instruction():
     preset = resolve("cortex-a53")
     scheduled, _ = schedule_func(pool_kernel(size=56, channels=24), default_rules(cpu_vector(preset)))
     library = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=preset.tvm_target())
-    ops = collections.Counter(line.split()[0] for line in library.inspect_source("asm").splitlines() if re.match(r"^\s+[a-z]", line))
+    lines = library.inspect_source("asm").splitlines()
+    ops = collections.Counter(line.split()[0] for line in lines if re.match(r"^\s+[a-z]", line))
     assert ops["fmaxnm"] >= 9 * 4  # a 4-column tile's 9 taps, at least
     assert ops["fcmgt"] == 0 and ops["bsl"] == 0  # not compare-and-select
 
