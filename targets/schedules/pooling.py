@@ -30,8 +30,8 @@ the maximum is ``fmaxnm`` (``max_as_maxnum``):
           epilogue  out[X, C] = g(acc)
 
 ShuffleNetV2's 3x3/2 max pool (112x112x24) on cortex-a53: 2,011,079
-instructions before (a border test in every load, the taps a loop), see
-README "Max pool".
+instructions before (a border test in every load, the taps a loop), 354,146
+after (README "Max pool and few-channel stems").
 """
 
 from __future__ import annotations
