@@ -106,7 +106,9 @@ def narrow_indices(func):
     schedules was dropped on every model kernel (the tests' TE kernels, int32 from the start,
     kept it), and the border tests stayed in the interior loads. Narrowed before scheduling,
     the hints reach LoopPartition (MobileNetV2 on cortex-a53: the 3x3/2 stem with its padded
-    copy 5.03M -> 4.19M instructions, the 56x56x144 depthwise layer 2.44M -> 2.27M)."""
+    copy 5.03M -> 4.19M instructions, the 56x56x144 depthwise layer 2.44M -> 2.27M). Only
+    where that was measured to help: on cortex-a7 the partitioned depthwise layers ran more
+    instructions (MobileNetV2 252.6M -> 257.4M; edgec/build.py passes ``narrow`` for aarch64)."""
     import tvm
     from tvm import tirx
 
@@ -139,10 +141,12 @@ def apply_schedules(
     report: dict[str, str | None],
     fallbacks: FallbackLog | None = None,
     skip: dict[str, frozenset[str]] | None = None,
+    narrow: bool = False,
 ):
     """A module pass scheduling every not-yet-scheduled PrimFunc; ``report[kernel] = rule name``
     (``None``: no rule applied, the kernel stays the naive loop nest). ``fallbacks`` records
-    rules that failed; ``skip[kernel]`` names rules not to try on that kernel."""
+    rules that failed; ``skip[kernel]`` names rules not to try on that kernel; ``narrow``:
+    each kernel through ``narrow_indices`` first."""
     import tvm
     from tvm import tirx
 
@@ -163,7 +167,8 @@ def apply_schedules(
                 continue
             name = gvar.name_hint
             scheduled, rule = schedule_func(
-                narrow_indices(func), rules, kernel=name, fallbacks=fallbacks, skip=skip.get(name, frozenset())
+                narrow_indices(func) if narrow else func, rules,
+                kernel=name, fallbacks=fallbacks, skip=skip.get(name, frozenset()),
             )
             report[name] = rule
             if rule is None:
