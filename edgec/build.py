@@ -153,7 +153,10 @@ def relax_pipeline(
         rules = default_rules(cpu_vector(target))
         record.schedules = {}
         if stages.schedules:  # exp/sigmoid/erf as vectorisable polynomials, then the rules
-            scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip)]
+            # int32 indices before the rules, so that TVM keeps their loop-partition hints: aarch64
+            # only, where it was measured (targets/schedules/__init__.py, narrow_indices)
+            narrow = target.preset.cpu_arch == "aarch64"
+            scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip, narrow)]
         if stages.tuning_db is not None:
             from edgec.tuning_db import apply_database_pass
 

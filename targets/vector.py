@@ -28,6 +28,11 @@ One rule per fact:
 - int8 dot product: whether one instruction multiplies 4 uint8 by 4 int8 and adds
   the 4 products into an int32 lane (x86 AVX-512 VNNI ``vpdpbusd``, 64 MACs per
   zmm instruction): the int8 convolutions then take ``conv2d_int8``'s kernel.
+- maximum of numbers: whether one vector instruction takes IEEE maxNum (the number when
+  one side is NaN; aarch64 ``fmaxnm``): a max pool then maxes with it (LLVM ``maxnum``)
+  instead of TVM's ``a > b ? a : b`` (``fcmgt`` + ``bsl`` + a copy). Not x86, where
+  ``vmaxps`` is that select in one instruction and ``maxnum`` adds a NaN fix-up, nor armv7
+  (``vmax.f32`` propagates NaN; ``vmaxnm`` is ARMv8).
 - dot product (aarch64): 4-way int8 dot products into int32 lanes (aarch64 ``sdot``/``udot``,
   armv8.2-a FEAT_DotProd): the preset's ``mattr`` holds ``+dotprod``.
 
@@ -42,6 +47,7 @@ import logging
 log = logging.getLogger(__name__)
 
 # NEON per CPU architecture: (general-purpose word bits, vector registers, how bits are counted, lane FMA)
+# (aarch64's lane FMA and fmaxnm go together here; two names for two uses)
 _NEON = {"armv7": (32, 16, "NEON vcnt.8 + vpaddl", False), "aarch64": (64, 32, "NEON cnt + uaddlp", True)}
 
 
@@ -57,7 +63,8 @@ class CpuVector:
     log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
     lane of a vector register as its scalar operand (module docstring).
     ``int8_dot``: a 4-way uint8 x int8 -> int32 dot product per lane (VNNI).
-    ``dot_product``: ``sdot`` (module docstring).
+    ``dot_product``: ``sdot`` (module docstring). ``max_number``: a vector maxNum
+    instruction (module docstring).
     """
 
     lanes: int
@@ -68,6 +75,7 @@ class CpuVector:
     lane_fma: bool = False
     int8_dot: bool = False
     dot_product: bool = False
+    max_number: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -104,7 +112,10 @@ def cpu_vector(target) -> CpuVector:
     if arch in _NEON:
         word_bits, neon_registers, popcount, lane_fma = _NEON[arch]
         dot_product = "+dotprod" in getattr(preset, "mattr", ())
-        return CpuVector(lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma, dot_product=dot_product)
+        return CpuVector(
+            lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma,
+            dot_product=dot_product, max_number=arch == "aarch64",
+        )
     features = _x86_features(target)
     if "avx512f" in features:
         detected, integer_bits = 16, 512

@@ -79,3 +79,33 @@ def test_partitioned_kernel_computes_what_the_naive_one_does(kernel, stride, cha
     scheduled, rule = schedule_func(func, default_rules(vector))
     assert rule == "depthwise-conv2d-nhwc"
     assert_computes_the_same(func, scheduled)
+
+
+def _tile(func, vector) -> tuple[int, int]:
+    """(points, channel vectors) of the scheduled depthwise register tile."""
+    import tvm_ffi
+    from tvm import tirx
+
+    scheduled, _ = schedule_func(func, default_rules(vector))
+    loops = {}
+
+    def visit(node):
+        loops[node.loop_var.name] = int(node.extent)
+
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    return loops["xx_1"], loops.get("ff_1_0", 1)
+
+
+def test_tile_leaves_the_taps_weights_their_registers():
+    """3x3 taps of a 2-vector tile hold 18 weight registers: at most 14 accumulators beside them
+    in a 32-register file (7 points, not 8); a 16-register file keeps the plain budget."""
+    from edgec.targets.schedules.depthwise import MAX_VECTORS
+
+    func = conv_kernel(kernel=3, channels=144, filters=144, groups=144, size=56)
+    points, vectors = _tile(func, NEON64)
+    assert vectors == MAX_VECTORS and points * vectors <= NEON64.registers - 9 * vectors
+    assert (points, vectors) == (7, 2)
+    neon32 = CpuVector(lanes=4, registers=16)
+    points, vectors = _tile(func, neon32)
+    assert points * vectors <= neon32.accumulators and points * vectors > 16 - 9 * vectors  # no cap there
+    assert_computes_the_same(func, schedule_func(func, default_rules(NEON64))[0])
