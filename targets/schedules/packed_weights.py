@@ -1,17 +1,17 @@
-"""Graph rewrite for CPUs with a lane multiply-add (aarch64): the weights of a convolution that
-reads its input by lane (``common.lane_broadcast``) are packed by the register tile's output
-channels ``T``, once, here:
+"""Graph rewrite for CPUs with a lane multiply-add (aarch64): the weights of a convolution read
+by lane (``common.lane_broadcast``, or a staged RGB stem's unrolled taps) are packed by the
+register tile's output channels ``T``, once, here:
 
     conv2d(x, W)  ->  conv2d(x, P),   P[f / T, ry, rx, rc, f % T] = W[ry, rx, rc, f]
 
 for a Relax ``conv2d`` in channels-last layout (NHWC data, HWIO constant float32 weights),
-groups 1, whose input channels are whole vectors of more than one (``wants_lane_broadcast``)
-and whose register tile (``common.register_tile``, as ``conv2d.Conv2DNHWC`` picks it) holds
-fewer output channels than the convolution. Why: per reduction step the tile loads ``T / lanes``
-weight vectors. In HWIO the next step's sit ``F`` floats further on; a loop body of 4 unrolled
-steps reads them at offsets up to ``3 * 4 F`` bytes from one base register, beyond what ``ldp``
-can pair (signed 7 bits of 16 bytes: +-1008), so LLVM loads each with its own ``ldr q``. Packed,
-a step's vectors and the next step's are adjacent and every pair is one ``ldp``.
+groups 1, whose register tile (``conv2d.conv_tile``, as ``conv2d.Conv2DNHWC`` picks it) holds
+fewer output channels than the convolution, and whose HWIO weights for one loop body (4
+reduction steps, or a stem's kernel row of taps) span more than ``LDP_REACH`` bytes. Why: per
+reduction step the tile loads ``T / lanes`` weight vectors; in HWIO the next step's sit ``F``
+floats further on, and a loop body reads them all at offsets from one base register, beyond
+what ``ldp`` can pair, so LLVM loads each with its own ``ldr q``. Packed, a tile's weights are
+one contiguous run, a step's vectors next to the next step's, and LLVM pairs them.
 
 The kernel (``conv2d_packed``) is TOPI's channels-last convolution on ``W`` written as a view of
 ``P``; the schedule library inlines the view (``conv2d.conv_regions`` reads ``P[f // T, ry, rx,
@@ -34,6 +34,12 @@ from edgec.targets.vector import CpuVector
 log = logging.getLogger(__name__)
 
 RULE = "graph:packed-weights"
+# the farthest offset from its base register an ``ldp`` of two q registers reaches (a signed 7-bit
+# immediate in 16-byte units). A loop body whose HWIO weights span no more than this is paired as
+# it is; packed, such convolutions ran up to 10% more instructions on cortex-a53 (MobileNetV2's
+# 96 -> 24 1x1 at 56x56, 2,288,099 -> 2,515,689; 48 output channels 1.03x; ShuffleNetV2's 3x3/2
+# stem, 864 bytes, 1.001x), those beyond it 0.95-0.99x.
+LDP_REACH = 1008
 OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable: FuseOps fuses the epilogue after it
 
 
@@ -59,6 +65,10 @@ def packed_tile(call, weight: np.ndarray | None, vector: CpuVector) -> tuple[int
     lane, _, staged, (_, tile) = conv_tile(vector, [height, width], filters, channels, vector.lane_fma)
     if not (lane or staged):
         return None, f"{channels} input channels: not read by lane"
+    steps = weight.shape[1] * channels if staged else vector.lanes  # reduction steps of one loop body
+    span = steps * filters * weight.dtype.itemsize
+    if span <= LDP_REACH:
+        return None, f"HWIO weights of a loop body span {span} bytes: within ldp's reach"
     if tile >= filters or filters % tile:
         return None, f"a register tile of {tile} of the {filters} output channels: nothing to pack"
     return tile, f"packed by {tile} output channels"
