@@ -92,7 +92,7 @@ def graph_passes(
     ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 2b);
     ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py);
     ``dot_product`` (the CPU has ``sdot``): step 8; ``packed_weights`` (a CpuVector with a lane
-    multiply-add): step 9."""
+    multiply-add): step 9 and step 7's GEMM weights packed likewise."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -120,7 +120,7 @@ def graph_passes(
     if winograd is not None:
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
-        passes.append((RULE, winograd_conv2d(winograd, fallbacks)))
+        passes.append((RULE, winograd_conv2d(winograd, fallbacks, packed_weights)))
     if dot_product:
         from edgec.targets.schedules import dot_graph
 

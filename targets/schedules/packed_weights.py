@@ -26,6 +26,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
+from edgec.targets.schedules.common import register_tile, wants_lane_broadcast
 from edgec.targets.schedules.conv2d import conv_tile
 from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
@@ -82,6 +83,37 @@ def conv2d_packed(data, packed, strides, padding, dilation, filters: int):
     weight = te.compute((kh, kw, channels, filters), lambda ry, rx, rc, f: packed[f // tile, ry, rx, rc, f % tile],
                         name="packed_weight_view")  # fmt: skip
     return topi.nn.conv(data, weight, strides, padding, dilation, 1, "NHWC", "HWIO")
+
+
+def gemm_tile(vector: CpuVector, rows: int, columns: int, depth: int) -> int | None:
+    """The column tile ``T`` to pack a matrix product's constant ``[..., depth, columns]`` operand
+    by (``pack_columns``; the Winograd GEMM's transformed weights), as ``dense.Dense`` tiles it, or
+    None where the rule above leaves it alone (not read by lane, one tile, within ldp's reach)."""
+    if not wants_lane_broadcast(vector, depth):
+        return None
+    _, tile = register_tile([rows], columns, vector, lane_operand=True)
+    if tile >= columns or columns % tile or vector.lanes * columns * 4 <= LDP_REACH:
+        return None
+    return tile
+
+
+def pack_columns(matrix: np.ndarray, tile: int) -> np.ndarray:
+    """``[..., depth, columns]`` -> ``[..., columns / tile, depth, tile]``."""
+    *batch, depth, columns = matrix.shape
+    blocks = matrix.reshape(*batch, depth, columns // tile, tile)
+    return np.ascontiguousarray(np.moveaxis(blocks, -2, -3))
+
+
+def columns_view(packed):
+    """The ``[..., depth, columns]`` matrix ``packed`` holds (``pack_columns``), as a TE view the
+    schedule library inlines (``dense.packed_columns``)."""
+    from tvm import te
+
+    *batch, blocks, depth, tile = (int(dim) for dim in packed.shape)
+    count = len(batch)
+    return te.compute((*batch, depth, blocks * tile),
+                      lambda *i: packed[(*i[:count], i[count + 1] // tile, i[count], i[count + 1] % tile)],
+                      name="packed_columns_view")  # fmt: skip
 
 
 def packed_weights_conv2d(vector: CpuVector, fallbacks: FallbackLog | None = None):

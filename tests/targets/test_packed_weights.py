@@ -120,3 +120,43 @@ def test_aarch64_inner_loop_pairs_the_weight_loads(kernel, stride, channels, siz
     assert sum(op.startswith("ldp") for op in packed) > 2 * sum(op.startswith("ldp") for op in hwio)
     assert not any(op.startswith(("str", "stp")) for op in packed)  # nothing spilled
     assert len(packed) / fmla[1] < len(hwio) / fmla[0]
+
+
+def test_winograd_gemm_on_packed_weights_computes_the_same_and_pairs_its_loads():
+    """The Winograd GEMM's transformed weights ``U[e, c, f]`` packed ``[e, f / T, c, T]``
+    (winograd_graph.py with ``packing``): the same products, the same tile, more ``ldp``."""
+    import tvm
+    from tvm import te
+
+    from edgec.targets.schedules.packed_weights import columns_view, gemm_tile, pack_columns
+    from edgec.targets.schedules.winograd_kernels import gemm
+
+    elements, rows, depth, columns = 36, 4, 64, 128
+    tile = gemm_tile(A53, rows, columns, depth)
+    assert tile == 16  # ResNet-18's 7x7 GEMM tile: 4 rows x 4 vectors
+    assert gemm_tile(A53, 196, 64, 64) == 8 and gemm_tile(A53, 196, 32, 64) is None  # 512 bytes: within reach
+    assert gemm_tile(cpu_vector(resolve("cortex-a7")), rows, columns, depth) is None
+    data = te.placeholder((elements, rows, depth), name="V")
+    plain = te.placeholder((elements, depth, columns), name="U")
+    packed = te.placeholder((elements, columns // tile, depth, tile), name="P")
+    funcs = [te.create_prim_func([data, plain, gemm(data, plain)]), te.create_prim_func([data, packed, gemm(data, columns_view(packed))])]
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((elements, rows, depth)).astype("float32")
+    u = rng.standard_normal((elements, depth, columns)).astype("float32")
+    np.testing.assert_array_equal(pack_columns(u, tile)[:, 1, :, 3], u[:, :, tile + 3])
+    outputs, loops = [], []
+    for func, weights in zip(funcs, (u, pack_columns(u, tile)), strict=True):
+        scheduled, rule = schedule_func(func, default_rules(A53))
+        assert rule == "dense"
+        library = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=resolve("x86").tvm_target())
+        out = tvm.runtime.tensor(np.zeros((elements, rows, columns), "float32"))
+        library["main"](tvm.runtime.tensor(v), tvm.runtime.tensor(weights), out)
+        outputs.append(out.numpy())
+        loops.append(inner_loop(scheduled, resolve("cortex-a53").tvm_target()))
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs[0], np.einsum("epc,ecf->epf", v, u), rtol=1e-4, atol=1e-4)
+    hwio, paired = loops
+    fmla = [sum(op.startswith("fmla") for op in loop) for loop in loops]
+    assert fmla[0] == fmla[1]
+    assert sum(op.startswith("ldp") for op in paired) > 2 * sum(op.startswith("ldp") for op in hwio)
+    assert len(paired) / fmla[1] < len(hwio) / fmla[0]
