@@ -23,7 +23,9 @@ and read lane by lane (``common.lane_broadcast``) instead of one broadcast
 per channel, when ``lanes`` divides the input channels and the input is not
 padded in the loads. With fewer input channels than lanes (an RGB stem) the
 pixels a tile reads for one kernel row are copied instead, a vectorised run
-of columns x channels, and read by lane (``stage_input_rows``).
+of columns x channels, and read by lane (``stage_input_rows``). On those CPUs the
+weights may come packed by the tile's output channels, ``P[f // T, ry, rx, rc, f % T]``
+(packed_weights.py), read through an inlined view: scheduled the same way.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ in the weight and the output:
 On CPUs with a lane multiply-add (aarch64) ``a`` is read a vector of ``lanes``
 k at a time (``common.lane_broadcast``): ``for k / lanes: a_tile[M, lanes] =
 a[m, k...]; for lanes, M, N: acc += a_tile[m, l] (a lane) * b[k, n]``.
+``b`` may come packed by the tile's columns, ``b[..., n // N, k, n % N]`` (the Winograd
+GEMM's weights on aarch64, packed_weights.py), read through an inlined view.
 
 At batch 1 (``m == 1``) this is a matrix-vector product bound by reading the
 weights once, split over the threads by output columns.

@@ -38,7 +38,7 @@ RULE = "graph:packed-weights"
 # the farthest offset from its base register an ``ldp`` of two q registers reaches (a signed 7-bit
 # immediate in 16-byte units). A loop body whose HWIO weights span no more than this is paired as
 # it is; packed, such convolutions ran up to 10% more instructions on cortex-a53 (MobileNetV2's
-# 96 -> 24 1x1 at 56x56, 2,288,099 -> 2,515,689; 48 output channels 1.03x; ShuffleNetV2's 3x3/2
+# 96 -> 24 1x1 at 56x56, 2,288,099 -> 2,515,689; ShuffleNetV2's 48-channel 1x1s 1.03x, its 3x3/2
 # stem, 864 bytes, 1.001x), those beyond it 0.95-0.99x.
 LDP_REACH = 1008
 OUT_EWISE_FUSABLE = 4  # relax's OpPatternKind kOutEWiseFusable: FuseOps fuses the epilogue after it
