@@ -59,7 +59,8 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
     from edgec.targets.schedules.graph import graph_passes as passes
 
     return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
-                  int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product))
+                  int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product),
+                  packed_weights=vector if vector and vector.lane_fma else None)
 
 
 def first_schedule(

@@ -23,7 +23,9 @@ and read lane by lane (``common.lane_broadcast``) instead of one broadcast
 per channel, when ``lanes`` divides the input channels and the input is not
 padded in the loads. With fewer input channels than lanes (an RGB stem) the
 pixels a tile reads for one kernel row are copied instead, a vectorised run
-of columns x channels, and read by lane (``stage_input_rows``).
+of columns x channels, and read by lane (``stage_input_rows``). On those CPUs the
+weights may come packed by the tile's output channels, ``P[f // T, ry, rx, rc, f % T]``
+(packed_weights.py), read through an inlined view: scheduled the same way.
 """
 
 from __future__ import annotations
@@ -60,9 +62,28 @@ def conv_regions(sch, block):
     if len(reads) != 2:
         return None
     data, weight = reads
-    if not _indexed_by(weight, [ry, rx, rc, f]) or len(data.region) != 4:
+    if not (_indexed_by(weight, [ry, rx, rc, f]) or packed_tile(weight, [ry, rx, rc, f])) or len(data.region) != 4:
         return None
     return iters, data, weight
+
+
+def packed_tile(region, variables) -> int | None:
+    """The output-channel tile ``T`` when ``region`` reads weights packed by it
+    (``w[f // T, ry, rx, rc, f % T]``, ``packed_weights``), else None."""
+    from tvm import tirx
+
+    ry, rx, rc, f = variables
+    if len(region.region) != 5 or any(int(r.extent) != 1 for r in region.region):
+        return None
+    block, ry_, rx_, rc_, lane = (r.min for r in region.region)
+    if not (ry_.same_as(ry) and rx_.same_as(rx) and rc_.same_as(rc)):
+        return None
+    if not (isinstance(block, tirx.FloorDiv) and isinstance(lane, tirx.FloorMod)):
+        return None
+    if not (block.a.same_as(f) and lane.a.same_as(f) and isinstance(block.b, tirx.IntImm)):
+        return None
+    tile = int(block.b)
+    return tile if isinstance(lane.b, tirx.IntImm) and int(lane.b) == tile else None
 
 
 def conv_operands(sch, block, depthwise: bool = False):
@@ -99,6 +120,21 @@ def _indexed_by(region, variables) -> bool:
 # accumulators of a register tile whose taps are unrolled (Conv2DNHWC.unroll_taps): half the
 # register file, the other half for the taps' inputs and weights
 UNROLLED_TAPS_ACCUMULATORS = 16
+
+
+def conv_tile(vector, rows: list[int], channels: int, depth: int, unroll_taps: bool, materialised: bool | None = True):
+    """How ``Conv2DNHWC`` tiles a convolution of ``depth`` input and ``channels`` output channels
+    whose output is ``rows`` (height, width): ``(lane, unroll, staged, register tile)``, whether
+    it reads its input by lane (``lane_broadcast``), unrolls a kernel row's taps (``unroll_taps``)
+    and stages their input (``stage_input_rows``), and ``common.register_tile``'s choice.
+    ``materialised``: the padding (``inline_inputs``; False: a border test inlined into the loads,
+    which cannot be copied as a whole vector)."""
+    lane = wants_lane_broadcast(vector, depth) and materialised is not False
+    unroll = not lane and depth < vector.lanes and unroll_taps
+    staged = unroll and materialised is not False
+    cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None
+    tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap)
+    return lane, unroll, staged, tile
 
 
 class Conv2DNHWC(Rule):
@@ -145,13 +181,8 @@ class Conv2DNHWC(Rule):
         materialise = self.materialise_padding and extents(sch, [ry, rx]) != [1, 1]
         materialised = inline_inputs(sch, anchor, self.vector.lanes, materialise)
         _, height, width, channels, depth = extents(sch, [n, y, x, f, rc])
-        # a border test inlined into the loads cannot be copied as a whole vector
-        lane = wants_lane_broadcast(self.vector, depth) and materialised is not False
-        unroll = not lane and depth < self.vector.lanes and self.unroll_taps
-        staged = unroll and materialised is not False
-        cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None
-        (tile_y, tile_x), tile_f = register_tile(
-            [height, width], channels, self.vector, lane_operand=lane or staged, max_accumulators=cap
+        lane, unroll, staged, ((tile_y, tile_x), tile_f) = conv_tile(
+            self.vector, [height, width], channels, depth, self.unroll_taps, materialised
         )
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         weight_stationary = buffer_size(weight) > buffer_size(data)

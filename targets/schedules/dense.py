@@ -12,6 +12,8 @@ in the weight and the output:
 On CPUs with a lane multiply-add (aarch64) ``a`` is read a vector of ``lanes``
 k at a time (``common.lane_broadcast``): ``for k / lanes: a_tile[M, lanes] =
 a[m, k...]; for lanes, M, N: acc += a_tile[m, l] (a lane) * b[k, n]``.
+``b`` may come packed by the tile's columns, ``b[..., n // N, k, n % N]`` (the Winograd
+GEMM's weights on aarch64, packed_weights.py), read through an inlined view.
 
 At batch 1 (``m == 1``) this is a matrix-vector product bound by reading the
 weights once, split over the threads by output columns.
@@ -48,9 +50,24 @@ def matmul_operands(sch, block):
     if len(reads) != 2:
         return None
     a, b = reads
-    if not (_ends_with(a, [m, k]) and _ends_with(b, [k, n])):
+    if not (_ends_with(a, [m, k]) and (_ends_with(b, [k, n]) or packed_columns(b, k, n))):
         return None
     return a, b
+
+
+def packed_columns(region, k, n) -> int | None:
+    """The column tile ``T`` when ``region`` reads ``b`` packed by it, ``b[..., n // T, k, n % T]``
+    (packed_weights.py), else None."""
+    from tvm import tirx
+
+    if len(region.region) < 3 or any(int(r.extent) != 1 for r in region.region[-3:]):
+        return None
+    block, depth, lane = (r.min for r in region.region[-3:])
+    if not (depth.same_as(k) and isinstance(block, tirx.FloorDiv) and isinstance(lane, tirx.FloorMod)):
+        return None
+    if not (block.a.same_as(n) and lane.a.same_as(n) and isinstance(block.b, tirx.IntImm)):
+        return None
+    return int(block.b) if isinstance(lane.b, tirx.IntImm) and int(lane.b) == int(block.b) else None
 
 
 def _ends_with(region, variables) -> bool:

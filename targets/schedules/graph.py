@@ -49,6 +49,9 @@ in order, and why:
 8. dot product       on a CPU with ``sdot`` (CpuVector.dot_product), step 2b's int32
                      convolutions whose channels are multiples of 4 become dot-product
                      convolutions, weights repacked once (dot_graph.py). After step 6.
+9. packed weights    on a CPU with a lane multiply-add, float convolutions read by lane
+                     get weights packed by their register tile's output channels, so
+                     that ``ldp`` pairs their loads (packed_weights.py). After step 7.
 
 Constant folding is done in NumPy for a small table of ops: TVM's
 FoldConstant compiles one LLVM kernel per op and shape, which took 30 s for a
@@ -82,13 +85,14 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 def graph_passes(
     lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
     int8_dot: bool = False,
-    dot_product: bool = False,
+    dot_product: bool = False, packed_weights=None,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
     ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 2b);
     ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py);
-    ``dot_product`` (the CPU has ``sdot``): step 8."""
+    ``dot_product`` (the CPU has ``sdot``): step 8; ``packed_weights`` (a CpuVector with a lane
+    multiply-add): step 9 and step 7's GEMM weights packed likewise."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -116,11 +120,15 @@ def graph_passes(
     if winograd is not None:
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
-        passes.append((RULE, winograd_conv2d(winograd, fallbacks)))
+        passes.append((RULE, winograd_conv2d(winograd, fallbacks, packed_weights)))
     if dot_product:
         from edgec.targets.schedules import dot_graph
 
         passes.append((dot_graph.RULE, dot_graph.dot_product_conv2d(fallbacks)))
+    if packed_weights is not None:
+        from edgec.targets.schedules import packed_weights as packing
+
+        passes.append((packing.RULE, packing.packed_weights_conv2d(packed_weights, fallbacks)))
     passes.append(("graph:dead-code", relax.transform.DeadCodeElimination()))
     return [guarded(inner, rule, fallbacks) for rule, inner in passes]
 

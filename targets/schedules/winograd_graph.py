@@ -120,12 +120,15 @@ def ineligible(call, weight) -> str | None:
     return None
 
 
-def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None):
-    """A module pass rewriting the convolutions ``policy`` accepts (see the module docstring)."""
+def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None, packing=None):
+    """A module pass rewriting the convolutions ``policy`` accepts (see the module docstring);
+    ``packing`` (a CpuVector with a lane multiply-add): the GEMM's transformed weights packed by
+    its column tile where packed_weights.py's rule takes them."""
     import tvm
     from tvm import relax
 
     from edgec.targets.schedules import winograd_kernels as kernels
+    from edgec.targets.schedules.packed_weights import columns_view, gemm_tile, pack_columns
     from edgec.targets.schedules.winograd import transform_weights, winograd_matrices
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
@@ -153,8 +156,19 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
         # no rule schedules well. Opaque, it stays a kernel of its own.
         mutator.patterns.append((transform.args[0], OPAQUE))
         transformed = builder.emit(transform)
-        weights = relax.const(transform_weights(weight, mats.m), "float32")
-        products = builder.emit(builder.call_te(kernels.gemm, transformed, weights, primfunc_name_hint=kernels.GEMM_KERNEL))
+        transformed_weights = transform_weights(weight, mats.m)
+        tile = None
+        if packing is not None:
+            rows = int(transformed.ty.shape[1])  # the GEMM rows: output tiles
+            tile = gemm_tile(packing, rows, transformed_weights.shape[2], transformed_weights.shape[1])
+        if tile is None:
+            weights = relax.const(transformed_weights, "float32")
+            products = builder.call_te(kernels.gemm, transformed, weights, primfunc_name_hint=kernels.GEMM_KERNEL)
+        else:
+            weights = relax.const(pack_columns(transformed_weights, tile), "float32")
+            products = builder.call_te(lambda data, packed: kernels.gemm(data, columns_view(packed)), transformed, weights,
+                                       primfunc_name_hint=kernels.GEMM_KERNEL)  # fmt: skip
+        products = builder.emit(products)
         return builder.call_te(lambda gemm: kernels.output_transform(gemm, mats, batch, out_size), products,
                                primfunc_name_hint=kernels.OUTPUT_KERNEL)
 
