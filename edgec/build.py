@@ -146,16 +146,16 @@ def relax_pipeline(
     graph = _graph_stage(target, stages, fallbacks)
     tuned, scheduled = [], []
     if stages.schedules or stages.tuning_db is not None:
-        from edgec.targets.schedules import apply_schedules, default_rules
+        from edgec.targets.schedules import apply_schedules, default_rules, narrows_indices
         from edgec.targets.schedules.fast_math import fast_math
         from edgec.targets.vector import cpu_vector
 
         rules = default_rules(cpu_vector(target))
         record.schedules = {}
+        # int32 indices before the rules, so that TVM keeps their loop-partition hints: aarch64
+        # only, where it was measured (targets/schedules/__init__.py, narrow_indices)
+        narrow = narrows_indices(target.preset)
         if stages.schedules:  # exp/sigmoid/erf as vectorisable polynomials, then the rules
-            # int32 indices before the rules, so that TVM keeps their loop-partition hints: aarch64
-            # only, where it was measured (targets/schedules/__init__.py, narrow_indices)
-            narrow = target.preset.cpu_arch == "aarch64"
             scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip, narrow)]
         if stages.tuning_db is not None:
             from edgec.tuning_db import apply_database_pass
@@ -163,7 +163,7 @@ def relax_pipeline(
             def keep(report: TuningReport) -> None:
                 record.tuning = report
 
-            tuned = [apply_database_pass(stages.tuning_db, rules, record.schedules, keep, attempt.skip)]
+            tuned = [apply_database_pass(stages.tuning_db, rules, record.schedules, keep, attempt.skip, narrow)]
     passes = [
         *family.library_dispatch_passes(tvm_target),
         *graph,

@@ -138,11 +138,34 @@ def _load_onnx(path: Path, data: bytes, shapes: shape_args.InputShapes) -> ir.Mo
         ) from None
     if not proto.graph.node:
         raise LoadError(f"'{path}' parsed as ONNX but holds no graph nodes; it is corrupt or not an ONNX model")
+    _load_external_data(path, proto)
     graph = ir.serde.deserialize_model(proto)
     _drop_initializer_inputs(graph)
     _apply_shapes(path, graph, shapes)
     _check_graph_memory(path, graph)  # before the clean-ups fold constants at this size
     return graph
+
+
+def _load_external_data(path: Path, proto) -> None:
+    """Weights kept in external data files (``onnx.save(..., save_as_external_data=True)``,
+    exporters of large models) are read from the ONNX file's directory, where their
+    ``location`` is relative to, into the model: the artifact's model.onnx is then whole."""
+    from onnx import external_data_helper as external
+
+    names = sorted({
+        entry.value
+        for tensor in proto.graph.initializer if external.uses_external_data(tensor)
+        for entry in tensor.external_data if entry.key == "location"
+    })  # fmt: skip
+    try:
+        external.load_external_data_for_model(proto, str(path.parent))  # initializers and constant attributes
+    except Exception as error:  # noqa: BLE001 - missing file, short file or a location outside the directory
+        raise LoadError(
+            f"'{path}' keeps its weights in external data ({', '.join(names) or 'files'}), which could not be read from "
+            f"'{path.parent}': {_first_line(error).rstrip('.')}. Keep the data file(s) next to the .onnx file, as they were saved"
+        ) from None
+    if names:
+        log.info("read the weights of %s from external data: %s", path.name, ", ".join(names))
 
 
 def _drop_initializer_inputs(graph: ir.Model) -> None:

@@ -287,3 +287,41 @@ def test_from_onnx_ir_cleans_and_checks():
     with pytest.raises(InputShapeError) as error:
         edgec.from_onnx_ir(ir.Model(graph, ir_version=8))
     check_error(error, "'x'", "dynamic shape")
+
+
+def _save_with_external_data(source, directory):
+    """``source`` (an ONNX file) saved into ``directory`` with its weights in ``weights.bin``."""
+    import onnx
+
+    directory.mkdir()
+    proto = onnx.load(str(source))
+    onnx.save_model(proto, str(directory / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=64)
+    return directory / "model.onnx"
+
+
+def test_external_data_is_read_from_the_model_directory(saved_models, tmp_path, monkeypatch):
+    source = saved_models["mobilenet"].files["onnx"]
+    path = _save_with_external_data(source, tmp_path / "ext")
+    import onnx
+
+    stored = onnx.load(str(path), load_external_data=False).graph.initializer
+    assert sum(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in stored) >= 5  # the weights are outside
+    monkeypatch.chdir(tmp_path)  # not the model's directory: locations are relative to the .onnx file
+    model = edgec.load(path)
+    inline = edgec.load(source)
+    weights = {value.name: value.const_value.numpy() for value in model.graph.graph.initializers.values()}
+    expected = {value.name: value.const_value.numpy() for value in inline.graph.graph.initializers.values()}
+    assert weights.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(weights[name], array)
+    saved = tmp_path / "copy.onnx"  # held in memory: saved whole, without the data file
+    ir.save(model.graph, str(saved))
+    assert not any(tensor.data_location for tensor in onnx.load(str(saved)).graph.initializer)
+
+
+def test_missing_external_data_names_the_file(saved_models, tmp_path):
+    path = _save_with_external_data(saved_models["mobilenet"].files["onnx"], tmp_path / "ext")
+    (tmp_path / "ext" / "weights.bin").unlink()
+    with pytest.raises(LoadError, match=r"external data \(weights.bin\).*next to the .onnx file"):
+        edgec.load(path)

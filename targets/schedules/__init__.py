@@ -32,7 +32,7 @@ from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes"]
+__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes", "narrow_indices", "narrows_indices"]
 
 
 def default_rules(vector: CpuVector) -> list[Rule]:
@@ -95,6 +95,13 @@ def first_schedule(
 
 
 INT32_ELEMENTS = 2**31 - 1
+
+
+def narrows_indices(preset) -> bool:
+    """Whether kernels for ``preset`` go through ``narrow_indices`` before the rules: aarch64
+    only, where it was measured to help (below). Compile and ``edgec tune`` both ask here, so
+    a tuning database measures the library's schedule as compile builds it."""
+    return preset.cpu_arch == "aarch64"
 
 
 def narrow_indices(func):

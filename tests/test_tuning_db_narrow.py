@@ -1,0 +1,111 @@
+"""A tuning database on aarch64 keeps the int32-index form of the library's schedules.
+
+Compile narrows every kernel to int32 indices before the schedule rules on aarch64
+(``schedules.narrow_indices``: TVM's own narrowing drops the loop-partition hints).
+Where a database's best record for a kernel is the library's own schedule, compile
+must build that same int32 form, not the int64 one the record's trace replays, and
+``edgec tune`` must time the form compile builds. Both are checked here without a
+board: the records are written directly, and the tuner's builder is a recorder.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import edgec
+from edgec.build import BuildOptions, PipelineRecord, relax_pipeline
+from edgec.lower import to_relax
+from edgec.targets import resolve
+from edgec.targets.schedules import default_rules, first_schedule, narrows_indices
+from edgec.targets.vector import cpu_vector
+from edgec.tune import TaskProgress, _record_library_schedules, fused_module, tuning_target
+
+
+def _loop_dtypes(func) -> set[str]:
+    import tvm_ffi
+    from tvm import tirx
+
+    found: set[str] = set()
+    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda loop: found.add(str(loop.loop_var.ty)))], order="post")
+    return found
+
+
+@pytest.fixture(scope="module")
+def a53_tasks(saved_models):
+    from tvm.s_tir import meta_schedule as ms
+
+    target = resolve("cortex-a53")
+    model = edgec.load(saved_models["mobilenet"].files["onnx"])
+    tvm_target = tuning_target(target, 1)
+    tasks = ms.relax_integration.extract_tasks(fused_module(model, target), tvm_target)
+    return target, model, tvm_target, tasks
+
+
+def test_only_aarch64_narrows():
+    assert narrows_indices(resolve("cortex-a53").preset)
+    assert not narrows_indices(resolve("cortex-a7").preset)
+    assert not narrows_indices(resolve("x86").preset)
+
+
+def test_library_records_build_the_int32_form(a53_tasks, tmp_path):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target, model, tvm_target, tasks = a53_tasks
+    rules = default_rules(cpu_vector(target))
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path), module_equality="structural")
+    recorded = 0
+    for task in tasks:
+        func = task.dispatched[0]["main"]
+        sch, _ = first_schedule(func, rules)
+        if sch is None:
+            continue
+        workload = database.commit_workload(task.dispatched[0])
+        args = ms.arg_info.ArgInfo.from_prim_func(func)
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [1e-3], tvm_target, args))
+        recorded += 1
+    assert recorded >= 3
+
+    record = PipelineRecord()
+    pipeline = relax_pipeline(target, record, BuildOptions(tuning_db=tmp_path))
+    with tvm.target.Target(target.tvm_json):
+        pipeline(to_relax(model.graph))
+    assert record.tuning is not None and len(record.tuning.library_best) >= 3
+    assert not record.tuning.kernels  # every record is the library's own schedule
+    depthwise = [name for name, rule in record.schedules.items() if rule and "depthwise" in rule]
+    assert depthwise, record.schedules
+    for name in record.tuning.library_best:
+        assert _loop_dtypes(record.mod[name]) == {"int32"}, name
+    # the traces replayed as recorded are int64: the database alone would have built those
+    plain = [task.dispatched[0]["main"] for task in tasks]
+    assert any("int64" in _loop_dtypes(func) for func in plain)
+
+
+def test_tune_times_the_form_compile_builds(a53_tasks):
+    target, _, tvm_target, tasks = a53_tasks
+
+    class RecordingBuilder:
+        inputs: list = []
+
+        def build(self, inputs):
+            self.inputs = list(inputs)
+            return [types.SimpleNamespace(error_msg="not built here", artifact_path=None) for _ in inputs]
+
+    class NoRunner:
+        def run(self, inputs):
+            assert not inputs  # nothing was built
+            return []
+
+    from tvm.s_tir import meta_schedule as ms
+
+    contexts = [types.SimpleNamespace(mod=task.dispatched[0]) for task in tasks]
+    progress = TaskProgress([task.task_name for task in tasks], [1.0] * len(tasks))
+    builder, said = RecordingBuilder(), []
+    database = ms.database.MemoryDatabase()
+    _record_library_schedules(contexts, tvm_target, target, builder, NoRunner(), database, progress, said.append)
+    assert len(builder.inputs) >= 3
+    for item in builder.inputs:
+        assert _loop_dtypes(item.mod["main"]) == {"int32"}
+    assert any("did not build" in line for line in said)
