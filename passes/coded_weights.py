@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from edgec.ops.binary.format import pack_bits
 from edgec.passes.graph_edit import describe
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.options import option_help, require_float_graph, require_node_names
 from edgec.passes.weight_layers import LAYER_OPS, Skip, WeightRewriter
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ class CodedWeightPass(ir.passes.InPlacePass):
             raise ValueError(f"scale must be per-channel or per-tensor, not {self.scale!r}")
 
     def requires(self, model: ir.Model) -> None:
+        require_float_graph(model, self.cli_name)  # type: ignore[attr-defined]
         require_node_names(model, self.exclude, "exclude", self.cli_name)  # type: ignore[attr-defined]
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

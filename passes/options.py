@@ -40,3 +40,31 @@ def require_node_names(
         raise ir.passes.PreconditionError(
             f"{option}={name!r} names no node of the graph ({hint}); `edgec inspect MODEL` lists the node names"
         )
+
+
+INT8_WITH_EDGEC_OPS = (
+    "int8 together with block-sparse, binary or ternary layers is not supported yet: quantize-int8 calibrates "
+    "and is verified with ONNX Runtime on a standard graph, which cannot run edgec ops. Compile with "
+    "quantize-int8 and fold-bn/fuse-filters, or with the compression passes without quantize-int8"
+)
+
+
+def require_standard_ops(model: ir.Model, pass_name: str) -> None:
+    """quantize-int8's ``requires`` hook: a PreconditionError naming the first edgec op of the graph
+    (a block-sparse, binary or ternary layer an earlier pass emitted)."""
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            raise ir.passes.PreconditionError(
+                f"{pass_name} after a pass that emitted edgec ops (node {node.name!r} is "
+                f"{node.domain}:{node.op_type}): {INT8_WITH_EDGEC_OPS}"
+            )
+
+
+def require_float_graph(model: ir.Model, pass_name: str) -> None:
+    """A packing pass's ``requires`` hook: a PreconditionError on a QDQ (int8) graph, naming its first
+    QuantizeLinear/DequantizeLinear node."""
+    for node in model.graph:
+        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            raise ir.passes.PreconditionError(
+                f"{pass_name} on an int8 (QDQ) graph (node {node.name!r} is {node.op_type}): {INT8_WITH_EDGEC_OPS}"
+            )

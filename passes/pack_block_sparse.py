@@ -94,7 +94,7 @@ from edgec.passes.block_sparsity import BlockSparsity, block_norms, block_sparsi
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.options import option_help, require_float_graph, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class PackBlockSparsePass(ir.passes.InPlacePass):
             raise ValueError(f"unknown layer kind(s) {', '.join(unknown)}; choose from {', '.join(_KINDS)}")
 
     def requires(self, model: ir.Model) -> None:
+        require_float_graph(model, self.cli_name)
         require_node_names(model, self.layers, "layers", self.cli_name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -45,7 +45,7 @@ from edgec.passes.calibration import NO_CALIBRATION, activation_ranges, calibrat
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
 from edgec.passes.int8_math import ActivationQuant, quantize_bias, quantize_weight
-from edgec.passes.options import option_help, require_node_names
+from edgec.passes.options import option_help, require_node_names, require_standard_ops
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if self.calibration is None:
             raise ir.passes.PreconditionError(NO_CALIBRATION)
+        require_standard_ops(model, self.cli_name)
         require_node_names(model, self.exclude, "exclude", self.cli_name)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         if opset < MIN_OPSET:

@@ -246,6 +246,28 @@ def test_without_calibration_says_what_to_give():
 
 
 @pytest.mark.parametrize(
+    ("passes", "refused", "node"),
+    [
+        (["block-sparse:n=4,sparsity=0.5,layers=pwconv", "quantize-int8"], "quantize-int8", "BlockSparseConv"),
+        (["quantize-int8", "block-sparse:n=4,sparsity=0.5"], "block-sparse", "DequantizeLinear"),
+        (["quantize-int8", "binary"], "binary", "DequantizeLinear"),
+    ],
+    ids=["block-sparse-then-int8", "int8-then-block-sparse", "int8-then-binary"],
+)
+def test_int8_with_edgec_op_passes_is_refused_by_name(passes, refused, node):
+    """Not supported yet (README, int8): a PassError naming the pass and the node, never a traceback
+    from ONNX Runtime or the reference evaluator; the graph before the refused pass is untouched."""
+    model = Model(small_cnn(), None, "onnx", None)
+    chosen = [parse(text) for text in passes]
+    chosen = [QuantizeInt8Pass(calibration=samples(4)) if p.cli_name == "quantize-int8" else p for p in chosen]
+    edgec.apply(model, chosen[:1], measure=False)
+    before = ir.serde.serialize_model(model.graph).SerializeToString()
+    with pytest.raises(PassError, match=rf"pass '{refused}' failed: .*{node}.*not supported yet"):
+        edgec.apply(model, chosen[1:], measure=False)
+    assert ir.serde.serialize_model(model.graph).SerializeToString() == before
+
+
+@pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda tmp: str(tmp / "missing"), "neither a folder nor a .npy file"),
