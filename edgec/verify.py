@@ -179,7 +179,8 @@ def _check_int8(model: Model, artifact: Artifact, runner: Runner, options: Verif
     samples = [(options.seed, *first)]
     for seed in range(options.seed + 1, options.seed + INT8_INPUTS):
         inputs = random_inputs(input_signatures(model.graph), seed)
-        quantized = [reference for reference in build_references(model.graph, inputs)[0] if reference.quantized]
+        found = build_references(model.graph, inputs, model.standard_graph)[0]
+        quantized = [reference for reference in found if reference.quantized]
         samples.extend((seed, runner.run(artifact, inputs), reference) for reference in quantized[:1])
     noise = max(
         (int8_spread(ref.outputs, ref.fused) / step for _, _, ref in samples if (step := quantization_step(ref.outputs)) > 0),

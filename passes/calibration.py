@@ -115,7 +115,11 @@ def calibration_samples(source: str | Path | Iterable[Any] | None, inputs: Seque
 
 
 def _activations(model: ir.Model, names: Sequence[str], feeds: list[list[np.ndarray]]) -> Iterable[dict[str, np.ndarray]]:
-    """For each feed, the named tensors of the float graph (ONNX Runtime, no graph optimisations)."""
+    """For each feed, the named tensors of the float graph (ONNX Runtime, no graph optimisations;
+    onnx's reference evaluator with the ops' NumPy references where the graph holds edgec ops)."""
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph):
+        yield from _activations_with_edgec_ops(model, names, feeds)
+        return
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     inputs = [value.name for value in copy.graph.inputs]
     values = {value.name: value for node in copy.graph for value in node.outputs if value.name}
@@ -133,6 +137,23 @@ def _activations(model: ir.Model, names: Sequence[str], feeds: list[list[np.ndar
         results = dict(zip(outputs, session.run(None, dict(zip(inputs, feed, strict=True))), strict=True))
         results.update(zip(inputs, feed, strict=True))
         yield {name: results[name] for name in names}
+
+
+def _activations_with_edgec_ops(
+    model: ir.Model, names: Sequence[str], feeds: list[list[np.ndarray]]
+) -> Iterable[dict[str, np.ndarray]]:
+    """``_activations`` of a graph with block-sparse (or other edgec) layers, which ONNX Runtime
+    cannot run: every tensor the evaluator computes is kept, the named ones are returned."""
+    from edgec.ops.evaluator import numpy_evaluator
+
+    evaluator = numpy_evaluator(model)
+    if evaluator is None:
+        ops = sorted({f"{node.domain}:{node.op_type}" for node in model.graph if node.domain not in ("", "ai.onnx")})
+        raise ir.passes.PreconditionError(f"no NumPy reference runs {', '.join(ops)}: cannot calibrate this graph")
+    inputs = [value.name for value in model.graph.inputs]
+    for feed in feeds:
+        outputs = evaluator.run(list(names), dict(zip(inputs, feed, strict=True)))
+        yield {name: np.asarray(array) for name, array in zip(names, outputs, strict=True)}
 
 
 def activation_ranges(

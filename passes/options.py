@@ -42,21 +42,29 @@ def require_node_names(
         )
 
 
-INT8_WITH_EDGEC_OPS = (
-    "int8 together with block-sparse, binary or ternary layers is not supported yet: quantize-int8 calibrates "
-    "and is verified with ONNX Runtime on a standard graph, which cannot run edgec ops. Compile with "
-    "quantize-int8 and fold-bn/fuse-filters, or with the compression passes without quantize-int8"
+INT8_WITH_CODED_OPS = (
+    "int8 together with binary or ternary layers is not supported yet: their standard-ONNX twin, which the "
+    "int8 build is verified on, would quantize the layers the edgec ops keep coded. Compile with quantize-int8 "
+    "and fold-bn/fuse-filters/block-sparse, or with binary/ternary without quantize-int8"
 )
+INT8_BEFORE_PACKING = (
+    "run quantize-int8 after the packing passes (-p block-sparse ... -p quantize-int8): they do not read "
+    "dequantized weights; binary and ternary layers do not combine with int8 yet"
+)
+# node metadata of a layer block-sparse pruned but left a standard Conv/Gemm (``pack=false``, and the
+# standard-ONNX twin of a packed graph): quantize-int8 keeps it float, as it keeps the packed ops
+BLOCK_SPARSE_LAYER = "edgec.block_sparse"
+PACKED_OPS = ("BlockSparseConv", "BlockSparseGemm")  # edgec ops quantize-int8 keeps in float beside int8 layers
 
 
 def require_standard_ops(model: ir.Model, pass_name: str) -> None:
     """quantize-int8's ``requires`` hook: a PreconditionError naming the first edgec op of the graph
-    (a block-sparse, binary or ternary layer an earlier pass emitted)."""
+    that it cannot keep in float beside int8 layers (a binary or ternary layer)."""
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") and node.op_type not in PACKED_OPS:
             raise ir.passes.PreconditionError(
                 f"{pass_name} after a pass that emitted edgec ops (node {node.name!r} is "
-                f"{node.domain}:{node.op_type}): {INT8_WITH_EDGEC_OPS}"
+                f"{node.domain}:{node.op_type}): {INT8_WITH_CODED_OPS}"
             )
 
 
@@ -66,5 +74,5 @@ def require_float_graph(model: ir.Model, pass_name: str) -> None:
     for node in model.graph:
         if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             raise ir.passes.PreconditionError(
-                f"{pass_name} on an int8 (QDQ) graph (node {node.name!r} is {node.op_type}): {INT8_WITH_EDGEC_OPS}"
+                f"{pass_name} on an int8 (QDQ) graph (node {node.name!r} is {node.op_type}): {INT8_BEFORE_PACKING}"
             )

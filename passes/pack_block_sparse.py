@@ -94,7 +94,7 @@ from edgec.passes.block_sparsity import BlockSparsity, block_norms, block_sparsi
 from edgec.passes.channel_ops import ELEMENTWISE, POOLS, UNARY
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
-from edgec.passes.options import option_help, require_float_graph, require_node_names
+from edgec.passes.options import BLOCK_SPARSE_LAYER, option_help, require_float_graph, require_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -567,6 +567,7 @@ class _Rewriter:
         op would get.
         """
         node, perm = layer.node, decision.perm
+        node.metadata_props[BLOCK_SPARSE_LAYER] = f"1x{self.config.n}"  # quantize-int8 keeps it float, as the packed op
         weight = layer.weight[perm] * element_mask(decision.keep, self.config.n, layer.weight.shape)
         if layer.kind == "gemm":
             alpha = node.attributes.get_float("alpha", 1.0)

@@ -45,7 +45,7 @@ from edgec.passes.calibration import NO_CALIBRATION, activation_ranges, calibrat
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
 from edgec.passes.int8_math import ActivationQuant, quantize_bias, quantize_weight
-from edgec.passes.options import option_help, require_node_names, require_standard_ops
+from edgec.passes.options import BLOCK_SPARSE_LAYER, option_help, require_node_names, require_standard_ops
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         constant = Constants(model)
         candidates = []
         for node in model.graph:
-            if node.domain != "" or node.op_type not in LAYER_OPS:
+            if node.domain != "" or node.op_type not in LAYER_OPS:  # block-sparse layers (edgec ops) stay float
                 continue
             try:
                 candidates.append(_match(node, constant))
@@ -172,6 +172,8 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
 
 def _match(node: ir.Node, constant: Constants) -> _Layer:
     """The layer as a _Layer, or _Skip saying why it stays float."""
+    if BLOCK_SPARSE_LAYER in node.metadata_props:  # pruned by block-sparse with pack=false (or the packed graph's twin)
+        raise _Skip(f"a {node.metadata_props[BLOCK_SPARSE_LAYER]} block-sparse layer (no int8 1xN kernels: kept float)")
     data, weight_value = input_at(node, 0), input_at(node, 1)
     if data is None or weight_value is None or len(node.outputs) != 1:
         raise _Skip("it has no data or weight input")

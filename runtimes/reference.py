@@ -135,16 +135,11 @@ def reference_outputs(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.
 
 
 def run_numpy_reference(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:
-    from onnx.reference import ReferenceEvaluator
+    from edgec.ops.evaluator import numpy_evaluator
 
-    from edgec.ops import DOMAIN, load_all
-
-    custom = load_all()
-    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
-        if node.domain not in ("", "ai.onnx") and (node.domain != DOMAIN or node.op_type not in custom):
-            return None
-    proto = ir.serde.serialize_model(graph)
-    evaluator = ReferenceEvaluator(proto, new_ops=[op.reference for op in custom.values()])
+    evaluator = numpy_evaluator(graph)
+    if evaluator is None:
+        return None
     names = [value.name for value in graph.graph.inputs]
     return [np.asarray(output) for output in evaluator.run(None, dict(zip(names, inputs, strict=True)))]
 
@@ -188,12 +183,15 @@ def build_references(
             return _evaluator_instead(graph, inputs, f"ONNX Runtime: {one_line(error)}")
     found = _twin_references(standard, inputs, standard_label) if standard is not None else []
     numpy_outputs = run_numpy_reference(graph, inputs)
-    if numpy_outputs is not None:
-        found.append(Reference("numpy", numpy_outputs, True, "model.onnx"))
+    if numpy_outputs is not None:  # an int8 graph with block-sparse layers: QDQ as written, int8 rule
+        found.append(Reference("numpy", numpy_outputs, True, "model.onnx", quantized=is_quantized(graph)))
     return found, "" if found else "no reference can run this graph (custom ops)"
 
 
 def _twin_references(graph: ir.Model, inputs: Sequence[np.ndarray], label: str) -> list[Reference]:
+    if is_quantized(graph):  # int8 with block-sparse layers: the twin is a QDQ graph (float masked layers)
+        outputs, fused = qdq_references(graph, inputs)
+        return [Reference("onnxruntime", outputs, True, f"{label}, QDQ as written", quantized=True, fused=fused)]
     how, outputs = checking_reference(graph, inputs)
     if how == "onnxruntime":
         return [Reference("onnxruntime", outputs, True, label)]

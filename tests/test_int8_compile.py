@@ -80,6 +80,29 @@ def test_quantize_pass_build_verified_on_x86(float_onnx, tmp_path):
     assert not np.allclose(got, LocalRunner(artifact).run([-x])[0], atol=4 * step)  # depends on its input
 
 
+def test_block_sparse_then_int8_builds_and_verifies(float_onnx, tmp_path):
+    """Issue 17 part 5: block-sparse layers stay float (edgec ops), the rest int8; checked against
+    ONNX Runtime on the QDQ twin (masked float layers) and the NumPy references, both by the int8 rule."""
+    from edgec.passes.registry import parse
+
+    model = edgec.load(float_onnx)
+    edgec.apply(model, [FoldBatchNormPass(), parse("block-sparse:n=4,sparsity=0.7"), QuantizeInt8Pass(calibration=calibration())])
+    compiled = {node.op_type for node in model.graph.graph}
+    assert {"BlockSparseConv", "QuantizeLinear", "DequantizeLinear"} <= compiled
+    result = edgec.compile(model, "x86", tmp_path / "sparse_int8")
+    verification = result.manifest["verification"]
+    assert verification["status"] == "passed"
+    for name in ("onnxruntime", "numpy"):
+        check = verification[name]
+        assert check["enforced"] and check["within_tolerance"] and check["rule"].startswith("int8"), name
+    assert "QDQ" in verification["onnxruntime"]["graph"]
+    x = np.random.default_rng(9).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    artifact = load_artifact(result.artifact.path)
+    got = LocalRunner(artifact).run([x])[0]
+    want = run_onnxruntime(ir.load(str(artifact.path / "reference.onnx")), [x], optimize=False)
+    assert compare([got], want, rtol=0.0, atol=4 * quantization_step(want)).ok
+
+
 def test_ort_quantized_model_builds_and_verifies_from_the_cli(ort_qdq, tmp_path):
     result = invoke("compile", ort_qdq, "-t", "x86", "-o", tmp_path / "ort_int8", "--json")
     assert result.exit_code == 0, result.output

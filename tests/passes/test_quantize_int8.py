@@ -246,25 +246,52 @@ def test_without_calibration_says_what_to_give():
 
 
 @pytest.mark.parametrize(
-    ("passes", "refused", "node"),
+    ("passes", "refused", "words"),
     [
-        (["block-sparse:n=4,sparsity=0.5,layers=pwconv", "quantize-int8"], "quantize-int8", "BlockSparseConv"),
-        (["quantize-int8", "block-sparse:n=4,sparsity=0.5"], "block-sparse", "DequantizeLinear"),
-        (["quantize-int8", "binary"], "binary", "DequantizeLinear"),
+        (["binary:quantize=true", "quantize-int8"], "quantize-int8", "Binary.*not supported yet"),
+        (["quantize-int8", "block-sparse:n=4,sparsity=0.5"], "block-sparse", "DequantizeLinear.*run quantize-int8 after"),
+        (["quantize-int8", "binary"], "binary", "DequantizeLinear.*run quantize-int8 after"),
     ],
-    ids=["block-sparse-then-int8", "int8-then-block-sparse", "int8-then-binary"],
+    ids=["binary-then-int8", "int8-then-block-sparse", "int8-then-binary"],
 )
-def test_int8_with_edgec_op_passes_is_refused_by_name(passes, refused, node):
-    """Not supported yet (README, int8): a PassError naming the pass and the node, never a traceback
+def test_int8_with_edgec_op_passes_is_refused_by_name(passes, refused, words):
+    """What does not combine (README, int8): a PassError naming the pass and the node, never a traceback
     from ONNX Runtime or the reference evaluator; the graph before the refused pass is untouched."""
     model = Model(small_cnn(), None, "onnx", None)
     chosen = [parse(text) for text in passes]
     chosen = [QuantizeInt8Pass(calibration=samples(4)) if p.cli_name == "quantize-int8" else p for p in chosen]
     edgec.apply(model, chosen[:1], measure=False)
     before = ir.serde.serialize_model(model.graph).SerializeToString()
-    with pytest.raises(PassError, match=rf"pass '{refused}' failed: .*{node}.*not supported yet"):
+    with pytest.raises(PassError, match=rf"pass '{refused}' failed: .*{words}"):
         edgec.apply(model, chosen[1:], measure=False)
     assert ir.serde.serialize_model(model.graph).SerializeToString() == before
+
+
+def test_block_sparse_layers_stay_float_in_the_graph_and_its_twin():
+    """block-sparse then quantize-int8: the packed layers (edgec ops) and their masked twins
+    (``pack=false``) stay float, every other layer is int8 in both; calibrated through the ops'
+    NumPy references, since ONNX Runtime cannot run them."""
+    model = Model(small_cnn(), None, "onnx", None)
+    edgec.apply(model, [parse("block-sparse:n=4,sparsity=0.5,layers=pwconv"),
+                        QuantizeInt8Pass(calibration=samples(8), keep_first_last=False)])  # fmt: skip
+    graph, twin = model.graph, model.standard_graph
+    assert twin is not None, model.standard_note
+    packed = [node for node in graph.graph if node.domain == "edgec"]
+    assert [node.op_type for node in packed] == ["BlockSparseConv"]
+    masked = by_name(twin)["pwconv"]
+    assert masked.metadata_props["edgec.block_sparse"] == "1x4" and dequantized_weight(masked) is None
+    for name in ("conv1", "dwconv", "fc", "head"):
+        assert dequantized_weight(by_name(graph)[name]) is not None, name
+        assert dequantized_weight(by_name(twin)[name]) is not None, name
+    # the block-sparse layer's output feeds an int8 layer: quantized by the same parameters in both
+    def scales(g):
+        return sorted(float(n.inputs[1].const_value.numpy()) for n in g.graph if n.op_type == "QuantizeLinear")
+
+    assert scales(graph) == pytest.approx(scales(twin), rel=1e-5)
+    x = samples(1, seed=7)
+    from edgec.runtimes.reference import run_numpy_reference
+
+    np.testing.assert_allclose(run_numpy_reference(graph, x)[0], run_onnxruntime(twin, x, optimize=False)[0], atol=1e-4)
 
 
 @pytest.mark.parametrize(
