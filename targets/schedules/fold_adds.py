@@ -93,7 +93,7 @@ def _folded_operand(block, source, anchor_indices, written):
     kept = [op for op in operands if isinstance(op, ir.TensorLoad) and op.source.same_as(source) and _indexed_by(op.indices, variables)]
     if len(kept) != 1:
         return None
-    other = operands[1] if kept[0] is operands[0] or kept[0].same_as(operands[0]) else operands[0]
+    other = operands[1] if kept[0].same_as(operands[0]) else operands[0]
     if not isinstance(other, ir.TensorLoad) or any(other.source.same_as(buffer) for buffer in written):
         return None
     mapping = {var: index for var, index in zip(variables, anchor_indices, strict=True)}
