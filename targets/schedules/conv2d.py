@@ -44,6 +44,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     wants_lane_broadcast,
 )
+from edgec.targets.schedules.fold_adds import fold_epilogue_adds
 
 
 def conv_regions(sch, block):
@@ -53,12 +54,13 @@ def conv_regions(sch, block):
     stmt = sch.get(block)
     if static_iter_kinds(sch, block) != "SSSSRRR":
         return None
-    if len(stmt.reads) != 3 and len(stmt.reads) != 2:
-        return None
     n, y, x, f, ry, rx, rc = iters = tuple(iv.var for iv in stmt.iter_vars)
     if len(stmt.writes) != 1 or not _indexed_by(stmt.writes[0], [n, y, x, f]):
         return None
-    reads = [region for region in stmt.reads if not region.source.same_as(stmt.writes[0].source)]
+    reads = [
+        region for region in stmt.reads
+        if not region.source.same_as(stmt.writes[0].source) and not _spatial_only(region, [n, y, x, f])
+    ]  # fmt: skip
     if len(reads) != 2:
         return None
     data, weight = reads
@@ -109,6 +111,16 @@ def conv_operands(sch, block, depthwise: bool = False):
     elif not channel.same_as(rc):
         return None
     return data.source, weight.source
+
+
+def _spatial_only(region, spatial) -> bool:
+    """Whether ``region`` is indexed by constants and spatial iters only: an addition folded
+    into the accumulators' init (``fold_adds``), not an operand of the contraction."""
+    from tvm import tirx
+
+    return all(
+        isinstance(r.min, tirx.IntImm) or any(r.min.same_as(v) for v in spatial) for r in region.region
+    )  # fmt: skip
 
 
 def _indexed_by(region, variables) -> bool:
@@ -170,12 +182,20 @@ class Conv2DNHWC(Rule):
     def unroll_taps(self) -> bool:
         return self.vector.lane_fma
 
+    @property
+    def fold_adds(self) -> bool:
+        """Start the accumulators at the bias (and shortcut) added after the convolution
+        (``fold_adds``); measured on aarch64 only, where it is on."""
+        return self.vector.lane_fma
+
     def apply(self, func):
         sch, anchor = self.schedule_reduction(func, "conv2d_nhwc")
         operands = conv_operands(sch, anchor) if anchor is not None else None
         if operands is None:
             return None
         data, weight = operands
+        if self.fold_adds:
+            fold_epilogue_adds(sch, anchor)
         epilogue = epilogue_block(sch, anchor)
         n, y, x, f, ry, rx, rc = sch.get_loops(anchor)
         materialise = self.materialise_padding and extents(sch, [ry, rx]) != [1, 1]
