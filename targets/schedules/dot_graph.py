@@ -34,7 +34,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules import dot_kernels
+from edgec.targets.schedules import conv2d_pair, dot_kernels
 from edgec.targets.schedules.dot_kernels import GROUP, SHIFT
 from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.te_rewrite import not_dense_nhwc
@@ -45,10 +45,11 @@ log = logging.getLogger(__name__)
 RULE = "graph:dot-product"
 
 
-def pack_weights(weight: np.ndarray) -> np.ndarray:
-    """HWIO integer weights with int8 values -> int8 ``[kh, kw, ic/4, oc, 4]`` (module docstring)."""
+def pack_weights(weight: np.ndarray, group: int = GROUP) -> np.ndarray:
+    """HWIO integer weights with int8 values -> int8 ``[kh, kw, ic/group, oc, group]`` (module
+    docstring; ``group`` 16: the pair-product kernel's blocks, conv2d_pair.py)."""
     kh, kw, channels, filters = weight.shape
-    grouped = weight.reshape(kh, kw, channels // GROUP, GROUP, filters)
+    grouped = weight.reshape(kh, kw, channels // group, group, filters)
     return np.ascontiguousarray(grouped.transpose(0, 1, 2, 4, 3)).astype(np.int8)
 
 
@@ -60,9 +61,9 @@ def shift_correction(weight: np.ndarray, activation_dtype: str) -> np.ndarray:
     return SHIFT * weight.reshape(-1, weight.shape[-1]).astype(np.int64).sum(axis=0)
 
 
-def ineligible(call, weight: np.ndarray | None) -> str | None:
+def ineligible(call, weight: np.ndarray | None, pair: bool = False) -> str | None:
     """Why the Relax conv2d ``call`` (``weight`` its constant weights or None) does not become a
-    dot-product convolution, or None."""
+    dot-product convolution (``pair``: a pair-product one, conv2d_pair.py), or None."""
     reason = not_dense_nhwc(call, weight)
     if reason is not None:
         return reason
@@ -72,15 +73,19 @@ def ineligible(call, weight: np.ndarray | None) -> str | None:
     if weight.dtype.kind != "i" or weight.min() < -128 or weight.max() > 127:
         return f"{weight.dtype} weights outside int8"
     channels, filters = weight.shape[2], weight.shape[3]
-    if channels % GROUP or filters % GROUP:
-        return f"{channels} -> {filters} channels, not multiples of {GROUP}"
+    group = conv2d_pair.BLOCK if pair else GROUP
+    if channels % group or filters % GROUP:
+        return f"{channels} -> {filters} channels, not multiples of {group} -> {GROUP}"
+    if pair and weight.min() < -127:
+        return "a weight of -128 (two products of an int16 lane could overflow)"
     if any(not hasattr(dim, "value") for dim in call.args[0].ty.shape):
         return "the input shape is not static"
     return None
 
 
-def dot_product_conv2d(fallbacks: FallbackLog | None = None):
-    """A module pass rewriting the convolutions above (module docstring)."""
+def dot_product_conv2d(fallbacks: FallbackLog | None = None, pair: bool = False):
+    """A module pass rewriting the convolutions above (module docstring); ``pair``: as pair-product
+    convolutions (conv2d_pair.py, for aarch64 without ``sdot``) instead, the same shift."""
     import tvm
     from tvm import relax
 
@@ -98,7 +103,7 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
                 log.debug("%s: its int32 result is used elsewhere too; kept", describe_call(conv))
                 return call
             weight = self._constant(conv.args[1])
-            reason = ineligible(conv, weight)
+            reason = ineligible(conv, weight, pair)
             if reason is not None:
                 log.debug("%s: no dot product (%s)", describe_call(conv), reason)
                 return call
@@ -131,9 +136,14 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
                 dilation=tuple(int(d) for d in attrs.dilation),
                 out_size=(shape[1], shape[2]),
             )
-            packed = relax.const(pack_weights(weight), "int8")
-            kernel = self.builder_.call_te(lambda x, w: dot_kernels.conv2d_dot(x, w, geometry), data, packed,
-                                           primfunc_name_hint=dot_kernels.KERNEL)  # fmt: skip
+            if pair:
+                packed = relax.const(pack_weights(weight, conv2d_pair.BLOCK), "int8")
+                kernel = self.builder_.call_te(lambda x, w: conv2d_pair.conv2d_pair(x, w, geometry), data, packed,
+                                               primfunc_name_hint=conv2d_pair.KERNEL)  # fmt: skip
+            else:
+                packed = relax.const(pack_weights(weight), "int8")
+                kernel = self.builder_.call_te(lambda x, w: dot_kernels.conv2d_dot(x, w, geometry), data, packed,
+                                               primfunc_name_hint=dot_kernels.KERNEL)  # fmt: skip
             accumulated = self.builder_.emit(kernel)
             return relax.op.add(accumulated, relax.const(combined.astype(np.int32), "int32"))
 

@@ -34,12 +34,11 @@ class Geometry:
     out_size: tuple[int, int]
 
 
-def conv2d_dot(data, packed, geometry: Geometry):
-    """The compute above: ``data`` NHWC uint8/int8, ``packed`` int8 ``[kh, kw, ic/4, oc, 4]``."""
+def signed_input(data, geometry: Geometry):
+    """``signed`` above: the (padded) activations as int8, ``x ^ 0x80`` for uint8 ones."""
     from tvm import te, tirx
 
     batch, height, width, channels = (int(dim) for dim in data.shape)
-    kh, kw, groups, filters, _ = (int(dim) for dim in packed.shape)
     top, left, bottom, right = geometry.padding
     unsigned = str(data.dtype) == "uint8"
 
@@ -51,7 +50,15 @@ def conv2d_dot(data, packed, geometry: Geometry):
             return tirx.reinterpret("int8", tirx.bitwise_xor(value, tirx.const(SHIFT, "uint8")))
         return value
 
-    signed = te.compute((batch, height + top + bottom, width + left + right, channels), shifted, name=SIGNED)
+    return te.compute((batch, height + top + bottom, width + left + right, channels), shifted, name=SIGNED)
+
+
+def conv2d_dot(data, packed, geometry: Geometry):
+    """The compute above: ``data`` NHWC uint8/int8, ``packed`` int8 ``[kh, kw, ic/4, oc, 4]``."""
+    from tvm import te
+
+    signed = signed_input(data, geometry)
+    kh, kw, groups, filters, _ = (int(dim) for dim in packed.shape)
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     group = te.reduce_axis((0, groups), name="rg")
@@ -62,4 +69,4 @@ def conv2d_dot(data, packed, geometry: Geometry):
         pixel = signed[n, y * stride_y + ry * dilation_y, x * stride_x + rx * dilation_x, group * GROUP + lane]
         return te.sum(pixel.astype("int32") * packed[ry, rx, group, f, lane].astype("int32"), axis=[ry, rx, group, lane])
 
-    return te.compute((batch, *geometry.out_size, filters), compute, name=ANCHOR)
+    return te.compute((data.shape[0], *geometry.out_size, filters), compute, name=ANCHOR)

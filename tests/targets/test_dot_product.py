@@ -98,8 +98,8 @@ def _graph_after_passes(graph, preset: str):
     return mod
 
 
-def _dot_calls(mod) -> list:
-    return [call for call in calls(mod, "relax.call_tir") if call.args[0].name_hint.startswith("conv2d_dot")]
+def _dot_calls(mod, kernel: str = "conv2d_dot") -> list:
+    return [call for call in calls(mod, "relax.call_tir") if call.args[0].name_hint.startswith(kernel)]
 
 
 def test_rewrite_takes_the_pointwise_layers_on_the_dot_product_preset_only(tiny_qdq):  # noqa: F811
@@ -114,7 +114,9 @@ def test_rewrite_takes_the_pointwise_layers_on_the_dot_product_preset_only(tiny_
     # the depthwise and the 3-channel stem stay convolutions, each for its reason
     reasons = {ineligible(conv, conv.args[1].value.numpy()) for conv in calls(a55, "relax.nn.conv2d")}
     assert any(reason and reason.startswith("groups=") for reason in reasons)
-    assert len(calls(a53, "relax.nn.conv2d")) == len(calls(a55, "relax.nn.conv2d")) + len(dots)
+    # cortex-a53 (no sdot): the layers whose input channels are multiples of 16 are pair-product kernels
+    pairs = _dot_calls(a53, "conv2d_pair")
+    assert pairs and len(calls(a53, "relax.nn.conv2d")) + len(pairs) == len(calls(a55, "relax.nn.conv2d")) + len(dots)
 
 
 def dot_kernel(kernel=1, channels=64, filters=32, size=14):
