@@ -7,8 +7,14 @@ for a Relax ``conv2d`` in channels-last layout (NHWC data, HWIO constant weights
 uint8 or int8 activations, int8 weights (stored int16 on aarch64: the values are int8),
 whose input and output channels are multiples of 4, followed by the add of a constant
 (qdq_integer's zero-point correction and int32 bias; it has one whenever the activation's zero
-point or the layer's bias is nonzero, i.e. always in practice; a conv2d without one is left as
-it is).
+point or the layer's bias is nonzero). A conv2d without one (a zero-point-0 input and a float
+bias, as ResNet-18's first convolution of a block after the residual ReLU) gets an add of the
+correction alone: ``conv2d(x, W) -> add(conv2d_dot(x, P), 128 * sum(W[..., o]))`` (before this,
+such layers kept the int16 ``smlal`` kernel).
+
+On aarch64 without ``sdot`` (``pair``, ``CpuVector.pair_product``) the same rewrite, shift and
+correction write a pair-product convolution instead (conv2d_pair.py: weights packed
+``[kh, kw, ic/16, oc, 16]``, input channels multiples of 16, no weight of -128).
 
 Signedness: ``sdot`` multiplies int8 by int8, ``udot`` uint8 by uint8 (``usdot``, uint8 x int8,
 is armv8.6's i8mm, which a Cortex-A55 lacks). The activations are uint8 codes ``x``, the
@@ -83,6 +89,23 @@ def ineligible(call, weight: np.ndarray | None, pair: bool = False) -> str | Non
     return None
 
 
+def added_to_constants(func) -> set:
+    """The calls of ``func`` whose result is only added to a constant (``add(v, c)``, ``v`` bound to them)."""
+    import tvm
+    from tvm import relax
+
+    bound, added = {}, set()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bound[binding.var] = binding.value
+            value = binding.value
+            if is_op(value, "relax.add") and isinstance(value.args[0], relax.Var) and value.args[0] in bound:
+                constant = value.args[1]
+                if isinstance(bound.get(constant, constant), tvm.ir.expr.Constant):
+                    added.add(bound[value.args[0]])
+    return added
+
+
 def dot_product_conv2d(fallbacks: FallbackLog | None = None, pair: bool = False):
     """A module pass rewriting the convolutions above (module docstring); ``pair``: as pair-product
     convolutions (conv2d_pair.py, for aarch64 without ``sdot``) instead, the same shift."""
@@ -95,11 +118,14 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None, pair: bool = False)
     class _Rewriter(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            conv = self._bound(call.args[0]) if is_op(call, "relax.add") else None
-            constant = self._constant(call.args[1]) if is_op(conv, "relax.nn.conv2d") else None
+            if is_op(call, "relax.nn.conv2d") and str(call.ty.dtype) == "int32" and call not in self.added:
+                conv, constant = call, np.zeros(1, np.int64)  # no add after it: the correction alone
+            else:
+                conv = self._bound(call.args[0]) if is_op(call, "relax.add") else None
+                constant = self._constant(call.args[1]) if is_op(conv, "relax.nn.conv2d") else None
             if constant is None:
                 return call
-            if self.uses.get(call.args[0], 0) != 1:
+            if conv is not call and self.uses.get(call.args[0], 0) != 1:
                 log.debug("%s: its int32 result is used elsewhere too; kept", describe_call(conv))
                 return call
             weight = self._constant(conv.args[1])
@@ -154,6 +180,7 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None, pair: bool = False)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.uses = use_counts(func)
+                rewriter.added = added_to_constants(func)
                 bodies[gvar] = rewriter.visit_expr(func)
         rewritten = rewriter.builder_.get()
         for gvar, body in bodies.items():
