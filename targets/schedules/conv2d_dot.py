@@ -104,12 +104,7 @@ class Conv2DDot(Rule):
             group, steps = sch.split(group, [None, steps])
             if padded:  # a copy of the tile's 16 channels from the padded input (border tests stay out of the loop)
                 signed = sch.cache_read(anchor, read_index(sch, anchor, data), "global")
-            sch.compute_at(signed, group, preserve_unit_loops=True)
-            depth = 1 + [sch.get(loop) for loop in sch.get_loops(anchor)].index(sch.get(group))
-            copy = sch.get_loops(signed)[depth:]
-            sch.vectorize(copy[-1])
-            for loop in copy[:-1]:
-                sch.unroll(loop)
+            copy_at(sch, anchor, signed, group)
             sch.unroll(steps)
         for loop in (y_inner, x_inner, registers):
             sch.unroll(loop)
@@ -124,6 +119,17 @@ def lane_steps(groups: int, lanes: int) -> int:
     bytes broadcast. Unlike a float FMA (``wants_lane_broadcast``), one vector is worth copying:
     aarch64's broadcast load ``ld1r`` takes no offset, each costs an address ``add`` too."""
     return next((steps for steps in (lanes, lanes // 2) if steps > 1 and groups % steps == 0), 1)
+
+
+def copy_at(sch, anchor, signed, loop) -> None:
+    """Compute ``signed`` (the tile's shifted activations) at ``loop`` of the anchor: its
+    innermost axis vectorised, the rest unrolled."""
+    sch.compute_at(signed, loop, preserve_unit_loops=True)
+    depth = 1 + [sch.get(outer) for outer in sch.get_loops(anchor)].index(sch.get(loop))
+    copy = sch.get_loops(signed)[depth:]
+    sch.vectorize(copy[-1])
+    for inner in copy[:-1]:
+        sch.unroll(inner)
 
 
 def pads(sch, signed) -> bool:

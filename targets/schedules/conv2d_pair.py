@@ -44,8 +44,8 @@ from edgec.targets.schedules.common import (
     vectorize_innermost,
 )
 from edgec.targets.schedules.conv2d import buffer_size
-from edgec.targets.schedules.conv2d_dot import pads, read_index
-from edgec.targets.schedules.dot_kernels import SIGNED, Geometry, signed_input
+from edgec.targets.schedules.conv2d_dot import copy_at, pads, read_index
+from edgec.targets.schedules.dot_kernels import SIGNED, Geometry, Window
 
 BLOCK = 16  # input channels of one smull + smlal2
 LANES = 4  # int32 lanes of one accumulator: partial sums of one output channel
@@ -63,22 +63,18 @@ def conv2d_pair(data, packed, geometry: Geometry):
     """The compute above: ``data`` NHWC uint8/int8, ``packed`` int8 ``[kh, kw, ic/16, oc, 16]``."""
     from tvm import te
 
-    signed = signed_input(data, geometry)
-    kh, kw, blocks, filters, _ = (int(dim) for dim in packed.shape)
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    block = te.reduce_axis((0, blocks), name="rb")
+    window = Window(data, packed, geometry)
     half = te.reduce_axis((0, 2), name="rh")
     even = te.reduce_axis((0, 2), name="re")
-    (stride_y, stride_x), (dilation_y, dilation_x) = geometry.strides, geometry.dilation
+    ry, rx, block = window.ry, window.rx, window.group
 
     def compute(n, y, x, f, lane):
         channel = 2 * lane + even + 8 * half
-        pixel = signed[n, y * stride_y + ry * dilation_y, x * stride_x + rx * dilation_x, block * BLOCK + channel]
+        pixel = window.pixel(n, y, x, block * BLOCK + channel)
         weight = packed[ry, rx, block, f, channel]
         return te.sum(pixel.astype("int32") * weight.astype("int32"), axis=[ry, rx, block, half, even])
 
-    partial = te.compute((data.shape[0], *geometry.out_size, filters, LANES), compute, name=ANCHOR)
+    partial = te.compute((data.shape[0], *geometry.out_size, window.filters, LANES), compute, name=ANCHOR)
     return te.compute(partial.shape[:4], lambda n, y, x, f: partial[n, y, x, f, 0] + partial[n, y, x, f, 1]
                       + partial[n, y, x, f, 2] + partial[n, y, x, f, 3], name=SUM)  # fmt: skip
 
@@ -251,12 +247,7 @@ class Conv2DPair(Rule):
         if pads(sch, signed):
             schedule_injective(sch, signed, self.vector.lanes_of("int8"))
             signed = sch.cache_read(anchor, read_index(sch, anchor, data), "global")
-        sch.compute_at(signed, block, preserve_unit_loops=True)
-        depth = 1 + [sch.get(loop) for loop in sch.get_loops(anchor)].index(sch.get(block))
-        copy = sch.get_loops(signed)[depth:]
-        sch.vectorize(copy[-1])
-        for loop in copy[:-1]:
-            sch.unroll(loop)
+        copy_at(sch, anchor, signed, block)
         for loop in (y_inner, x_inner, f_inner):
             sch.unroll(loop)
         split_init(sch, anchor, ry, 3)

@@ -13,22 +13,18 @@ ONNX Runtime with pair-product kernels in lib.so.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-import edgec
-from backbone import assert_board_verified
 from edgec.targets import resolve
 from edgec.targets.schedules.conv2d_pair import BLOCK, Conv2DPair, conv2d_pair, pair_tile
 from edgec.targets.schedules.dot_graph import ineligible, pack_weights, shift_correction
 from edgec.targets.schedules.dot_kernels import Geometry
 from edgec.targets.vector import cpu_vector
-from test_dot_product import _dot_calls, _graph_after_passes, _int64_conv, two_layers
+from test_dot_product import _dot_calls, _graph_after_passes, _int64_conv, compiled_kernels, two_layers
 from test_lane_broadcast import inner_loop
-from test_qdq_integer import _model, calls
+from test_qdq_integer import calls
 
 
 def test_only_aarch64_without_the_dot_product_has_pair_products():
@@ -139,21 +135,7 @@ def test_a_convolution_without_an_add_is_rewritten_with_its_correction():
 def test_cortex_a53_int8_is_bit_exact_on_the_emulated_board_with_pair_products_in_lib_so(tmp_path):
     graph = two_layers()
     assert len(_dot_calls(_graph_after_passes(graph, "cortex-a53"), "conv2d_pair")) == 2
-    result = edgec.compile(_model(graph), "cortex-a53", tmp_path / "a53")
-    assert_board_verified(result.manifest, "cortex-a53")
-    verification = result.manifest["verification"]
-    if verification["status"] == "passed":
-        assert verification["onnxruntime"]["max_abs"] == 0.0  # bit-exact
-    schedules = {kernel["kernel"]: kernel["schedule"] for kernel in result.manifest["kernels"]}
-    pairs = [name for name in schedules if name.startswith("fused_conv2d_pair")]
-    assert len(pairs) == 2 and all(schedules[name] == "conv2d-pair" for name in pairs)
-    objdump = shutil.which("aarch64-linux-gnu-objdump")
-    if objdump is None:
-        pytest.skip("aarch64-linux-gnu-objdump is not installed (binutils-aarch64-linux-gnu)")
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(result.artifact.path / "lib.so")],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    for name in pairs:
-        body = text.split(f"<{name}_compute_>:", 1)[1].split("\n\n", 1)[0]
+    for body in compiled_kernels(graph, "cortex-a53", tmp_path / "a53", "fused_conv2d_pair", "conv2d-pair"):
         assert re.search(r"\bsmlal2\s+v\d+\.8h, v\d+\.16b, v\d+\.16b", body)
         assert re.search(r"\bsadalp\s+v\d+\.4s, v\d+\.8h", body) and re.search(r"\baddp\s+v\d+\.4s", body)
         assert not re.search(r"\bsmlal\s+v\d+\.4s, v\d+\.4h, v\d+\.h\[", body)  # not the int16 lane kernel
