@@ -54,8 +54,8 @@ ANCHOR = "conv2d_nhwc_pair_partial"  # the reduction block
 SUM = "conv2d_nhwc_pair"  # the sum of an accumulator's lanes
 PAIR_INTRIN = "edgec_pair_smull_sadalp"
 SUM_INTRIN = "edgec_pair_lane_sum"
-# of 32 registers, beside a vector per pixel and per output channel and the int16 products (20 spilled:
-# 14x14 96 -> 576 on cortex-a53, 5.3 instructions per smull in the inner loop; 16: 3.75)
+# of 32 registers, beside a vector per pixel and per output channel and the int16 products (not
+# tuned further: 20 gives the same 14x14 inner loops, 3.75 instructions per smull)
 MAX_ACCUMULATORS = 16
 
 
@@ -84,52 +84,7 @@ def register_pair_intrin() -> str:
     (A, B int8 [16], C int32 [4]): ``smull`` of the low halves, the high halves' product added in
     int16 (``smlal2``), ``saddlp`` added to C (``sadalp``), as one expression (a named value would be
     a buffer of its own)."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    try:
-        TensorIntrin.get(PAIR_INTRIN)
-        return PAIR_INTRIN
-    except ValueError:
-        pass
-
-    @T.prim_func(s_tir=True)
-    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (BLOCK,), dtype="int8", offset_factor=1)
-        B = T.match_buffer(b, (BLOCK,), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), dtype="int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:BLOCK], B[0:BLOCK])
-            T.writes(C[0:LANES])
-            for lane, half, even in T.grid(LANES, 2, 2):
-                with T.sblock("update"):
-                    vl, vh, ve = T.axis.remap("SRR", [lane, half, even])
-                    C[vl] = C[vl] + T.Cast("int32", A[2 * vl + ve + 8 * vh]) * T.Cast("int32", B[2 * vl + ve + 8 * vh])
-
-    @T.prim_func(s_tir=True)
-    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (BLOCK,), dtype="int8", offset_factor=1)
-        B = T.match_buffer(b, (BLOCK,), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), dtype="int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:LANES], A[0:BLOCK], B[0:BLOCK])
-            T.writes(C[0:LANES])
-            C[T.ramp(T.int32(0), 1, LANES)] = C.vload([0], dtype="int32x4") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.saddlp.v4i32.v8i16"),
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    T.Shuffle([A.vload([0], dtype="int8x16")], list(range(8))),
-                    T.Shuffle([B.vload([0], dtype="int8x16")], list(range(8))), dtype="int16x8",
-                ) + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"),
-                    T.Shuffle([A.vload([0], dtype="int8x16")], list(range(8, 16))),
-                    T.Shuffle([B.vload([0], dtype="int8x16")], list(range(8, 16))), dtype="int16x8",
-                ),
-                dtype="int32x4",
-            )  # fmt: skip
-
-    TensorIntrin.register(PAIR_INTRIN, description, implementation)
-    return PAIR_INTRIN
+    return _register(PAIR_INTRIN, _pair_function)
 
 
 def register_lane_sum() -> str:
@@ -137,45 +92,80 @@ def register_lane_sum() -> str:
     (A int32 [4, 4]: 4 accumulators, C int32 [4]): two ``addp`` of pairs of accumulators and one of
     their results (LLVM's own code for the sum moved lanes one at a time: ~60 instructions per 16
     outputs against 12)."""
+    return _register(SUM_INTRIN, _lane_sum_function)
+
+
+def _register(name: str, function) -> str:
+    """Register ``function(False)`` (the description) and ``function(True)`` (the implementation) as
+    the tensor intrinsic ``name``, once."""
     from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
 
     try:
-        TensorIntrin.get(SUM_INTRIN)
-        return SUM_INTRIN
+        TensorIntrin.get(name)
     except ValueError:
-        pass
+        TensorIntrin.register(name, function(False), function(True))
+    return name
+
+
+def _llvm(name: str, *args, dtype: str):
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), *args, dtype=dtype)
+
+
+def _pair_function(implementation: bool):
+    """The pair intrinsic's description or (``implementation``) implementation."""
+    from tvm.script import tirx as T
+
+    def smull(A, B, low: int):
+        return _llvm("llvm.aarch64.neon.smull.v8i16", T.Shuffle([A.vload([0], dtype="int8x16")], list(range(low, low + 8))),
+                     T.Shuffle([B.vload([0], dtype="int8x16")], list(range(low, low + 8))), dtype="int16x8")  # fmt: skip
 
     @T.prim_func(s_tir=True)
-    def description(a: T.handle, c: T.handle) -> None:
+    def function(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (BLOCK,), dtype="int8", offset_factor=1)
+        B = T.match_buffer(b, (BLOCK,), dtype="int8", offset_factor=1)
+        C = T.match_buffer(c, (LANES,), dtype="int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:LANES], A[0:BLOCK], B[0:BLOCK])
+            T.writes(C[0:LANES])
+            if implementation:
+                C[T.ramp(T.int32(0), 1, LANES)] = C.vload([0], dtype="int32x4") + _llvm(
+                    "llvm.aarch64.neon.saddlp.v4i32.v8i16", smull(A, B, 0) + smull(A, B, 8), dtype="int32x4")
+            else:
+                for lane, half, even in T.grid(LANES, 2, 2):
+                    with T.sblock("update"):
+                        vl, vh, ve = T.axis.remap("SRR", [lane, half, even])
+                        C[vl] = C[vl] + T.Cast("int32", A[2 * vl + ve + 8 * vh]) * T.Cast("int32", B[2 * vl + ve + 8 * vh])
+
+    return function
+
+
+def _lane_sum_function(implementation: bool):
+    """The lane sum intrinsic's description or (``implementation``) implementation."""
+    from tvm.script import tirx as T
+
+    def addp(first, second):
+        return _llvm("llvm.aarch64.neon.addp.v4i32", first, second, dtype="int32x4")
+
+    @T.prim_func(s_tir=True)
+    def function(a: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (LANES, LANES), dtype="int32", offset_factor=1)
         C = T.match_buffer(c, (LANES,), dtype="int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(A[0:LANES, 0:LANES])
             T.writes(C[0:LANES])
-            for i in range(LANES):
-                with T.sblock("sum"):
-                    vi = T.axis.remap("S", [i])
-                    C[vi] = A[vi, 0] + A[vi, 1] + A[vi, 2] + A[vi, 3]
+            if implementation:
+                C[T.ramp(T.int32(0), 1, LANES)] = addp(
+                    addp(A.vload([0, 0], dtype="int32x4"), A.vload([1, 0], dtype="int32x4")),
+                    addp(A.vload([2, 0], dtype="int32x4"), A.vload([3, 0], dtype="int32x4")))  # fmt: skip
+            else:
+                for i in range(LANES):
+                    with T.sblock("sum"):
+                        vi = T.axis.remap("S", [i])
+                        C[vi] = A[vi, 0] + A[vi, 1] + A[vi, 2] + A[vi, 3]
 
-    @T.prim_func(s_tir=True)
-    def implementation(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (LANES, LANES), dtype="int32", offset_factor=1)
-        C = T.match_buffer(c, (LANES,), dtype="int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(A[0:LANES, 0:LANES])
-            T.writes(C[0:LANES])
-            C[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-                                        A.vload([0, 0], dtype="int32x4"), A.vload([1, 0], dtype="int32x4"), dtype="int32x4"),
-                T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.addp.v4i32"),
-                                        A.vload([2, 0], dtype="int32x4"), A.vload([3, 0], dtype="int32x4"), dtype="int32x4"),
-                dtype="int32x4",
-            )  # fmt: skip
-
-    TensorIntrin.register(SUM_INTRIN, description, implementation)
-    return SUM_INTRIN
+    return function
 
 
 def pair_tile(rows: list[int], filters: int, registers: int = 32) -> tuple[list[int], int]:
