@@ -57,6 +57,9 @@ SUM_INTRIN = "edgec_pair_lane_sum"
 # of 32 registers, beside a vector per pixel and per output channel and the int16 products (not
 # tuned further: 20 gives the same 14x14 inner loops, 3.75 instructions per smull)
 MAX_ACCUMULATORS = 16
+# output channels of a one-pixel tile: LLVM unrolls the block loop and loads two blocks' weights
+# ahead (7x7 160 -> 960 on cortex-a53: 12 channels spilled, 4.67 instructions per smull; 8: 4.19)
+MAX_SINGLE_PIXEL_CHANNELS = 8
 
 
 def conv2d_pair(data, packed, geometry: Geometry):
@@ -178,6 +181,8 @@ def pair_tile(rows: list[int], filters: int, registers: int = 32) -> tuple[list[
         for height in divisors(rows[0]):
             for width in divisors(rows[1]):
                 points = height * width
+                if points == 1 and channels > MAX_SINGLE_PIXEL_CHANNELS:
+                    continue
                 if points * channels > MAX_ACCUMULATORS or points * channels + points + channels + 2 > registers:
                     continue
                 score = (points * channels / (3 * points * channels + 2 * points + channels), width)
