@@ -63,7 +63,9 @@ class CpuVector:
     log and the reader of a manifest). ``lane_fma``: a multiply-add can read one
     lane of a vector register as its scalar operand (module docstring).
     ``int8_dot``: a 4-way uint8 x int8 -> int32 dot product per lane (VNNI).
-    ``dot_product``: ``sdot`` (module docstring). ``max_number``: a vector maxNum
+    ``dot_product``: ``sdot`` (module docstring). ``pair_product``: aarch64 without it, whose int8
+    convolutions multiply int8 pairs into int16 (``smull``/``smlal2``/``sadalp``, conv2d_pair.py).
+    ``max_number``: a vector maxNum
     instruction (module docstring).
     """
 
@@ -76,6 +78,7 @@ class CpuVector:
     int8_dot: bool = False
     dot_product: bool = False
     max_number: bool = False
+    pair_product: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -114,7 +117,7 @@ def cpu_vector(target) -> CpuVector:
         dot_product = "+dotprod" in getattr(preset, "mattr", ())
         return CpuVector(
             lanes or 4, registers or neon_registers, None, word_bits, popcount, lane_fma,
-            dot_product=dot_product, max_number=arch == "aarch64",
+            dot_product=dot_product, max_number=arch == "aarch64", pair_product=arch == "aarch64" and not dot_product,
         )
     features = _x86_features(target)
     if "avx512f" in features:

@@ -39,6 +39,7 @@ def default_rules(vector: CpuVector) -> list[Rule]:
     """The rules in the order they are tried."""
     from edgec.targets.schedules.conv2d import Conv2DNHWC
     from edgec.targets.schedules.conv2d_dot import Conv2DDot
+    from edgec.targets.schedules.conv2d_pair import Conv2DPair
     from edgec.targets.schedules.conv2d_int8 import Conv2DInt8Dot
     from edgec.targets.schedules.dense import Dense
     from edgec.targets.schedules.depthwise import DepthwiseConv2DNHWC
@@ -49,7 +50,7 @@ def default_rules(vector: CpuVector) -> list[Rule]:
 
     int8_dot = [Conv2DInt8Dot(vector)] if vector.int8_dot else []
     return [
-        WinogradTransforms(vector), *int8_dot, Conv2DDot(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector),
+        WinogradTransforms(vector), *int8_dot, Conv2DDot(vector), Conv2DPair(vector), Conv2DNHWC(vector), DepthwiseConv2DNHWC(vector),
         GroupedConv2DNHWC(vector), Dense(vector), Pooling(vector), Generic(vector),
     ]  # fmt: skip
 
@@ -60,7 +61,8 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
 
     return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
                   int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product),
-                  packed_weights=vector if vector and vector.lane_fma else None)
+                  packed_weights=vector if vector and vector.lane_fma else None,
+                  pair_product=bool(vector and vector.pair_product))
 
 
 def first_schedule(

@@ -90,7 +90,7 @@ class Conv2DDot(Rule):
         vector = self.vector
         steps = lane_steps(groups, vector.lanes)
         lane_operand = steps > 1
-        padded = _pads(sch, signed)
+        padded = pads(sch, signed)
         (tile_y, tile_x), tile_f = register_tile([height, width], channels, vector, lane_operand=lane_operand)
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         registers, four = sch.split(f_inner, [None, vector.lanes])
@@ -103,13 +103,8 @@ class Conv2DDot(Rule):
         if lane_operand:
             group, steps = sch.split(group, [None, steps])
             if padded:  # a copy of the tile's 16 channels from the padded input (border tests stay out of the loop)
-                signed = sch.cache_read(anchor, _read_index(sch, anchor, data), "global")
-            sch.compute_at(signed, group, preserve_unit_loops=True)
-            depth = 1 + [sch.get(loop) for loop in sch.get_loops(anchor)].index(sch.get(group))
-            copy = sch.get_loops(signed)[depth:]
-            sch.vectorize(copy[-1])
-            for loop in copy[:-1]:
-                sch.unroll(loop)
+                signed = sch.cache_read(anchor, read_index(sch, anchor, data), "global")
+            copy_at(sch, anchor, signed, group)
             sch.unroll(steps)
         for loop in (y_inner, x_inner, registers):
             sch.unroll(loop)
@@ -126,7 +121,18 @@ def lane_steps(groups: int, lanes: int) -> int:
     return next((steps for steps in (lanes, lanes // 2) if steps > 1 and groups % steps == 0), 1)
 
 
-def _pads(sch, signed) -> bool:
+def copy_at(sch, anchor, signed, loop) -> None:
+    """Compute ``signed`` (the tile's shifted activations) at ``loop`` of the anchor: its
+    innermost axis vectorised, the rest unrolled."""
+    sch.compute_at(signed, loop, preserve_unit_loops=True)
+    depth = 1 + [sch.get(outer) for outer in sch.get_loops(anchor)].index(sch.get(loop))
+    copy = sch.get_loops(signed)[depth:]
+    sch.vectorize(copy[-1])
+    for inner in copy[:-1]:
+        sch.unroll(inner)
+
+
+def pads(sch, signed) -> bool:
     """Whether the shifted activations hold a padding border (an ``if_then_else``)."""
     import tvm
 
@@ -141,7 +147,7 @@ def _operands(sch, anchor, signed):
     return data, weights[0]
 
 
-def _read_index(sch, block, buffer) -> int:
+def read_index(sch, block, buffer) -> int:
     return [region.source.same_as(buffer) for region in sch.get(block).reads].index(True)
 
 

@@ -7,8 +7,14 @@ for a Relax ``conv2d`` in channels-last layout (NHWC data, HWIO constant weights
 uint8 or int8 activations, int8 weights (stored int16 on aarch64: the values are int8),
 whose input and output channels are multiples of 4, followed by the add of a constant
 (qdq_integer's zero-point correction and int32 bias; it has one whenever the activation's zero
-point or the layer's bias is nonzero, i.e. always in practice; a conv2d without one is left as
-it is).
+point or the layer's bias is nonzero). A conv2d without one (a zero-point-0 input and a float
+bias, as ResNet-18's first convolution of a block after the residual ReLU) gets an add of the
+correction alone: ``conv2d(x, W) -> add(conv2d_dot(x, P), 128 * sum(W[..., o]))`` (before this,
+such layers kept the int16 ``smlal`` kernel).
+
+On aarch64 without ``sdot`` (``pair``, ``CpuVector.pair_product``) the same rewrite, shift and
+correction write a pair-product convolution instead (conv2d_pair.py: weights packed
+``[kh, kw, ic/16, oc, 16]``, input channels multiples of 16, no weight of -128).
 
 Signedness: ``sdot`` multiplies int8 by int8, ``udot`` uint8 by uint8 (``usdot``, uint8 x int8,
 is armv8.6's i8mm, which a Cortex-A55 lacks). The activations are uint8 codes ``x``, the
@@ -34,7 +40,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules import dot_kernels
+from edgec.targets.schedules import conv2d_pair, dot_kernels
 from edgec.targets.schedules.dot_kernels import GROUP, SHIFT
 from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.te_rewrite import not_dense_nhwc
@@ -45,10 +51,11 @@ log = logging.getLogger(__name__)
 RULE = "graph:dot-product"
 
 
-def pack_weights(weight: np.ndarray) -> np.ndarray:
-    """HWIO integer weights with int8 values -> int8 ``[kh, kw, ic/4, oc, 4]`` (module docstring)."""
+def pack_weights(weight: np.ndarray, group: int = GROUP) -> np.ndarray:
+    """HWIO integer weights with int8 values -> int8 ``[kh, kw, ic/group, oc, group]`` (module
+    docstring; ``group`` 16: the pair-product kernel's blocks, conv2d_pair.py)."""
     kh, kw, channels, filters = weight.shape
-    grouped = weight.reshape(kh, kw, channels // GROUP, GROUP, filters)
+    grouped = weight.reshape(kh, kw, channels // group, group, filters)
     return np.ascontiguousarray(grouped.transpose(0, 1, 2, 4, 3)).astype(np.int8)
 
 
@@ -60,9 +67,9 @@ def shift_correction(weight: np.ndarray, activation_dtype: str) -> np.ndarray:
     return SHIFT * weight.reshape(-1, weight.shape[-1]).astype(np.int64).sum(axis=0)
 
 
-def ineligible(call, weight: np.ndarray | None) -> str | None:
+def ineligible(call, weight: np.ndarray | None, pair: bool = False) -> str | None:
     """Why the Relax conv2d ``call`` (``weight`` its constant weights or None) does not become a
-    dot-product convolution, or None."""
+    dot-product convolution (``pair``: a pair-product one, conv2d_pair.py), or None."""
     reason = not_dense_nhwc(call, weight)
     if reason is not None:
         return reason
@@ -72,15 +79,36 @@ def ineligible(call, weight: np.ndarray | None) -> str | None:
     if weight.dtype.kind != "i" or weight.min() < -128 or weight.max() > 127:
         return f"{weight.dtype} weights outside int8"
     channels, filters = weight.shape[2], weight.shape[3]
-    if channels % GROUP or filters % GROUP:
-        return f"{channels} -> {filters} channels, not multiples of {GROUP}"
+    group = conv2d_pair.BLOCK if pair else GROUP
+    if channels % group or filters % GROUP:
+        return f"{channels} -> {filters} channels, not multiples of {group} -> {GROUP}"
+    if pair and weight.min() < -127:
+        return "a weight of -128 (two products of an int16 lane could overflow)"
     if any(not hasattr(dim, "value") for dim in call.args[0].ty.shape):
         return "the input shape is not static"
     return None
 
 
-def dot_product_conv2d(fallbacks: FallbackLog | None = None):
-    """A module pass rewriting the convolutions above (module docstring)."""
+def added_to_constants(func) -> set:
+    """The calls of ``func`` whose result is only added to a constant (``add(v, c)``, ``v`` bound to them)."""
+    import tvm
+    from tvm import relax
+
+    bound, added = {}, set()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bound[binding.var] = binding.value
+            value = binding.value
+            if is_op(value, "relax.add") and isinstance(value.args[0], relax.Var) and value.args[0] in bound:
+                constant = value.args[1]
+                if isinstance(bound.get(constant, constant), tvm.ir.expr.Constant):
+                    added.add(bound[value.args[0]])
+    return added
+
+
+def dot_product_conv2d(fallbacks: FallbackLog | None = None, pair: bool = False):
+    """A module pass rewriting the convolutions above (module docstring); ``pair``: as pair-product
+    convolutions (conv2d_pair.py, for aarch64 without ``sdot``) instead, the same shift."""
     import tvm
     from tvm import relax
 
@@ -90,15 +118,18 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
     class _Rewriter(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            conv = self._bound(call.args[0]) if is_op(call, "relax.add") else None
-            constant = self._constant(call.args[1]) if is_op(conv, "relax.nn.conv2d") else None
+            if is_op(call, "relax.nn.conv2d") and str(call.ty.dtype) == "int32" and call not in self.added:
+                conv, constant = call, np.zeros(1, np.int64)  # no add after it: the correction alone
+            else:
+                conv = self._bound(call.args[0]) if is_op(call, "relax.add") else None
+                constant = self._constant(call.args[1]) if is_op(conv, "relax.nn.conv2d") else None
             if constant is None:
                 return call
-            if self.uses.get(call.args[0], 0) != 1:
+            if conv is not call and self.uses.get(call.args[0], 0) != 1:
                 log.debug("%s: its int32 result is used elsewhere too; kept", describe_call(conv))
                 return call
             weight = self._constant(conv.args[1])
-            reason = ineligible(conv, weight)
+            reason = ineligible(conv, weight, pair)
             if reason is not None:
                 log.debug("%s: no dot product (%s)", describe_call(conv), reason)
                 return call
@@ -131,9 +162,14 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
                 dilation=tuple(int(d) for d in attrs.dilation),
                 out_size=(shape[1], shape[2]),
             )
-            packed = relax.const(pack_weights(weight), "int8")
-            kernel = self.builder_.call_te(lambda x, w: dot_kernels.conv2d_dot(x, w, geometry), data, packed,
-                                           primfunc_name_hint=dot_kernels.KERNEL)  # fmt: skip
+            if pair:
+                packed = relax.const(pack_weights(weight, conv2d_pair.BLOCK), "int8")
+                kernel = self.builder_.call_te(lambda x, w: conv2d_pair.conv2d_pair(x, w, geometry), data, packed,
+                                               primfunc_name_hint=conv2d_pair.KERNEL)  # fmt: skip
+            else:
+                packed = relax.const(pack_weights(weight), "int8")
+                kernel = self.builder_.call_te(lambda x, w: dot_kernels.conv2d_dot(x, w, geometry), data, packed,
+                                               primfunc_name_hint=dot_kernels.KERNEL)  # fmt: skip
             accumulated = self.builder_.emit(kernel)
             return relax.op.add(accumulated, relax.const(combined.astype(np.int32), "int32"))
 
@@ -144,6 +180,7 @@ def dot_product_conv2d(fallbacks: FallbackLog | None = None):
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.uses = use_counts(func)
+                rewriter.added = added_to_constants(func)
                 bodies[gvar] = rewriter.visit_expr(func)
         rewritten = rewriter.builder_.get()
         for gvar, body in bodies.items():

@@ -34,12 +34,11 @@ class Geometry:
     out_size: tuple[int, int]
 
 
-def conv2d_dot(data, packed, geometry: Geometry):
-    """The compute above: ``data`` NHWC uint8/int8, ``packed`` int8 ``[kh, kw, ic/4, oc, 4]``."""
+def signed_input(data, geometry: Geometry):
+    """``signed`` above: the (padded) activations as int8, ``x ^ 0x80`` for uint8 ones."""
     from tvm import te, tirx
 
     batch, height, width, channels = (int(dim) for dim in data.shape)
-    kh, kw, groups, filters, _ = (int(dim) for dim in packed.shape)
     top, left, bottom, right = geometry.padding
     unsigned = str(data.dtype) == "uint8"
 
@@ -51,15 +50,39 @@ def conv2d_dot(data, packed, geometry: Geometry):
             return tirx.reinterpret("int8", tirx.bitwise_xor(value, tirx.const(SHIFT, "uint8")))
         return value
 
-    signed = te.compute((batch, height + top + bottom, width + left + right, channels), shifted, name=SIGNED)
-    ry = te.reduce_axis((0, kh), name="ry")
-    rx = te.reduce_axis((0, kw), name="rx")
-    group = te.reduce_axis((0, groups), name="rg")
+    return te.compute((batch, height + top + bottom, width + left + right, channels), shifted, name=SIGNED)
+
+
+class Window:
+    """A convolution's reduction over the window and groups of input channels of ``packed``
+    (``[kh, kw, groups, oc, ...]``): the axes ``ry``, ``rx``, ``group`` and ``pixel``, the shifted
+    activation ``signed_input`` reads at an output point and a channel."""
+
+    def __init__(self, data, packed, geometry: Geometry):
+        from tvm import te
+
+        self.signed = signed_input(data, geometry)
+        kh, kw, groups, self.filters = (int(dim) for dim in packed.shape[:4])
+        self.ry = te.reduce_axis((0, kh), name="ry")
+        self.rx = te.reduce_axis((0, kw), name="rx")
+        self.group = te.reduce_axis((0, groups), name="rg")
+        self.geometry = geometry
+
+    def pixel(self, n, y, x, channel):
+        (stride_y, stride_x), (dilation_y, dilation_x) = self.geometry.strides, self.geometry.dilation
+        return self.signed[n, y * stride_y + self.ry * dilation_y, x * stride_x + self.rx * dilation_x, channel]
+
+
+def conv2d_dot(data, packed, geometry: Geometry):
+    """The compute above: ``data`` NHWC uint8/int8, ``packed`` int8 ``[kh, kw, ic/4, oc, 4]``."""
+    from tvm import te
+
+    window = Window(data, packed, geometry)
     lane = te.reduce_axis((0, GROUP), name="ri")
-    (stride_y, stride_x), (dilation_y, dilation_x) = geometry.strides, geometry.dilation
+    ry, rx, group = window.ry, window.rx, window.group
 
     def compute(n, y, x, f):
-        pixel = signed[n, y * stride_y + ry * dilation_y, x * stride_x + rx * dilation_x, group * GROUP + lane]
+        pixel = window.pixel(n, y, x, group * GROUP + lane)
         return te.sum(pixel.astype("int32") * packed[ry, rx, group, f, lane].astype("int32"), axis=[ry, rx, group, lane])
 
-    return te.compute((batch, *geometry.out_size, filters), compute, name=ANCHOR)
+    return te.compute((data.shape[0], *geometry.out_size, window.filters), compute, name=ANCHOR)

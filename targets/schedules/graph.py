@@ -85,13 +85,14 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 def graph_passes(
     lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
     int8_dot: bool = False,
-    dot_product: bool = False, packed_weights=None,
+    dot_product: bool = False, packed_weights=None, pair_product: bool = False,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
     ``lane_fma`` (the CPU multiplies by a lane): int16 integer-kernel weights (step 2b);
     ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py);
-    ``dot_product`` (the CPU has ``sdot``): step 8; ``packed_weights`` (a CpuVector with a lane
+    ``dot_product`` (the CPU has ``sdot``): step 8; ``pair_product`` (aarch64 without it): step 8
+    with pair products (conv2d_pair.py); ``packed_weights`` (a CpuVector with a lane
     multiply-add): step 9 and step 7's GEMM weights packed likewise."""
     from tvm import relax
 
@@ -121,10 +122,10 @@ def graph_passes(
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
         passes.append((RULE, winograd_conv2d(winograd, fallbacks, packed_weights)))
-    if dot_product:
+    if dot_product or pair_product:
         from edgec.targets.schedules import dot_graph
 
-        passes.append((dot_graph.RULE, dot_graph.dot_product_conv2d(fallbacks)))
+        passes.append((dot_graph.RULE, dot_graph.dot_product_conv2d(fallbacks, pair=not dot_product)))
     if packed_weights is not None:
         from edgec.targets.schedules import packed_weights as packing
 

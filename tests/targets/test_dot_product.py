@@ -98,8 +98,8 @@ def _graph_after_passes(graph, preset: str):
     return mod
 
 
-def _dot_calls(mod) -> list:
-    return [call for call in calls(mod, "relax.call_tir") if call.args[0].name_hint.startswith("conv2d_dot")]
+def _dot_calls(mod, kernel: str = "conv2d_dot") -> list:
+    return [call for call in calls(mod, "relax.call_tir") if call.args[0].name_hint.startswith(kernel)]
 
 
 def test_rewrite_takes_the_pointwise_layers_on_the_dot_product_preset_only(tiny_qdq):  # noqa: F811
@@ -114,7 +114,9 @@ def test_rewrite_takes_the_pointwise_layers_on_the_dot_product_preset_only(tiny_
     # the depthwise and the 3-channel stem stay convolutions, each for its reason
     reasons = {ineligible(conv, conv.args[1].value.numpy()) for conv in calls(a55, "relax.nn.conv2d")}
     assert any(reason and reason.startswith("groups=") for reason in reasons)
-    assert len(calls(a53, "relax.nn.conv2d")) == len(calls(a55, "relax.nn.conv2d")) + len(dots)
+    # cortex-a53 (no sdot): the layers whose input channels are multiples of 16 are pair-product kernels
+    pairs = _dot_calls(a53, "conv2d_pair")
+    assert pairs and len(calls(a53, "relax.nn.conv2d")) + len(pairs) == len(calls(a55, "relax.nn.conv2d")) + len(dots)
 
 
 def dot_kernel(kernel=1, channels=64, filters=32, size=14):
@@ -185,23 +187,28 @@ def two_layers() -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
-def test_cortex_a55_int8_is_bit_exact_on_the_emulated_board_with_sdot_in_lib_so(tmp_path):
-    graph = two_layers()
-    assert len(_dot_calls(_graph_after_passes(graph, "cortex-a55"))) == 2
-    result = edgec.compile(_model(graph), "cortex-a55", tmp_path / "a55")
-    assert_board_verified(result.manifest, "cortex-a55")
+def compiled_kernels(graph, preset: str, out, prefix: str, rule: str) -> list[str]:
+    """Compile ``graph`` for ``preset``: verified on its emulated board, bit-exact against ORT,
+    its two ``prefix`` kernels scheduled by ``rule``; returns their disassembly (objdump of lib.so)."""
+    result = edgec.compile(_model(graph), preset, out)
+    assert_board_verified(result.manifest, preset)
     verification = result.manifest["verification"]
     if verification["status"] == "passed":
         assert verification["onnxruntime"]["max_abs"] == 0.0  # bit-exact
     schedules = {kernel["kernel"]: kernel["schedule"] for kernel in result.manifest["kernels"]}
-    dots = [name for name in schedules if name.startswith("fused_conv2d_dot")]
-    assert len(dots) == 2 and all(schedules[name] == "conv2d-dot" for name in dots)
+    names = [name for name in schedules if name.startswith(prefix)]
+    assert len(names) == 2 and all(schedules[name] == rule for name in names)
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     if objdump is None:
         pytest.skip("aarch64-linux-gnu-objdump is not installed (binutils-aarch64-linux-gnu)")
     text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(result.artifact.path / "lib.so")],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
-    for name in dots:
-        body = text.split(f"<{name}_compute_>:", 1)[1].split("\n\n", 1)[0]
+    return [text.split(f"<{name}_compute_>:", 1)[1].split("\n\n", 1)[0] for name in names]
+
+
+def test_cortex_a55_int8_is_bit_exact_on_the_emulated_board_with_sdot_in_lib_so(tmp_path):
+    graph = two_layers()
+    assert len(_dot_calls(_graph_after_passes(graph, "cortex-a55"))) == 2
+    for body in compiled_kernels(graph, "cortex-a55", tmp_path / "a55", "fused_conv2d_dot", "conv2d-dot"):
         assert re.search(r"\bsdot\s+v\d+\.4s, v\d+\.16b, v\d+\.4b\[[0-3]\]", body)  # indexed: a lane of the activations
         assert "smlal" not in body
