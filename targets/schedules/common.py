@@ -139,7 +139,7 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
 
 def register_tile(
     rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False,
-    max_accumulators: int | None = None,
+    max_accumulators: int | None = None, lane_copies: int = 1,
 ) -> tuple[list[int], int]:
     """Choose the register tile of a channels-last contraction.
 
@@ -153,6 +153,8 @@ def register_tile(
     which then hold ``p`` registers: ``p * v`` accumulators at most
     ``vector.accumulators``, or ``vector.accumulator_budget(p + v)`` with
     ``lane_operand``; and at most ``max_accumulators`` when given.
+    ``lane_copies``: how many reduction steps' lane operands are live at once
+    (``lane_copies * p`` registers: a loop body LLVM unrolls whose loads it pairs).
     """
     best = None
     for channel_tile in vector_tile(channels, vector, max_vectors):
@@ -161,7 +163,8 @@ def register_tile(
             points = 1
             for factor in factors:
                 points *= factor
-            budget = vector.accumulator_budget(points + vectors) if lane_operand else vector.accumulators
+            operands = lane_copies * points + vectors
+            budget = vector.accumulator_budget(operands) if lane_operand else vector.accumulators
             budget = min(budget, max_accumulators or budget)
             if points * vectors > budget:
                 continue

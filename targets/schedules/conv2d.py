@@ -133,6 +133,10 @@ def _indexed_by(region, variables) -> bool:
 # register file, the other half for the taps' inputs and weights
 UNROLLED_TAPS_ACCUMULATORS = 16
 
+# a reduction of at most this many lane steps (``lane_broadcast``) LLVM unrolls by 2 and pairs
+# the two steps' input loads into ``ldp``: both steps' inputs are live beside the accumulators
+PAIRED_LANE_STEPS = 8
+
 
 def conv_tile(vector, rows: list[int], channels: int, depth: int, unroll_taps: bool, materialised: bool | None = True):
     """How ``Conv2DNHWC`` tiles a convolution of ``depth`` input and ``channels`` output channels
@@ -145,7 +149,8 @@ def conv_tile(vector, rows: list[int], channels: int, depth: int, unroll_taps: b
     unroll = not lane and depth < vector.lanes and unroll_taps
     staged = unroll and materialised is not False
     cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None
-    tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap)
+    copies = 2 if lane and depth // vector.lanes <= PAIRED_LANE_STEPS else 1
+    tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap, lane_copies=copies)
     return lane, unroll, staged, tile
 
 

@@ -417,3 +417,20 @@ def test_cli_compile_no_schedules_and_threads(saved_models, tmp_path, monkeypatc
     assert manifest["schedules"]["library"] is None
     assert manifest["schedules"]["tuning_db"] is None
     assert os.environ["TVM_NUM_THREADS"] == "3"
+
+
+def test_shallow_lane_reduction_tile_fits_two_steps_of_inputs():
+    """A 1x1 convolution over at most PAIRED_LANE_STEPS lane steps: LLVM unrolls its reduction by 2
+    and pairs both steps' input loads, so the tile leaves registers for both (MobileNetV2's 16 -> 96
+    at 112x112: 7 x 3 vectors spilled, 21 + 14 + 3 > 32); deeper reductions keep the wider tile."""
+    from edgec.targets.schedules.conv2d import PAIRED_LANE_STEPS, conv_tile
+    from edgec.targets.vector import CpuVector
+
+    vector = CpuVector(lanes=4, registers=32, lane_fma=True)
+    for depth in (16, 24, 32):
+        assert depth // vector.lanes <= PAIRED_LANE_STEPS
+        lane, _, _, (rows, channels) = conv_tile(vector, [112, 112], 96, depth, True)
+        points, vectors = rows[0] * rows[1], channels // vector.lanes
+        assert lane and points * vectors + 2 * points + vectors <= vector.registers
+    _, _, _, (rows, channels) = conv_tile(vector, [56, 56], 24, 144, True)
+    assert rows[0] * rows[1] * channels // vector.lanes == 21
