@@ -16,7 +16,7 @@ import numpy as np
 
 from edgec.core.errors import BuildError
 from edgec.core.fallbacks import ALL_KERNELS, FallbackLog, one_line
-from edgec.targets import ResolvedTarget, require_linker
+from edgec.targets import ResolvedTarget, linker
 from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport
 
@@ -385,10 +385,7 @@ def _cuda_source_modules(target: ResolvedTarget) -> Iterator[None]:
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:
     """Write ``lib.so`` (and, for CUDA, ``kernels.cu`` checked by nvcc); return file names."""
-    from tvm.support import cc
-
-    compiler = require_linker(target.preset)
-    fcompile = cc.cross_compiler(compiler) if compiler else None
+    fcompile = linker(target.preset)
     lib = directory / "lib.so"
     try:
         if fcompile is None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from edgec.core.errors import TuningError
 from edgec.core.model import Model
-from edgec.targets import ResolvedTarget, require_linker, resolve
+from edgec.targets import ResolvedTarget, linker, resolve
 from edgec.tuning_db import default_database
 
 log = logging.getLogger(__name__)
@@ -309,12 +309,9 @@ def _build_candidate(mod, target, _params):
 
 def _exporter(target: ResolvedTarget):
     """How builder workers write a candidate's shared library: the target's (cross) linker."""
-    compiler = require_linker(target.preset)
-    if compiler is None:
+    fcompile = linker(target.preset)
+    if fcompile is None:
         return None  # MetaSchedule's default: the host's compiler
-    from tvm.support import cc
-
-    fcompile = cc.cross_compiler(compiler)
 
     def export(mod) -> str:
         import tempfile

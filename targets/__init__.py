@@ -2,7 +2,7 @@
 
 from edgec.targets.presets import PRESETS, TargetPreset, Toolchain
 from edgec.targets.resolve import ResolvedTarget, resolve
-from edgec.targets.toolchain import ToolStatus, require_linker, required_tools
+from edgec.targets.toolchain import ToolStatus, linker, require_linker, required_tools
 
 __all__ = [
     "PRESETS",
@@ -10,6 +10,7 @@ __all__ = [
     "TargetPreset",
     "ToolStatus",
     "Toolchain",
+    "linker",
     "require_linker",
     "required_tools",
     "resolve",

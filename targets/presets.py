@@ -14,10 +14,12 @@ Arch = Literal["x86_64", "armv7", "aarch64", "cuda"]
 
 @dataclasses.dataclass(frozen=True)
 class Toolchain:
-    """A C++ compiler used to link ``lib.so`` and the Debian package that ships it."""
+    """A C++ compiler used to link ``lib.so``, the Debian package that ships it, and the options
+    the link needs."""
 
     compiler: str
     debian_package: str
+    link_options: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,10 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         # -slowfpvfmx: LLVM's cortex-a7 model marks VFMA slow and splits every multiply-add into
         # vmul.f32 + vadd.f32; fused, one instruction per 4 MACs, as on aarch64 (README "Instruction counts")
         mattr=("+neon", "+vfp4", "-slowfpvfmx"), float_abi="hard",
-        toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf"),
+        # --long-plt: a model's weights (lib.so's .rodata) lie between the PLT and the GOT; from about
+        # 256 MB on (ResNet-152, Wide ResNet-50) the short PLT entries cannot reach the GOT and BFD ld
+        # failed with "assertion fail elf32-arm.c:9885" (gold: "PLT offset too large")
+        toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf", link_options=("-Wl,--long-plt",)),
         elf_machine="ARM", elf_bits=32, vector_lanes=4, vector_registers=16,
     ),
     TargetPreset(

@@ -57,3 +57,15 @@ def require_linker(preset: TargetPreset) -> str | None:
             f"install it with: sudo apt-get install {chain.debian_package}"
         )
     return path
+
+
+def linker(preset: TargetPreset):
+    """The ``fcompile`` that links ``lib.so`` for ``preset`` (TVM's ``cc.cross_compiler`` of its
+    compiler with the toolchain's link options), ``None`` for the host's default; a ToolchainError
+    when the compiler is missing."""
+    compiler = require_linker(preset)
+    if compiler is None:
+        return None
+    from tvm.support import cc
+
+    return cc.cross_compiler(compiler, options=list(preset.toolchain.link_options))

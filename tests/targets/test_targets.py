@@ -220,3 +220,44 @@ def test_local_runner_refuses_cross_artifacts(tmp_path):
     manifest = {"target": {"preset": "cortex-a7", "host_runnable": False}}
     with pytest.raises(ArtifactError, match="cortex-a7"):
         LocalRunner(Artifact(tmp_path, manifest))
+
+
+ARMV7_PLT_CALL_OVER_BIG_RODATA = """
+    .syntax unified
+    .arm
+    .text
+    .globl kernel
+    .type kernel, %function
+kernel:
+    push {lr}
+    bl memset(PLT)
+    pop {pc}
+    .section .note.GNU-stack,"",%progbits
+    .section .rodata
+weights:
+    .space 300000000
+"""
+
+
+def test_armv7_links_a_library_with_weights_over_256_mb(tmp_path):
+    """ResNet-152 and Wide ResNet-50 for cortex-a7 failed to link (BFD ld "assertion fail
+    elf32-arm.c:9885"): their weights, in lib.so's .rodata, put the GOT out of the short PLT
+    entries' reach. The preset links with --long-plt; without it the same object fails."""
+    from edgec.targets import linker
+
+    preset = PRESETS["cortex-a7"]
+    assembler = "arm-linux-gnueabihf-as"
+    if shutil.which(assembler) is None or shutil.which(preset.toolchain.compiler) is None:
+        pytest.skip("the armv7 cross toolchain is not installed (make setup installs it)")
+    source = tmp_path / "big.s"
+    source.write_text(ARMV7_PLT_CALL_OVER_BIG_RODATA)
+    import subprocess
+
+    subprocess.run([assembler, "-o", str(tmp_path / "big.o"), str(source)], check=True)
+    assert "-Wl,--long-plt" in preset.toolchain.link_options
+    linker(preset)(str(tmp_path / "lib.so"), [str(tmp_path / "big.o")])
+    assert (tmp_path / "lib.so").stat().st_size > 300_000_000
+    (tmp_path / "lib.so").unlink()
+    short = dataclasses.replace(preset, toolchain=dataclasses.replace(preset.toolchain, link_options=()))
+    with pytest.raises(RuntimeError, match="elf32-arm|PLT"):
+        linker(short)(str(tmp_path / "short.so"), [str(tmp_path / "big.o")])
