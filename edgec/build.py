@@ -393,11 +393,20 @@ def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:
         else:
             executable.export_library(str(lib), fcompile=fcompile)
     except Exception as error:  # noqa: BLE001
-        raise BuildError(f"linking lib.so for {target.spec} failed: {error}") from error
+        raise BuildError(f"linking lib.so for {target.spec} failed: {_linker_message(error)}") from error
     files = ["lib.so"]
     if target.preset.kind == "cuda":
         files += _export_cuda_kernels(executable, target, directory)
     return files
+
+
+def _linker_message(error: Exception) -> str:
+    """The linker's diagnostics first, each once (TVM's message starts with "Compilation error:" and
+    ends with the command line, which then reads as the failure in a one-line summary)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    command = [line for line in lines if line.startswith("Command line:")]
+    seen = dict.fromkeys(line for line in lines if line != "Compilation error:" and not line.startswith("Command line:"))
+    return "; ".join([*seen, *command]) or str(error)
 
 
 def device_sources(executable, kind: str) -> list[str]:

@@ -259,5 +259,10 @@ def test_armv7_links_a_library_with_weights_over_256_mb(tmp_path):
     assert (tmp_path / "lib.so").stat().st_size > 300_000_000
     (tmp_path / "lib.so").unlink()
     short = dataclasses.replace(preset, toolchain=dataclasses.replace(preset.toolchain, link_options=()))
-    with pytest.raises(RuntimeError, match="elf32-arm|PLT"):
+    with pytest.raises(RuntimeError, match="elf32-arm|PLT") as error:
         linker(short)(str(tmp_path / "short.so"), [str(tmp_path / "big.o")])
+    from edgec.build import _linker_message
+
+    message = _linker_message(error.value)  # what `edgec compile` says: the diagnostic first, once
+    assert "\n" not in message and message.split(";")[0].rstrip().endswith(("elf32-arm.c:9885", "--long-plt"))
+    assert message.count("assertion fail") <= 1 and message.rstrip().split("; ")[-1].startswith("Command line:")
