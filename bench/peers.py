@@ -243,7 +243,10 @@ class Worker:
             line = json.dumps({"ok": False, "error": f"worker died ({self.process.returncode}): {log[-1] if log else ''}"})
         reply = json.loads(line)
         if not reply["ok"]:
-            self.status = f"FAILED: {reply['error'][:120]}"
+            error = reply["error"]
+            if "No module named" in error and self.runtime != "edgec":
+                error += " (the peers install with: pip install -e '.[peers]')"
+            self.status = f"FAILED: {error[:180]}"
             return
         self.load_s = reply["load_s"]
         got = np.load(work / f"out_{self.runtime}.npy").reshape(want.shape)
