@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import STANDARD_DOMAINS, has_custom_ops
 from edgec.core.ort import onnxruntime_session
 from edgec.passes.int8_math import ActivationQuant, Histogram, activation_quant, entropy_range, percentile_range
 
@@ -117,7 +118,7 @@ def calibration_samples(source: str | Path | Iterable[Any] | None, inputs: Seque
 def _activations(model: ir.Model, names: Sequence[str], feeds: list[list[np.ndarray]]) -> Iterable[dict[str, np.ndarray]]:
     """For each feed, the named tensors of the float graph (ONNX Runtime, no graph optimisations;
     onnx's reference evaluator with the ops' NumPy references where the graph holds edgec ops)."""
-    if any(node.domain not in ("", "ai.onnx") for node in model.graph):
+    if has_custom_ops(model):
         yield from _activations_with_edgec_ops(model, names, feeds)
         return
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -148,7 +149,7 @@ def _activations_with_edgec_ops(
 
     evaluator = numpy_evaluator(model)
     if evaluator is None:
-        ops = sorted({f"{node.domain}:{node.op_type}" for node in model.graph if node.domain not in ("", "ai.onnx")})
+        ops = sorted({f"{node.domain}:{node.op_type}" for node in model.graph if node.domain not in STANDARD_DOMAINS})
         raise ir.passes.PreconditionError(f"no NumPy reference runs {', '.join(ops)}: cannot calibrate this graph")
     inputs = [value.name for value in model.graph.inputs]
     for feed in feeds:

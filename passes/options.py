@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
+from edgec.core.model import STANDARD_DOMAINS, first_qdq_node
+
 
 def option_help(text: str) -> dict[str, str]:
     """Field metadata for an option: ``field(default=0.5, metadata=option_help("..."))``."""
@@ -61,7 +63,7 @@ def require_standard_ops(model: ir.Model, pass_name: str) -> None:
     """quantize-int8's ``requires`` hook: a PreconditionError naming the first edgec op of the graph
     that it cannot keep in float beside int8 layers (a binary or ternary layer)."""
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") and node.op_type not in PACKED_OPS:
+        if node.domain not in STANDARD_DOMAINS and node.op_type not in PACKED_OPS:
             raise ir.passes.PreconditionError(
                 f"{pass_name} after a pass that emitted edgec ops (node {node.name!r} is "
                 f"{node.domain}:{node.op_type}): {INT8_WITH_CODED_OPS}"
@@ -71,8 +73,8 @@ def require_standard_ops(model: ir.Model, pass_name: str) -> None:
 def require_float_graph(model: ir.Model, pass_name: str) -> None:
     """A packing pass's ``requires`` hook: a PreconditionError on a QDQ (int8) graph, naming its first
     QuantizeLinear/DequantizeLinear node."""
-    for node in model.graph:
-        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            raise ir.passes.PreconditionError(
-                f"{pass_name} on an int8 (QDQ) graph (node {node.name!r} is {node.op_type}): {INT8_BEFORE_PACKING}"
-            )
+    node = first_qdq_node(model)
+    if node is not None:
+        raise ir.passes.PreconditionError(
+            f"{pass_name} on an int8 (QDQ) graph (node {node.name!r} is {node.op_type}): {INT8_BEFORE_PACKING}"
+        )

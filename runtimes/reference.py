@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.core.fallbacks import one_line
+from edgec.core.model import first_qdq_node, has_custom_ops
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,7 @@ def qdq_references(graph: ir.Model, inputs: Sequence[np.ndarray]) -> tuple[list[
 
 def is_quantized(graph: ir.Model) -> bool:
     """A QDQ graph: it holds QuantizeLinear or DequantizeLinear nodes."""
-    return any(node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.graph)
-
-
-def has_custom_ops(graph: ir.Model) -> bool:
-    return any(node.domain not in ("", "ai.onnx") for node in ir.traversal.RecursiveGraphIterator(graph.graph))
+    return first_qdq_node(graph) is not None
 
 
 def reference_outputs(graph: ir.Model, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:

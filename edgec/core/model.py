@@ -85,3 +85,18 @@ def input_signatures(graph: ir.Model) -> list[dict[str, Any]]:
             signature["index_range"] = ranges[value.name]  # checked by run/bench before running
         signatures.append(signature)
     return signatures
+
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def has_custom_ops(graph: ir.Model) -> bool:
+    """Whether a node of ``graph`` (subgraphs included) belongs to a domain other than ONNX's own
+    (edgec's ops): ONNX Runtime cannot run it."""
+    return any(node.domain not in STANDARD_DOMAINS for node in ir.traversal.RecursiveGraphIterator(graph.graph))
+
+
+def first_qdq_node(graph: ir.Model) -> ir.Node | None:
+    """The first QuantizeLinear or DequantizeLinear node of ``graph`` (a QDQ, int8 graph), or None."""
+    return next((node for node in graph.graph if node.domain in STANDARD_DOMAINS and node.op_type in QDQ_OPS), None)

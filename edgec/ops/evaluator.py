@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from edgec.core.model import STANDARD_DOMAINS
 from edgec.ops import DOMAIN, load_all
 
 __all__ = ["numpy_evaluator"]
@@ -27,7 +28,7 @@ def numpy_evaluator(graph: ir.Model) -> Any | None:
 
     custom = load_all()
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
-        if node.domain not in ("", "ai.onnx") and (node.domain != DOMAIN or node.op_type not in custom):
+        if node.domain not in STANDARD_DOMAINS and (node.domain != DOMAIN or node.op_type not in custom):
             return None
     new_ops = [op.reference for op in custom.values()]
     return ReferenceEvaluator(ir.serde.serialize_model(graph), new_ops=new_ops + _qdq_ops(graph))
