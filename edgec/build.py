@@ -118,6 +118,9 @@ def relax_pipeline(
                   because kernels are written for the layout chosen here.
                   CUDA float16: convolutions and matmuls on float16 (float16_passes)
     -> legalize + fuse (CUDA: + dlight GPU schedules)
+    -> narrow     aarch64 + schedules or tuning_db: kernels with int32 indices
+                  (targets/schedules/__init__.py, narrow_indices), so the rules' loop-partition
+                  hints survive; what tune extracts and tuning databases record
     -> tuned      CPU + tuning_db: kernels with a record in the database get its
                   best measured schedule (the library's own is measured and recorded
                   by edgec tune too, so a record wins only when it was faster)
@@ -143,31 +146,25 @@ def relax_pipeline(
     stages = attempt.stages
     tvm_target = target.tvm_target()
     family = cpu_family if target.preset.kind != "cuda" else cuda_family
-    graph = _graph_stage(target, stages, fallbacks)
     tuned, scheduled = [], []
     if stages.schedules or stages.tuning_db is not None:
-        from edgec.targets.schedules import apply_schedules, default_rules, narrows_indices
+        from edgec.targets.schedules import apply_schedules, default_rules
         from edgec.targets.schedules.fast_math import fast_math
         from edgec.targets.vector import cpu_vector
 
         rules = default_rules(cpu_vector(target))
         record.schedules = {}
-        # int32 indices before the rules, so that TVM keeps their loop-partition hints: aarch64
-        # only, where it was measured (targets/schedules/__init__.py, narrow_indices)
-        narrow = narrows_indices(target.preset)
         if stages.schedules:  # exp/sigmoid/erf as vectorisable polynomials, then the rules
-            scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip, narrow)]
+            scheduled = [fast_math(), apply_schedules(rules, record.schedules, fallbacks, attempt.skip)]
         if stages.tuning_db is not None:
             from edgec.tuning_db import apply_database_pass
 
             def keep(report: TuningReport) -> None:
                 record.tuning = report
 
-            tuned = [apply_database_pass(stages.tuning_db, rules, record.schedules, keep, attempt.skip, narrow)]
+            tuned = [apply_database_pass(stages.tuning_db, rules, record.schedules, keep, attempt.skip)]
     passes = [
-        *family.library_dispatch_passes(tvm_target),
-        *graph,
-        *family.legalize_passes(tvm_target),
+        *_kernel_passes(target, stages, fallbacks, family),
         *tuned,
         *scheduled,
         capture_pass(lambda mod: setattr(record, "mod", mod)),
@@ -183,16 +180,35 @@ def relax_pipeline(
     return _pipeline
 
 
-def graph_stage(target: ResolvedTarget, options: BuildOptions, fallbacks: FallbackLog | None = None) -> list:
-    """The Relax passes between library dispatch and legalization: on CPUs with the
-    schedule library or a tuning database, the channels-last graph the kernels are
-    written (and tuned) for; for ``cuda:dtype=float16``, float16 convolutions and matmuls
-    (float32 accumulation; weights cast once, at compile time); nothing otherwise.
-    ``edgec tune`` runs the same."""
-    return _graph_stage(target, Stages.of(target, options), fallbacks if fallbacks is not None else FallbackLog())
+def kernel_passes(target: ResolvedTarget, options: BuildOptions) -> list:
+    """The pipeline up to the kernels the schedule rules and tuning databases see: library
+    dispatch, the graph stage, legalize + fuse and (aarch64) int32 indices. ``edgec tune``
+    extracts its tasks after these, so its records match what compile looks up."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_family
+
+    return _kernel_passes(target, Stages.of(target, options), FallbackLog(), cpu_family)
+
+
+def _kernel_passes(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog, family) -> list:
+    tvm_target = target.tvm_target()
+    narrow = []
+    if stages.schedules or stages.tuning_db is not None:
+        from edgec.targets.schedules import narrow_indices_pass, narrows_indices
+
+        narrow = [narrow_indices_pass()] if narrows_indices(target.preset) else []
+    return [
+        *family.library_dispatch_passes(tvm_target),
+        *_graph_stage(target, stages, fallbacks),
+        *family.legalize_passes(tvm_target),
+        *narrow,
+    ]
 
 
 def _graph_stage(target: ResolvedTarget, stages: Stages, fallbacks: FallbackLog) -> list:
+    """The Relax passes between library dispatch and legalization: on CPUs with the
+    schedule library or a tuning database, the channels-last graph the kernels are
+    written (and tuned) for; for ``cuda:dtype=float16``, float16 convolutions and matmuls
+    (float32 accumulation; weights cast once, at compile time); nothing otherwise."""
     if target.preset.kind == "cuda":
         return float16_passes() if target.dtype == "float16" else []
     return _graph_passes(target, fallbacks, stages.winograd) if stages.graph else []

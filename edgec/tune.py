@@ -55,21 +55,14 @@ def tuning_target(target: ResolvedTarget, threads: int):
 
 
 def fused_module(model: Model, target: ResolvedTarget):
-    """The compile pipeline up to fusion: the kernels MetaSchedule tunes and compile looks up."""
+    """The compile pipeline up to the scheduling: the kernels MetaSchedule tunes and compile looks up."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_family
 
-    from edgec.build import BuildOptions, graph_stage
+    from edgec.build import BuildOptions, kernel_passes
     from edgec.lower import to_relax
 
-    tvm_target = target.tvm_target()
-    passes = [
-        *cpu_family.library_dispatch_passes(tvm_target),
-        *graph_stage(target, BuildOptions(schedules=True)),
-        *cpu_family.legalize_passes(tvm_target),
-    ]
-    with tvm_target:
-        return tvm.transform.Sequential(passes)(to_relax(model.graph))
+    with target.tvm_target():
+        return tvm.transform.Sequential(kernel_passes(target, BuildOptions(schedules=True)))(to_relax(model.graph))
 
 
 @dataclasses.dataclass
@@ -239,11 +232,10 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
 
     from tvm.s_tir import meta_schedule as ms
 
-    from edgec.targets.schedules import default_rules, first_schedule, narrow_indices, narrows_indices
+    from edgec.targets.schedules import default_rules, first_schedule
     from edgec.targets.vector import cpu_vector
 
     rules = default_rules(cpu_vector(target))
-    narrow = narrows_indices(target.preset)
     pending = []
     for index, context in enumerate(contexts):
         workload = database.commit_workload(context.mod)
@@ -252,15 +244,10 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
             progress.best_ms[index] = statistics.fmean(float(t) for t in best[0].run_secs) * 1e3
             continue
         func = context.mod["main"]
-        sch, rule = first_schedule(func, rules)
+        sch, _ = first_schedule(func, rules)
         if sch is None:
             continue
-        # the record keeps the trace on the workload as extracted (that is what compile looks
-        # up); the time is the code compile builds for it: on aarch64 the int32-index form
-        # (tuning_db.apply_database_pass swaps it in where the library's record wins)
-        measured = first_schedule(narrow_indices(func), rules) if narrow else (sch, rule)
-        built_mod = measured[0].mod if measured[1] == rule else sch.mod
-        pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(func), built_mod))
+        pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(func), sch.mod))
     if not pending:
         return
     report(f"measuring the schedule library's kernels first ({len(pending)} tasks): tuned records must beat them")

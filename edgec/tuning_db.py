@@ -72,7 +72,7 @@ def database_for_compile(target: ResolvedTarget, given: str | None) -> Path | No
 
 def apply_database_pass(
     database_dir: Path, rules: list, schedules: dict[str, str | None], keep: Callable[[TuningReport], None],
-    skip: dict[str, frozenset[str]] | None = None, narrow: bool = False,
+    skip: dict[str, frozenset[str]] | None = None,
 ):
     """A module pass giving each kernel with a record in ``database_dir`` its best measured schedule.
 
@@ -82,16 +82,13 @@ def apply_database_pass(
     name in the first case and ``"tuning-db"`` in the second; ``keep`` gets the
     :class:`TuningReport`. Kernels whose ``skip`` names
     ``"tuning-db"`` (their record broke an earlier build) keep their unscheduled form.
-    ``narrow`` (aarch64): where the record is the library's, the kernel gets the library's
-    schedule of its int32-index form (``schedules.narrow_indices``), which is what compile
-    builds without a database and what ``edgec tune`` measured for that record.
     """
     import tvm
     import tvm_ffi
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
-    from edgec.targets.schedules import narrow_indices, schedule_func
+    from edgec.targets.schedules import schedule_func
 
     database = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
 
@@ -113,10 +110,6 @@ def apply_database_pass(
             if rule is not None and tvm_ffi.structural_equal(library.without_attr("tirx.is_scheduled"), plain):
                 library_best.append(name)
                 schedules[name] = rule
-                if narrow:
-                    narrowed, narrowed_rule = schedule_func(narrow_indices(originals[name]), rules)
-                    if narrowed_rule == rule:
-                        mod[gvar] = narrowed
             else:
                 tuned.append(name)
                 schedules[name] = "tuning-db"

@@ -1,11 +1,11 @@
-"""A tuning database on aarch64 keeps the int32-index form of the library's schedules.
+"""On aarch64 compile, tuning databases and ``edgec tune`` see the same int32-index kernels.
 
-Compile narrows every kernel to int32 indices before the schedule rules on aarch64
-(``schedules.narrow_indices``: TVM's own narrowing drops the loop-partition hints).
-Where a database's best record for a kernel is the library's own schedule, compile
-must build that same int32 form, not the int64 one the record's trace replays, and
-``edgec tune`` must time the form compile builds. Both are checked here without a
-board: the records are written directly, and the tuner's builder is a recorder.
+The pipeline narrows every kernel to int32 indices right after legalize on aarch64
+(``schedules.narrow_indices_pass``: TVM's own narrowing drops the loop-partition hints),
+before the tuning database and the rules. So ``edgec tune`` extracts, records and times
+the int32 form, and a database's record of the library's own schedule builds that same
+form in compile. Checked here without a board: the records are written directly, and the
+tuner's builder is a recorder.
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ def test_only_aarch64_narrows():
     assert not narrows_indices(resolve("x86").preset)
 
 
+def test_tune_extracts_the_int32_kernels(a53_tasks, saved_models):
+    from tvm.s_tir import meta_schedule as ms
+
+    _, model, _, tasks = a53_tasks
+    assert tasks and all(_loop_dtypes(task.dispatched[0]["main"]) <= {"int32"} for task in tasks)
+    a7 = resolve("cortex-a7")  # armv7: the kernels keep TVM's int64 form until its own TIR pipeline
+    a7_tasks = ms.relax_integration.extract_tasks(fused_module(model, a7), tuning_target(a7, 1))
+    assert any("int64" in _loop_dtypes(task.dispatched[0]["main"]) for task in a7_tasks)
+
+
 def test_library_records_build_the_int32_form(a53_tasks, tmp_path):
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -78,9 +88,6 @@ def test_library_records_build_the_int32_form(a53_tasks, tmp_path):
     assert depthwise, record.schedules
     for name in record.tuning.library_best:
         assert _loop_dtypes(record.mod[name]) == {"int32"}, name
-    # the traces replayed as recorded are int64: the database alone would have built those
-    plain = [task.dispatched[0]["main"] for task in tasks]
-    assert any("int64" in _loop_dtypes(func) for func in plain)
 
 
 def test_tune_times_the_form_compile_builds(a53_tasks):

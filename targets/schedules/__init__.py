@@ -32,7 +32,7 @@ from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes", "narrow_indices", "narrows_indices"]
+__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes", "narrow_indices", "narrow_indices_pass", "narrows_indices"]
 
 
 def default_rules(vector: CpuVector) -> list[Rule]:
@@ -100,10 +100,36 @@ INT32_ELEMENTS = 2**31 - 1
 
 
 def narrows_indices(preset) -> bool:
-    """Whether kernels for ``preset`` go through ``narrow_indices`` before the rules: aarch64
-    only, where it was measured to help (below). Compile and ``edgec tune`` both ask here, so
-    a tuning database measures the library's schedule as compile builds it."""
+    """Whether the pipeline for ``preset`` narrows its kernels (``narrow_indices_pass``) before
+    the rules: aarch64 only, where it was measured to help (``narrow_indices``)."""
     return preset.cpu_arch == "aarch64"
+
+
+def narrow_indices_pass():
+    """A module pass giving every not-yet-scheduled PrimFunc int32 indices (``narrow_indices``).
+    A pipeline stage right after legalize (edgec/build.py): the rules, the tuning database and
+    ``edgec tune`` all see the same kernels."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecNarrowIndices")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+                narrowed = narrow_indices(func)
+                if not narrowed.same_as(func):
+                    updates[gvar] = narrowed
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))
 
 
 def narrow_indices(func):
@@ -151,12 +177,10 @@ def apply_schedules(
     report: dict[str, str | None],
     fallbacks: FallbackLog | None = None,
     skip: dict[str, frozenset[str]] | None = None,
-    narrow: bool = False,
 ):
     """A module pass scheduling every not-yet-scheduled PrimFunc; ``report[kernel] = rule name``
     (``None``: no rule applied, the kernel stays the naive loop nest). ``fallbacks`` records
-    rules that failed; ``skip[kernel]`` names rules not to try on that kernel; ``narrow``:
-    each kernel through ``narrow_indices`` first."""
+    rules that failed; ``skip[kernel]`` names rules not to try on that kernel."""
     import tvm
     from tvm import tirx
 
@@ -170,14 +194,14 @@ def apply_schedules(
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
+            if _is_scheduled(func):
                 # scheduled before: by a custom op's own lowering, else by the tuning database
                 custom = CUSTOM_KERNEL_ATTR in func.attrs
                 report.setdefault(gvar.name_hint, "custom-op" if custom else "tuning-db")
                 continue
             name = gvar.name_hint
             scheduled, rule = schedule_func(
-                narrow_indices(func) if narrow else func, rules,
+                func, rules,
                 kernel=name, fallbacks=fallbacks, skip=skip.get(name, frozenset()),
             )
             report[name] = rule
