@@ -1,6 +1,6 @@
 """edgec against the runtimes a user could pick instead, each in its own process.
 
-Runtimes (``--runtimes``; the peers install with ``pip install -e '.[peers]'``):
+Runtimes (``--runtimes``; the peers install with ``pip install -c constraints.txt -e '.[peers]'``):
 
     edgec        edgec.compile(..., "x86") with its defaults, run by the Relax VM
     ort          ONNX Runtime, CPU EP, ORT_ENABLE_ALL, on the same ONNX edgec compiles
@@ -245,7 +245,7 @@ class Worker:
         if not reply["ok"]:
             error = reply["error"]
             if "No module named" in error and self.runtime != "edgec":
-                error += " (the peers install with: pip install -e '.[peers]')"
+                error += " (the peers install with: pip install -c constraints.txt -e '.[peers]')"
             self.status = f"FAILED: {error[:180]}"
             return
         self.load_s = reply["load_s"]

@@ -215,13 +215,19 @@ def time_runner(kind: str, path: Path, repeat: int) -> list[float]:
     return onnxruntime_timer(session, {session.get_inputs()[0].name: x}, repeat, warmup=3)()
 
 
+TIMING_TIMEOUT_S = 600  # one timing process (load, warm-up, --repeat runs)
+
+
 def measure(artifact: Path, rounds: int, repeat: int) -> dict:
     """edgec / ORT: each runner in its own process per round, rounds alternated."""
     medians = {"edgec": [], "ort": []}
     for _ in range(rounds):
         for kind in medians:
-            done = subprocess.run([sys.executable, __file__, "--time", kind, str(artifact), "--repeat", str(repeat)],
-                                  capture_output=True, text=True, timeout=600, check=False)
+            try:
+                done = subprocess.run([sys.executable, __file__, "--time", kind, str(artifact), "--repeat", str(repeat)],
+                                      capture_output=True, text=True, timeout=TIMING_TIMEOUT_S, check=False)
+            except subprocess.TimeoutExpired:
+                return {"error": f"{kind} timing: not done in {TIMING_TIMEOUT_S} s ({repeat} runs + 3 warm-up)"}
             if done.returncode != 0:
                 return {"error": f"{kind} timing: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}"}
             medians[kind].append(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
@@ -279,7 +285,7 @@ def _cell(entry: dict | None, key: str) -> str:
 def print_table(results: list[dict], not_measured: dict[str, str] | None = None) -> None:
     """The README's table: one row per model, then each failure's reason, then what was not measured."""
     print("| model | params | plain TVM x86 (TS / EP) | edgec x86 (TS / EP) | compile s (TS / EP) "
-          "| edgec ms | ORT ms | edgec / ORT | cortex-a53 | cortex-a7 | emulated boards |")
+          "| edgec ms | ORT ms | edgec / ORT (median of rounds) | cortex-a53 | cortex-a7 | emulated boards |")
     print("|---|---:|---|---|---:|---:|---:|---:|---|---|---|")
     reasons = []
     for result in results:
@@ -298,7 +304,7 @@ def print_table(results: list[dict], not_measured: dict[str, str] | None = None)
             " / ".join(seconds),
             f"{timing['edgec_ms']:.1f}" if "edgec_ms" in timing else "",
             f"{timing['ort_ms']:.1f}" if "ort_ms" in timing else "",
-            f"{timing['ratio']:.2f}x" if "ratio" in timing else timing.get("error", ""),
+            _ratio_cell(timing),
             *arm,
             "both match ORT and PyTorch" if len(emulated) == len(ARM) else ", ".join(emulated) or "-",
         ]
@@ -320,6 +326,14 @@ def print_table(results: list[dict], not_measured: dict[str, str] | None = None)
             by_reason.setdefault(why, []).append(name)
         print("\nNot measured:\n")
         print("\n".join(f"- {why} ({len(names)}): {', '.join(names)}" for why, names in by_reason.items()))
+
+
+def _ratio_cell(timing: dict) -> str:
+    """edgec / ORT as the ratio of the two medians, and the median of the per-round ratios beside
+    it: the two differ when load moved between rounds (then neither says much)."""
+    if "ratio" not in timing:
+        return timing.get("error", "")
+    return f"{timing['edgec_ms'] / timing['ort_ms']:.2f}x ({timing['ratio']:.2f}x)"
 
 
 def measured(path: Path) -> list[dict]:

@@ -18,10 +18,9 @@ import onnx_ir as ir
 
 from edgec.core.errors import BuildError, UnsupportedOpError
 from edgec.core.fallbacks import one_line
+from edgec.core.model import is_standard, onnx_opset
 
 log = logging.getLogger(__name__)
-
-_ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @functools.cache
@@ -43,7 +42,7 @@ def check_supported(graph: ir.Model) -> None:
         if node.domain == DOMAIN:
             if node.op_type not in custom:
                 bad.append(f"{node.domain}.{node.op_type} (node {node.name!r})")
-        elif node.domain not in _ONNX_DOMAINS:
+        elif not is_standard(node):
             bad.append(f"{node.domain}.{node.op_type} (node {node.name!r})")
         elif node.op_type not in supported:
             bad.append(f"{node.op_type} (node {node.name!r})")
@@ -117,7 +116,7 @@ def to_relax(graph: ir.Model, target=None):
     lets custom-op lowerings pick vector widths. A failure names the ONNX node it happened on."""
     check_supported(graph)
     proto = ir.serde.serialize_model(graph)
-    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 17))
+    opset = onnx_opset(graph, 17)
     importer = _importer_class()({}, "float32", keep_params_in_input=False, sanitize=False)
     importer.target = target
     try:

@@ -5,8 +5,9 @@ applied by every later ``edgec compile`` for the same target whose kernels
 match a tuned workload (same shapes and fused epilogue, any model), and the
 schedule library covers the rest. Stages:
 
-1. lower + graph + legalize/fuse  exactly the compile pipeline's prefix, so
-                                  tuned workloads are the kernels a compile sees
+1. lower + graph + legalize/fuse  exactly the compile pipeline's prefix
+   (+ int32 indices on aarch64)   (edgec/build.py kernel_passes), so tuned
+                                  workloads are the kernels a compile sees
 2. extract tasks                  one per distinct kernel, weighted by calls
 3. baseline                       the schedule library's kernels, measured and
                                   recorded: a tuned schedule must beat them
@@ -247,17 +248,17 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
         sch, _ = first_schedule(func, rules)
         if sch is None:
             continue
-        pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(func), sch.mod))
+        pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
     if not pending:
         return
     report(f"measuring the schedule library's kernels first ({len(pending)} tasks): tuned records must beat them")
-    built = builder.build([ms.builder.BuilderInput(item[4], tvm_target) for item in pending])
+    built = builder.build([ms.builder.BuilderInput(item[2].mod, tvm_target) for item in pending])
     runnable = [(item, result) for item, result in zip(pending, built, strict=True) if result.error_msg is None]
     for item, result in zip(pending, built, strict=True):
         if result.error_msg is not None:
             report(f"library schedule of {progress.names[item[0]]} did not build: {result.error_msg.splitlines()[-1]}")
     inputs = [ms.runner.RunnerInput(result.artifact_path, "cpu", item[3]) for item, result in runnable]
-    for ((index, workload, sch, args_info, _), built_result), future in zip(runnable, runner.run(inputs), strict=True):
+    for ((index, workload, sch, args_info), built_result), future in zip(runnable, runner.run(inputs), strict=True):
         measured = future.result()
         shutil.rmtree(os.path.dirname(built_result.artifact_path), ignore_errors=True)
         if measured.error_msg is not None or not measured.run_secs:

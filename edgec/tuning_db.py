@@ -88,7 +88,7 @@ def apply_database_pass(
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
-    from edgec.targets.schedules import schedule_func
+    from edgec.targets.schedules import is_scheduled, schedule_func
 
     database = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
 
@@ -103,7 +103,7 @@ def apply_database_pass(
             if name in originals and "tuning-db" in (skip or {}).get(name, ()):
                 mod[gvar] = originals[name]
                 continue
-            if name not in originals or _scheduled(originals[name]) or not _scheduled(func):
+            if name not in originals or is_scheduled(originals[name]) or not is_scheduled(func):
                 continue
             library, rule = schedule_func(originals[name], rules)
             plain = func.without_attr("tirx.is_scheduled")
@@ -114,6 +114,13 @@ def apply_database_pass(
                 tuned.append(name)
                 schedules[name] = "tuning-db"
         keep(TuningReport(str(database_dir), len(database), tuple(sorted(tuned)), tuple(sorted(library_best))))
+        if len(database) and not tuned and not library_best:
+            log.warning(
+                "tuning database %s: none of its %d records matches a kernel of this build (tuned for other "
+                "models, or recorded by an older edgec: aarch64 databases from before 2026-12-03); the schedule "
+                "library schedules every kernel. `edgec tune` this model to record it",
+                database_dir, len(database),
+            )
         log.info(
             "tuning database %s (%d records): %d kernels took a tuned schedule, "
             "%d kept the library's (measured faster)",
@@ -123,7 +130,3 @@ def apply_database_pass(
 
     return _pass
 
-
-def _scheduled(func) -> bool:
-    attrs = getattr(func, "attrs", None)
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))

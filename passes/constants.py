@@ -32,6 +32,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import onnx_opset
 from edgec.passes.graph_edit import describe, legacy_inputs
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Constants:
 
     def __init__(self, model: ir.Model) -> None:
         self.graph = model.graph
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.opset = onnx_opset(model)
         self.legacy_inputs = legacy_inputs(model)
         self.memo: dict[ir.Value, np.ndarray | None] = {}
 

@@ -65,6 +65,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import onnx_opset
 from edgec.passes.batchnorm_math import (
     batchnorm_scale_shift,
     fold_bias,
@@ -110,7 +111,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     )
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        opset = onnx_opset(model, None)
         has_batchnorm = any(node.op_type == "BatchNormalization" and node.domain == "" for node in model.graph)
         if has_batchnorm and (opset is None or opset < _MIN_OPSET):
             raise ir.passes.PreconditionError(
@@ -177,7 +178,7 @@ class _Rewriter:
     def __init__(self, model: ir.Model, *, lower_unfolded: bool) -> None:
         self.graph = model.graph
         self.lower_unfolded = lower_unfolded
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.opset = onnx_opset(model)
         # Before IR version 4 every initializer had to be listed as a graph input too:
         # there such an input is a weight, not something a caller overrides.
         self.edit = GraphEditor(model)

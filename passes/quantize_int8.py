@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import onnx_opset
 from edgec.passes.calibration import NO_CALIBRATION, activation_ranges, calibration_samples
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
@@ -109,7 +110,7 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             raise ir.passes.PreconditionError(NO_CALIBRATION)
         require_standard_ops(model, self.cli_name)
         require_node_names(model, self.exclude, "exclude", self.cli_name)
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        opset = onnx_opset(model)
         if opset < MIN_OPSET:
             raise ir.passes.PreconditionError(
                 f"the model has ONNX opset {opset}; per-channel DequantizeLinear needs opset {MIN_OPSET} or newer: "

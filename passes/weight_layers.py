@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import onnx_opset
 from edgec.ops import DOMAIN, OPSET_VERSION
 from edgec.passes.constants import Constants
 from edgec.passes.batchnorm_math import batchnorm_scale_shift
@@ -72,7 +73,7 @@ class WeightRewriter:
     def __init__(self, model: ir.Model):
         self.model = model
         self.graph = model.graph
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.opset = onnx_opset(model)
         self.edit = GraphEditor(model)
         self.constant = Constants(model)
         self.bytes_before = 0

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.core.fallbacks import one_line
-from edgec.core.model import first_qdq_node, has_custom_ops
+from edgec.core.model import first_qdq_node, has_custom_ops, is_standard
 from edgec.core.ort import ORT_MAX_IR_VERSION, onnxruntime_session
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def binarizing_nodes(graph: ir.Model) -> list[str]:
     return [
         node.name or node.op_type
         for node in ir.traversal.RecursiveGraphIterator(graph.graph)
-        if node.domain in ("", "ai.onnx") and node.op_type in THRESHOLD_OPS and node.inputs[0] is not None
+        if is_standard(node) and node.op_type in THRESHOLD_OPS and node.inputs[0] is not None
         and node.inputs[0].dtype in floats
     ]  # fmt: skip
 

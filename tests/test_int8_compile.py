@@ -5,6 +5,8 @@ written) on x86 and on the emulated cortex-a53; the int8 tolerance in output qua
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 
 import numpy as np
@@ -177,7 +179,7 @@ def test_every_seeded_input_must_pass(float_onnx, tmp_path):
     from edgec.core.inputs import random_inputs
     from edgec.core.model import input_signatures
     from edgec.runtimes.reference import build_references
-    from edgec.verify import Runner, VerifyOptions, _check_int8
+    from edgec.verify import Runner, VerifyOptions, _check_int8, _more_int8_samples
 
     model = edgec.load(float_onnx)
     edgec.apply(model, [FoldBatchNormPass(), QuantizeInt8Pass(calibration=calibration())])
@@ -196,10 +198,27 @@ def test_every_seeded_input_must_pass(float_onnx, tmp_path):
     first = random_inputs(input_signatures(model.graph), options.seed)
     reference = [ref for ref in build_references(model.graph, first)[0] if ref.quantized][0]
     seen.append(first[0])
-    agreement, entry = _check_int8(model, artifact, Runner("test", run), options, (local.run(first), reference), ["y"])
+    more = _more_int8_samples(model, artifact, Runner("test", run), options)
+    agreement, entry = _check_int8(options, (local.run(first), reference), more, ["y"])
     assert len(seen) == INT8_INPUTS and entry["inputs"] == INT8_INPUTS
     assert not agreement.ok and entry["worst_seed"] == options.seed + 2
     assert len({x.tobytes() for x in seen}) == INT8_INPUTS  # four different inputs
-    agreement, entry = _check_int8(model, artifact, Runner("test", lambda _, inputs: local.run(inputs)), options,
-                                   (local.run(first), reference), ["y"])  # fmt: skip
+    right = _more_int8_samples(model, artifact, Runner("test", lambda _, inputs: local.run(inputs)), options)
+    agreement, entry = _check_int8(options, (local.run(first), reference), right, ["y"])
     assert agreement.ok and entry["inputs"] == INT8_INPUTS  # the right build passes on all of them
+
+    # two quantized references (an int8 + block-sparse build: the twin under ORT and the NumPy ops):
+    # each is judged on every seed against its own outputs, not the first reference's
+    def shifted(ref):  # a reference 20 output steps away from the build (its fused run too: same spread)
+        step = np.float32(20 * quantization_step(ref.outputs))
+        return dataclasses.replace(ref, name="numpy", outputs=[ref.outputs[0] + step],
+                                   fused=[ref.fused[0] + step] if ref.fused else ref.fused)
+
+    both = [(seed, outputs, {**refs, "numpy": shifted(refs[reference.name]) if seed == options.seed + 1 else
+                             dataclasses.replace(refs[reference.name], name="numpy")})
+            for seed, outputs, refs in right]  # fmt: skip
+    numpy_ref = dataclasses.replace(reference, name="numpy")
+    agreement, entry = _check_int8(options, (local.run(first), numpy_ref), both, ["y"])
+    assert not agreement.ok and entry["worst_seed"] == options.seed + 1 and entry["inputs"] == INT8_INPUTS
+    agreement, _ = _check_int8(options, (local.run(first), reference), both, ["y"])
+    assert agreement.ok

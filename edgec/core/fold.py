@@ -32,6 +32,8 @@ from collections import Counter
 
 import onnx_ir as ir
 
+from edgec.core.model import is_standard
+
 log = logging.getLogger(__name__)
 
 # a folded tensor larger than this (float32: 512 MiB) stays a node; VGG's largest weight is 103M
@@ -56,7 +58,7 @@ class FoldReport:
 def _all_inputs_constant(node: ir.Node) -> bool | None:
     """onnxscript's ``should_fold``: True to fold a node of constants whatever its size, None
     (its default rules) for the rest."""
-    if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM_OPS:
+    if not is_standard(node) or node.op_type in _RANDOM_OPS:
         return None
     if any(attribute.type in _CONTROL_FLOW for attribute in node.attributes.values()):
         return None
@@ -85,7 +87,7 @@ def _unsqueeze_axes_as_attribute(graph: ir.Model) -> None:
     if graph.opset_imports.get("", 13) >= 13:
         return
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
-        if node.op_type != "Unsqueeze" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if node.op_type != "Unsqueeze" or not is_standard(node) or len(node.inputs) != 2:
             continue
         axes = node.inputs[1]
         if axes is None or axes.const_value is None:

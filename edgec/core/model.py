@@ -59,7 +59,7 @@ def index_ranges(graph: ir.Model) -> dict[str, list[int]]:
     not covered."""
     ranges: dict[str, list[int]] = {}
     for node in graph.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or len(node.inputs) < 2:
+        if not is_standard(node) or node.op_type != "Gather" or len(node.inputs) < 2:
             continue
         data, indices = node.inputs[0], node.inputs[1]
         if indices is None or not indices.is_graph_input() or data is None or data.shape is None:
@@ -91,12 +91,22 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
+def is_standard(node: ir.Node) -> bool:
+    """Whether ``node`` is one of ONNX's own operators (not edgec's or another custom domain's)."""
+    return node.domain in STANDARD_DOMAINS
+
+
+def onnx_opset(graph: ir.Model, default: int | None = 1) -> int | None:
+    """The ai.onnx opset ``graph`` imports (either spelling of the domain), else ``default``."""
+    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", default))
+
+
 def has_custom_ops(graph: ir.Model) -> bool:
     """Whether a node of ``graph`` (subgraphs included) belongs to a domain other than ONNX's own
     (edgec's ops): ONNX Runtime cannot run it."""
-    return any(node.domain not in STANDARD_DOMAINS for node in ir.traversal.RecursiveGraphIterator(graph.graph))
+    return any(not is_standard(node) for node in ir.traversal.RecursiveGraphIterator(graph.graph))
 
 
 def first_qdq_node(graph: ir.Model) -> ir.Node | None:
     """The first QuantizeLinear or DequantizeLinear node of ``graph`` (a QDQ, int8 graph), or None."""
-    return next((node for node in graph.graph if node.domain in STANDARD_DOMAINS and node.op_type in QDQ_OPS), None)
+    return next((node for node in graph.graph if is_standard(node) and node.op_type in QDQ_OPS), None)

@@ -28,6 +28,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from edgec.core.model import is_standard
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
@@ -93,7 +95,7 @@ def node_macs(node: ir.Node) -> int:
         return math.prod(output) // output[1] * values.size
     if node.domain == "edgec" and op in ("BinaryConv", "TernaryConv", "BinaryGemm", "TernaryGemm"):
         return _low_bit_macs(node)
-    if node.domain not in ("", "ai.onnx") or op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if not is_standard(node) or op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return 0
     inputs = [_shape(value) for value in node.inputs]
     output = _shape(node.outputs[0])
@@ -132,7 +134,7 @@ def _low_bit_macs(node: ir.Node) -> int:
 def _dequantized(value: ir.Value | None) -> ir.Node | None:
     """The DequantizeLinear producing ``value`` with a constant scale, if that is what produces it."""
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    if node is None or node.op_type != "DequantizeLinear" or not is_standard(node) or len(node.inputs) < 2:
         return None
     return node if node.inputs[1] is not None and node.inputs[1].const_value is not None else None
 
@@ -159,7 +161,7 @@ def _output_quantizer(node: ir.Node) -> ir.Node | None:
 
 def int8_layer(node: ir.Node) -> Int8Layer | None:
     """The int8 scales of a Conv/ConvTranspose/Gemm/MatMul with DequantizeLinear'd int8 weights, else None."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if not is_standard(node) or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         return None
     weight = _dequantized(node.inputs[1]) if len(node.inputs) > 1 else None
     codes = weight.inputs[0].const_value if weight is not None and weight.inputs[0] is not None else None
@@ -187,7 +189,7 @@ def model_stats(graph: ir.Model) -> ModelStats:
     layers = []
     op_counts: dict[str, int] = {}
     for node in graph.graph:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        key = node.op_type if is_standard(node) else f"{node.domain}.{node.op_type}"
         op_counts[key] = op_counts.get(key, 0) + 1
         output = node.outputs[0] if node.outputs else None
         layers.append(

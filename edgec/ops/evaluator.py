@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgec.core.model import STANDARD_DOMAINS
+from edgec.core.model import STANDARD_DOMAINS, onnx_opset
 from edgec.ops import DOMAIN, load_all
 
 __all__ = ["numpy_evaluator"]
@@ -38,7 +38,7 @@ def _qdq_ops(graph: ir.Model) -> list[type]:
     """DequantizeLinear for opsets before 19 (none is needed from 19 on, where onnx has its own)."""
     from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_23
 
-    if graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1)) >= 19:
+    if onnx_opset(graph) >= 19:
         return []
 
     class DequantizeLinear(DequantizeLinear_23):  # the newest schema's attributes; named as the op

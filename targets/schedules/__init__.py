@@ -16,7 +16,8 @@ that matches a kernel schedules it):
     generic.py    everything else                   parallel + vectorised, or parallel only
 
 ``graph.py`` prepares the Relax graph first (channels-last layout, BN as a
-fused scale/shift). The rules tile for a ``CpuVector``
+fused scale/shift); on aarch64 ``narrow_indices.py`` gives the legalized
+kernels int32 indices before the rules run. The rules tile for a ``CpuVector``
 (``edgec.targets.vector.cpu_vector(target)``: the preset's data, or the
 compiling machine's CPU features).
 """
@@ -27,12 +28,16 @@ import logging
 from typing import Any
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules.common import Rule
+from edgec.targets.schedules.common import Rule, is_scheduled
+from edgec.targets.schedules.narrow_indices import narrow_indices, narrow_indices_pass, narrows_indices
 from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Rule", "apply_schedules", "default_rules", "graph_passes", "narrow_indices", "narrow_indices_pass", "narrows_indices"]
+__all__ = [
+    "Rule", "apply_schedules", "default_rules", "graph_passes", "is_scheduled", "narrow_indices", "narrow_indices_pass",
+    "narrows_indices",
+]
 
 
 def default_rules(vector: CpuVector) -> list[Rule]:
@@ -96,73 +101,6 @@ def first_schedule(
     return found
 
 
-INT32_ELEMENTS = 2**31 - 1
-
-
-def narrows_indices(preset) -> bool:
-    """Whether the pipeline for ``preset`` narrows its kernels (``narrow_indices_pass``) before
-    the rules: aarch64 only, where it was measured to help (``narrow_indices``)."""
-    return preset.cpu_arch == "aarch64"
-
-
-def narrow_indices_pass():
-    """A module pass giving every not-yet-scheduled PrimFunc int32 indices (``narrow_indices``).
-    A pipeline stage right after legalize (edgec/build.py): the rules, the tuning database and
-    ``edgec tune`` all see the same kernels."""
-    import tvm
-    from tvm import tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="EdgecNarrowIndices")
-    def _pass(mod, _ctx):
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-                narrowed = narrow_indices(func)
-                if not narrowed.same_as(func):
-                    updates[gvar] = narrowed
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
-
-    return _pass
-
-
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))
-
-
-def narrow_indices(func):
-    """``func`` with int32 loops and index arithmetic (TVM's ForceNarrowIndexToInt32) when every
-    buffer it takes has static shapes of fewer than 2**31 elements; else ``func`` unchanged.
-
-    Relax legalizes kernels with int64 shapes. TVM's default TIR pipeline narrows them to int32
-    itself (NarrowDataType, right before LoopPartition), but it rebuilds the loops without their
-    annotations: the ``pragma_loop_partition_hint`` of the depthwise, pooling and padding
-    schedules was dropped on every model kernel (the tests' TE kernels, int32 from the start,
-    kept it), and the border tests stayed in the interior loads. Narrowed before scheduling,
-    the hints reach LoopPartition (MobileNetV2 on cortex-a53: the 3x3/2 stem with its padded
-    copy 5.03M -> 4.19M instructions, the 56x56x144 depthwise layer 2.44M -> 2.27M). Only
-    where that was measured to help: on cortex-a7 the partitioned depthwise layers ran more
-    instructions (MobileNetV2 252.6M -> 257.4M; edgec/build.py passes ``narrow`` for aarch64)."""
-    import tvm
-    from tvm import tirx
-
-    for param in func.params:
-        buffer = func.buffer_map.get(param) if hasattr(func, "buffer_map") else None
-        shape = buffer.shape if buffer is not None else getattr(getattr(param, "ty", None), "shape", None)
-        if shape is None:
-            continue
-        if not all(isinstance(dim, tirx.IntImm) for dim in shape):
-            return func
-        elements = 1
-        for dim in shape:
-            elements *= int(dim)
-        if elements > INT32_ELEMENTS:
-            return func
-    return tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
-
-
 def schedule_func(func, rules: list[Rule], **kwargs) -> tuple[Any, str | None]:
     """(scheduled PrimFunc, rule name) for the first rule that matches and succeeds, else (func, None);
     ``kwargs`` as for ``first_schedule``."""
@@ -194,7 +132,7 @@ def apply_schedules(
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            if _is_scheduled(func):
+            if is_scheduled(func):
                 # scheduled before: by a custom op's own lowering, else by the tuning database
                 custom = CUSTOM_KERNEL_ATTR in func.attrs
                 report.setdefault(gvar.name_hint, "custom-op" if custom else "tuning-db")

@@ -44,6 +44,13 @@ class Rule:
         return sch, anchor
 
 
+def is_scheduled(func) -> bool:
+    """Whether a PrimFunc carries TVM's ``tirx.is_scheduled`` (a custom op's lowering, a tuning
+    database record or a rule scheduled it): the later stages leave it alone."""
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(int(attrs["tirx.is_scheduled"]))
+
+
 def root_blocks(sch) -> list:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 

@@ -44,7 +44,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     wants_lane_broadcast,
 )
-from edgec.targets.schedules.fold_adds import fold_epilogue_adds
+from edgec.targets.schedules.fold_adds import fold_epilogue_adds, folds_adds
 
 
 def conv_regions(sch, block):
@@ -190,8 +190,8 @@ class Conv2DNHWC(Rule):
     @property
     def fold_adds(self) -> bool:
         """Start the accumulators at the bias (and shortcut) added after the convolution
-        (``fold_adds``); measured on aarch64 only, where it is on."""
-        return self.vector.lane_fma
+        (``fold_adds``)."""
+        return folds_adds(self.vector)
 
     def apply(self, func):
         sch, anchor = self.schedule_reduction(func, "conv2d_nhwc")

@@ -40,7 +40,7 @@ from edgec.targets.schedules.common import (
     split_tiles,
 )
 from edgec.targets.schedules.conv2d import conv_operands, finish_register_tile, inline_inputs
-from edgec.targets.schedules.fold_adds import fold_epilogue_adds
+from edgec.targets.schedules.fold_adds import fold_epilogue_adds, folds_adds
 
 
 MAX_VECTORS = 2  # channel vectors per tile
@@ -61,7 +61,7 @@ class DepthwiseConv2DNHWC(Rule):
         sch, anchor = self.schedule_reduction(func, "group_conv2d_nhwc")
         if anchor is None or conv_operands(sch, anchor, depthwise=True) is None:
             return None
-        if self.vector.lane_fma:  # as conv2d.Conv2DNHWC.fold_adds
+        if folds_adds(self.vector):
             fold_epilogue_adds(sch, anchor)
         epilogue = epilogue_block(sch, anchor)
         inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding)

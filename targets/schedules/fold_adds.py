@@ -29,6 +29,12 @@ from edgec.targets.schedules.common import root_blocks
 log = logging.getLogger(__name__)
 
 
+def folds_adds(vector) -> bool:
+    """Whether the rules fold for ``vector``'s CPU: measured on aarch64 only (CPUs with the lane
+    multiply-add), where it is on."""
+    return vector.lane_fma
+
+
 def fold_epilogue_adds(sch, anchor) -> int:
     """Fold the additions after the contraction ``anchor`` into its init (module
     docstring); returns how many were folded (0: nothing changed)."""

@@ -105,7 +105,12 @@ def _float_ops(func) -> list[str]:
 def test_aarch64_epilogue_loses_its_adds():
     """A bias alone: no ``fadd`` left; bias + shortcut: one per accumulator (the init's
     ``b + r``) where the unfolded kernel adds twice."""
-    plain = default_rules(dataclasses.replace(NEON64, lane_fma=False))
+    from edgec.targets.schedules.conv2d import Conv2DNHWC
+
+    class Unfolded(Conv2DNHWC):  # the same rule, tile and broadcasts, with the folding alone off
+        fold_adds = False
+
+    plain = [Unfolded(rule.vector) if type(rule) is Conv2DNHWC else rule for rule in default_rules(NEON64)]
     bias_only = _float_ops(schedule_func(conv_kernel(kernel=1, channels=64, filters=96), default_rules(NEON64))[0])
     assert bias_only.count("fmla") > 0 and bias_only.count("fadd") == 0
     residual = residual_kernel(channels=64, filters=96)

@@ -259,8 +259,12 @@ def test_armv7_links_a_library_with_weights_over_256_mb(tmp_path):
     assert (tmp_path / "lib.so").stat().st_size > 300_000_000
     (tmp_path / "lib.so").unlink()
     short = dataclasses.replace(preset, toolchain=dataclasses.replace(preset.toolchain, link_options=()))
-    with pytest.raises(RuntimeError, match="elf32-arm|PLT") as error:
-        linker(short)(str(tmp_path / "short.so"), [str(tmp_path / "big.o")])
+    try:
+        with pytest.raises(RuntimeError, match="elf32-arm|PLT") as error:
+            linker(short)(str(tmp_path / "short.so"), [str(tmp_path / "big.o")])
+    finally:  # 300 MB each: not left in pytest's kept temporary directories
+        for name in ("big.o", "short.so"):
+            (tmp_path / name).unlink(missing_ok=True)
     from edgec.build import _linker_message
 
     message = _linker_message(error.value)  # what `edgec compile` says: the diagnostic first, once
