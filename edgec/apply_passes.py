@@ -14,7 +14,9 @@ checked against ONNX Runtime, not only against edgec's own NumPy versions
 of its ops. When a pass acts differently on the two graphs (it changed a
 different number of nodes in each, e.g. fuse-filters after a packing pass
 that hides the layers from it), the twin is dropped and
-``model.standard_note`` says why.
+``model.standard_note`` says why. A pass with a ``standard_form(graph)`` method
+hands the twin what it decided on the graph (quantize-int8: the activation
+ranges it calibrated), so the twin is not decided again on its own.
 """
 
 from __future__ import annotations
@@ -119,8 +121,12 @@ def _changed(before: collections.Counter, graph: ir.Model) -> int:
 def _apply_to_twin(model: Model, graph_pass: ir.passes.PassBase, changed: int) -> None:
     """Apply ``graph_pass``'s standard equivalent to ``model.standard_graph`` (see the module docstring)."""
     twin_pass = standard_equivalent(graph_pass)
+    packs = twin_pass is not graph_pass  # the twin gets the pass's standard-ONNX form: other nodes change
+    form = getattr(graph_pass, "standard_form", None)
+    if form is not None:  # the pass carries what it decided on the graph over to the twin (quantize-int8's ranges)
+        twin_pass = form(model.graph)
     twin = model.standard_graph
-    before = _signatures(twin) if twin_pass is graph_pass else None
+    before = None if packs else _signatures(twin)
     try:
         result = twin_pass(twin)
     except (ir.passes.PassError, ir.passes.InvariantError) as error:

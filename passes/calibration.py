@@ -34,9 +34,19 @@ from edgec.core.model import STANDARD_DOMAINS, has_custom_ops
 from edgec.core.ort import onnxruntime_session
 from edgec.passes.int8_math import ActivationQuant, Histogram, activation_quant, entropy_range, percentile_range
 
+# the graph's in-memory metadata (``ir.Model.meta``) where quantize-int8 leaves the ranges it used
+RANGES_META = "edgec.int8_ranges"
+
+
+class CalibratedRanges(dict):
+    """Activation parameters by tensor name from an earlier calibration (``RANGES_META``), given as
+    ``calibration=``: the pass uses them as they are. The standard twin of a block-sparse graph
+    is quantized with its graph's own ranges (edgec/apply_passes.py), so reference.onnx is the
+    same quantized model as the build, whatever the method."""
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["NO_CALIBRATION", "activation_ranges", "calibration_samples"]
+__all__ = ["NO_CALIBRATION", "RANGES_META", "CalibratedRanges", "activation_ranges", "calibration_samples"]
 
 NO_CALIBRATION = (
     "int8 quantization needs calibration data to measure activation ranges: give calibration=DIR (a folder of "

@@ -42,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.core.model import onnx_opset
-from edgec.passes.calibration import NO_CALIBRATION, activation_ranges, calibration_samples
+from edgec.passes.calibration import NO_CALIBRATION, RANGES_META, CalibratedRanges, activation_ranges, calibration_samples
 from edgec.passes.constants import Constants
 from edgec.passes.graph_edit import GraphEditor, describe, input_at
 from edgec.passes.int8_math import ActivationQuant, quantize_bias, quantize_weight
@@ -122,17 +122,13 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
         if not layers:
             logger.info("quantize-int8: no layer to quantize")
             return ir.passes.PassResult(model, modified=False)
-        try:
-            feeds = calibration_samples(self.calibration, list(model.graph.inputs))
-        except (ValueError, OSError) as error:
-            raise ir.passes.PreconditionError(str(error)) from None
         tensors: dict[str, ir.Value] = {}
         for layer in layers:
             tensors.setdefault(layer.node.inputs[0].name, layer.node.inputs[0])
             if not layer.output.is_graph_output():
                 tensors.setdefault(layer.output.name, layer.output)
-        quant = activation_ranges(model, list(tensors), feeds, self.method, self.percentile)
-        logger.info("quantize-int8: %d activation tensors calibrated on %d samples (%s)", len(quant), len(feeds), self.method)
+        quant = self._ranges(model, list(tensors))
+        model.meta[RANGES_META] = dict(quant)
         edit = GraphEditor(model)
         before = after = 0
         for layer in layers:
@@ -145,6 +141,26 @@ class QuantizeInt8Pass(ir.passes.InPlacePass):
             "quantize-int8: %d layers int8, weights %d -> %d bytes (%.2fx smaller)", len(layers), before, after, before / after
         )
         return ir.passes.PassResult(model, modified=True)
+
+    def standard_form(self, quantized: ir.Model) -> QuantizeInt8Pass:
+        """This pass for the standard twin of ``quantized`` (edgec/apply_passes.py): the same
+        options with the ranges ``quantized`` was given, not a second calibration of the twin."""
+        ranges = quantized.meta.get(RANGES_META)
+        return self if ranges is None else dataclasses.replace(self, calibration=CalibratedRanges(ranges))
+
+    def _ranges(self, model: ir.Model, names: list[str]) -> dict:
+        if isinstance(self.calibration, CalibratedRanges):
+            missing = [name for name in names if name not in self.calibration]
+            if missing:
+                raise ir.passes.PreconditionError(f"no calibrated range for tensor(s) {', '.join(missing)}")
+            return {name: self.calibration[name] for name in names}
+        try:
+            feeds = calibration_samples(self.calibration, list(model.graph.inputs))
+        except (ValueError, OSError) as error:
+            raise ir.passes.PreconditionError(str(error)) from None
+        quant = activation_ranges(model, names, feeds, self.method, self.percentile)
+        logger.info("quantize-int8: %d activation tensors calibrated on %d samples (%s)", len(quant), len(feeds), self.method)
+        return quant
 
     # ---- matching ---------------------------------------------------------
 

@@ -287,11 +287,41 @@ def test_block_sparse_layers_stay_float_in_the_graph_and_its_twin():
     def scales(g):
         return sorted(float(n.inputs[1].const_value.numpy()) for n in g.graph if n.op_type == "QuantizeLinear")
 
-    assert scales(graph) == pytest.approx(scales(twin), rel=1e-5)
+    assert scales(graph) == scales(twin)  # the twin is quantized with the graph's own ranges, not recalibrated
     x = samples(1, seed=7)
     from edgec.runtimes.reference import run_numpy_reference
 
     np.testing.assert_allclose(run_numpy_reference(graph, x)[0], run_onnxruntime(twin, x, optimize=False)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_the_twin_takes_the_graphs_ranges(method, monkeypatch):
+    """With a histogram method too, reference.onnx (the twin) is quantized by the very parameters
+    of the build's graph: the twin is handed the ranges, not calibrated again on its own masked
+    layers (where float rounding or a histogram bin could pick other ones)."""
+    from edgec.passes import quantize_int8
+
+    calibrated = []
+    original = quantize_int8.activation_ranges
+    monkeypatch.setattr(quantize_int8, "activation_ranges", lambda *a, **k: calibrated.append(a[0]) or original(*a, **k))
+    model = Model(small_cnn(), None, "onnx", None)
+    edgec.apply(model, [parse("block-sparse:n=4,sparsity=0.5,layers=pwconv"),
+                        QuantizeInt8Pass(calibration=samples(8), method=method, keep_first_last=False)], measure=False)  # fmt: skip
+    assert model.standard_graph is not None, model.standard_note
+    assert calibrated == [model.graph]  # once, on the build's graph
+
+    def parameters(g):
+        return sorted((n.inputs[0].name, float(n.inputs[1].const_value.numpy()), int(n.inputs[2].const_value.numpy()))
+                      for n in g.graph if n.op_type == "QuantizeLinear")  # fmt: skip
+
+    assert parameters(model.graph) and parameters(model.graph) == parameters(model.standard_graph)
+
+
+def test_calibrated_ranges_must_cover_every_tensor():
+    from edgec.passes.calibration import CalibratedRanges
+
+    with pytest.raises(PassError, match="no calibrated range for tensor"):
+        edgec.apply(Model(small_cnn(), None, "onnx", None), [QuantizeInt8Pass(calibration=CalibratedRanges())], measure=False)
 
 
 @pytest.mark.parametrize(
