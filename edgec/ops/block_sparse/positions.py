@@ -98,8 +98,9 @@ def inlane_transpose(buffer, offsets, lanes: int) -> list:
         return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in _unpack(lanes, width, high)])
 
     rows = [tirx.BufferLoad(buffer, [tirx.Ramp(offset, 1, lanes)]) for offset in offsets]
-    pairs = [shuffle(rows[0], rows[1], 1, 0), shuffle(rows[0], rows[1], 1, 1), shuffle(rows[2], rows[3], 1, 0), shuffle(rows[2], rows[3], 1, 1)]
-    return [shuffle(pairs[0], pairs[2], 2, 0), shuffle(pairs[0], pairs[2], 2, 1), shuffle(pairs[1], pairs[3], 2, 0), shuffle(pairs[1], pairs[3], 2, 1)]
+    # floats of rows (0, 1) and (2, 3) interleaved, then pairs of floats of those
+    pairs = [shuffle(rows[a], rows[a + 1], 1, high) for a in (0, 2) for high in (0, 1)]
+    return [shuffle(pairs[high], pairs[high + 2], 2, half) for high in (0, 1) for half in (0, 1)]
 
 
 def _kernel(shape: ConvShape, plan: PositionsPlan, act):
