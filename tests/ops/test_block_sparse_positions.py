@@ -65,12 +65,13 @@ def test_lowering_chooses_the_kernel(preset, kernel, n, positions):
     assert ('"xt"' in script or "xt = " in script) == want, script[:400]
 
 
-CASES = {  # x shape, C_out, N, stride, activation
+CASES = {  # x shape, C_out, N, stride, activation; C_out in runs of `lanes` channels, then block-rows left
     "7x7-cin96": ((1, 96, 7, 7), 24, 4, 1, "Clip"),  # 49 positions: one full tile of 32, one of 17
     "14x14-cin18": ((1, 18, 14, 14), 20, 4, 1, "Relu"),  # C_in % 4 = 2: two gathered channels
     "batch2-n8": ((2, 30, 5, 5), 40, 8, 1, "none"),
     "stride2": ((1, 64, 13, 13), 32, 4, 2, "Clip"),  # 7x7 outputs from every other input position
     "full-tiles": ((1, 16, 8, 8), 16, 4, 1, "Relu"),  # 64 positions: no partial tile
+    "no-full-run": ((1, 12, 5, 5), 8, 4, 1, "Clip"),  # C_out 8 < 16 lanes: 128-bit stores only
 }
 
 
@@ -135,8 +136,8 @@ def test_work_is_the_kept_blocks():
 
 def test_assembly_fma_tile_and_vector_transposes():
     """AVX-512: each kept block is 4 zmm FMAs on 1 load of x (16 positions) and 4 broadcast
-    weights; the transposes are unpack shuffles and the stores into y 128-bit, never one float
-    at a time."""
+    weights; the transposes are shuffles, and y is stored a whole position's 16 channels (the
+    first 16 of 24) or 4 (the last 8) at a time, never one float at a time."""
     import re
 
     import tvm
