@@ -72,6 +72,7 @@ CASES = {  # x shape, C_out, N, stride, activation; C_out in runs of `lanes` cha
     "stride2": ((1, 64, 13, 13), 32, 4, 2, "Clip"),  # 7x7 outputs from every other input position
     "full-tiles": ((1, 16, 8, 8), 16, 4, 1, "Relu"),  # 64 positions: no partial tile
     "no-full-run": ((1, 12, 5, 5), 8, 4, 1, "Clip"),  # C_out 8 < 16 lanes: 128-bit stores only
+    "no-full-tile": ((1, 20, 3, 3), 16, 4, 1, "Relu"),  # 9 positions: the partial tile alone
 }
 
 

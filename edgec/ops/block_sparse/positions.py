@@ -290,7 +290,11 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act):
         vf = T.decl_buffer((nnz * n,), "float32", data=values.data)
         yf = T.decl_buffer((positions * out_channels,), "float32", data=y.data)
         for t in T.parallel(tiles):
-            if t < full_tiles:
+            if full_tiles == tiles:  # (Python conditions: a branch that never runs is not generated)
+                tile_body(xf, vf, indices, indptr, bias, yf, t, False)
+            elif full_tiles == 0:
+                tile_body(xf, vf, indices, indptr, bias, yf, t, True)
+            elif t < full_tiles:
                 tile_body(xf, vf, indices, indptr, bias, yf, t, False)
             else:
                 tile_body(xf, vf, indices, indptr, bias, yf, t, True)
