@@ -65,8 +65,9 @@ def positions_plan(shape: ConvShape, vector: CpuVector) -> PositionsPlan | None:
     stays). One vector of positions per channel (N=4: 16 positions x 4 channels, 4
     accumulators): measured against two (XNNPACK's 32x4 tile, 8 accumulators, which hides
     the FMA latency better) on the 22 pointwise convs of MobileNetV2 and ResNet-18 (Zen5,
-    AVX-512, one thread, sparsity 0.7, same run), one vector ran 2.22x dense (geomean), two
-    2.11x: the loop is not bound by FMA latency but by the transposes and the loads, and a
+    AVX-512, one thread, sparsity 0.7, same run, 128-bit stores then), one vector ran 2.22x
+    dense (geomean), two 2.11x: the loop is not bound by FMA latency but by the transposes and
+    the loads (two accumulator sets over alternate kept blocks did not help either), and a
     tile of 16 leaves less of a last, partial tile to waste (196 positions: 208 computed
     against 224). Two were better only on the 7x7 layers (49 positions: 64 computed either
     way), by 0-10%.
@@ -138,9 +139,10 @@ def _swap_blocks(a, b, distance: int, high: int, lanes: int):
 
 def transpose(rows: list, lanes: int, bind=_same) -> list:
     """The ``lanes x lanes`` transpose of ``lanes`` vectors: the in-lane 4x4 transposes of each
-    4 rows, then the transpose of the 128-bit blocks across them (``vshuff64x2`` /
-    ``vshuff32x4``; 64 shuffles for 16 lanes). Result ``p`` holds element ``p`` of every row."""
-    inlane = [[bind(v) for v in inlane_transpose(rows[group : group + GROUP], lanes, bind)] for group in range(0, lanes, GROUP)]
+    4 rows, then the transpose of the 128-bit blocks across them in butterfly stages (LLVM:
+    ``vshuff64x2``, ``vpermt2pd``, ``vinsertf64x4``; 64 shuffles for 16 lanes). Result ``p``
+    holds element ``p`` of every row; ``bind`` names a value used twice."""
+    inlane = [[bind(v) for v in inlane_transpose(rows[g : g + GROUP], lanes, bind)] for g in range(0, lanes, GROUP)]
     columns = [None] * lanes
     for i in range(GROUP):
         stage = [inlane[group][i] for group in range(lanes // GROUP)]  # block q of stage[g]: position 4q + i
@@ -167,7 +169,8 @@ def lane_columns(rows: list, lanes: int, bind=_same) -> list:
     columns = [None] * lanes
     for q in range(lanes // GROUP):
         for i in range(GROUP):
-            columns[GROUP * q + i] = tirx.Shuffle([pixels[i]], [tirx.const(GROUP * q + e, "int32") for e in range(GROUP)])
+            lane = [tirx.const(GROUP * q + e, "int32") for e in range(GROUP)]
+            columns[GROUP * q + i] = tirx.Shuffle([pixels[i]], lane)
     return columns
 
 
