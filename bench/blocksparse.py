@@ -30,6 +30,7 @@ medians and ratios measured in the same run.
     python bench/blocksparse.py                                 # layers + models
     python bench/blocksparse.py --parts accuracy --seeds 20
     python bench/blocksparse.py --models mobilenet_v2 --rounds 9 --json out.json
+    python bench/blocksparse.py --parts layers --blocks 4 16 --sparsities 0.7 --threads 1
 
 Weights are random (MobileNetV2 / ResNet-18 parts): speed and size only.
 """
@@ -192,7 +193,7 @@ def main_kernel(artifact, prefix: str) -> dict:
     return calls[0]
 
 
-def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path) -> list[dict]:
+def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path, sparsities=SPARSITIES, blocks=BLOCKS) -> list[dict]:
     import edgec
     from edgec.passes import PackBlockSparsePass
 
@@ -204,8 +205,8 @@ def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path) -> l
         call = main_kernel(dense.artifact, "conv2d")
         arrays = [rng.standard_normal(spec["shape"]).astype(spec["dtype"]) for spec in call["args"] + call["outputs"]]
         timers["dense"] = kernel_timer(dense.artifact, call["kernel"], arrays, repeat)
-        for sparsity in SPARSITIES:
-            for n in BLOCKS:
+        for sparsity in sparsities:
+            for n in blocks:
                 if layer.outputs % n:
                     continue
                 model = edgec.from_onnx_ir(layer_model(layer, index))
@@ -232,8 +233,8 @@ def bench_layers(names: list[str], rounds: int, repeat: int, workdir: Path) -> l
     return rows
 
 
-def print_layers(rows: list[dict]) -> None:
-    keys = [f"s{s}/n{n}" for s in SPARSITIES for n in BLOCKS]
+def print_layers(rows: list[dict], sparsities=SPARSITIES, blocks=BLOCKS) -> None:
+    keys = [f"s{s}/n{n}" for s in sparsities for n in blocks]
     print("\n### Pointwise convs: kernel latency, dense edgec vs block-sparse edgec (median ms, speedup)\n")
     print("| model | C_in->C_out @HxW /stride (count) | dense ms | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
@@ -255,7 +256,8 @@ def print_layers(rows: list[dict]) -> None:
 # --------------------------------------------------------------------------
 
 
-def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...], threads: int) -> list[dict]:
+def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kinds: tuple[str, ...], threads: int,
+                 sparsities=SPARSITIES, blocks=BLOCKS) -> list[dict]:
     import edgec
     from edgec.core.numerics import compare
     from edgec.passes import PackBlockSparsePass
@@ -278,8 +280,8 @@ def bench_models(names: list[str], rounds: int, repeat: int, workdir: Path, kind
         session = onnxruntime_session(base.graph, threads=threads)
         timers["ONNX Runtime dense"] = onnxruntime_timer(session, {"x": x}, repeat, warmup=1)
         info["ONNX Runtime dense"] = info["edgec dense"]
-        for sparsity in SPARSITIES:
-            for n in BLOCKS:
+        for sparsity in sparsities:
+            for n in blocks:
                 key = f"edgec block-sparse s={sparsity} N={n}"
                 options = {"n": n, "sparsity": sparsity, "kinds": kinds}
                 masked = edgec.load(path)
@@ -502,6 +504,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["layers", "models"], choices=["layers", "models", "accuracy"])
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"], choices=list(models.MODELS))
     parser.add_argument("--kinds", default="pointwise+conv+gemm", help="layer kinds the pass packs (models part)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES), help="layers and models parts")
+    parser.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="block sizes N (layers and models parts)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--layer-repeat", type=int, default=20)
@@ -518,11 +522,12 @@ def main() -> None:
         workdir = Path(tmp)
         if "layers" in args.parts:
             log("part 1: pointwise layers")
-            results["layers"] = bench_layers(args.models, args.rounds, args.layer_repeat, workdir)
-            print_layers(results["layers"])
+            results["layers"] = bench_layers(args.models, args.rounds, args.layer_repeat, workdir, args.sparsities, args.blocks)
+            print_layers(results["layers"], args.sparsities, args.blocks)
         if "models" in args.parts:
             log("part 2: models end to end")
-            results["models"] = bench_models(args.models, args.rounds, args.repeat, workdir, tuple(args.kinds.split("+")), args.threads)
+            results["models"] = bench_models(args.models, args.rounds, args.repeat, workdir, tuple(args.kinds.split("+")), args.threads,
+                                             args.sparsities, args.blocks)
             print_models(results["models"], args.threads)
         if "accuracy" in args.parts:
             log("part 3: digits accuracy")

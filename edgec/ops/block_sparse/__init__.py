@@ -4,6 +4,7 @@ is 1xN block-sparse, computed over the kept blocks only, with the bias and activ
     format.py     the packed arrays (CSR over blocks of N output channels)
     reference.py  the NumPy references (the math)
     kernels.py    the TIR kernels (conv, gemm), register-tiled for the target's vectors
+    positions.py  the 1x1 conv kernel vectorised over positions (N narrower than the vector)
     lowering.py   the Relax lowerings (CPU kernels, CUDA dense fallback)
 """
 

@@ -1,7 +1,10 @@
 """Relax lowerings of ``edgec.BlockSparseConv`` and ``edgec.BlockSparseGemm``.
 
 CPU: the kernels of edgec/ops/block_sparse/kernels.py as opaque ``call_tir``,
-the packed arrays as their constant arguments. The Conv kernel is
+the packed arrays as their constant arguments. A 1x1 Conv whose blocks are
+narrower than the CPU's vector (N=4 and N=8 with AVX-512, N=4 with AVX2) takes
+the positions-vectorised kernel of positions.py instead (``positions_plan``
+says when); NEON's 4 lanes keep the N-vectorised kernel. Both Conv kernels are
 channels-last and the ONNX graph NCHW: the lowering wraps it in NCHW -> NHWC
 -> NCHW ``permute_dims``. Where the CPU schedule library makes the graph
 channels-last, those transposes meet the layout pass's inverse ones and
@@ -23,6 +26,7 @@ import numpy as np
 from edgec.core.errors import BuildError
 from edgec.ops.block_sparse.format import unpack_blocks
 from edgec.ops.block_sparse.kernels import ConvShape, conv_kernel, gemm_kernel, kernel_plan
+from edgec.ops.block_sparse.positions import positions_kernel, positions_plan
 from edgec.ops.block_sparse.reference import BlockSparseConv, BlockSparseGemm
 from edgec.ops.common import activation_expr, emit_kernel, float_input, is_cuda, op_inputs, relax_activation
 from edgec.targets.vector import cpu_vector
@@ -50,9 +54,9 @@ def warn_narrow_blocks(target, block_size: int, lanes: int) -> None:
 @functools.cache
 def _warn_narrow_blocks(target: str, block_size: int, lanes: int) -> None:
     log.warning(
-        "block-sparse N=%d on %s: the kernels vectorise over a block's N output channels and "
-        "fill %d of the CPU's %d float lanes, so they can run slower than dense (README: "
-        "block-sparse timings); prune with n=%d for this target",
+        "block-sparse N=%d on %s: the kernels of Gemm and non-1x1 conv layers vectorise over a "
+        "block's N output channels and fill %d of the CPU's %d float lanes, so they can run slower "
+        "than dense (README: block-sparse timings); prune with n=%d for this target",
         block_size, target, block_size, lanes, lanes,
     )  # fmt: skip
 
@@ -84,14 +88,18 @@ def lower_block_sparse_conv(bb, inputs, attrs, target):
         conv = relax.op.add(conv, relax.const(bias.reshape(1, -1, 1, 1)))
         return relax_activation(conv, activation, low, high)
     vector = cpu_vector(target)
-    warn_narrow_blocks(target, block_size, vector.lanes)
-    extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
-    plan = kernel_plan(block_size, extent, vector)
     kernel_shape = shape
     if shape.nnz == 0:  # every block pruned (the output is the bias): TIR takes no 0-sized buffer
         values, indices = np.zeros((1, *values.shape[1:]), np.float32), np.zeros(1, np.int32)
         kernel_shape = dataclasses.replace(shape, nnz=1)
-    prim = conv_kernel(kernel_shape, plan, activation, low, high).with_attr("edgec.flops", 2.0 * shape.multiply_adds)
+    positions = positions_plan(shape, vector)
+    if positions is not None:  # blocks narrower than the vector: vectorise over positions instead
+        prim = positions_kernel(kernel_shape, positions, activation, low, high)
+    else:
+        warn_narrow_blocks(target, block_size, vector.lanes)
+        extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
+        prim = conv_kernel(kernel_shape, kernel_plan(block_size, extent, vector), activation, low, high)
+    prim = prim.with_attr("edgec.flops", 2.0 * shape.multiply_adds)
     # the kernel is channels-last: NCHW -> NHWC around it; after the CPU layout pass turns the
     # graph channels-last, these transposes meet their inverses and cancel (cancel_transposes)
     channels_last = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
