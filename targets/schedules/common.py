@@ -137,6 +137,19 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
     return [max(1, width)]
 
 
+# at most this share of padded channels or columns (graph.py step 6, packed_matvec.py)
+MAX_PADDING_FRACTION = 1 / 8
+
+
+def padded_channels(channels: int, lanes: int) -> int | None:
+    """The channel count to pad to (next multiple of ``lanes``), or None when none is needed
+    or it would waste more than ``MAX_PADDING_FRACTION`` of the work."""
+    padded = -(-channels // lanes) * lanes
+    if padded == channels or (padded - channels) > channels * MAX_PADDING_FRACTION:
+        return None
+    return padded
+
+
 def register_tile(
     rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False,
     max_accumulators: int | None = None, lane_copies: int = 1,
