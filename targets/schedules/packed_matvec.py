@@ -32,9 +32,8 @@ import numpy as np
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.common import padded_channels, register_tile
 from edgec.targets.schedules.conv2d import conv_tile
-from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.packed_weights import OUT_EWISE_FUSABLE, columns_view, emit_conv2d_packed, pack_columns
-from edgec.targets.schedules.te_rewrite import bound_constant, conv2d_rewriter, not_dense_nhwc, rewrite_module
+from edgec.targets.schedules.te_rewrite import call_rewriter, conv2d_rewriter, explained, not_dense_nhwc, rewrite_module
 from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
@@ -93,50 +92,35 @@ def matvec_packed(data, packed):
                       name="matmul")  # fmt: skip
 
 
+def emit_matvec_packed(mutator, call, weight: np.ndarray, choice: tuple[int, int]):
+    """``matmul(x, weight)`` as ``matvec_packed`` on the weights padded to ``choice``'s columns
+    and packed by its tile, sliced back to the weights' columns, emitted by ``mutator``."""
+    from tvm import relax
+
+    padded, tile = choice
+    columns = int(weight.shape[1])
+    wider = np.zeros((weight.shape[0], padded), dtype=np.float32)
+    wider[:, :columns] = weight
+    packed = relax.const(pack_columns(wider, tile), "float32")
+    kernel = mutator.builder_.call_te(matvec_packed, call.args[0], packed, primfunc_name_hint="matmul_packed")
+    mutator.patterns.append((kernel.args[0], OUT_EWISE_FUSABLE))
+    if padded == columns:
+        return kernel
+    return relax.op.strided_slice(mutator.builder_.emit(kernel), axes=[1], begin=[0], end=[columns])
+
+
 def packed_matvec(vector: CpuVector, fallbacks: FallbackLog | None = None):
     """A module pass rewriting the matrix-vector products above (module docstring)."""
     import tvm
-    from tvm import relax
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
-
-    def decide_conv(call, weight):
-        tile, reason = conv_matvec_tile(vector, call, weight)
-        log.debug("%s: %s", describe_call(call), reason)
-        return tile
-
-    conv_rewriter = conv2d_rewriter(decide_conv, emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")
-
-    @relax.expr_functor.mutator
-    class MatmulRewriter(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.matmul":
-                return call
-            weight = bound_constant(self, call.args[1])
-            choice, reason = matvec_tile(vector, call.args[0].ty.shape, weight)
-            log.debug("%s: %s", describe_call(call), reason)
-            if choice is None:
-                return call
-            try:
-                return self.rewrite(call, weight, *choice)
-            except Exception as error:  # noqa: BLE001 - keep the matmul
-                fallbacks.add(describe_call(call), RULE, error, "kept as a matmul on [k, n] weights")
-                return call
-
-        def rewrite(self, call, weight, padded, tile):
-            wider = np.zeros((weight.shape[0], padded), dtype=np.float32)
-            wider[:, : weight.shape[1]] = weight
-            packed = relax.const(pack_columns(wider, tile), "float32")
-            kernel = self.builder_.call_te(matvec_packed, call.args[0], packed, primfunc_name_hint="matmul_packed")
-            self.patterns.append((kernel.args[0], OUT_EWISE_FUSABLE))
-            if padded == weight.shape[1]:
-                return kernel
-            return relax.op.strided_slice(self.builder_.emit(kernel), axes=[1], begin=[0], end=[int(weight.shape[1])])
+    convs = conv2d_rewriter(explained(lambda call, weight: conv_matvec_tile(vector, call, weight), log),
+                            emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")  # fmt: skip
+    matmuls = call_rewriter("relax.matmul", explained(lambda call, weight: matvec_tile(vector, call.args[0].ty.shape, weight), log),
+                            emit_matvec_packed, RULE, fallbacks, "kept as a matmul on [k, n] weights")  # fmt: skip
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecPackedMatvec")
     def _pass(mod, _ctx):
-        mod = rewrite_module(mod, conv_rewriter)[0]
-        return rewrite_module(mod, MatmulRewriter)[0]
+        return rewrite_module(rewrite_module(mod, convs)[0], matmuls)[0]
 
     return _pass

@@ -28,8 +28,7 @@ import numpy as np
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.common import register_tile, wants_lane_broadcast
 from edgec.targets.schedules.conv2d import conv_tile
-from edgec.targets.schedules.guard import describe_call
-from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
+from edgec.targets.schedules.te_rewrite import conv2d_rewriter, explained, not_dense_nhwc, rewrite_module
 from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
@@ -139,11 +138,7 @@ def packed_weights_conv2d(vector: CpuVector, fallbacks: FallbackLog | None = Non
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
-    def decide(call, weight):
-        tile, reason = packed_tile(call, weight, vector)
-        log.debug("%s: %s", describe_call(call), reason)
-        return tile
-
+    decide = explained(lambda call, weight: packed_tile(call, weight, vector), log)
     _Rewriter = conv2d_rewriter(decide, emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecPackedWeights")

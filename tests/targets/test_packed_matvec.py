@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from backbone import traced_model  # tests/ is on the path
 from torch import nn
 
 import edgec
@@ -123,10 +124,7 @@ class SqueezeClassifier(nn.Module):
 @pytest.fixture(scope="module")
 def squeeze_classifier(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("matvec") / "se.pt"
-    with torch.no_grad():
-        torch.jit.save(torch.jit.trace(SqueezeClassifier().eval(), (torch.randn(*SHAPE),)), str(path))
-    return edgec.load(path, input_shape=SHAPE)
+    return traced_model(SqueezeClassifier(), SHAPE, tmp_path_factory.mktemp("matvec") / "se.pt")
 
 
 def test_squeeze_excite_and_classifier_run_packed_on_x86(squeeze_classifier, tmp_path):
@@ -164,10 +162,7 @@ def test_squeeze_excite_convolutions_on_one_pixel_are_packed(tmp_path):
 
     torch.manual_seed(0)
     shape = (1, 576, 7, 7)
-    path = tmp_path / "squeeze.pt"
-    with torch.no_grad():
-        torch.jit.save(torch.jit.trace(Squeeze().eval(), (torch.randn(*shape),)), str(path))
-    model = edgec.load(path, input_shape=shape)
+    model = traced_model(Squeeze(), shape, tmp_path / "squeeze.pt")
     result = edgec.compile(model, "x86", tmp_path / "x86")
     assert result.manifest["verification"]["status"] == "passed"
     packed = [call for call in result.manifest["kernels"] if "conv2d_packed" in call["kernel"]]
