@@ -36,7 +36,8 @@ One rule per fact:
 - dot product (aarch64): 4-way int8 dot products into int32 lanes (aarch64 ``sdot``/``udot``,
   armv8.2-a FEAT_DotProd): the preset's ``mattr`` holds ``+dotprod``.
 - packed matrix-vector weights (x86): a matrix-vector product's constant weights (a classifier
-  at batch 1, a squeeze-excite block's 1x1 convolutions on one pixel) are packed by its register
+  at batch 1, a squeeze-excite block's 1x1 convolutions on one pixel, 1x1 convolutions with more
+  weight than input bytes) are packed by its register
   tile's columns, one contiguous run per tile (targets/schedules/packed_matvec.py). x86 only,
   where it was measured; the ARM targets keep their weights as they were.
 

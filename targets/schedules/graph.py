@@ -41,7 +41,8 @@ in order, and why:
                      its kernel then runs on whole vectors (1.5x measured on
                      SqueezeNet's classifier with AVX-512).
 6a. packed matvec    on x86, matrix-vector products (a classifier at batch 1, squeeze-excite
-                     1x1 convolutions on one pixel) read their weights packed by the
+                     1x1 convolutions on one pixel) and 1x1 convolutions with more weight than
+                     input bytes (7x7, 14x14 layers) read their weights packed by the
                      register tile's columns, the classifier's padded to whole tiles
                      (packed_matvec.py). After step 6, which pads convolutions itself.
 6b. int8 dot         on a VNNI CPU, uint8 x int8 convolutions become a kernel on

@@ -69,12 +69,17 @@ def test_matvec_tile_takes_one_row_products_on_constant_matrices():
     assert choice is None and "one register tile" in why  # its [K, N] rows are one contiguous run already
 
 
-def test_conv_matvec_tile_takes_one_pixel_convolutions_only():
+def test_conv_matvec_tile_takes_1x1_convolutions_whose_weights_are_streamed():
     weight = np.zeros((1, 1, 576, 144), np.float32)
     tile, why = conv_matvec_tile(AVX512, _conv_call((1, 1, 1, 576), (1, 1, 1, 144)), weight)
-    assert tile == 48, why  # 3 of its 9 vectors per tile
+    assert tile == 48, why  # one pixel: 3 of its 9 vectors per tile
     assert conv_matvec_tile(AVX512, _conv_call((1, 1, 1, 144), (1, 1, 1, 576)), np.zeros((1, 1, 144, 576), np.float32))[0] == 64
-    assert conv_matvec_tile(AVX512, _conv_call((1, 7, 7, 576), (1, 7, 7, 144)), weight)[0] is None  # 49 pixels
+    # 7x7x576 -> 144: 331,776 weight bytes against 112,896 input bytes, read weights-stationary
+    assert conv_matvec_tile(AVX512, _conv_call((1, 7, 7, 576), (1, 7, 7, 144)), weight)[0] == 48
+    tile, why = conv_matvec_tile(AVX512, _conv_call((1, 28, 28, 96), (1, 28, 28, 24)), np.zeros((1, 1, 96, 24), np.float32))
+    assert tile is None and "reused" in why  # 9 KB of weights over 301 KB of input
+    tile, why = conv_matvec_tile(AVX512, _conv_call((1, 7, 7, 576), (1, 7, 7, 144)), np.zeros((3, 3, 576, 144), np.float32))
+    assert tile is None and "1x1" in why
     assert conv_matvec_tile(AVX512, _conv_call((1, 1, 1, 576), (1, 1, 1, 144), groups=4), weight)[0] is None
     assert conv_matvec_tile(AVX512, _conv_call((1, 1, 1, 16), (1, 1, 1, 8)), np.zeros((1, 1, 16, 8), np.float32))[0] is None
 
@@ -149,16 +154,18 @@ def test_squeeze_excite_and_classifier_run_packed_on_x86(squeeze_classifier, tmp
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_squeeze_excite_convolutions_on_one_pixel_are_packed(tmp_path):
-    """MobileNetV3's widest squeeze-excite block, 576 -> 144 -> 576 on one pixel: both packed."""
+def test_squeeze_excite_and_7x7_projection_are_packed(tmp_path):
+    """MobileNetV3's widest squeeze-excite block, 576 -> 144 -> 576 on one pixel, and the 1x1
+    projection after it, 576 -> 96 at 7x7 (221 KB of weights, 113 KB of input): all packed."""
 
     class Squeeze(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc1, self.fc2 = nn.Conv2d(576, 144, 1), nn.Conv2d(144, 576, 1)
+            self.project = nn.Conv2d(576, 96, 1)
 
         def forward(self, x):
-            return x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+            return self.project(x * nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))))
 
     torch.manual_seed(0)
     shape = (1, 576, 7, 7)
@@ -166,7 +173,7 @@ def test_squeeze_excite_convolutions_on_one_pixel_are_packed(tmp_path):
     result = edgec.compile(model, "x86", tmp_path / "x86")
     assert result.manifest["verification"]["status"] == "passed"
     packed = [call for call in result.manifest["kernels"] if "conv2d_packed" in call["kernel"]]
-    assert sorted(tuple(call["args"][1]["shape"]) for call in packed) == [(3, 1, 1, 576, 48), (9, 1, 1, 144, 64)]
+    assert sorted(tuple(call["args"][1]["shape"]) for call in packed) == [(2, 1, 1, 576, 48), (3, 1, 1, 576, 48), (9, 1, 1, 144, 64)]
     assert all(call["schedule"] == "conv2d-nhwc" for call in packed)
     x = np.random.default_rng(1).standard_normal(shape).astype("float32")
     np.testing.assert_allclose(LocalRunner(result.artifact).run([x])[0], run_onnxruntime(model.graph, [x])[0], rtol=1e-4, atol=1e-4)
