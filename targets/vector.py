@@ -35,6 +35,11 @@ One rule per fact:
   (``vmax.f32`` propagates NaN; ``vmaxnm`` is ARMv8).
 - dot product (aarch64): 4-way int8 dot products into int32 lanes (aarch64 ``sdot``/``udot``,
   armv8.2-a FEAT_DotProd): the preset's ``mattr`` holds ``+dotprod``.
+- packed matrix-vector weights (x86): a matrix-vector product's constant weights (a classifier
+  at batch 1, a squeeze-excite block's 1x1 convolutions on one pixel, 1x1 convolutions with more
+  weight than input bytes) are packed by its register
+  tile's columns, one contiguous run per tile (targets/schedules/packed_matvec.py). x86 only,
+  where it was measured; the ARM targets keep their weights as they were.
 
 ``None`` as the target means this machine (x86, its CPU detected).
 """
@@ -66,7 +71,8 @@ class CpuVector:
     ``dot_product``: ``sdot`` (module docstring). ``pair_product``: aarch64 without it, whose int8
     convolutions multiply int8 pairs into int16 (``smull``/``smlal2``/``sadalp``, conv2d_pair.py).
     ``max_number``: a vector maxNum
-    instruction (module docstring).
+    instruction (module docstring). ``packed_matvec``: matrix-vector products read packed
+    weights (module docstring).
     """
 
     lanes: int
@@ -79,6 +85,7 @@ class CpuVector:
     dot_product: bool = False
     max_number: bool = False
     pair_product: bool = False
+    packed_matvec: bool = False
 
     @property
     def word_dtype(self) -> str:
@@ -133,7 +140,9 @@ def cpu_vector(target) -> CpuVector:
         integer_bits = lanes * 32
     registers = registers or (32 if "avx512f" in features else 16)
     int8_dot = integer_bits == 512 and {"avx512vnni", "avx512vl"} <= features  # VL: the 8-lane (ymm) form
-    return CpuVector(lanes, registers, integer_bits, 64, _x86_popcount(features, integer_bits), int8_dot=int8_dot)
+    return CpuVector(
+        lanes, registers, integer_bits, 64, _x86_popcount(features, integer_bits), int8_dot=int8_dot, packed_matvec=True,
+    )
 
 
 def _x86_popcount(features: set[str], integer_bits: int) -> str:

@@ -116,3 +116,17 @@ def one_error_line(result, *words: str) -> str:
     for word in words:
         assert word in errors[0], errors[0]
     return errors[0]
+
+
+def traced_model(module, shape, path: Path):
+    """``module`` (eval mode, seed 0) traced on a random input of ``shape``, saved as TorchScript
+    at ``path`` and loaded by edgec."""
+    import torch
+
+    import edgec
+
+    torch.manual_seed(0)
+    module = module.eval()
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(module, (torch.randn(*shape),)), str(path))
+    return edgec.load(path, input_shape=shape)

@@ -67,7 +67,8 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
     return passes(vector.lanes if vector else None, fallbacks, winograd, bool(vector and vector.lane_fma),
                   int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product),
                   packed_weights=vector if vector and vector.lane_fma else None,
-                  pair_product=bool(vector and vector.pair_product))
+                  pair_product=bool(vector and vector.pair_product),
+                  packed_matvec=vector if vector and vector.packed_matvec else None)
 
 
 def first_schedule(

@@ -127,6 +127,24 @@ def epilogue_block(sch, anchor):
     return sch.cache_write(anchor, 0, "global") if epilogue is anchor else epilogue
 
 
+def arithmetic_operations(sch, block) -> int:
+    """Arithmetic operations (+ - * /, min, max, calls) of one element of ``block``'s body: how
+    heavy an inlined epilogue is (a SiLU with fast_math's sigmoid about 24, a ReLU 2)."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    count = [0]
+
+    def note(node):
+        count[0] += 1
+        return node
+
+    kinds = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Min, tirx.Max, tvm.ir.Call)
+    tvm_ffi.structural_map(sch.get(block).body, (kinds, note), order="post")
+    return count[0]
+
+
 def divisors(number: int) -> list[int]:
     return [d for d in range(1, number + 1) if number % d == 0]
 
@@ -142,6 +160,19 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
     while width > 1 and channels % width:
         width //= 2
     return [max(1, width)]
+
+
+# at most this share of padded channels or columns (graph.py step 6, packed_matvec.py)
+MAX_PADDING_FRACTION = 1 / 8
+
+
+def padded_channels(channels: int, lanes: int) -> int | None:
+    """The channel count to pad to (next multiple of ``lanes``), or None when none is needed
+    or it would waste more than ``MAX_PADDING_FRACTION`` of the work."""
+    padded = -(-channels // lanes) * lanes
+    if padded == channels or (padded - channels) > channels * MAX_PADDING_FRACTION:
+        return None
+    return padded
 
 
 def register_tile(

@@ -132,6 +132,13 @@ def _indexed_by(region, variables) -> bool:
 # accumulators of a register tile whose taps are unrolled (Conv2DNHWC.unroll_taps): half the
 # register file, the other half for the taps' inputs and weights
 UNROLLED_TAPS_ACCUMULATORS = 16
+# accumulators of a tile whose inputs are broadcast one value at a time (no lane multiply-add:
+# x86, armv7, whose 16 registers hold fewer anyway). AVX-512's budget is 24, and its 2 x 4 pixel x
+# 3 vector tile (EfficientNet-B0's 28x28 40 -> 240 1x1 with SiLU, MobileNetV3-small's 28x28
+# 24 -> 96 ones) compiled to an accumulator LLVM copies through the stack (138 vmovups in the
+# kernel against 28 for the 1 x 7 x 3 tile): 0.37 -> 0.21 ms per call with 1 x 7 x 3 (21), the
+# MobileNetV3 ones 0.95x; the 1 x 8 x 3 tiles it also replaces by 1 x 7 x 3 ran the same (1.01x).
+BROADCAST_TILE_ACCUMULATORS = 21
 
 # a reduction of at most this many lane steps (``lane_broadcast``) LLVM unrolls by 2 and pairs
 # the two steps' input loads into ``ldp``: both steps' inputs are live beside the accumulators
@@ -148,7 +155,7 @@ def conv_tile(vector, rows: list[int], channels: int, depth: int, unroll_taps: b
     lane = wants_lane_broadcast(vector, depth) and materialised is not False
     unroll = not lane and depth < vector.lanes and unroll_taps
     staged = unroll and materialised is not False
-    cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None
+    cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None if lane or vector.lane_fma else BROADCAST_TILE_ACCUMULATORS
     copies = 2 if lane and depth // vector.lanes <= PAIRED_LANE_STEPS else 1
     tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap, lane_copies=copies)
     return lane, unroll, staged, tile

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
+    arithmetic_operations,
     border_partitioned_nest,
     epilogue_block,
     extents,
@@ -45,6 +46,15 @@ from edgec.targets.schedules.fold_adds import fold_epilogue_adds, folds_adds
 
 MAX_VECTORS = 2  # channel vectors per tile
 MIN_CAPPED_ACCUMULATORS = 8  # a smaller register file (16: armv7, AVX2) keeps the plain budget
+# Without a lane multiply-add (x86): an epilogue of at least HEAVY_EPILOGUE_OPERATIONS per element
+# (a SiLU: fast_math's sigmoid and the multiply, about 70 counted; ReLU 2, hard swish under 10) gets
+# a tile of one channel vector and at most HEAVY_EPILOGUE_ACCUMULATORS pixels. The wide tile kept its
+# taps' weights and accumulators in registers through the epilogue's temporaries and moved them
+# through the stack (EfficientNet-B0's 3x3 112x112x32 layer: 317 vmovups/vmovaps); with SiLU,
+# AVX-512, one thread: 112x112x32 (3x3) 0.41 -> 0.17 ms, 56x56x144 (3x3) 0.27 -> 0.19, 14x14x672
+# (5x5) 0.26 -> 0.095. Without the SiLU the tile choice hardly matters there (0.05-0.11 ms).
+HEAVY_EPILOGUE_OPERATIONS = 16
+HEAVY_EPILOGUE_ACCUMULATORS = 8
 
 
 class DepthwiseConv2DNHWC(Rule):
@@ -70,7 +80,10 @@ class DepthwiseConv2DNHWC(Rule):
         taps = extents(sch, [ry])[0] * extents(sch, [rx])[0]
         beside_weights = self.vector.registers - MAX_VECTORS * taps  # a 2-vector tile's weights held
         cap = beside_weights if beside_weights >= MIN_CAPPED_ACCUMULATORS else None
-        (tile_x,), tile_c = register_tile([width], channels, self.vector, max_vectors=MAX_VECTORS, max_accumulators=cap)
+        vectors = MAX_VECTORS
+        if not self.vector.lane_fma and arithmetic_operations(sch, epilogue) >= HEAVY_EPILOGUE_OPERATIONS:
+            vectors, cap = 1, HEAVY_EPILOGUE_ACCUMULATORS
+        (tile_x,), tile_c = register_tile([width], channels, self.vector, max_vectors=vectors, max_accumulators=cap)
         tile_y = 1
         outer, (y_inner, x_inner, c_inner) = split_tiles(sch, [y, x, c], [tile_y, tile_x, tile_c])
         y_outer, x_outer, c_outer = outer

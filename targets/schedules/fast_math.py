@@ -14,7 +14,14 @@ like the rest of the epilogue, as ONNX Runtime's MLAS and XNNPACK evaluate them:
   that results near float32's limits underflow to denormals and overflow to inf as libm's
   do). Relative error about 3e-7 (1-2 float32 ulp) on normal results. A NaN input is not
   propagated (the clamp returns a bound).
-- ``sigmoid(x) = 1 / (1 + exp(-x))`` with the ``exp`` above.
+- ``sigmoid(x)``: ``x`` clamped to [-17, 17] (``sigmoid(17) = 1 - 4e-8``) and
+  ``1/2 + x P(x^2) / Q(x^2)`` (numerator of degree 7, odd; denominator of degree 8, even, positive
+  coefficients: no pole), the result clamped to [0, 1]: the form of ONNX Runtime's MLAS logistic,
+  with coefficients fitted here (``SIGMOID_NUMERATOR``). 15 vector operations and no integer ones
+  where ``1 / (1 + exp(-x))`` took about 25: a SiLU over 56x56x144 floats 0.19 -> 0.11 ms with
+  AVX-512 (the multiply-add of the depthwise convolution before it alone 0.10), EfficientNet-B0
+  has 6.2 million SiLU outputs per inference. Absolute error 2.4e-7 against libm (the exp form:
+  2.5e-7).
 - ``erf(x)``: ``x`` clamped to [-4, 4] (``erf(4) = 1 - 1.5e-8``) and the rational
   approximation used by Eigen's float ``erf`` (odd degree-13 numerator / even degree-8
   denominator); absolute error about 1e-7.
@@ -32,6 +39,12 @@ LN2_LO = -2.12194440e-4
 EXP_RANGE = (-104.0, 88.8)  # exp is 0 / inf in float32 beyond
 # Cephes expf: exp(r) = 1 + r + r^2 * P(r)
 EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+# sigmoid(x) = 1/2 + x * P(x^2) / Q(x^2) on [-17, 17], highest degree first: fitted in float64
+# (Lawson-weighted linearised least squares, 300 rounds on a 200,001-point grid of [0, 17]),
+# max error 1.1e-7 there, 2.4e-7 evaluated in float32 (tests/targets/test_fast_math.py sweep)
+SIGMOID_LIMIT = 17.0
+SIGMOID_NUMERATOR = (4.217196013965023e-08, 4.5155587633535883e-05, 8.042226213485935e-03, 0.249999738500898)
+SIGMOID_DENOMINATOR = (8.8372761902923e-10, 3.596905057616789e-06, 1.4726405956008962e-03, 0.11550130983513816, 1.0)
 ERF_LIMIT = 4.0
 # Eigen's float erf: erf(x) = x * P(x^2) / Q(x^2)
 ERF_NUMERATOR = (
@@ -57,7 +70,7 @@ def fast_math():
         if name == "tirx.exp":
             return fast_exp(x)
         if name == "tirx.sigmoid":
-            return tirx.const(1.0, "float32") / (tirx.const(1.0, "float32") + fast_exp(-x))
+            return fast_sigmoid(x)
         return fast_erf(x)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecFastMath")
@@ -122,6 +135,16 @@ def _power_of_two(k):
     from tvm import tirx
 
     return tirx.reinterpret("float32", tirx.shift_left(k + tirx.const(127, "int32"), tirx.const(23, "int32")))
+
+
+def fast_sigmoid(x):
+    """sigmoid(x) for a float32 TIR expression (the module docstring)."""
+    from tvm import tirx
+
+    x = tirx.max(tirx.min(x, _f32(SIGMOID_LIMIT)), _f32(-SIGMOID_LIMIT))
+    x2 = x * x
+    ratio = x * _horner(x2, SIGMOID_NUMERATOR) / _horner(x2, SIGMOID_DENOMINATOR)
+    return tirx.max(tirx.min(ratio + _f32(0.5), _f32(1.0)), _f32(0.0))
 
 
 def fast_erf(x):

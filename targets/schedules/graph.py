@@ -40,6 +40,11 @@ in order, and why:
                      lanes when that wastes at most 1/8, and a slice after it:
                      its kernel then runs on whole vectors (1.5x measured on
                      SqueezeNet's classifier with AVX-512).
+6a. packed matvec    on x86, matrix-vector products (a classifier at batch 1, squeeze-excite
+                     1x1 convolutions on one pixel) and 1x1 convolutions with more weight than
+                     input bytes (7x7, 14x14 layers) read their weights packed by the
+                     register tile's columns, the classifier's padded to whole tiles
+                     (packed_matvec.py). After step 6, which pads convolutions itself.
 6b. int8 dot         on a VNNI CPU, uint8 x int8 convolutions become a kernel on
                      weights packed 4 input channels per int32 lane (conv2d_int8.py).
 7. winograd          3x3 stride-1 convolutions the policy picks become Winograd
@@ -74,6 +79,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
+from edgec.targets.schedules.common import padded_channels
 from edgec.targets.schedules.guard import describe_call, guarded
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 def graph_passes(
     lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
     int8_dot: bool = False,
-    dot_product: bool = False, packed_weights=None, pair_product: bool = False,
+    dot_product: bool = False, packed_weights=None, pair_product: bool = False, packed_matvec=None,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
@@ -93,7 +99,8 @@ def graph_passes(
     ``int8_dot`` (VNNI): int8 convolutions on packed weights (step 6b, conv2d_int8.py);
     ``dot_product`` (the CPU has ``sdot``): step 8; ``pair_product`` (aarch64 without it): step 8
     with pair products (conv2d_pair.py); ``packed_weights`` (a CpuVector with a lane
-    multiply-add): step 9 and step 7's GEMM weights packed likewise."""
+    multiply-add): step 9 and step 7's GEMM weights packed likewise; ``packed_matvec`` (a
+    CpuVector): step 6a."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -114,6 +121,10 @@ def graph_passes(
     ]
     if lanes and lanes > 1:
         passes.append(("graph:pad-channels", pad_output_channels(lanes, fallbacks)))
+    if packed_matvec is not None:
+        from edgec.targets.schedules import packed_matvec as matvec
+
+        passes.append((matvec.RULE, matvec.packed_matvec(packed_matvec, fallbacks)))
     if int8_dot:
         from edgec.targets.schedules.conv2d_int8 import RULE as INT8_DOT, int8_dot_conv2d
 
@@ -357,16 +368,6 @@ def batch_norm_as_scale_shift(fallbacks: FallbackLog | None = None):
 
 # --- 6: output channels padded to whole vectors -------------------------------------------------
 
-MAX_PADDING_FRACTION = 1 / 8
-
-
-def padded_channels(channels: int, lanes: int) -> int | None:
-    """The channel count to pad to (next multiple of ``lanes``), or None when none is needed
-    or it would waste more than ``MAX_PADDING_FRACTION`` of the work."""
-    padded = -(-channels // lanes) * lanes
-    if padded == channels or (padded - channels) > channels * MAX_PADDING_FRACTION:
-        return None
-    return padded
 
 
 def pad_output_channels(lanes: int, fallbacks: FallbackLog | None = None):

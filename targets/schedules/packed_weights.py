@@ -28,8 +28,7 @@ import numpy as np
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.common import register_tile, wants_lane_broadcast
 from edgec.targets.schedules.conv2d import conv_tile
-from edgec.targets.schedules.guard import describe_call
-from edgec.targets.schedules.te_rewrite import conv2d_rewriter, not_dense_nhwc, rewrite_module
+from edgec.targets.schedules.te_rewrite import conv2d_rewriter, explained, not_dense_nhwc, rewrite_module
 from edgec.targets.vector import CpuVector
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,23 @@ def conv2d_packed(data, packed, strides, padding, dilation, filters: int):
     return topi.nn.conv(data, weight, strides, padding, dilation, 1, "NHWC", "HWIO")
 
 
+def emit_conv2d_packed(mutator, call, weight: np.ndarray, tile: int):
+    """The Relax conv2d ``call`` on HWIO ``weight`` as ``conv2d_packed`` on them packed by ``tile``
+    output channels, emitted by ``mutator`` (a ``te_rewrite.conv2d_rewriter``), its epilogue fusable."""
+    from tvm import relax
+
+    attrs = call.attrs
+    strides = [int(s) for s in attrs.strides]
+    padding = [int(p) for p in attrs.padding]
+    dilation = [int(d) for d in attrs.dilation]
+    filters = int(weight.shape[3])
+    packed = relax.const(pack_weights(weight, tile), "float32")
+    kernel = mutator.builder_.call_te(lambda x, w: conv2d_packed(x, w, strides, padding, dilation, filters),
+                                      call.args[0], packed, primfunc_name_hint="conv2d_packed")  # fmt: skip
+    mutator.patterns.append((kernel.args[0], OUT_EWISE_FUSABLE))
+    return kernel
+
+
 def gemm_tile(vector: CpuVector, rows: int, columns: int, depth: int) -> int | None:
     """The column tile ``T`` to pack a matrix product's constant ``[..., depth, columns]`` operand
     by (``pack_columns``; the Winograd GEMM's transformed weights), as ``dense.Dense`` tiles it, or
@@ -119,28 +135,11 @@ def columns_view(packed):
 def packed_weights_conv2d(vector: CpuVector, fallbacks: FallbackLog | None = None):
     """A module pass rewriting the convolutions above (module docstring)."""
     import tvm
-    from tvm import relax
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
 
-    def decide(call, weight):
-        tile, reason = packed_tile(call, weight, vector)
-        log.debug("%s: %s", describe_call(call), reason)
-        return tile
-
-    def rewrite(mutator, call, weight, tile):
-        attrs = call.attrs
-        strides = [int(s) for s in attrs.strides]
-        padding = [int(p) for p in attrs.padding]
-        dilation = [int(d) for d in attrs.dilation]
-        filters = int(weight.shape[3])
-        packed = relax.const(pack_weights(weight, tile), "float32")
-        kernel = mutator.builder_.call_te(lambda x, w: conv2d_packed(x, w, strides, padding, dilation, filters),
-                                          call.args[0], packed, primfunc_name_hint="conv2d_packed")  # fmt: skip
-        mutator.patterns.append((kernel.args[0], OUT_EWISE_FUSABLE))
-        return kernel
-
-    _Rewriter = conv2d_rewriter(decide, rewrite, RULE, fallbacks, "kept as a conv2d on HWIO weights")
+    decide = explained(lambda call, weight: packed_tile(call, weight, vector), log)
+    _Rewriter = conv2d_rewriter(decide, emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecPackedWeights")
     def _pass(mod, _ctx):

@@ -35,11 +35,16 @@ def rewrite_module(mod, rewriter_class):
 
 
 def conv2d_rewriter(decide, rewrite, rule: str, fallbacks, instead: str):
-    """A ``relax.PyExprMutator`` class for ``rewrite_module`` that rewrites ``relax.nn.conv2d``
-    calls: ``decide(call, weight)`` (``weight`` a NumPy array, or None when not a constant) gives
-    a choice, None to leave the call alone (it logs why); ``rewrite(mutator, call, weight, choice)``
-    gives the new expression. A rewrite that raises keeps the conv2d and is recorded in
-    ``fallbacks`` under ``rule`` (``instead``: what the convolution stays)."""
+    """``call_rewriter`` for ``relax.nn.conv2d`` calls."""
+    return call_rewriter("relax.nn.conv2d", decide, rewrite, rule, fallbacks, instead)
+
+
+def call_rewriter(op_name: str, decide, rewrite, rule: str, fallbacks, instead: str):
+    """A ``relax.PyExprMutator`` class for ``rewrite_module`` that rewrites calls of ``op_name``
+    whose second argument is the weights: ``decide(call, weight)`` (``weight`` a NumPy array, or
+    None when not a constant) gives a choice, None to leave the call alone (it logs why);
+    ``rewrite(mutator, call, weight, choice)`` gives the new expression. A rewrite that raises
+    keeps the call and is recorded in ``fallbacks`` under ``rule`` (``instead``: what it stays)."""
     from tvm import relax
 
     from edgec.targets.schedules.guard import describe_call
@@ -48,7 +53,7 @@ def conv2d_rewriter(decide, rewrite, rule: str, fallbacks, instead: str):
     class _Rewriter(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if getattr(call.op, "name", None) != "relax.nn.conv2d":
+            if getattr(call.op, "name", None) != op_name:
                 return call
             weight = bound_constant(self, call.args[1])
             choice = decide(call, weight)
@@ -56,11 +61,24 @@ def conv2d_rewriter(decide, rewrite, rule: str, fallbacks, instead: str):
                 return call
             try:
                 return rewrite(self, call, weight, choice)
-            except Exception as error:  # noqa: BLE001 - keep the conv2d
+            except Exception as error:  # noqa: BLE001 - keep the call
                 fallbacks.add(describe_call(call), rule, error, instead)
                 return call
 
     return _Rewriter
+
+
+def explained(choose, logger):
+    """``decide(call, weight)`` for ``call_rewriter`` from ``choose(call, weight) -> (choice, why)``,
+    logging why at debug level."""
+    from edgec.targets.schedules.guard import describe_call
+
+    def decide(call, weight):
+        choice, reason = choose(call, weight)
+        logger.debug("%s: %s", describe_call(call), reason)
+        return choice
+
+    return decide
 
 
 def not_dense_nhwc(call, weight) -> str | None:

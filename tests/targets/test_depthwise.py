@@ -109,3 +109,50 @@ def test_tile_leaves_the_taps_weights_their_registers():
     points, vectors = _tile(func, neon32)
     assert points * vectors <= neon32.accumulators and points * vectors > 16 - 9 * vectors  # no cap there
     assert_computes_the_same(func, schedule_func(func, default_rules(NEON64))[0])
+
+
+def _silu_depthwise(kernel: int, channels: int, size: int):
+    """A depthwise convolution + bias + SiLU, its sigmoid rewritten by fast_math as compile does."""
+    import tvm
+    from tvm import te, topi
+
+    from edgec.targets.schedules.fast_math import fast_math
+
+    data = te.placeholder((1, size, size, channels), name="x")
+    weight = te.placeholder((kernel, kernel, 1, channels), name="w")
+    bias = te.placeholder((1, 1, 1, channels), name="b")
+    out = topi.add(topi.nn.conv(data, weight, 1, kernel // 2, 1, channels, "NHWC", "HWIO"), bias)
+    func = te.create_prim_func([data, weight, bias, topi.multiply(out, topi.sigmoid(out))])
+    return fast_math()(tvm.IRModule({"main": func}))["main"]
+
+
+def _tile_loops(scheduled) -> dict[str, int]:
+    import tvm_ffi
+    from tvm import tirx
+
+    loops = {}
+
+    def visit(node):
+        loops[node.loop_var.name] = int(node.extent)
+
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    return loops
+
+
+@pytest.mark.parametrize(("kernel", "channels", "size"), [(3, 32, 28), (5, 672, 14), (3, 144, 14)])
+def test_heavy_epilogue_gets_a_one_vector_tile_on_x86(kernel, channels, size):
+    """A SiLU epilogue (x86): one channel vector, at most HEAVY_EPILOGUE_ACCUMULATORS pixels; a
+    ReLU keeps the wide tile; a CPU with a lane multiply-add keeps its tile."""
+    from edgec.targets.schedules.depthwise import HEAVY_EPILOGUE_ACCUMULATORS
+
+    func = _silu_depthwise(kernel, channels, size)
+    scheduled, rule = schedule_func(func, default_rules(AVX512))
+    assert rule == "depthwise-conv2d-nhwc"
+    loops = _tile_loops(scheduled)  # ax3: the tile's channels as its epilogue writes them, xx_1: its pixels
+    assert loops["ax3"] == AVX512.lanes and loops["xx_1"] <= HEAVY_EPILOGUE_ACCUMULATORS, loops
+    assert_computes_the_same(func, scheduled)
+    relu = _tile_loops(schedule_func(conv_kernel(kernel=kernel, channels=channels, filters=channels, groups=channels, size=size),
+                                     default_rules(AVX512))[0])  # fmt: skip
+    assert relu["ax3"] * relu["xx_1"] > AVX512.lanes * HEAVY_EPILOGUE_ACCUMULATORS, relu
+    lane = _tile_loops(schedule_func(func, default_rules(NEON64))[0])
+    assert lane["ax3"] * lane["xx_1"] // NEON64.lanes > HEAVY_EPILOGUE_ACCUMULATORS, lane

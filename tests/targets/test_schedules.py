@@ -434,3 +434,21 @@ def test_shallow_lane_reduction_tile_fits_two_steps_of_inputs():
         assert lane and points * vectors + 2 * points + vectors <= vector.registers
     _, _, _, (rows, channels) = conv_tile(vector, [56, 56], 24, 144, True)
     assert rows[0] * rows[1] * channels // vector.lanes == 21
+
+
+def test_broadcast_tile_keeps_registers_free_on_avx512():
+    """Without a lane multiply-add (x86) a tile holds at most BROADCAST_TILE_ACCUMULATORS: the
+    2 x 4 pixel x 3 vector tile of a 28x28 40 -> 240 1x1 went through the stack (conv2d.py); the
+    lane tiles (aarch64) keep their budget, armv7's 16 registers hold fewer anyway."""
+    from edgec.targets.schedules.conv2d import BROADCAST_TILE_ACCUMULATORS, conv_tile
+    from edgec.targets.vector import CpuVector
+
+    assert conv_tile(AVX512, [28, 28], 240, 40, False)[3] == ([1, 7], 48)
+    assert conv_tile(AVX512, [56, 56], 144, 24, False)[3] == ([1, 7], 48)
+    assert conv_tile(AVX512, [7, 7], 1152, 192, False)[3] == ([1, 7], 48)  # 21 already
+    for rows, channels, depth in [([28, 28], 240, 40), ([112, 112], 96, 16), ([14, 14], 128, 40)]:
+        (y, x), tile = conv_tile(AVX512, rows, channels, depth, False)[3]
+        assert y * x * tile // AVX512.lanes <= BROADCAST_TILE_ACCUMULATORS
+    # a CPU with a lane multiply-add chooses as before (its own budget)
+    lane_vector = CpuVector(lanes=4, registers=32, lane_fma=True)
+    assert conv_tile(lane_vector, [28, 28], 128, 128, True)[3] == ([2, 4], 8)
