@@ -369,7 +369,6 @@ def batch_norm_as_scale_shift(fallbacks: FallbackLog | None = None):
 # --- 6: output channels padded to whole vectors -------------------------------------------------
 
 
-
 def pad_output_channels(lanes: int, fallbacks: FallbackLog | None = None):
     """``conv2d(x, w)`` (NHWC/HWIO, groups 1, constant w with F output channels) ->
     ``strided_slice(conv2d(x, w padded with zero filters to F'), channels [0, F))``."""
