@@ -2,13 +2,18 @@
 
 TVM lowers every buffer a kernel allocates (a tile's accumulator, a padded row) to a
 ``TVMBackendAllocWorkspace`` / ``TVMBackendFreeWorkspace`` pair unless it is a constant
-size under ``kMaxStackAlloca`` (1,024 bytes, fixed in TVM's C++ LowerTVMBuiltin). A
+size under ``kMaxStackAlloca`` (1,024 bytes, fixed in TVM's C++ LowerTVMBuiltin) in the
+"global" scope: a "local" buffer goes to the pool whatever its size. A
 register tile of 8 pixels x 48 channels is 1,536 bytes: it is allocated and freed on the
 heap pool once per iteration of the kernel's parallel loop. MobileNetV2 made 12,167 such
 calls per inference (1,024-1,536 bytes each) and spent about 5% of its run in the pool
 (``perf record -e cpu-clock`` of ``invoke_stateful``, x86, one thread).
 
-This pass marks each constant-size CPU buffer of at least ``kMaxStackAlloca`` and at most
+The int8 dot-product kernels (targets/schedules/conv2d_int8.py) lost the same way to a
+4-byte "local" buffer, their tensor intrinsic's broadcast operand: one pool call per tile,
+3-4% of MobileNetV2's int8 run on x86.
+
+This pass marks each constant-size CPU buffer TVM would pool (``smallest_pooled``) of at most
 ``max_bytes`` with TVM's ``disable_lower_builtin`` annotation, which LowerTVMBuiltin reads
 as "keep it a stack allocation"; LLVM then places it in the frame of the function (or
 parallel task) once. The buffers of one function together stay under ``budget_bytes``
@@ -48,6 +53,14 @@ def buffer_bytes(buffer) -> int | None:
             return None
         total *= int(extent.value)
     return total
+
+
+def smallest_pooled(scope: str) -> int:
+    """The smallest constant-size buffer of ``scope`` TVM's LowerTVMBuiltin would put in the
+    workspace pool on a CPU: "global" ones from ``kMaxStackAlloca`` up; "local" ones always
+    (it keeps only "global" buffers on the stack), e.g. the 4-byte broadcast operand
+    of int8 dot-product intrinsics, allocated per tile."""
+    return MAX_STACK_ALLOCA if scope == "global" else 1
 
 
 def stack_buffers(policy: StackPolicy | None = None):
@@ -105,7 +118,7 @@ def _annotate(stmt, policy: StackPolicy, left: list[int]):
     buffer = stmt.buffer
     scope = buffer.scope()
     size = buffer_bytes(buffer)
-    if scope not in ("global", "local") or size is None or not MAX_STACK_ALLOCA <= size <= policy.max_bytes:
+    if scope not in ("global", "local") or size is None or not smallest_pooled(scope) <= size <= policy.max_bytes:
         return stmt
     if size > left[0] or ANNOTATION in stmt.annotations:
         return stmt

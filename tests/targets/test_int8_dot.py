@@ -128,6 +128,9 @@ def test_vnni_inner_loop_is_vpdpbusd_and_bit_exact(name, tmp_path):
     inner = loops[0]
     assert inner.count("vpdpbusd") >= 4  # a register tile of 64-MAC products
     assert not any(m.startswith(("vpmovzx", "vpmovsx", "vpdpwssd")) for m in inner)  # no widening to int32 lanes
+    # no call in any loop around the products: the intrinsic's 4-byte "local" operand on the
+    # stack, not one workspace-pool allocation per tile (edgec/stack_buffers.py)
+    assert not [m for loop in loops for m in loop if m.startswith("call")]
     assert_bit_exact(graph, result.artifact.path, channels, size)
 
 
