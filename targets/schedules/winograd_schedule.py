@@ -8,8 +8,8 @@ them is a batched matrix product and ``dense.py`` schedules it.
                          for t: (unrolled)  for lanes: (vectorised)
                            V[t, p, c] = (R B)[t]
     winograd_output  (fused with the epilogue, one block after the row pass)
-                     parallel (n, y / m)
-                       for x / m, f / lanes:
+                     parallel (n, y / m, x / m)
+                       for f / lanes:
                          for a, col: (unrolled)  for lanes: (vectorised)
                            S[a, col, f] = (M A)[a, col]        (on the stack: registers)
                          for y % m, x % m: (unrolled)  for lanes: (vectorised)
@@ -92,7 +92,9 @@ class WinogradTransforms(Rule):
         x_outer, x_inner = sch.split(x, [None, m])
         f_outer, f_inner = self._channel_split(sch, f)
         sch.reorder(n, y_outer, x_outer, f_outer, y_inner, x_inner, f_inner)
-        _finish(sch, epilogue, sch.fuse(n, y_outer), [y_inner, x_inner], f_inner)
+        # every tile a parallel iteration: tile rows alone are 7 for a 27x27 output, which two
+        # threads split 4 / 3 and four 2 / 2 / 2 / 1
+        _finish(sch, epilogue, sch.fuse(n, y_outer, x_outer), [y_inner, x_inner], f_inner)
         _first_pass_at(sch, rows, f_outer)
         if tail:
             for block in tail[:-1]:
