@@ -3,7 +3,10 @@ with the fused epilogue (bias, activation). The ONNX importer stores a
 Linear/Gemm weight already transposed to ``[k, n]``, so ``n`` is contiguous
 in the weight and the output:
 
-    parallel  (batch..., m/M, n/N)
+    parallel  (batch..., m/M, n/N), or (batch..., n/N, m/M) when ``b`` is the bigger operand
+              (weights-stationary: a column panel of ``b`` stays in cache across the row tiles;
+              row tiles outside read all of ``b`` once per tile: 40 times for a ViT's 200 x 768
+              x 3072 product, from L3 or DRAM in a whole inference)
       init      acc[M, N] = 0
       for k:  for M: (unrolled)  for N: (vectorised)
                 acc[m, n] += a[m, k] (broadcast) * b[k, n]
@@ -33,7 +36,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     wants_lane_broadcast,
 )
-from edgec.targets.schedules.conv2d import finish_register_tile
+from edgec.targets.schedules.conv2d import buffer_size, finish_register_tile
 
 
 def matmul_operands(sch, block):
@@ -77,6 +80,27 @@ def _ends_with(region, variables) -> bool:
     )
 
 
+# bytes of one matrix of ``b`` over which the row tiles go inside the column tiles (L2 size on the
+# x86 cores here; a ViT-B's 768 x 768 and 768 x 3072 weights: 2.4 and 9.4 MB). Below it the order
+# stays rows outside: Winograd GEMMs' 64-1024 KB matrices measured no better flipped
+# (ResNet-18, x86, one thread, alternated on a loaded machine: 12 % slower or the same).
+WEIGHT_STATIONARY_BYTES = 1 << 20
+
+
+def streams_weights(a, b) -> bool:
+    """Whether the product with operand regions ``a``, ``b`` keeps ``b``'s column panels in cache
+    across the row tiles (weights-stationary): ``b`` the bigger operand, one matrix of it
+    (its last two axes, three when packed) over WEIGHT_STATIONARY_BYTES."""
+    from tvm import tirx
+
+    packed = isinstance(b.region[-1].min, tirx.FloorMod)  # b[..., n // T, k, n % T]
+    matrix = 1
+    for dim in b.source.shape[-3 if packed else -2 :]:
+        matrix *= int(dim)
+    itemsize = b.source.dtype.bits // 8
+    return matrix * itemsize > WEIGHT_STATIONARY_BYTES and buffer_size(b.source) > buffer_size(a.source)
+
+
 # column vectors of a matrix-vector product's tile (one row, ``a`` read by lane: aarch64). Every
 # weight vector feeds one multiply-add there, so a wider tile only spreads the loop's own
 # instructions and the row's lane load over more of them: MobileNetV2's 1280 -> 1000 classifier on
@@ -98,8 +122,9 @@ class Dense(Rule):
         lane = wants_lane_broadcast(self.vector, depth)
         widest = MATVEC_MAX_VECTORS if lane and rows == 1 else 4
         (tile_m,), tile_n = register_tile([rows], columns, self.vector, max_vectors=widest, lane_operand=lane)
-        outer, (m_inner, n_inner) = split_tiles(sch, [m, n], [tile_m, tile_n])
-        outer = [*batch, *outer]
+        (m_outer, n_outer), (m_inner, n_inner) = split_tiles(sch, [m, n], [tile_m, tile_n])
+        weight_stationary = streams_weights(*matmul_operands(sch, anchor))
+        outer = [*batch, *((n_outer, m_outer) if weight_stationary else (m_outer, n_outer))]
         tile_nest(sch, anchor, epilogue, outer, [k, m_inner, n_inner], self.vector.lanes)
         if lane:
             k = lane_broadcast(sch, anchor, k, self.vector.lanes) or k
