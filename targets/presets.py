@@ -20,6 +20,8 @@ class Toolchain:
     compiler: str
     debian_package: str
     link_options: tuple[str, ...] = ()
+    # sections removed from the objects before they are linked (binutils' objcopy of the same prefix)
+    strip_sections: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,12 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in (
         # --long-plt: a model's weights (lib.so's .rodata) lie between the PLT and the GOT; from about
         # 256 MB on (ResNet-152, Wide ResNet-50) the short PLT entries cannot reach the GOT and BFD ld
         # failed with "assertion fail elf32-arm.c:9885" (gold: "PLT offset too large")
-        toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf", link_options=("-Wl,--long-plt",)),
+        # strip_sections: the EHABI unwind index (.ARM.exidx, an R_ARM_PREL31 offset to each function,
+        # +-1 GiB) lies after .rodata; over 1 GiB of weights (ViT-L/16, 1.2 GB) and it cannot reach
+        # .text ("relocation truncated to fit: R_ARM_PREL31"). Kernels never unwind: an error is a
+        # return code through TVM's C ABI, so the index and its tables go
+        toolchain=Toolchain("arm-linux-gnueabihf-g++", "g++-arm-linux-gnueabihf", link_options=("-Wl,--long-plt",),
+                            strip_sections=(".ARM.exidx*", ".rel.ARM.exidx*", ".ARM.extab*", ".rel.ARM.extab*")),
         elf_machine="ARM", elf_bits=32, vector_lanes=4, vector_registers=16,
     ),
     TargetPreset(

@@ -68,4 +68,28 @@ def linker(preset: TargetPreset):
         return None
     from tvm.support import cc
 
-    return cc.cross_compiler(compiler, options=list(preset.toolchain.link_options))
+    chain = preset.toolchain
+    if not chain.strip_sections:
+        return cc.cross_compiler(compiler, options=list(chain.link_options))
+    objcopy = f"{chain.compiler.rsplit('-', 1)[0]}-objcopy"
+
+    def link(output, objects, options=None):
+        """TVM's create_shared, after ``strip_sections`` are removed from the object files."""
+        removals = [f"--remove-section={section}" for section in chain.strip_sections]
+        for path in objects:
+            if str(path).endswith(".o"):  # export_library's own objects, in its temporary directory
+                run_tool([objcopy, *removals, str(path)], f"removing {', '.join(chain.strip_sections)} from {path}")
+        cc.create_shared(output, objects, options=options, cc=compiler)
+
+    return cc.cross_compiler(link, options=list(chain.link_options))
+
+
+def run_tool(command: list[str], what: str) -> None:
+    """Run a binutils ``command``; a ToolchainError naming ``what`` failed when it does."""
+    import subprocess
+
+    if shutil.which(command[0]) is None:
+        raise ToolchainError(f"{what} needs {command[0]!r}, which is not on PATH; it comes with the cross compiler's binutils")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise ToolchainError(f"{what} failed: {done.stderr.strip() or done.stdout.strip()}")

@@ -270,3 +270,44 @@ def test_armv7_links_a_library_with_weights_over_256_mb(tmp_path):
     message = _linker_message(error.value)  # what `edgec compile` says: the diagnostic first, once
     assert "\n" not in message and message.split(";")[0].rstrip().endswith(("elf32-arm.c:9885", "--long-plt"))
     assert message.count("assertion fail") <= 1 and message.rstrip().split("; ")[-1].startswith("Command line:")
+
+
+ARMV7_FUNCTION_WITH_UNWIND_ENTRY = """
+    .syntax unified
+    .arm
+    .text
+    .globl kernel
+    .type kernel, %function
+kernel:
+    .fnstart
+    .cantunwind
+    bx lr
+    .fnend
+    .section .note.GNU-stack,"",%progbits
+"""
+
+
+def test_armv7_links_without_the_unwind_index(tmp_path):
+    """ViT-L/16 for cortex-a7 failed to link ("relocation truncated to fit: R_ARM_PREL31 against
+    .text"): the unwind index after its 1.2 GB of weights could not reach the code. The preset
+    strips .ARM.exidx from the objects before linking: an object with an unwind entry links into
+    a lib.so without the section; linked as it is, the section is there."""
+    import subprocess
+
+    from edgec.targets import linker
+
+    preset = PRESETS["cortex-a7"]
+    tools = ("arm-linux-gnueabihf-as", "arm-linux-gnueabihf-readelf", preset.toolchain.compiler)
+    if any(shutil.which(tool) is None for tool in tools):
+        pytest.skip("the armv7 cross toolchain is not installed (make setup installs it)")
+    source = tmp_path / "kernel.s"
+    source.write_text(ARMV7_FUNCTION_WITH_UNWIND_ENTRY)
+
+    def sections(link) -> str:
+        subprocess.run([tools[0], "-o", str(tmp_path / "kernel.o"), str(source)], check=True)
+        link(str(tmp_path / "lib.so"), [str(tmp_path / "kernel.o")])
+        return subprocess.run([tools[1], "-S", str(tmp_path / "lib.so")], capture_output=True, text=True, check=True).stdout
+
+    kept = dataclasses.replace(preset, toolchain=dataclasses.replace(preset.toolchain, strip_sections=()))
+    assert ".ARM.exidx" in sections(linker(kept))
+    assert ".ARM.exidx" not in sections(linker(preset))
