@@ -222,14 +222,15 @@ def test_local_runner_refuses_cross_artifacts(tmp_path):
         LocalRunner(Artifact(tmp_path, manifest))
 
 
-ARMV7_PLT_CALL_OVER_BIG_RODATA = """
+ARMV7_KERNEL = """
     .syntax unified
     .arm
     .text
     .globl kernel
     .type kernel, %function
 kernel:
-    push {lr}
+"""
+ARMV7_PLT_CALL_OVER_BIG_RODATA = ARMV7_KERNEL + """    push {lr}
     bl memset(PLT)
     pop {pc}
     .section .note.GNU-stack,"",%progbits
@@ -272,14 +273,7 @@ def test_armv7_links_a_library_with_weights_over_256_mb(tmp_path):
     assert message.count("assertion fail") <= 1 and message.rstrip().split("; ")[-1].startswith("Command line:")
 
 
-ARMV7_FUNCTION_WITH_UNWIND_ENTRY = """
-    .syntax unified
-    .arm
-    .text
-    .globl kernel
-    .type kernel, %function
-kernel:
-    .fnstart
+ARMV7_FUNCTION_WITH_UNWIND_ENTRY = ARMV7_KERNEL + """    .fnstart
     .cantunwind
     bx lr
     .fnend
