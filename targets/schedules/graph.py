@@ -55,6 +55,9 @@ in order, and why:
                      ones: input transform, GEMM, output transform (fused with
                      the epilogue later); weights transformed here, once
                      (winograd_graph.py). After step 6: the GEMM gets whole vectors.
+7a. packed convs     on x86, convolutions larger than 1x1 with more weight than input bytes that
+                     step 7 left direct read their weights packed by the register tile's output
+                     channels, as step 6a's 1x1 ones (packed_matvec.py).
 8. dot product       on a CPU with ``sdot`` (CpuVector.dot_product), step 2b's int32
                      convolutions whose channels are multiples of 4 become dot-product
                      convolutions, weights repacked once (dot_graph.py). After step 6.
@@ -141,6 +144,10 @@ def graph_passes(
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
         passes.append((RULE, winograd_conv2d(winograd, fallbacks, packed_weights)))
+    if packed_matvec is not None:
+        from edgec.targets.schedules import packed_matvec as matvec
+
+        passes.append((matvec.RULE, matvec.packed_spatial_convolutions(packed_matvec, fallbacks)))
     if dot_product or pair_product:
         from edgec.targets.schedules import dot_graph
 

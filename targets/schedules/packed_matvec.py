@@ -20,6 +20,12 @@ A 1x1 convolution with more weight bytes than input bytes runs weights-stationar
 product, so it is packed the same way (interleaved A/B, loaded machine: MobileNetV3-small 0.87x,
 EfficientNet-B0 0.97x end to end against the one-pixel rule alone).
 
+Convolutions larger than 1x1 that stream their weights the same way (ResNet-18's 7x7x512 3x3
+layers: 9.4 MB of weights for 100 KB of input; HWIO gave each tile 128 bytes every 2 KB) are
+packed by ``packed_spatial_convolutions``, a second pass after the Winograd rewrite (graph.py step
+7a), which keeps the 3x3 layers it takes: x86, one thread, those layers 52-66 -> 97-113 GFLOP/s,
+ResNet-18 end to end 28-32 -> 22-25 ms (`edgec profile --local`, alternated, loaded machine).
+
 The columns are padded to a whole number of tiles of ``MATVEC_VECTORS`` vectors when that wastes
 at most ``common.MAX_PADDING_FRACTION`` (a 1000-class classifier: 1024 columns, tiles of 64;
 unpadded its tile was 8 columns, half a vector, one accumulator), else to whole vectors. The
@@ -68,10 +74,10 @@ def matvec_tile(vector: CpuVector, data_shape, weight: np.ndarray | None) -> tup
     return (padded, tile), f"{columns} columns packed by {tile}" + (f", padded to {padded}" if padded > columns else "")
 
 
-def conv_matvec_tile(vector: CpuVector, call, weight: np.ndarray | None) -> tuple[int | None, str]:
-    """(output-channel tile, why) for a Relax 1x1 conv2d whose weights are streamed once (more
-    weight bytes than input bytes: ``conv2d.Conv2DNHWC`` runs it weights-stationary; one output
-    pixel always is); None: left alone."""
+def conv_matvec_tile(vector: CpuVector, call, weight: np.ndarray | None, spatial: bool = False) -> tuple[int | None, str]:
+    """(output-channel tile, why) for a Relax 1x1 conv2d (any kernel size with ``spatial``) whose
+    weights are streamed once (more weight bytes than input bytes: ``conv2d.Conv2DNHWC`` runs it
+    weights-stationary; one output pixel always is); None: left alone."""
     reason = not_dense_nhwc(call, weight)
     if reason is not None:
         return None, reason
@@ -80,8 +86,8 @@ def conv_matvec_tile(vector: CpuVector, call, weight: np.ndarray | None) -> tupl
     data_shape, shape = call.args[0].ty.shape, call.ty.shape
     if any(not hasattr(dim, "value") for dim in [*data_shape, *shape]):
         return None, "the shapes are not static"
-    if weight.shape[:2] != (1, 1):
-        return None, f"a {weight.shape[0]}x{weight.shape[1]} kernel, not 1x1"
+    if (weight.shape[:2] == (1, 1)) == spatial:
+        return None, f"a {weight.shape[0]}x{weight.shape[1]} kernel: " + ("1x1, packed earlier" if spatial else "not 1x1")
     data_bytes = int(np.prod([int(dim) for dim in data_shape])) * 4
     if weight.nbytes <= data_bytes:
         return None, f"weights {weight.nbytes} bytes, input {data_bytes}: the weights are reused, not streamed"
@@ -118,6 +124,22 @@ def emit_matvec_packed(mutator, call, weight: np.ndarray, choice: tuple[int, int
     if padded == columns:
         return kernel
     return relax.op.strided_slice(mutator.builder_.emit(kernel), axes=[1], begin=[0], end=[columns])
+
+
+def packed_spatial_convolutions(vector: CpuVector, fallbacks: FallbackLog | None = None):
+    """A module pass packing the weights of the convolutions larger than 1x1 that stream them
+    (conv_matvec_tile with ``spatial``): after the Winograd rewrite, which takes its own."""
+    import tvm
+
+    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
+    convs = conv2d_rewriter(explained(lambda call, weight: conv_matvec_tile(vector, call, weight, spatial=True), log),
+                            emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")  # fmt: skip
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecPackedSpatialConvolutions")
+    def _pass(mod, _ctx):
+        return rewrite_module(mod, convs)[0]
+
+    return _pass
 
 
 def packed_matvec(vector: CpuVector, fallbacks: FallbackLog | None = None):

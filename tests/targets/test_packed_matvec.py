@@ -84,6 +84,50 @@ def test_conv_matvec_tile_takes_1x1_convolutions_whose_weights_are_streamed():
     assert conv_matvec_tile(AVX512, _conv_call((1, 1, 1, 16), (1, 1, 1, 8)), np.zeros((1, 1, 16, 8), np.float32))[0] is None
 
 
+def test_spatial_convolutions_that_stream_their_weights_are_packed_after_winograd():
+    """ResNet-18's 7x7x512 3x3 layers read 9.4 MB of weights for 100 KB of input: packed by the
+    register tile's 32 output channels (one contiguous run per tile instead of 128 bytes every
+    2 KB); the 1x1 ones were packed earlier (step 6a), a 3x3 layer whose input outweighs its
+    weights is left alone."""
+    deep = np.zeros((3, 3, 512, 512), np.float32)
+    tile, why = conv_matvec_tile(AVX512, _conv_call((1, 7, 7, 512), (1, 7, 7, 512)), deep, spatial=True)
+    assert tile == 32, why
+    assert conv_matvec_tile(AVX512, _conv_call((1, 14, 14, 256), (1, 7, 7, 512)), deep[:, :, :256], spatial=True)[0] == 32
+    tile, why = conv_matvec_tile(AVX512, _conv_call((1, 7, 7, 576), (1, 7, 7, 144)), np.zeros((1, 1, 576, 144), np.float32),
+                                 spatial=True)  # fmt: skip
+    assert tile is None and "packed earlier" in why
+    tile, why = conv_matvec_tile(AVX512, _conv_call((1, 56, 56, 64), (1, 56, 56, 64)), np.zeros((3, 3, 64, 64), np.float32),
+                                 spatial=True)  # fmt: skip
+    assert tile is None and "reused" in why
+
+
+class DeepStridedBlock(nn.Module):
+    """A 3x3 stride-2 convolution 128 -> 128 on 8x8 (590 KB of weights, 32 KB of input: streamed),
+    a 3x3 stride-1 one on its 4x4 output, and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(128, 128, 3, 2, 1)
+        self.conv = nn.Conv2d(128, 128, 3, 1, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.down(x))
+        return torch.relu(self.conv(y) + y)
+
+
+def test_deep_3x3_convolutions_run_on_packed_weights_and_match_onnxruntime(tmp_path):
+    model = traced_model(DeepStridedBlock(), (1, 128, 8, 8), tmp_path / "deep.pt")
+    result = edgec.compile(model, "x86", tmp_path / "x86")
+    manifest = result.manifest
+    assert manifest["verification"]["status"] == "passed"
+    packed = [call for call in manifest["kernels"] if "conv2d_packed" in call["kernel"]]
+    assert len(packed) == 2 and all(call["schedule"] == "conv2d-nhwc" for call in packed), [c["kernel"] for c in manifest["kernels"]]
+    assert all(call["args"][1]["shape"][1:3] == [3, 3] for call in packed)
+    x = np.random.default_rng(2).standard_normal((1, 128, 8, 8)).astype("float32")
+    got = LocalRunner(result.artifact).run([x])[0]
+    np.testing.assert_allclose(got, run_onnxruntime(model.graph, [x])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_only_x86_asks_for_packed_matvec():
     assert cpu_vector(resolve("x86")).packed_matvec
     for arm in ("cortex-a7", "cortex-a53", "cortex-a72"):
