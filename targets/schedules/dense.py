@@ -3,8 +3,9 @@ with the fused epilogue (bias, activation). The ONNX importer stores a
 Linear/Gemm weight already transposed to ``[k, n]``, so ``n`` is contiguous
 in the weight and the output:
 
-    parallel  (batch..., m/M, n/N), or (batch..., n/N, m/M) when ``b`` is the bigger operand
-              (weights-stationary: a column panel of ``b`` stays in cache across the row tiles;
+    parallel  (batch..., m/M, n/N), or (batch..., n/N, m/M) when ``b`` is the bigger operand and
+              one matrix of it is over WEIGHT_STATIONARY_BYTES (``streams_weights``;
+              weights-stationary: a column panel of ``b`` stays in cache across the row tiles;
               row tiles outside read all of ``b`` once per tile: 40 times for a ViT's 200 x 768
               x 3072 product, from L3 or DRAM in a whole inference)
       init      acc[M, N] = 0

@@ -45,12 +45,12 @@ in order, and why:
                      input bytes (7x7, 14x14 layers) read their weights packed by the
                      register tile's columns, the classifier's padded to whole tiles
                      (packed_matvec.py). After step 6, which pads convolutions itself.
-6c. pad matmul      a float matrix product whose rows no tile of 4-8 rows divides (a ViT's 197
+6b. int8 dot         on a VNNI CPU, uint8 x int8 convolutions become a kernel on
+                     weights packed 4 input channels per int32 lane (conv2d_int8.py).
+6c. pad matmul       a float matrix product whose rows no tile of 4-8 rows divides (a ViT's 197
                      tokens) or whose columns are not whole vectors gets zero rows / columns and
                      a slice after it (pad_matmul.py). After step 6a, which takes the
                      matrix-vector products.
-6b. int8 dot         on a VNNI CPU, uint8 x int8 convolutions become a kernel on
-                     weights packed 4 input channels per int32 lane (conv2d_int8.py).
 7. winograd          3x3 stride-1 convolutions the policy picks become Winograd
                      ones: input transform, GEMM, output transform (fused with
                      the epilogue later); weights transformed here, once
@@ -132,14 +132,14 @@ def graph_passes(
         from edgec.targets.schedules import packed_matvec as matvec
 
         passes.append((matvec.RULE, matvec.packed_matvec(packed_matvec, fallbacks)))
-    if lanes and lanes > 1:
-        from edgec.targets.schedules import pad_matmul
-
-        passes.append((pad_matmul.RULE, pad_matmul.pad_matmul(lanes, fallbacks)))
     if int8_dot:
         from edgec.targets.schedules.conv2d_int8 import RULE as INT8_DOT, int8_dot_conv2d
 
         passes.append((INT8_DOT, int8_dot_conv2d(fallbacks)))
+    if lanes and lanes > 1:
+        from edgec.targets.schedules import pad_matmul
+
+        passes.append((pad_matmul.RULE, pad_matmul.pad_matmul(lanes, fallbacks)))
     if winograd is not None:
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
