@@ -13,7 +13,7 @@ The int8 dot-product kernels (targets/schedules/conv2d_int8.py) lost the same wa
 4-byte "local" buffer, their tensor intrinsic's broadcast operand: one pool call per tile,
 3-4% of MobileNetV2's int8 run on x86.
 
-This pass marks each constant-size CPU buffer TVM would pool (``smallest_pooled``) of at most
+This pass marks each constant-size CPU buffer TVM would pool (``marks``) of at most
 ``max_bytes`` with TVM's ``disable_lower_builtin`` annotation, which LowerTVMBuiltin reads
 as "keep it a stack allocation"; LLVM then places it in the frame of the function (or
 parallel task) once. The buffers of one function together stay under ``budget_bytes``
@@ -63,18 +63,17 @@ def buffer_bytes(buffer) -> int | None:
 MAX_LOCAL_BYTES = 8
 
 
-def smallest_pooled(scope: str) -> int:
-    """The smallest constant-size buffer of ``scope`` TVM's LowerTVMBuiltin would put in the
-    workspace pool on a CPU: "global" ones from ``kMaxStackAlloca`` up; "local" ones always
-    (it keeps only "global" buffers on the stack), e.g. the 4-byte broadcast operand
-    of int8 dot-product intrinsics, allocated per tile."""
-    return MAX_STACK_ALLOCA if scope == "global" else 1
-
-
-def largest_marked(scope: str, policy: StackPolicy) -> int:
-    """The largest buffer of ``scope`` this pass marks (``_annotate`` also asks a "local" one to
-    hold one element)."""
-    return policy.max_bytes if scope == "global" else min(policy.max_bytes, MAX_LOCAL_BYTES)
+def marks(buffer, size: int, policy: StackPolicy) -> bool:
+    """Whether this pass keeps ``buffer`` (``size`` bytes, constant) on the stack: a "global" one
+    that TVM's LowerTVMBuiltin would pool (``kMaxStackAlloca`` bytes or more); a "local" one (TVM
+    pools every "local" buffer on a CPU, e.g. the int8 dot-product intrinsic's 4-byte broadcast
+    operand, once per tile) when it is one element of at most MAX_LOCAL_BYTES; either within
+    ``policy.max_bytes``."""
+    if size > policy.max_bytes:
+        return False
+    if buffer.scope() == "global":
+        return size >= MAX_STACK_ALLOCA
+    return buffer.scope() == "local" and size <= MAX_LOCAL_BYTES and all(int(extent) == 1 for extent in buffer.shape)
 
 
 def stack_buffers(policy: StackPolicy | None = None):
@@ -130,11 +129,8 @@ def _annotate(stmt, policy: StackPolicy, left: list[int]):
     from tvm import tirx
 
     buffer = stmt.buffer
-    scope = buffer.scope()
     size = buffer_bytes(buffer)
-    if scope not in ("global", "local") or size is None or not smallest_pooled(scope) <= size <= largest_marked(scope, policy):
-        return stmt
-    if scope == "local" and any(int(extent.value) != 1 for extent in buffer.shape):
+    if size is None or not marks(buffer, size, policy):
         return stmt
     if size > left[0] or ANNOTATION in stmt.annotations:
         return stmt

@@ -166,6 +166,16 @@ def vector_tile(channels: int, vector: CpuVector, max_vectors: int = 4) -> list[
 MAX_PADDING_FRACTION = 1 / 8
 
 
+def static_shape(ty) -> list[int] | None:
+    """The shape of a tensor type when every dimension is a constant, else None."""
+    from tvm import tirx
+
+    shape = getattr(ty, "shape", None)
+    if shape is None or not all(isinstance(dim, tirx.IntImm) for dim in shape):
+        return None
+    return [int(dim) for dim in shape]
+
+
 def padded_channels(channels: int, lanes: int) -> int | None:
     """The channel count to pad to (next multiple of ``lanes``), or None when none is needed
     or it would waste more than ``MAX_PADDING_FRACTION`` of the work."""

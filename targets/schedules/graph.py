@@ -86,7 +86,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules.common import padded_channels
+from edgec.targets.schedules.common import padded_channels, static_shape
 from edgec.targets.schedules.guard import describe_call, guarded
 
 log = logging.getLogger(__name__)
@@ -209,16 +209,6 @@ def _constant_value(expr, known: dict):
     return None
 
 
-def _static_shape(ty) -> list[int] | None:
-    """The shape of a tensor type when every dimension is a constant, else None."""
-    from tvm import tirx
-
-    shape = getattr(ty, "shape", None)
-    if shape is None or not all(isinstance(dim, tirx.IntImm) for dim in shape):
-        return None
-    return [int(dim) for dim in shape]
-
-
 def _fold_call(call, known: dict):
     """A relax constant for ``call`` when it is a foldable op of constants, else None."""
     import tvm
@@ -227,7 +217,7 @@ def _fold_call(call, known: dict):
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
         return None
     folder = _FOLDERS.get(call.op.name)
-    shape = _static_shape(call.ty)
+    shape = static_shape(call.ty)
     if folder is None or shape is None or not hasattr(call.ty, "dtype"):
         return None
     values = [_constant_value(arg, known) for arg in call.args]

@@ -126,14 +126,18 @@ def emit_matvec_packed(mutator, call, weight: np.ndarray, choice: tuple[int, int
     return relax.op.strided_slice(mutator.builder_.emit(kernel), axes=[1], begin=[0], end=[columns])
 
 
+def _packed_convs(vector: CpuVector, fallbacks: FallbackLog, spatial: bool):
+    """The rewriter of the convolutions ``conv_matvec_tile(..., spatial)`` takes."""
+    return conv2d_rewriter(explained(lambda call, weight: conv_matvec_tile(vector, call, weight, spatial), log),
+                           emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")  # fmt: skip
+
+
 def packed_spatial_convolutions(vector: CpuVector, fallbacks: FallbackLog | None = None):
     """A module pass packing the weights of the convolutions larger than 1x1 that stream them
     (conv_matvec_tile with ``spatial``): after the Winograd rewrite, which takes its own."""
     import tvm
 
-    fallbacks = fallbacks if fallbacks is not None else FallbackLog()
-    convs = conv2d_rewriter(explained(lambda call, weight: conv_matvec_tile(vector, call, weight, spatial=True), log),
-                            emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")  # fmt: skip
+    convs = _packed_convs(vector, fallbacks if fallbacks is not None else FallbackLog(), spatial=True)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecPackedSpatialConvolutions")
     def _pass(mod, _ctx):
@@ -147,8 +151,7 @@ def packed_matvec(vector: CpuVector, fallbacks: FallbackLog | None = None):
     import tvm
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
-    convs = conv2d_rewriter(explained(lambda call, weight: conv_matvec_tile(vector, call, weight), log),
-                            emit_conv2d_packed, RULE, fallbacks, "kept as a conv2d on HWIO weights")  # fmt: skip
+    convs = _packed_convs(vector, fallbacks, spatial=False)
     matmuls = call_rewriter("relax.matmul", explained(lambda call, weight: matvec_tile(vector, call.args[0].ty.shape, weight), log),
                             emit_matvec_packed, RULE, fallbacks, "kept as a matmul on [k, n] weights")  # fmt: skip
 

@@ -23,7 +23,7 @@ import logging
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
-from edgec.targets.schedules.common import MAX_PADDING_FRACTION, padded_channels
+from edgec.targets.schedules.common import MAX_PADDING_FRACTION, padded_channels, static_shape
 from edgec.targets.schedules.guard import describe_call
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ def padded_rows(rows: int) -> int | None:
         if padded - rows <= rows * MAX_PADDING_FRACTION:
             return padded
     return None
-
-
-def _static(ty) -> list[int] | None:
-    shape = getattr(ty, "shape", None)
-    if shape is None or any(not hasattr(dim, "value") for dim in shape):
-        return None
-    return [int(dim.value) for dim in shape]
 
 
 def _padded(expr, axis_from_end: int, extra: int):
@@ -87,7 +80,7 @@ def pad_matmul(lanes: int, fallbacks: FallbackLog | None = None):
     def padded(call):
         """The padded product, or None to keep ``call``."""
         a, b = call.args
-        a_shape, b_shape, out_shape = _static(a.ty), _static(b.ty), _static(call.ty)
+        a_shape, b_shape, out_shape = static_shape(a.ty), static_shape(b.ty), static_shape(call.ty)
         if a_shape is None or b_shape is None or out_shape is None or min(len(a_shape), len(b_shape)) < 2:
             return None
         if {str(a.ty.dtype), str(b.ty.dtype), str(call.ty.dtype)} != {"float32"}:
