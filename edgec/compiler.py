@@ -11,8 +11,9 @@ The pipeline is one flat list of stages, in this order and for these reasons:
 3. build   tvm.relax.build for the target (CUDA: dlight GPU schedules). A graph
            rewrite or schedule rule that fails falls back for its op or kernel
            (edgec/build.py); each fallback is recorded in the manifest.
-4. export  lib.so linked by the target's (cross) compiler, model.onnx,
-           into a temporary directory next to the output.
+4. export  lib.so linked by the target's (cross) compiler, model.onnx (its
+           weights in model.onnx.data when over protobuf's 2 GiB), into a
+           temporary directory next to the output.
 5. verify  lib.so runs on a seeded random input, here (x86) or on an
            emulated board (ARM, qemu-user), against ONNX Runtime on the
            same graph or on its standard-ONNX equivalent (edgec ops), and
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from edgec.core.artifact import (
     staging,
     write_manifest,
 )
+from edgec.core import onnx_files
 from edgec.core.errors import VerificationError
 from edgec.core.fallbacks import ALL_KERNELS, FallbackLog
 from edgec.kernels import attach_onnx_nodes
@@ -152,11 +153,10 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
         attach_onnx_nodes(built.kernels, model.graph)
     with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
         files = export(built.executable, target, directory)
-        onnx_sha256 = save_onnx(model.graph, directory / "model.onnx")
-        files.append("model.onnx")
+        files += save_onnx(model.graph, directory / "model.onnx")
+        onnx_sha256 = file_sha256(directory / "model.onnx")
         if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
-            save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
-            files.append(REFERENCE_ONNX)
+            files += save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
         constants = directory / KERNEL_CONSTANTS
         constants.unlink(missing_ok=True)  # from a build this one replaced
         if built.kernel_constants:  # what `edgec profile` feeds kernels whose work depends on them
@@ -184,9 +184,10 @@ def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], tunin
     }
 
 
-def save_onnx(graph: ir.Model, path: Path) -> str:
-    ir.save(graph, str(path))
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def save_onnx(graph: ir.Model, path: Path) -> list[str]:
+    """Write ``graph`` to ``path`` (weights over protobuf's 2 GiB beside it, in ``path``.data);
+    the names of the files written."""
+    return [written.name for written in onnx_files.save(graph, path)]
 
 
 def build_manifest(

@@ -26,6 +26,7 @@ import io
 import logging
 import math
 import os
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -411,8 +412,7 @@ def _check_graph_memory(path: Path, graph: ir.Model) -> None:
 
 
 def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
-    """torch.onnx.export into memory; its chatter (Python and C++ alike) goes to the log, not the terminal."""
-    import onnx
+    """torch.onnx.export to ONNX IR in memory; its chatter (Python and C++ alike) goes to the log, not the terminal."""
     import torch
 
     output: list[str] = []
@@ -428,18 +428,20 @@ def _run_exporter(path: Path, model, args: tuple, *, dynamo: bool) -> ir.Model:
                 from edgec.torchscript_symbolics import register
 
                 register()  # ops the TorchScript exporter has no symbolic for (nn.MultiheadAttention's fast path)
-                buffer = io.BytesIO()
-                torch.onnx.export(
-                    model,
-                    args,
-                    buffer,
-                    dynamo=False,
-                    opset_version=ONNX_OPSET,
-                    input_names=_torchscript_input_names(model, len(args)),
-                    # EVAL mode would fuse Conv+BatchNorm inside the exporter; keep BN for the fold-bn pass
-                    training=torch.onnx.TrainingMode.PRESERVE,
-                )
-                graph = ir.serde.deserialize_model(onnx.load_from_string(buffer.getvalue()))
+                # to a file, not memory: over protobuf's 2 GiB the exporter writes the weights as external data
+                with tempfile.TemporaryDirectory(prefix="edgec-export-") as scratch:
+                    exported = Path(scratch) / "model.onnx"
+                    torch.onnx.export(
+                        model,
+                        args,
+                        str(exported),
+                        dynamo=False,
+                        opset_version=ONNX_OPSET,
+                        input_names=_torchscript_input_names(model, len(args)),
+                        # EVAL mode would fuse Conv+BatchNorm inside the exporter; keep BN for the fold-bn pass
+                        training=torch.onnx.TrainingMode.PRESERVE,
+                    )
+                    graph = ir.external_data.load_to_model(ir.load(exported))  # weights into memory before the files go
     except InputShapeError:
         raise
     except Exception as error:  # noqa: BLE001 - exporter errors come in many types
@@ -459,7 +461,6 @@ def captured_output(sink: list[str]) -> Iterator[None]:
     descriptors 1 and 2: the TorchScript exporter prints its IR from C++), is appended to
     ``sink`` instead of reaching the terminal."""
     import ctypes
-    import tempfile
 
     with contextlib.ExitStack() as stack:
         python_out = stack.enter_context(contextlib.redirect_stdout(io.StringIO()))

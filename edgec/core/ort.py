@@ -3,12 +3,15 @@
 ONNX Runtime is a library, not an edgec runtime: the verification oracle
 (runtimes/reference.py) and int8 calibration (passes/quantize_int8.py, which
 runs the float graph on the user's calibration data to measure activation
-ranges) both open their sessions here.
+ranges) both open their sessions here. Graphs over protobuf's 2 GiB reach ORT through a
+temporary file with external data (edgec/core/onnx_files.py).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+
+from edgec.core.onnx_files import saved_copy, serialized
 
 # The newest ONNX IR version the pinned onnxruntime (1.31) reads; onnx 1.23 writes
 # IR 14 by default although no edgec graph uses anything newer than IR 13 features.
@@ -27,6 +30,8 @@ def onnxruntime_session(graph: ir.Model, threads: int | None = None, *, optimize
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    proto = ir.serde.serialize_model(graph)
-    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    model = serialized(graph, ORT_MAX_IR_VERSION)
+    if model is not None:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    with saved_copy(graph, ORT_MAX_IR_VERSION) as path:  # over protobuf's 2 GiB: ORT reads the weights from a file
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
