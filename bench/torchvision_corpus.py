@@ -173,15 +173,20 @@ def run_model(name: str, work: Path, arm_verify: bool = True, formats: tuple[str
         return {**result, "error": f"construct: {one_line(error)}"}
     result["params"] = sum(p.numel() for p in model.parameters())
     result["output_max_abs"] = output_scale(model)
+    saved = {}
     for fmt, suffix in (("torchscript", "pt"), ("torch.export", "pt2")):
         if fmt not in formats:
             continue
-        path = work / f"{name}.{suffix}"
+        saved[fmt] = path = work / f"{name}.{suffix}"
         try:
             save(model, fmt, path)
         except Exception as error:  # noqa: BLE001
             result[fmt] = {"export": one_line(error)}
+    del model  # the compiles load the files: no second copy of a 2.5 GB model (vit_h_14) in this process
+    for fmt, path in saved.items():
+        if fmt in result:
             continue
+        suffix = path.suffix[1:]
         entry = {}
         try:
             import edgec
