@@ -17,6 +17,7 @@ import numpy as np
 from edgec.core.errors import BuildError
 from edgec.core.fallbacks import ALL_KERNELS, FallbackLog, one_line
 from edgec.targets import ResolvedTarget, linker
+from edgec.targets.library_blob import packer
 from edgec.targets.schedules.winograd_graph import DEFAULT_POLICY, WinogradPolicy
 from edgec.tuning_db import TuningReport
 
@@ -400,14 +401,16 @@ def _cuda_source_modules(target: ResolvedTarget) -> Iterator[None]:
 
 
 def export(executable, target: ResolvedTarget, directory: Path) -> list[str]:
-    """Write ``lib.so`` (and, for CUDA, ``kernels.cu`` checked by nvcc); return file names."""
-    fcompile = linker(target.preset)
+    """Write ``lib.so`` (and, for CUDA, ``kernels.cu`` checked by nvcc); return file names. On CPU
+    targets the executable and its weights are linked in from a file (targets/library_blob.py)."""
+    options = {}
+    if (fcompile := linker(target.preset)) is not None:
+        options["fcompile"] = fcompile
+    if target.preset.kind != "cuda" and (pack := packer(target.preset.cpu_arch)) is not None:
+        options["fpack_imports"] = pack
     lib = directory / "lib.so"
     try:
-        if fcompile is None:
-            executable.export_library(str(lib))
-        else:
-            executable.export_library(str(lib), fcompile=fcompile)
+        executable.export_library(str(lib), **options)
     except Exception as error:  # noqa: BLE001
         raise BuildError(f"linking lib.so for {target.spec} failed: {_linker_message(error)}") from error
     files = ["lib.so"]
