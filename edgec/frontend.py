@@ -69,6 +69,8 @@ def load(
     shapes = shape_args.normalize(input_shape)
     kind = sniff_format(path, data)
     log.info("loading %s as %s", path, kind)
+    if kind in ("torchscript", "pickle"):
+        del data  # torch reads the file itself: no second copy of a large model alive during the export
     if kind == "onnx":
         graph = _load_onnx(path, data, shapes)
         reference = None
