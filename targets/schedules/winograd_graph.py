@@ -126,6 +126,16 @@ def ineligible(call, weight) -> str | None:
     return None
 
 
+def logged_choice(call, m: int | None, reason: str, kind: str = "") -> int | None:
+    """``m``, after logging (``-vv``) what the policy chose for ``call`` and why; ``kind``
+    names the convolution (``"block-sparse "``)."""
+    if m is None:
+        log.debug("%s: direct %sconvolution (%s)", describe_call(call), kind, reason)
+    else:
+        log.debug("%s: %sWinograd F(%dx%d, 3x3) (%s)", describe_call(call), kind, m, m, reason)
+    return m
+
+
 def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None, packing=None):
     """A module pass rewriting the convolutions ``policy`` accepts (see the module docstring);
     ``packing`` (a CpuVector with a lane multiply-add): the GEMM's transformed weights packed by
@@ -144,11 +154,7 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
         if reason is None:
             batch, out_h, out_w, filters = (int(dim) for dim in call.ty.shape)
             m, reason = policy.choose(batch, out_h, out_w, int(weight.shape[2]), filters)
-        if m is None:
-            log.debug("%s: direct convolution (%s)", describe_call(call), reason)
-        else:
-            log.debug("%s: Winograd F(%dx%d, 3x3) (%s)", describe_call(call), m, m, reason)
-        return m
+        return logged_choice(call, m, reason)
 
     def winograd(mutator, call, weight, m):
         mats = winograd_matrices(m)

@@ -25,16 +25,12 @@ A convolution the policy turns down keeps its direct block-sparse kernel (logged
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from edgec.core.fallbacks import FallbackLog
 from edgec.targets.schedules.guard import describe_call
 from edgec.targets.schedules.te_rewrite import bound_constant, rewrite_module
-from edgec.targets.schedules.winograd_graph import OPAQUE, WinogradPolicy
-
-log = logging.getLogger(__name__)
+from edgec.targets.schedules.winograd_graph import OPAQUE, WinogradPolicy, logged_choice
 
 RULE = "graph:block-sparse-winograd"
 GEMM_KERNEL = "edgec_block_sparse_winograd_gemm"
@@ -59,9 +55,8 @@ def block_sparse_winograd(policy: WinogradPolicy, vector, fallbacks: FallbackLog
     import tvm
     from tvm import relax, tirx
 
-    from edgec.ops.block_sparse.kernels import kernel_plan
     from edgec.ops.block_sparse.lowering import SparseConvCall
-    from edgec.ops.block_sparse.winograd_gemm import WinogradGemmShape, winograd_gemm_kernel
+    from edgec.ops.block_sparse.winograd_gemm import WinogradGemmShape, winograd_gemm
     from edgec.ops.common import emit_kernel, relax_activation
     from edgec.targets.schedules import winograd_kernels as kernels
     from edgec.targets.schedules.winograd import tile_counts, transform_weights, winograd_matrices
@@ -76,11 +71,7 @@ def block_sparse_winograd(policy: WinogradPolicy, vector, fallbacks: FallbackLog
             density = shape.nnz / (shape.blocks * shape.channels)
             m, reason = policy.choose(shape.batch, shape.out_height, shape.out_width, shape.channels, shape.out_channels,
                                       density)  # fmt: skip
-        if m is None:
-            log.debug("%s: direct block-sparse convolution (%s)", describe_call(call), reason)
-        else:
-            log.debug("%s: block-sparse Winograd F(%dx%d, 3x3) (%s)", describe_call(call), m, m, reason)
-        return m
+        return logged_choice(call, m, reason, "block-sparse ")
 
     def winograd(mutator, call, record, m):
         builder, shape = mutator.builder_, record.shape
@@ -96,10 +87,9 @@ def block_sparse_winograd(policy: WinogradPolicy, vector, fallbacks: FallbackLog
         transformed_values = transform_weights(np.ascontiguousarray(values.transpose(1, 2, 0, 3)), m)
         gemm = WinogradGemmShape(mats.alpha**2, shape.batch * int(np.prod(tile_counts(*out_size, m))), shape.channels,
                                  shape.blocks, shape.block_size, shape.nnz)  # fmt: skip
-        prim = winograd_gemm_kernel(gemm, kernel_plan(gemm.block_size, gemm.tiles, vector))
-        prim = prim.with_attr("edgec.flops", 2.0 * gemm.multiply_adds)
+        zeros = relax.const(np.zeros(gemm.filters, np.float32))  # the GEMM's accumulators start at 0: the bias comes later
         products = builder.emit(emit_kernel(
-            builder, prim, GEMM_KERNEL, [transformed, relax.const(transformed_values), indices, indptr],
+            builder, winograd_gemm(gemm, vector), GEMM_KERNEL, [transformed, relax.const(transformed_values), indices, indptr, zeros],
             relax.TensorType([gemm.elements, gemm.tiles, gemm.filters], "float32"),
         ))  # fmt: skip
         out = builder.emit(builder.call_te(lambda products: kernels.output_transform(products, mats, shape.batch, out_size),

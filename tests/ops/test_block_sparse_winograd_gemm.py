@@ -1,8 +1,10 @@
 """The block-sparse Winograd GEMM (edgec/ops/block_sparse/winograd_gemm.py): its NumPy
-reference against dense per-element GEMMs of the unpacked weights, the compiled kernel
-against the reference (x86, every tile run shape: full, partial, one tile), and that its
-work is the kept blocks' only: the reduction loop runs indptr[b] .. indptr[b+1], a pruned
-block is never visited, a block-row with none kept writes zeros."""
+reference against dense per-element GEMMs of the unpacked weights, the compiled kernels
+against the reference (the N-vectorised one over every tile run shape: full, partial, one
+tile; the positions-vectorised one, x86's for blocks narrower than the vector, per element
+with partial position tiles), and that the work is the kept blocks' only: the reduction
+loop runs indptr[b] .. indptr[b+1], a pruned block is never visited, a block-row with none
+kept writes its bias."""
 
 from __future__ import annotations
 
@@ -11,21 +13,27 @@ import pytest
 
 from edgec.ops.block_sparse.format import unpack_blocks
 from edgec.ops.block_sparse.kernels import KernelPlan, kernel_plan
-from edgec.ops.block_sparse.winograd_gemm import WinogradGemmShape, winograd_gemm_kernel, winograd_gemm_reference
+from edgec.ops.block_sparse.winograd_gemm import WinogradGemmShape, winograd_gemm, winograd_gemm_kernel, winograd_gemm_reference
 from edgec.targets.vector import CpuVector
-from test_block_sparse_ops import multiply_adds, random_blocks  # tests/ops is on the path (pytest prepends it)
+from sparse_graphs import random_blocks
+from test_block_sparse_ops import multiply_adds  # tests/ops is on the path (pytest prepends it)
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 sums of a few dozen products against float64
 NEON = CpuVector(lanes=4, registers=16)
+AVX2, AVX512 = CpuVector(lanes=8, registers=16), CpuVector(lanes=16, registers=32)
 
 
 def gemm_case(seed: int, elements: int, tiles: int, channels: int, filters: int, n: int, keep: float = 0.3):
-    """(V, values [alpha^2, nnz, N], indices, indptr) of a random block-sparse GEMM."""
+    """(V, values [alpha^2, nnz, N], indices, indptr, bias) of a random block-sparse GEMM."""
     rng = np.random.default_rng(seed)
     _, indices, indptr = random_blocks(rng, filters, channels, n, keep=keep)
     values = rng.standard_normal((elements, indices.size, n)).astype(np.float32)
     transformed_input = rng.standard_normal((elements, tiles, channels)).astype(np.float32)
-    return transformed_input, values, indices, indptr
+    return transformed_input, values, indices, indptr, rng.standard_normal(filters).astype(np.float32)
+
+
+def reference(transformed_input, values, indices, indptr, bias):
+    return winograd_gemm_reference(transformed_input, values, indices, indptr) + bias
 
 
 def run_kernel(prim, arrays, out_shape) -> np.ndarray:
@@ -38,7 +46,7 @@ def run_kernel(prim, arrays, out_shape) -> np.ndarray:
 
 
 def test_reference_is_a_dense_gemm_per_tile_element():
-    transformed_input, values, indices, indptr = gemm_case(0, 4, 7, 12, 16, 4)
+    transformed_input, values, indices, indptr, _ = gemm_case(0, 4, 7, 12, 16, 4)
     got = winograd_gemm_reference(transformed_input, values, indices, indptr)
     for t in range(4):
         dense = unpack_blocks(values[t], indices, indptr, 12)  # (filters, channels)
@@ -51,16 +59,33 @@ def test_reference_is_a_dense_gemm_per_tile_element():
     ids=["runs-of-12-and-11", "three-full-runs", "one-partial-run", "one-tile", "n8", "n16"],
 )
 def test_compiled_kernel_equals_reference(tiles, n, positions):
-    shape_args = (16, tiles, 20, 32, n)
-    transformed_input, values, indices, indptr = gemm_case(tiles, *shape_args)
-    shape = WinogradGemmShape(16, tiles, 20, 32 // n, n, indices.size)
-    got = run_kernel(winograd_gemm_kernel(shape, KernelPlan(4, positions)), (transformed_input, values, indices, indptr),
-                     (16, tiles, 32))  # fmt: skip
-    np.testing.assert_allclose(got, winograd_gemm_reference(transformed_input, values, indices, indptr), rtol=RTOL, atol=ATOL)
+    arrays = gemm_case(tiles, 16, tiles, 20, 32, n)
+    shape = WinogradGemmShape(16, tiles, 20, 32 // n, n, arrays[2].size)
+    got = run_kernel(winograd_gemm_kernel(shape, KernelPlan(4, positions)), arrays, (16, tiles, 32))
+    np.testing.assert_allclose(got, reference(*arrays), rtol=RTOL, atol=ATOL)
 
 
-def test_block_row_with_no_kept_block_writes_zeros():
-    transformed_input, values, indices, indptr = gemm_case(3, 9, 10, 8, 16, 4, keep=0.6)
+@pytest.mark.parametrize(("vector", "tiles", "channels", "n"), [(AVX512, 49, 20, 4), (AVX512, 16, 64, 8), (AVX2, 13, 18, 4),
+                                                                (AVX2, 3, 8, 4)])  # fmt: skip
+def test_narrow_blocks_take_the_positions_kernel_per_element(vector, tiles, channels, n):
+    """x86's blocks narrower than the vector: positions.py's kernel, one vector of output tiles
+    per channel, each element's tiles apart (49 = 3 x 16 + 1: a partial last tile per element)."""
+    arrays = gemm_case(channels + tiles, 16, tiles, channels, 32, n)
+    shape = WinogradGemmShape(16, tiles, channels, 32 // n, n, arrays[2].size)
+    prim = winograd_gemm(shape, vector)
+    assert prim.attrs["edgec.flops"] == 2 * shape.multiply_adds
+    assert "xt" in prim.script()  # the channel-major tile of positions.py
+    np.testing.assert_allclose(run_kernel(prim, arrays, (16, tiles, 32)), reference(*arrays), rtol=RTOL, atol=ATOL)
+
+
+def test_neon_keeps_the_n_vectorised_kernel():
+    shape = WinogradGemmShape(36, 196, 64, 16, 4, 300)
+    assert winograd_gemm(shape, NEON).script() == winograd_gemm_kernel(shape, KernelPlan(4, 12)).with_attr(
+        "edgec.flops", 2.0 * shape.multiply_adds).script()  # fmt: skip
+
+
+def test_block_row_with_no_kept_block_writes_its_bias():
+    transformed_input, values, indices, indptr, bias = gemm_case(3, 9, 10, 8, 16, 4, keep=0.6)
     # drop block-row 1's blocks: its indptr run becomes empty
     kept = np.ones(indices.size, bool)
     kept[indptr[1] : indptr[2]] = False
@@ -69,9 +94,10 @@ def test_block_row_with_no_kept_block_writes_zeros():
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     indices, values = indices[kept], values[:, kept]
     shape = WinogradGemmShape(9, 10, 8, 4, 4, indices.size)
-    got = run_kernel(winograd_gemm_kernel(shape, KernelPlan(4, 12)), (transformed_input, values, indices, indptr), (9, 10, 16))
-    assert not got[:, :, 4:8].any()
-    np.testing.assert_allclose(got, winograd_gemm_reference(transformed_input, values, indices, indptr), rtol=RTOL, atol=ATOL)
+    arrays = (transformed_input, values, indices, indptr, bias)
+    got = run_kernel(winograd_gemm_kernel(shape, KernelPlan(4, 12)), arrays, (9, 10, 16))
+    np.testing.assert_array_equal(got[:, :, 4:8], np.broadcast_to(bias[4:8], (9, 10, 4)))
+    np.testing.assert_allclose(got, reference(*arrays), rtol=RTOL, atol=ATOL)
 
 
 def test_work_is_the_kept_blocks_only():
