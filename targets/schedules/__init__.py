@@ -68,7 +68,7 @@ def graph_passes(vector: CpuVector | None = None, fallbacks: FallbackLog | None 
                   int8_dot=bool(vector and vector.int8_dot), dot_product=bool(vector and vector.dot_product),
                   packed_weights=vector if vector and vector.lane_fma else None,
                   pair_product=bool(vector and vector.pair_product),
-                  packed_matvec=vector if vector and vector.packed_matvec else None)
+                  packed_matvec=vector if vector and vector.packed_matvec else None, vector=vector)
 
 
 def first_schedule(

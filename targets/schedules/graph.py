@@ -55,6 +55,9 @@ in order, and why:
                      ones: input transform, GEMM, output transform (fused with
                      the epilogue later); weights transformed here, once
                      (winograd_graph.py). After step 6: the GEMM gets whole vectors.
+7b. sparse winograd  with the same policy, 1xN block-sparse 3x3 stride-1 convolutions (edgec's
+                     BlockSparseConv kernels) become block-sparse Winograd ones: the same
+                     transforms around a GEMM over the kept blocks (winograd_sparse.py).
 7a. packed convs     on x86, convolutions larger than 1x1 with more weight than input bytes that
                      step 7 left direct read their weights packed by the register tile's output
                      channels, as step 6a's 1x1 ones (packed_matvec.py).
@@ -98,7 +101,7 @@ DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 def graph_passes(
     lanes: int | None = None, fallbacks: FallbackLog | None = None, winograd=None, lane_fma: bool = False,
     int8_dot: bool = False,
-    dot_product: bool = False, packed_weights=None, pair_product: bool = False, packed_matvec=None,
+    dot_product: bool = False, packed_weights=None, pair_product: bool = False, packed_matvec=None, vector=None,
 ) -> list:
     """The Relax passes above, in order, each guarded; ``lanes`` (float32 per vector) enables
     step 6, ``winograd`` (a WinogradPolicy) step 7; ``fallbacks`` receives what a rewrite left alone;
@@ -107,7 +110,7 @@ def graph_passes(
     ``dot_product`` (the CPU has ``sdot``): step 8; ``pair_product`` (aarch64 without it): step 8
     with pair products (conv2d_pair.py); ``packed_weights`` (a CpuVector with a lane
     multiply-add): step 9 and step 7's GEMM weights packed likewise; ``packed_matvec`` (a
-    CpuVector): step 6a."""
+    CpuVector): step 6a; ``vector`` (a CpuVector): step 7b with ``winograd``."""
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
@@ -144,6 +147,10 @@ def graph_passes(
         from edgec.targets.schedules.winograd_graph import RULE, winograd_conv2d
 
         passes.append((RULE, winograd_conv2d(winograd, fallbacks, packed_weights)))
+        if vector is not None:
+            from edgec.targets.schedules import winograd_sparse
+
+            passes.append((winograd_sparse.RULE, winograd_sparse.block_sparse_winograd(winograd, vector, fallbacks)))
     if packed_matvec is not None:
         from edgec.targets.schedules import packed_matvec as matvec
 

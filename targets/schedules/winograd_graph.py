@@ -47,6 +47,8 @@ class WinogradPolicy:
       transforms and channel, and direct convolution (``9 C F`` per output) when
       that is cheaper still. A partial last tile costs a whole one: at 7x7, F(4x4)'s
       4 tiles (36 x 4 products per filter and channel) beat F(2x2)'s 16 (16 x 16).
+      ``density``, the kept fraction of a block-sparse weight (winograd_sparse.py), scales
+      the GEMM's and the direct convolution's multiply-adds, not the transforms'.
 
     None in ``tiles``, ``min_tiles`` or ``transform_cost`` (the defaults): the target's
     (``TargetPreset.winograd_*``: x86 F(4x4) then F(2x2) from 49 tiles, first fit,
@@ -69,17 +71,21 @@ class WinogradPolicy:
                                        min_tiles=self.min_tiles if self.min_tiles is not None else min_tiles)
         return self if self.min_tiles is not None else dataclasses.replace(self, min_tiles=min_tiles)
 
-    def estimated_cost(self, m: int, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> float:
-        """Multiply-adds of F(m x m, 3x3) on these shapes, transform terms weighted by ``transform_cost``."""
+    def estimated_cost(self, m: int, batch: int, out_h: int, out_w: int, channels: int, filters: int,
+                       density: float = 1.0) -> float:
+        """Multiply-adds of F(m x m, 3x3) on these shapes, transform terms weighted by ``transform_cost``
+        (the GEMM's scaled by ``density``, the weights' kept fraction)."""
         from edgec.targets.schedules.winograd import transform_terms
 
         alpha = m + 2
         tiles = batch * -(-out_h // m) * -(-out_w // m)
         input_terms, output_terms = transform_terms(m)
-        return tiles * (alpha * alpha * channels * filters + (self.transform_cost or 0) * (input_terms * channels + output_terms * filters))
+        return tiles * (alpha * alpha * channels * filters * density + (self.transform_cost or 0) * (input_terms * channels + output_terms * filters))
 
-    def choose(self, batch: int, out_h: int, out_w: int, channels: int, filters: int) -> tuple[int | None, str]:
-        """(output tile m, why) for a convolution of these shapes; m None: stays direct."""
+    def choose(self, batch: int, out_h: int, out_w: int, channels: int, filters: int,
+               density: float = 1.0) -> tuple[int | None, str]:
+        """(output tile m, why) for a convolution of these shapes (``density``: the kept fraction of
+        its weights); m None: stays direct."""
         if self.min_tiles is None or self.tiles is None:
             raise ValueError("WinogradPolicy.tiles and .min_tiles are the target's: call for_target first")
         if min(channels, filters) < self.min_channels:
@@ -90,9 +96,9 @@ class WinogradPolicy:
         if self.transform_cost is None:
             m = enough[0]
             return m, f"{batch * -(-out_h // m) * -(-out_w // m)} output tiles of {m}x{m}"
-        costs = {m: self.estimated_cost(m, batch, out_h, out_w, channels, filters) for m in enough}
+        costs = {m: self.estimated_cost(m, batch, out_h, out_w, channels, filters, density) for m in enough}
         m = min(costs, key=lambda each: (costs[each], -each))
-        direct = 9 * batch * out_h * out_w * channels * filters
+        direct = 9 * batch * out_h * out_w * channels * filters * density
         if costs[m] >= direct:
             return None, f"F({m}x{m}) estimated at {costs[m]:.3g} multiply-adds, direct {direct:.3g}"
         return m, f"estimated {costs[m]:.3g} multiply-adds, the fewest of " + ", ".join(f"F({k}x{k}) {v:.3g}" for k, v in costs.items())
@@ -120,6 +126,16 @@ def ineligible(call, weight) -> str | None:
     return None
 
 
+def logged_choice(call, m: int | None, reason: str, kind: str = "") -> int | None:
+    """``m``, after logging (``-vv``) what the policy chose for ``call`` and why; ``kind``
+    names the convolution (``"block-sparse "``)."""
+    if m is None:
+        log.debug("%s: direct %sconvolution (%s)", describe_call(call), kind, reason)
+    else:
+        log.debug("%s: %sWinograd F(%dx%d, 3x3) (%s)", describe_call(call), kind, m, m, reason)
+    return m
+
+
 def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None, packing=None):
     """A module pass rewriting the convolutions ``policy`` accepts (see the module docstring);
     ``packing`` (a CpuVector with a lane multiply-add): the GEMM's transformed weights packed by
@@ -138,11 +154,7 @@ def winograd_conv2d(policy: WinogradPolicy, fallbacks: FallbackLog | None = None
         if reason is None:
             batch, out_h, out_w, filters = (int(dim) for dim in call.ty.shape)
             m, reason = policy.choose(batch, out_h, out_w, int(weight.shape[2]), filters)
-        if m is None:
-            log.debug("%s: direct convolution (%s)", describe_call(call), reason)
-        else:
-            log.debug("%s: Winograd F(%dx%d, 3x3) (%s)", describe_call(call), m, m, reason)
-        return m
+        return logged_choice(call, m, reason)
 
     def winograd(mutator, call, weight, m):
         mats = winograd_matrices(m)

@@ -32,7 +32,7 @@ import dataclasses
 from edgec.ops.common import STACK_TILE_BYTES, ConvGeometry, activation_expr
 from edgec.targets.vector import CpuVector
 
-__all__ = ["ConvShape", "KernelPlan", "conv_kernel", "gemm_kernel", "kernel_plan"]
+__all__ = ["ConvShape", "KernelPlan", "conv_kernel", "even_tiles", "gemm_kernel", "kernel_plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,15 @@ def kernel_plan(block_size: int, extent: int, vector: CpuVector) -> KernelPlan:
     per_position = -(-block_size // vector.lanes)
     fits_stack = (STACK_TILE_BYTES - 1) // (4 * block_size)
     return KernelPlan(vector.lanes, max(1, min(extent, vector.accumulators // per_position, fits_stack)))
+
+
+def even_tiles(extent: int, widest: int) -> tuple[int, int, int]:
+    """``extent`` positions in tiles of (nearly) equal size, none wider than ``widest``: (tiles,
+    base, wide), ``wide`` tiles of ``base + 1`` positions, then tiles of ``base`` (49 -> 17, 16, 16
+    rather than 24, 24, 1: no narrow tail tile paying a whole tile's loop overhead)."""
+    tiles = -(-extent // widest)
+    base, wide = divmod(extent, tiles)
+    return tiles, base, wide
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,10 +134,7 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     top, left, bottom, right = shape.pads
     padded = any(shape.pads)
     padded_h, padded_w = height + top + bottom, width + left + right
-    # a row of out_w positions in row_tiles tiles of (nearly) equal size, none wider than the plan's:
-    # `wide` tiles of base + 1 positions, then tiles of base (49 -> 17, 16, 16 rather than 24, 24, 1)
-    row_tiles = -(-out_w // plan.positions)
-    base, wide = divmod(out_w, row_tiles)
+    row_tiles, base, wide = even_tiles(out_w, plan.positions)
     window = kh * kw
 
     @T.macro

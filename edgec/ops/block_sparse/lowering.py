@@ -33,10 +33,47 @@ from edgec.targets.vector import cpu_vector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lower_block_sparse_conv", "lower_block_sparse_gemm", "warn_narrow_blocks"]
+__all__ = ["CONV_ATTR", "SparseConvCall", "lower_block_sparse_conv", "lower_block_sparse_gemm", "warn_narrow_blocks"]
+
+# the PrimFunc attribute that records what a BlockSparseConv kernel computes (SparseConvCall), for
+# graph rewrites that replace the kernel (targets/schedules/winograd_sparse.py)
+CONV_ATTR = "edgec.block_sparse_conv"
 
 # the packed arrays after the data input, in input order, with their dtypes
 SPARSE_WEIGHTS = {"values": np.float32, "indices": np.int32, "indptr": np.int32, "bias": np.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConvCall:
+    """What one BlockSparseConv kernel computes besides its arrays: the geometry (NCHW, the
+    real ``nnz``) and the fused activation. Stored on the kernel's PrimFunc (``CONV_ATTR``)."""
+
+    shape: ConvShape
+    activation: str = "none"
+    low: float = 0.0
+    high: float = 0.0
+
+    def as_attr(self) -> dict:
+        return {**dataclasses.asdict(self.shape), "activation": self.activation, "low": self.low, "high": self.high}
+
+    @classmethod
+    def of_kernel(cls, prim) -> SparseConvCall | None:
+        """The record on ``prim`` (a PrimFunc), None when it is not a BlockSparseConv kernel."""
+        record = prim.attrs.get(CONV_ATTR) if prim.attrs is not None else None
+        if record is None:
+            return None
+        fields = {key: _plain(value) for key, value in record.items()}
+        activation, low, high = fields.pop("activation"), fields.pop("low"), fields.pop("high")
+        return cls(ConvShape(**fields), activation, low, high)
+
+
+def _plain(value):
+    """A TVM attribute value (int, float, String, IntImm, FloatImm, Array of them) as Python's."""
+    if isinstance(value, (bool, int, float, str)):
+        return type(value)(value) if not isinstance(value, str) else str(value)
+    if hasattr(value, "dtype"):
+        return float(value.value) if "float" in str(value.dtype) else int(value.value)
+    return tuple(_plain(item) for item in value)
 
 
 def sparse_inputs(op: str, inputs, layout: str):
@@ -100,6 +137,7 @@ def lower_block_sparse_conv(bb, inputs, attrs, target):
         extent = shape.batch * shape.height * shape.width if shape.pointwise else shape.out_width
         prim = conv_kernel(kernel_shape, kernel_plan(block_size, extent, vector), activation, low, high)
     prim = prim.with_attr("edgec.flops", 2.0 * shape.multiply_adds)
+    prim = prim.with_attr(CONV_ATTR, SparseConvCall(shape, activation, low, high).as_attr())
     # the kernel is channels-last: NCHW -> NHWC around it; after the CPU layout pass turns the
     # graph channels-last, these transposes meet their inverses and cancel (cancel_transposes)
     channels_last = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))

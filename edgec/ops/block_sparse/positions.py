@@ -78,7 +78,8 @@ def positions_plan(shape: ConvShape, vector: CpuVector) -> PositionsPlan | None:
     return PositionsPlan(vector.lanes, 1)
 
 
-def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "none", low: float = 0.0, high: float = 0.0):
+def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "none", low: float = 0.0, high: float = 0.0,
+                     elements: int = 1):
     """The PrimFunc ``(x, values, indices, indptr, bias, y)`` for ``shape``, channels-last.
 
     The arguments are those of :func:`edgec.ops.block_sparse.kernels.conv_kernel` (values
@@ -86,8 +87,16 @@ def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "n
     ``plan.positions`` output positions (all images, rows and columns in one sequence), the
     transpose in, the block-rows, the kept blocks of the block-row (the reduction), the
     register tile (N channels x ``plan.vectors`` vectors, unrolled), the epilogue.
+
+    ``elements`` > 1: that many products of one block pattern, each with its own values and
+    positions (the tile-element GEMMs of a block-sparse Winograd convolution, winograd_gemm.py):
+    ``x`` ``(elements, positions, C_in)``, ``values`` ``(elements, nnz, N)``, ``y``
+    ``(elements, positions, C_out)``, the parallel loop over (element, tile); for a 1x1,
+    stride-1 ``shape`` of one image row (``positions`` its width).
     """
-    return _kernel(shape, plan, activation_expr(activation, low, high))
+    if elements > 1 and (shape.batch, shape.height, shape.strides) != (1, 1, (1, 1)):
+        raise ValueError(f"{elements} elements need one row of positions at stride 1, not {shape}")
+    return _kernel(shape, plan, activation_expr(activation, low, high), elements)
 
 
 def _unpack(lanes: int, width: int, high: int) -> list[int]:
@@ -193,7 +202,7 @@ def store_positions(y, rows: list, columns_of, lanes: int, first, stride: int, o
                     builder.buffer_store(y, column, index)
 
 
-def _kernel(shape: ConvShape, plan: PositionsPlan, act):
+def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
     from tvm.script import tirx as T
 
     batch, channels, n, blocks, nnz = shape.batch, shape.channels, shape.block_size, shape.blocks, shape.nnz
@@ -207,16 +216,22 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act):
     contiguous = shape.strides == (1, 1)  # output position p reads input row p
     wide = out_channels // lanes  # runs of `lanes` output channels
 
-    def row(p, clamp: bool):
+    # element e's positions and blocks start at position e * positions and block e * nnz; with one
+    # element, e is None and no offset is written (the kernel is the single product's, unchanged)
+    def first(e, p):
+        """Position ``p`` of element ``e`` in the flattened x and y."""
+        return p if e is None else e * positions + p
+
+    def row(e, p, clamp: bool):
         """Offset in x of the channels of the input position under output position ``p``."""
         if clamp:
             p = T.min(p, positions - 1)
         if contiguous:
-            return p * channels
+            return first(e, p) * channels
         image, rest = p // (out_h * out_w), p % (out_h * out_w)
         return ((image * shape.height + rest // out_w * sh) * shape.width + rest % out_w * sw) * channels
 
-    def accumulate(acc, xt, vf, indices, indptr, bias, b):
+    def accumulate(acc, xt, vf, indices, indptr, bias, b, e):
         """Emit (into the function being parsed, not as a TVMScript macro: each macro call
         walks the Python stack, which costs 0.1-0.5 s in a process that has imported torch)
         the block-row ``b``: ``acc[(j * vectors + v) * lanes + l]``, channel ``j`` at position
@@ -232,13 +247,13 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act):
                 for v in range(vectors):
                     with builder.vectorized(lanes) as l:
                         at = (j * vectors + v) * lanes + l
-                        builder.buffer_store(acc, acc[at] + vf[k * n + j] * xt[indices[k] * tile + v * lanes + l], [at])
+                        builder.buffer_store(acc, acc[at] + vf[(k if e is None else e * nnz + k) * n + j] * xt[indices[k] * tile + v * lanes + l], [at])
         for e in range(n * vectors):
             with builder.vectorized(lanes) as l:
                 builder.buffer_store(acc, act(acc[e * lanes + l]), [e * lanes + l])
 
     @T.macro
-    def tile_body(x, vf, indices, indptr, bias, y, t, partial):
+    def tile_body(x, vf, indices, indptr, bias, y, e, t, partial):
         xt = T.alloc_buffer((channels * tile,), "float32")  # channel-major: xt[c * tile + p]
         for g in range(groups):
             for v in T.unroll(vectors):
@@ -246,7 +261,7 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act):
                 for q in T.unroll(lanes // GROUP):
                     for i in T.unroll(GROUP):
                         for j in T.vectorized(GROUP):
-                            rows[i * lanes + q * GROUP + j] = x[row(t * tile + v * lanes + q * GROUP + i, partial) + g * GROUP + j]
+                            rows[i * lanes + q * GROUP + j] = x[row(e, t * tile + v * lanes + q * GROUP + i, partial) + g * GROUP + j]
                 columns = T.meta_var(inlane_transpose(vector_loads(rows, [0, lanes, 2 * lanes, 3 * lanes], lanes), lanes))
                 xt[T.ramp((g * GROUP + 0) * tile + v * lanes, 1, lanes)] = columns[0]
                 xt[T.ramp((g * GROUP + 1) * tile + v * lanes, 1, lanes)] = columns[1]
@@ -254,55 +269,64 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act):
                 xt[T.ramp((g * GROUP + 3) * tile + v * lanes, 1, lanes)] = columns[3]
         for c in range(tail):
             for p in T.vectorized(tile):
-                xt[(groups * GROUP + c) * tile + p] = x[row(t * tile + p, partial) + groups * GROUP + c]
+                xt[(groups * GROUP + c) * tile + p] = x[row(e, t * tile + p, partial) + groups * GROUP + c]
         # channels in runs of `lanes` (lanes / N block-rows): full-vector stores per position
         for w in range(wide):
             yt = T.alloc_buffer((lanes * tile,), "float32")  # the run's channels, channel-major
             for r in range(lanes // n):
                 acc = T.alloc_buffer((n * tile,), "float32")
-                accumulate(acc, xt, vf, indices, indptr, bias, w * (lanes // n) + r)
+                accumulate(acc, xt, vf, indices, indptr, bias, w * (lanes // n) + r, e)
                 for e in T.unroll(n * vectors):
                     for l in T.vectorized(lanes):
                         yt[r * n * tile + e * lanes + l] = acc[e * lanes + l]
             for v in T.unroll(vectors):
                 store_positions(
                     y, vector_loads(yt, [c * tile + v * lanes for c in range(lanes)], lanes), transpose, lanes,
-                    t * tile + v * lanes, out_channels, w * lanes, positions if partial else None,
+                    first(e, t * tile + v * lanes), out_channels, w * lanes, first(e, positions) if partial else None,
                 )  # fmt: skip
         # the block-rows left: 128-bit stores of 4 channels per position
         # (a loop from wide * lanes / N to blocks instead stored wrong values here: from 0 it is right)
         for rest in range(blocks - wide * (lanes // n)):
             b = T.meta_var(wide * (lanes // n) + rest)
             acc = T.alloc_buffer((n * tile,), "float32")
-            accumulate(acc, xt, vf, indices, indptr, bias, b)
+            accumulate(acc, xt, vf, indices, indptr, bias, b, e)
             for v in T.unroll(vectors):
                 for h in T.unroll(n // GROUP):
                     store_positions(
                         y, vector_loads(acc, [((h * GROUP + i) * vectors + v) * lanes for i in range(GROUP)], lanes),
-                        lane_columns, lanes, t * tile + v * lanes, out_channels, b * n + h * GROUP, positions if partial else None,
+                        lane_columns, lanes, first(e, t * tile + v * lanes), out_channels, b * n + h * GROUP,
+                        first(e, positions) if partial else None,
                     )  # fmt: skip
+
+    if elements == 1:
+        x_shape, values_shape = (batch, shape.height, shape.width, channels), (nnz, 1, 1, n)
+        y_shape = (batch, out_h, out_w, out_channels)
+    else:
+        x_shape, values_shape, y_shape = (elements, positions, channels), (elements, nnz, n), (elements, positions, out_channels)
 
     @T.prim_func(private=True)
     def kernel(
-        x: T.Buffer((batch, shape.height, shape.width, channels), "float32"),
-        values: T.Buffer((nnz, 1, 1, n), "float32"),
+        x: T.Buffer(x_shape, "float32"),
+        values: T.Buffer(values_shape, "float32"),
         indices: T.Buffer((nnz,), "int32"),
         indptr: T.Buffer((blocks + 1,), "int32"),
         bias: T.Buffer((out_channels,), "float32"),
-        y: T.Buffer((batch, out_h, out_w, out_channels), "float32"),
+        y: T.Buffer(y_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xf = T.decl_buffer((batch * shape.height * shape.width * channels,), "float32", data=x.data)
-        vf = T.decl_buffer((nnz * n,), "float32", data=values.data)
-        yf = T.decl_buffer((positions * out_channels,), "float32", data=y.data)
-        for t in T.parallel(tiles):
+        xf = T.decl_buffer((elements * batch * shape.height * shape.width * channels,), "float32", data=x.data)
+        vf = T.decl_buffer((elements * nnz * n,), "float32", data=values.data)
+        yf = T.decl_buffer((elements * positions * out_channels,), "float32", data=y.data)
+        for t in T.parallel(elements * tiles):  # (element, tile of its positions); one element: the tile
+            e = T.meta_var(None if elements == 1 else t // tiles)
+            tile_of = T.meta_var(t if elements == 1 else t % tiles)
             if full_tiles == tiles:  # (Python conditions: a branch that never runs is not generated)
-                tile_body(xf, vf, indices, indptr, bias, yf, t, False)
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
             elif full_tiles == 0:
-                tile_body(xf, vf, indices, indptr, bias, yf, t, True)
-            elif t < full_tiles:
-                tile_body(xf, vf, indices, indptr, bias, yf, t, False)
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
+            elif tile_of < full_tiles:
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
             else:
-                tile_body(xf, vf, indices, indptr, bias, yf, t, True)
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
 
     return kernel
