@@ -6,10 +6,16 @@ symbol that TVM's loader reads. By default TVM builds that blob as an LLVM
 constant array and compiles it: for a model of 2.5 GB of weights (vit_h_14) the
 blob, the LLVM constant and the emitted object are three copies in memory at
 once. Here the blob is written to a file and an assembler ``.incbin`` puts the
-same bytes under the same symbol: one copy, streamed to disk. On x86-64 the
-bytes go to ``.lrodata`` (a large-data section, placed after ``.data``/``.bss``,
-as LLVM does for large constants), so that over 2 GB of them never sit between
-the code and what it addresses with 32-bit offsets.
+same bytes under the same symbol: one copy, streamed to disk.
+
+Where the bytes go matters once they pass 2 GB (vit_h_14, regnet_y_128gf): nothing
+addressed from the code with a 32-bit offset may lie beyond them. On x86-64 they go to
+``.lrodata`` (a large-data section, placed after ``.data``/``.bss``, as LLVM does for large
+constants). On aarch64 ``.rodata`` comes before ``.eh_frame``, whose 32-bit PC-relative
+entries point back at the code ("relocation truncated to fit: R_AARCH64_PREL32"), so the
+bytes go to ``.data.rel.ro`` (after ``.eh_frame``; read-only once the loader has relocated,
+and nothing in them is relocated); ``.got``/``.data`` behind them stay within ADRP's 4 GB.
+On armv7 ``.rodata`` is fine: its unwind index is stripped before the link (presets.py).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ SYMBOL = "__tvm_ffi__library_bin"
 # section directive per CPU architecture (ELF); ARM assemblers take '%' where x86's take '@'
 _SECTIONS = {
     "x86_64": '.section .lrodata.tvm_library_bin,"al",@progbits',
-    "aarch64": '.section .rodata.tvm_library_bin,"a",%progbits',
+    "aarch64": '.section .data.rel.ro.tvm_library_bin,"aw",%progbits',
     "armv7": '.section .rodata.tvm_library_bin,"a",%progbits',
 }
 

@@ -130,3 +130,25 @@ def traced_model(module, shape, path: Path):
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(module, (torch.randn(*shape),)), str(path))
     return edgec.load(path, input_shape=shape)
+
+
+# why compile's int8 check is looser on x86 CPUs without VNNI (README, Known limits)
+SATURATION = (
+    "ONNX Runtime's fused u8s8 kernels saturate without VNNI (int16 pair sums), so compile's int8 allowance, "
+    "1.5x their distance from the QDQ graph as written, is wider there than the errors these tests inject"
+)
+
+
+def require_host_features(*features: str, why: str) -> None:
+    """Skip the calling test unless this machine's x86 target (what ``-t x86`` builds for) has every
+    LLVM CPU feature in ``features`` (e.g. "avx512f", "avx512vnni"); ``why``: what depends on them."""
+    import pytest
+    import tvm
+    from tvm.target import codegen
+
+    from edgec.targets import resolve
+
+    have = set(codegen.llvm_get_cpu_features(tvm.target.Target(resolve("x86").tvm_json)))
+    missing = [feature for feature in features if feature not in have]
+    if missing:
+        pytest.skip(f"this machine's CPU lacks {', '.join(missing)}: {why}")

@@ -14,7 +14,7 @@ import onnx_ir as ir
 import pytest
 
 import edgec
-from backbone import assert_board_verified, invoke
+from backbone import SATURATION, assert_board_verified, invoke, require_host_features
 from edgec.core.artifact import load_artifact
 from edgec.core.numerics import INT8_INPUTS, INT8_NOISE_FACTOR, compare, quantization_step
 from edgec.passes import FoldBatchNormPass, QuantizeInt8Pass
@@ -176,6 +176,7 @@ def test_inspect_shows_which_layers_are_int8_and_their_scales(ort_qdq, float_onn
 def test_every_seeded_input_must_pass(float_onnx, tmp_path):
     """compile's int8 check runs INT8_INPUTS seeded inputs: a build wrong on one of them only
     (here: 20 output steps off on the third) is refused, and that input is the one reported."""
+    require_host_features("avx512vnni", why=SATURATION)
     from edgec.core.inputs import random_inputs
     from edgec.core.model import input_signatures
     from edgec.runtimes.reference import build_references

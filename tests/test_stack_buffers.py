@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import edgec
-from backbone import ATOL, RTOL
+from backbone import ATOL, RTOL, require_host_features
 from edgec.build import BuildOptions, build
 from edgec.core.artifact import load_artifact
 from edgec.runtimes.local import LocalRunner
@@ -141,6 +141,7 @@ def _workspace_calls(result) -> int:
 
 
 def test_x86_build_keeps_tiles_off_the_pool_and_verifies(tmp_path):
+    require_host_features("avx512vnni", why="the tiles under test are the vpdpbusd (AVX-512 VNNI) ones")
     torch.manual_seed(0)
     path = tmp_path / "expansion.pt"
     torch.jit.save(torch.jit.script(Expansion().eval()), str(path))

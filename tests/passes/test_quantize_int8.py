@@ -204,14 +204,15 @@ def test_qdq_graph_is_not_quantized_again(caplog):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_numerics_close_to_float(method):
-    """ORT on the QDQ graph against ORT on the float graph, on inputs not used for calibration:
-    within 4 output quantization steps of the float output (255 steps over its range)."""
+    """ORT on the QDQ graph as written (the pass's numerics, not the CPU's integer kernels: ORT's
+    fused u8s8 ones saturate without VNNI) against ORT on the float graph, on inputs not used for
+    calibration: within 4 output quantization steps of the float output (255 steps over its range)."""
     model = small_cnn()
     rng = np.random.default_rng(7)
     inputs = [rng.standard_normal((1, 3, 10, 10)).astype(np.float32) for _ in range(8)]
     want = np.concatenate([run_onnxruntime(model, [x])[0] for x in inputs])
     quantized = QuantizeInt8Pass(calibration=samples(64), method=method, keep_first_last=False)(copy(model)).model
-    got = np.concatenate([run_onnxruntime(quantized, [x])[0] for x in inputs])
+    got = np.concatenate([run_onnxruntime(quantized, [x], optimize=False)[0] for x in inputs])
     step = (want.max() - want.min()) / 255
     error = np.abs(got - want).max()
     assert 0 < error < 4 * step, (method, error, step)

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
-from backbone import assert_board_verified
+from backbone import SATURATION, assert_board_verified, require_host_features
 from edgec.core.artifact import load_artifact
 from edgec.core.numerics import compare, int8_tolerance
 from edgec.passes import FoldBatchNormPass, QuantizeInt8Pass
@@ -168,6 +168,7 @@ def _half_away(x: np.ndarray) -> np.ndarray:
 
 
 def test_tiny_mobilenet_matches_onnxruntime_and_a_wrong_scale_fails(tiny_qdq, tmp_path):
+    require_host_features("avx512vnni", why=SATURATION)
     result = edgec.compile(tiny_qdq, "x86", tmp_path / "int8")
     assert result.manifest["verification"]["status"] == "passed"
     kernels = [kernel["kernel"] for kernel in result.manifest["kernels"]]
