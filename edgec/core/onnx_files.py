@@ -21,14 +21,14 @@ PROTOBUF_LIMIT = 1 << 31
 GRAPH_HEADROOM = 64 << 20
 
 
+def _initializers(graph: ir.Model) -> Iterator[ir.Value]:
+    for subgraph in (graph.graph, *graph.graph.subgraphs()):
+        yield from subgraph.initializers.values()
+
+
 def weight_bytes(graph: ir.Model) -> int:
     """The bytes of every initializer, in the main graph and its subgraphs."""
-    return sum(
-        value.const_value.nbytes
-        for subgraph in (graph.graph, *graph.graph.subgraphs())
-        for value in subgraph.initializers.values()
-        if value.const_value is not None
-    )
+    return sum(value.const_value.nbytes for value in _initializers(graph) if value.const_value is not None)
 
 
 def fits_one_message(graph: ir.Model) -> bool:
@@ -43,11 +43,7 @@ def data_file(path: Path) -> Path:
 
 def _reads_files(graph: ir.Model) -> bool:
     """Whether some initializer still lives in an external data file (``ir.load`` of such a model)."""
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor)
-        for subgraph in (graph.graph, *graph.graph.subgraphs())
-        for value in subgraph.initializers.values()
-    )
+    return any(isinstance(value.const_value, ir.ExternalTensor) for value in _initializers(graph))
 
 
 def save(graph: ir.Model, path: Path) -> list[Path]:
