@@ -123,12 +123,13 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             options = BuildOptions(schedules=False, tuning_db=None)
             built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
             verification = _verify(model, resolved, directory, verify, progress)
-        manifest = build_manifest(model, resolved, built.files, built.onnx_sha256, verification, progress.seconds)
+        hashes = {name: file_sha256(directory / name) for name in built.files}
+        manifest = build_manifest(model, resolved, built.files, hashes["model.onnx"], verification, progress.seconds)
         manifest["constant_folding"] = {"nodes_folded": folded.nodes_before - folded.nodes_after, "by_op": folded.folded}
         manifest["kernels"] = built.kernels
         manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.tuning)
         manifest["schedules"]["fallbacks"] = fallbacks.as_list()
-        manifest["sha256"] = {name: file_sha256(directory / name) for name in built.files}
+        manifest["sha256"] = hashes
         write_manifest(directory, manifest)
     artifact = Artifact(Path(output), manifest)
     return CompileResult(artifact, dict(progress.seconds))
@@ -138,7 +139,6 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
 class _Built:
     kernels: list[dict[str, Any]]
     files: list[str]
-    onnx_sha256: str
     tuning: TuningReport | None
 
 
@@ -154,7 +154,6 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
     with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
         files = export(built.executable, target, directory)
         files += save_onnx(model.graph, directory / "model.onnx")
-        onnx_sha256 = file_sha256(directory / "model.onnx")
         if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
             files += save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
         constants = directory / KERNEL_CONSTANTS
@@ -162,7 +161,7 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
         if built.kernel_constants:  # what `edgec profile` feeds kernels whose work depends on them
             np.savez(constants, **built.kernel_constants)
             files.append(KERNEL_CONSTANTS)
-    return _Built(built.kernels, files, onnx_sha256, built.tuning)
+    return _Built(built.kernels, files, built.tuning)
 
 
 def schedule_summary(target: ResolvedTarget, options, kernels: list[dict], tuning: TuningReport | None) -> dict[str, Any]:

@@ -25,6 +25,12 @@ def _symbol(nm: str, lib) -> tuple[str, int]:
     return letter, int(size, 16)
 
 
+def _sections(readelf: str, lib) -> list[str]:
+    """``lib``'s section names in address order."""
+    listing = subprocess.run([readelf, "-SW", str(lib)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", listing, flags=re.MULTILINE)
+
+
 def _blob(executable) -> bytes:
     import tvm
 
@@ -55,8 +61,7 @@ def test_x86_blob_is_large_data_and_runs(mlp_executable, saved_models, tmp_path)
     target, executable = mlp_executable("x86")
     export(executable, target, tmp_path)
     lib = tmp_path / "lib.so"
-    listing = subprocess.run(["readelf", "-SW", str(lib)], capture_output=True, text=True, check=True).stdout
-    names = re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", listing, flags=re.MULTILINE)
+    names = _sections("readelf", lib)
     assert ".lrodata" in names and names.index(".lrodata") > names.index(".data")  # no 32-bit offset from the code crosses it
     assert _symbol("nm", lib) == ("R", len(_blob(executable)))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
@@ -77,8 +82,7 @@ def test_arm_blob_links_with_the_cross_toolchain(mlp_executable, target, tmp_pat
     assert size == len(_blob(executable))
     if target == "cortex-a53":  # after .eh_frame, whose 32-bit offsets to the code must not cross 2 GB of weights
         assert letter == "D"  # a (relocation-read-only) data section
-        listing = subprocess.run([nm.replace("-nm", "-readelf"), "-SW", str(tmp_path / "lib.so")], capture_output=True, text=True, check=True).stdout
-        names = re.findall(r"^\s*\[\s*\d+\]\s+(\S+)", listing, flags=re.MULTILINE)
+        names = _sections(nm.replace("-nm", "-readelf"), tmp_path / "lib.so")
         assert names.index(".data.rel.ro") > names.index(".eh_frame")
     else:
         assert letter == "R"

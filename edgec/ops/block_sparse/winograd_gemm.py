@@ -57,11 +57,11 @@ class WinogradGemmShape:
 
     @property
     def filters(self) -> int:
-        return self.blocks * self.block_size
+        return self.pointwise().out_channels
 
     @property
     def multiply_adds(self) -> int:
-        return self.elements * self.tiles * self.nnz * self.block_size
+        return self.elements * self.pointwise().multiply_adds
 
     def pointwise(self) -> ConvShape:
         """One tile element's GEMM as a 1x1 convolution over one row of ``tiles`` positions."""
