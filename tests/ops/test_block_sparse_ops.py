@@ -231,6 +231,40 @@ def test_cancel_transposes_rules():
     assert "permute_dims" not in text, text
 
 
+def test_cancel_transposes_moves_pools_channels_last():
+    """An NCHW pooling of an NHWC tensor permuted to NCHW (a region of custom ops only) becomes
+    the NHWC pooling: the permutes left are the graph's own, the output is unchanged."""
+    import tvm
+    from tvm import relax
+
+    from edgec.ops.transposes import cancel_transposes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 9, 11, 8), "float32"))  # NHWC, as a custom op's output
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            nchw = bb.emit(relax.op.permute_dims(x, [0, 3, 1, 2]))
+            pooled = bb.emit(relax.op.nn.max_pool2d(nchw, (3, 3), (2, 2), (1, 1, 1, 1)))
+            residual = bb.emit(relax.op.nn.relu(relax.op.add(pooled, pooled)))
+            back = bb.emit(relax.op.permute_dims(residual, [0, 2, 3, 1]))  # into the next custom op: cancels
+            average = bb.emit(relax.op.nn.avg_pool2d(nchw, (2, 3), (1, 2), (1, 0, 0, 1), ceil_mode=True, count_include_pad=True))
+            adaptive = bb.emit(relax.op.nn.adaptive_avg_pool2d(nchw, (1, 1)))
+            out = bb.emit_output(relax.Tuple([back, average, adaptive]))
+        bb.emit_func_output(out)
+    before = bb.get()
+    after = cancel_transposes()(before.clone())
+    text = after["main"].script()
+    assert text.count(', layout="NHWC"') == 3 and 'layout="NCHW"' not in text, text
+    assert text.count("permute_dims") == 2, text  # the outputs of the two NCHW pools; none in front of `back`
+    data = np.random.default_rng(0).standard_normal((1, 9, 11, 8)).astype(np.float32)
+    results = []
+    for mod in (before, after):
+        vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+        results.append([value.numpy() for value in vm["main"](tvm.runtime.tensor(data))])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 # ---- targets ------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """The positions-vectorised 1x1 kernel of edgec.BlockSparseConv (edgec/ops/block_sparse/positions.py):
 which layers and targets take it, its numerics against the NumPy reference (channel counts and
-position counts that do not fill a group or a tile, stride 2, batch 2, N=4 and N=8, AVX-512 and
-AVX2 tiles; rtol 1e-4, atol 1e-5), that its work is the kept blocks', and what LLVM makes of it."""
+position counts that do not fill a group or a tile, stride 2, batch 2, N=4 and N=8, 3x3 and 7x7
+windows with padding, dilation, a 3-channel stem, AVX-512 and AVX2 tiles; rtol 1e-4, atol 1e-5),
+that its work is the kept blocks', and what LLVM makes of it."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ AVX2 = CpuVector(lanes=8, registers=16)
 NEON = CpuVector(lanes=4, registers=32)
 
 
-def shape_of(x_shape, out_channels, n, kernel=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), nnz=1) -> ConvShape:
+def shape_of(x_shape, out_channels, n, kernel=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0), nnz=1, dilations=(1, 1)) -> ConvShape:
     batch, channels, height, width = x_shape
-    return ConvShape(batch, channels, height, width, kernel, strides, pads, blocks=out_channels // n, block_size=n, nnz=nnz)
+    return ConvShape(batch, channels, height, width, kernel, strides, pads, dilations, blocks=out_channels // n, block_size=n, nnz=nnz)
 
 
 def test_plan_only_where_blocks_are_narrower_than_the_vector():
@@ -35,8 +36,10 @@ def test_plan_only_where_blocks_are_narrower_than_the_vector():
     assert positions_plan(pointwise[8], AVX2) is None
     assert positions_plan(pointwise[4], NEON) is None  # ARM keeps its kernel (and its instruction counts)
     assert positions_plan(pointwise[2], AVX512) is None  # N not a multiple of the 4-channel transposes
-    assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, kernel=(3, 3), pads=(1, 1, 1, 1)), AVX512) is None
-    assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, pads=(1, 1, 1, 1)), AVX512) is None
+    assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, kernel=(3, 3), pads=(1, 1, 1, 1)), AVX512) == PositionsPlan(16, 1)
+    assert positions_plan(shape_of((1, 3, 8, 8), 32, 4, kernel=(7, 7), strides=(2, 2), pads=(3, 3, 3, 3)), AVX2) == PositionsPlan(8, 1)
+    assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, pads=(1, 1, 1, 1)), AVX512) == PositionsPlan(16, 1)
+    assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, kernel=(3, 3), pads=(1, 1, 1, 1)), NEON) is None
     assert positions_plan(shape_of((1, 32, 8, 8), 32, 4, strides=(2, 2)), AVX512) == PositionsPlan(16, 1)
 
 
@@ -51,7 +54,8 @@ def lowered_kernels(model, preset: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("preset", "kernel", "n", "positions"),
-    [("x86", (1, 1), 4, True), ("x86", (1, 1), 8, True), ("x86", (1, 1), 16, False), ("x86", (3, 3), 4, False),
+    [("x86", (1, 1), 4, True), ("x86", (1, 1), 8, True), ("x86", (1, 1), 16, False), ("x86", (3, 3), 4, True),
+     ("x86", (3, 3), 16, False), ("cortex-a53", (3, 3), 4, False),
      ("cortex-a7", (1, 1), 4, False), ("cortex-a53", (1, 1), 4, False)],
 )  # fmt: skip
 def test_lowering_chooses_the_kernel(preset, kernel, n, positions):
@@ -65,7 +69,8 @@ def test_lowering_chooses_the_kernel(preset, kernel, n, positions):
     assert ('"xt"' in script or "xt = " in script) == want, script[:400]
 
 
-CASES = {  # x shape, C_out, N, stride, activation; C_out in runs of `lanes` channels, then block-rows left
+# x shape, C_out, N, stride, activation[, window, pads[, dilation]]; C_out in runs of `lanes` channels, then block-rows left
+CASES = {
     "7x7-cin96": ((1, 96, 7, 7), 24, 4, 1, "Clip"),  # 49 positions: one full tile of 32, one of 17
     "14x14-cin18": ((1, 18, 14, 14), 20, 4, 1, "Relu"),  # C_in % 4 = 2: two gathered channels
     "batch2-n8": ((2, 30, 5, 5), 40, 8, 1, "none"),
@@ -73,7 +78,20 @@ CASES = {  # x shape, C_out, N, stride, activation; C_out in runs of `lanes` cha
     "full-tiles": ((1, 16, 8, 8), 16, 4, 1, "Relu"),  # 64 positions: no partial tile
     "no-full-run": ((1, 12, 5, 5), 8, 4, 1, "Clip"),  # C_out 8 < 16 lanes: 128-bit stores only
     "no-full-tile": ((1, 20, 3, 3), 16, 4, 1, "Relu"),  # 9 positions: the partial tile alone
+    "3x3-pad": ((1, 22, 7, 7), 24, 4, 1, "Relu", (3, 3), (1, 1, 1, 1)),  # ResNet-18's last stage, smaller
+    "3x3-stride2-batch2": ((2, 16, 9, 10), 16, 8, 2, "Clip", (3, 3), (1, 1, 1, 1)),
+    "3x3-unpadded": ((1, 8, 6, 9), 20, 4, 1, "none", (3, 3), (0, 0, 0, 0)),
+    "5x3-dilated-asym-pad": ((1, 12, 11, 12), 16, 4, 1, "Clip", (5, 3), (2, 1, 2, 0), (2, 1)),
+    "7x7-stem": ((1, 3, 20, 20), 32, 4, 2, "Relu", (7, 7), (3, 3, 3, 3)),  # ResNet-18's stem: 3 gathered channels
 }
+
+
+def case_models(case: str):
+    """(sparse model, dense model, its ConvShape with nnz 1) of ``CASES[case]``."""
+    x_shape, out_channels, n, stride, activation, *given = CASES[case]
+    window, pads, dilation = [*given, *((1, 1), (0, 0, 0, 0), (1, 1))[len(given) :]]
+    sparse, dense = conv_models(x_shape, out_channels, n, window, (stride, stride), pads, dilation, activation)
+    return sparse, dense, shape_of(x_shape, out_channels, n, window, (stride, stride), pads, dilations=dilation)
 
 
 def run_kernel(prim, arrays):
@@ -95,26 +113,25 @@ PLANS = {"avx512": PositionsPlan(16, 1), "avx512-2-vectors": PositionsPlan(16, 2
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_reference(case, plan):
-    x_shape, out_channels, n, stride, activation = CASES[case]
+    x_shape, activation = CASES[case][0], CASES[case][4]
     plan = PLANS[plan]
-    if n >= plan.lanes:
+    sparse, _, shape = case_models(case)
+    if shape.block_size >= plan.lanes:
         pytest.skip("N fills this vector: not this kernel's")
-    sparse, _ = conv_models(x_shape, out_channels, n, (1, 1), (stride, stride), (0, 0, 0, 0), (1, 1), activation)
     inits = sparse.graph.initializers
     values, indices, indptr, bias = (inits[name].const_value.numpy() for name in ("v", "i", "p", "b"))
-    shape = shape_of(x_shape, out_channels, n, strides=(stride, stride), nnz=indices.size)
+    shape = dataclasses.replace(shape, nnz=indices.size)
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
     (want,) = run_numpy_reference(sparse, [x])
-    y = np.zeros((x_shape[0], shape.out_height, shape.out_width, out_channels), np.float32)
+    y = np.zeros((x_shape[0], shape.out_height, shape.out_width, shape.out_channels), np.float32)
     arrays = [x.transpose(0, 2, 3, 1), values.transpose(0, 2, 3, 1), indices, indptr, bias, y]  # as the lowering passes them
     got = run_kernel(positions_kernel(shape, plan, activation, 0.0, 6.0), arrays)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("case", ["7x7-cin96", "stride2"])
+@pytest.mark.parametrize("case", ["7x7-cin96", "stride2", "3x3-pad", "7x7-stem"])
 def test_compiled_model_verifies(case, tmp_path):
-    x_shape, out_channels, n, stride, activation = CASES[case]
-    sparse, _ = conv_models(x_shape, out_channels, n, (1, 1), (stride, stride), (0, 0, 0, 0), (1, 1), activation)
+    sparse, _, _ = case_models(case)
     result = edgec.compile(edgec.from_onnx_ir(sparse), "x86", tmp_path / "a")
     verification = result.manifest["verification"]
     assert verification["status"] == "passed" and verification["numpy"]["enforced"]
@@ -133,6 +150,9 @@ def test_work_is_the_kept_blocks():
         counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
         assert counts[keep] == indices.size * 4 * 64 == shape.multiply_adds  # 64 positions: four full tiles
     assert counts[0.75] > 2 * counts[0.25]
+    window = dataclasses.replace(shape, kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2))  # 4x4 outputs: one partial tile
+    prim = positions_kernel(window, positions_plan(window, AVX512), "Relu")
+    assert multiply_adds(prim, {"indptr": indptr, "indices": indices}) == indices.size * 4 * 9 * 16 == window.multiply_adds
 
 
 def test_assembly_fma_tile_and_vector_transposes():

@@ -32,7 +32,7 @@ import dataclasses
 from edgec.ops.common import STACK_TILE_BYTES, ConvGeometry, activation_expr
 from edgec.targets.vector import CpuVector
 
-__all__ = ["ConvShape", "KernelPlan", "conv_kernel", "even_tiles", "gemm_kernel", "kernel_plan"]
+__all__ = ["ConvShape", "KernelPlan", "conv_kernel", "even_tiles", "gemm_kernel", "kernel_plan", "padded_copy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,7 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     padded_h, padded_w = height + top + bottom, width + left + right
     row_tiles, base, wide = even_tiles(out_w, plan.positions)
     window = kh * kw
+    pad_copy = padded_copy(images, height, width, channels, shape.pads)
 
     @T.macro
     def register_tile(xf, vf, indices, indptr, bias, yf, image, oh, block, start, size):
@@ -189,22 +190,38 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
         yf = T.decl_buffer((images * out_h * out_w * out_channels,), "float32", data=y.data)
         if padded:
             xp = T.decl_buffer((images * padded_h * padded_w * channels,), "float32")
-            for row in T.parallel(images * padded_h):
-                for col in range(padded_w):
-                    for c in T.vectorized(channels):
-                        xp[(row * padded_w + col) * channels + c] = T.if_then_else(
-                            top <= row % padded_h
-                            and row % padded_h < top + height
-                            and left <= col
-                            and col < left + width,
-                            xf[((row // padded_h * height + row % padded_h - top) * width + col - left) * channels + c],
-                            T.float32(0),
-                        )
+            pad_copy(xf, xp)
             main_loops(xp, vf, indices, indptr, bias, yf)
         else:
             main_loops(xf, vf, indices, indptr, bias, yf)
 
     return kernel
+
+
+def padded_copy(images: int, height: int, width: int, channels: int, pads: tuple[int, int, int, int]):
+    """The TVMScript macro ``copy(xf, xp)``: the NHWC input ``xf`` (``images x height x width x
+    channels``, flat) into ``xp``, a copy with ``pads`` (top, left, bottom, right) of zeros around
+    each image, its rows in one parallel loop."""
+    from tvm.script import tirx as T
+
+    top, left, bottom, right = pads
+    padded_h, padded_w = height + top + bottom, width + left + right
+
+    @T.macro
+    def copy(xf, xp):
+        for row in T.parallel(images * padded_h):
+            for col in range(padded_w):
+                for c in T.vectorized(channels):
+                    xp[(row * padded_w + col) * channels + c] = T.if_then_else(
+                        top <= row % padded_h
+                        and row % padded_h < top + height
+                        and left <= col
+                        and col < left + width,
+                        xf[((row // padded_h * height + row % padded_h - top) * width + col - left) * channels + c],
+                        T.float32(0),
+                    )
+
+    return copy
 
 
 def gemm_kernel(rows_in: int, features: int, blocks: int, block_size: int, nnz: int, act):

@@ -1,9 +1,9 @@
 """Relax lowerings of ``edgec.BlockSparseConv`` and ``edgec.BlockSparseGemm``.
 
 CPU: the kernels of edgec/ops/block_sparse/kernels.py as opaque ``call_tir``,
-the packed arrays as their constant arguments. A 1x1 Conv whose blocks are
-narrower than the CPU's vector (N=4 and N=8 with AVX-512, N=4 with AVX2) takes
-the positions-vectorised kernel of positions.py instead (``positions_plan``
+the packed arrays as their constant arguments. A Conv (any window) whose blocks
+are narrower than the CPU's vector (N=4 and N=8 with AVX-512, N=4 with AVX2)
+takes the positions-vectorised kernel of positions.py instead (``positions_plan``
 says when); NEON's 4 lanes keep the N-vectorised kernel. Both Conv kernels are
 channels-last and the ONNX graph NCHW: the lowering wraps it in NCHW -> NHWC
 -> NCHW ``permute_dims``. Where the CPU schedule library makes the graph
@@ -91,9 +91,10 @@ def warn_narrow_blocks(target, block_size: int, lanes: int) -> None:
 @functools.cache
 def _warn_narrow_blocks(target: str, block_size: int, lanes: int) -> None:
     log.warning(
-        "block-sparse N=%d on %s: the kernels of Gemm and non-1x1 conv layers vectorise over a "
-        "block's N output channels and fill %d of the CPU's %d float lanes, so they can run slower "
-        "than dense (README: block-sparse timings); prune with n=%d for this target",
+        "block-sparse N=%d on %s: the kernels of Gemm layers (and of conv layers when N is not a "
+        "multiple of 4) vectorise over a block's N output channels and fill %d of the CPU's %d float "
+        "lanes, so they can run slower than dense (README: block-sparse timings); prune with n=%d for "
+        "this target",
         block_size, target, block_size, lanes, lanes,
     )  # fmt: skip
 

@@ -1,19 +1,23 @@
-"""The positions-vectorised kernel of ``edgec.BlockSparseConv``: 1x1 convolutions whose blocks
-are narrower than the CPU's vector (N=4 and N=8 with AVX-512, N=4 with AVX2), computed as
-XNNPACK's sparse inference does: a vector holds consecutive output *positions* of one channel,
-not a block's N channels, so every lane works whatever N is.
+"""The positions-vectorised kernel of ``edgec.BlockSparseConv``: convolutions whose blocks are
+narrower than the CPU's vector (N=4 and N=8 with AVX-512, N=4 with AVX2), computed as XNNPACK's
+sparse inference does: a vector holds consecutive output *positions* of one channel, not a
+block's N channels, so every lane works whatever N is. Any window, stride, dilation and padding.
 
 The op's activations stay channels-last (NHWC) at its boundary, like every other kernel; the
 kernel changes the layout of one tile of ``P = vectors x lanes`` output positions at a time:
 
-1. transpose in: the tile's P rows of x (C_in contiguous per position) become a channel-major
-   scratch ``xt[C_in, P]``: per 4 channels x ``lanes`` positions, ``lanes`` 128-bit loads (one
-   per position), the two unpack stages of a 4x4 transpose inside each 128-bit lane (8
-   shuffles: ``vunpcklps``/``vunpckhps``, ``vunpcklpd``/``vunpckhpd``) and 4 full-vector
-   stores. The ``C_in % 4`` last channels are gathered position by position.
-2. per block-row: ``N x vectors`` accumulators start from the bias; each kept block loads
-   ``vectors`` vectors ``xt[indices[k], :]`` and multiplies them with its N weights, each
-   broadcast: N x vectors FMAs per block.
+1. transpose in: for each tap ``(r, s)`` of the ``kh x kw`` window, the P input positions under
+   the tile's outputs (C_in contiguous per position) become a channel-major scratch
+   ``xt[tap, C_in, P]`` (an im2col of the tile, transposed): per 4 channels x ``lanes``
+   positions, ``lanes`` 128-bit loads (one per position), the two unpack stages of a 4x4
+   transpose inside each 128-bit lane (8 shuffles: ``vunpcklps``/``vunpckhps``,
+   ``vunpcklpd``/``vunpckhpd``) and 4 full-vector stores. The ``C_in % 4`` last channels are
+   gathered position by position. With padding, the kernel first copies x into a zero-bordered
+   buffer (as the N-vectorised kernel does), so no load tests a border. A 1x1 window is one tap.
+2. per block-row: ``N x vectors`` accumulators start from the bias; each kept block (one input
+   channel, every tap) loads, per tap, ``vectors`` vectors ``xt[tap, indices[k], :]`` and
+   multiplies them with its N weights of that tap, each broadcast: ``kh x kw x N x vectors``
+   FMAs per block.
 3. the activation, then back to NHWC: the output channels in runs of ``lanes`` (``lanes / N``
    block-rows) go through a channel-major scratch ``yt[lanes, P]`` and a ``lanes x lanes``
    transpose (the in-lane 4x4 transposes, then swaps of 128-bit blocks: 64 shuffles for 16
@@ -24,18 +28,18 @@ kernel changes the layout of one tile of ``P = vectors x lanes`` output position
    input channels gain most (16 -> 96 at 112x112: 1.84x against 1.48x), their time being
    mostly this epilogue.
 
-Work: ``nnz x N x P`` multiply-adds per tile (the kept blocks only), plus the two transposes,
-O(C_in + C_out) per position against ``nnz x N`` per position for the products. The last tile,
-when the positions do not fill it, reads its missing positions as copies of the last position
-and does not store them. Any stride (a 1x1 window reads one input position per output
-position); no padding.
+Work: ``nnz x N x kh x kw x P`` multiply-adds per tile (the kept blocks only), plus the two
+transposes, O(kh x kw x C_in + C_out) per position against ``nnz x N x kh x kw`` per position
+for the products. The last tile, when the positions do not fill it, reads its missing positions
+as copies of the last position and does not store them. The scratch is ``kh x kw x C_in x P``
+floats (ResNet-18's 3x3 512-channel layers: 288 KiB, in the core's L2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from edgec.ops.block_sparse.kernels import ConvShape
+from edgec.ops.block_sparse.kernels import ConvShape, padded_copy
 from edgec.ops.common import activation_expr
 from edgec.targets.vector import CpuVector
 
@@ -60,7 +64,7 @@ class PositionsPlan:
 def positions_plan(shape: ConvShape, vector: CpuVector) -> PositionsPlan | None:
     """The plan when this kernel applies to ``shape`` on ``vector``, else None.
 
-    It applies to 1x1 windows without padding whose N is a multiple of 4 and narrower than
+    It applies to convolutions (any window) whose N is a multiple of 4 and narrower than
     the vector (on NEON, 4 lanes, N=4 already fills a register: the N-vectorised kernel
     stays). One vector of positions per channel (N=4: 16 positions x 4 channels, 4
     accumulators): measured against two (XNNPACK's 32x4 tile, 8 accumulators, which hides
@@ -73,7 +77,7 @@ def positions_plan(shape: ConvShape, vector: CpuVector) -> PositionsPlan | None:
     way), by 0-10%.
     """
     n = shape.block_size
-    if shape.kernel != (1, 1) or any(shape.pads) or n % GROUP or vector.lanes % GROUP or n >= vector.lanes:
+    if n % GROUP or vector.lanes % GROUP or n >= vector.lanes:
         return None
     return PositionsPlan(vector.lanes, 1)
 
@@ -83,10 +87,11 @@ def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "n
     """The PrimFunc ``(x, values, indices, indptr, bias, y)`` for ``shape``, channels-last.
 
     The arguments are those of :func:`edgec.ops.block_sparse.kernels.conv_kernel` (values
-    ``(nnz, 1, 1, N)``). Loops, outermost first: a parallel loop over tiles of
-    ``plan.positions`` output positions (all images, rows and columns in one sequence), the
-    transpose in, the block-rows, the kept blocks of the block-row (the reduction), the
-    register tile (N channels x ``plan.vectors`` vectors, unrolled), the epilogue.
+    ``(nnz, kh, kw, N)``). Loops, outermost first: (with padding, the zero-bordered copy of
+    x, then) a parallel loop over tiles of ``plan.positions`` output positions (all images,
+    rows and columns in one sequence), the transpose in of every tap, the block-rows, the kept
+    blocks of the block-row (the reduction), the taps and the register tile (N channels x
+    ``plan.vectors`` vectors; all unrolled), the epilogue.
 
     ``elements`` > 1: that many products of one block pattern, each with its own values and
     positions (the tile-element GEMMs of a block-sparse Winograd convolution, winograd_gemm.py):
@@ -94,7 +99,7 @@ def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "n
     ``(elements, positions, C_out)``, the parallel loop over (element, tile); for a 1x1,
     stride-1 ``shape`` of one image row (``positions`` its width).
     """
-    if elements > 1 and (shape.batch, shape.height, shape.strides) != (1, 1, (1, 1)):
+    if elements > 1 and ((shape.batch, shape.height) != (1, 1) or not shape.pointwise):
         raise ValueError(f"{elements} elements need one row of positions at stride 1, not {shape}")
     return _kernel(shape, plan, activation_expr(activation, low, high), elements)
 
@@ -213,7 +218,13 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
     tiles, full_tiles = -(-positions // tile), positions // tile
     groups, tail = divmod(channels, GROUP)
     sh, sw = shape.strides
-    contiguous = shape.strides == (1, 1)  # output position p reads input row p
+    dh, dw = shape.dilations
+    kh, kw = shape.kernel
+    window = kh * kw
+    top, left, bottom, right = shape.pads
+    padded = any(shape.pads)
+    padded_h, padded_w = shape.height + top + bottom, shape.width + left + right  # of x's zero-bordered copy
+    contiguous = shape.pointwise  # output position p reads input row p
     wide = out_channels // lanes  # runs of `lanes` output channels
 
     # element e's positions and blocks start at position e * positions and block e * nnz; with one
@@ -222,14 +233,15 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
         """Position ``p`` of element ``e`` in the flattened x and y."""
         return p if e is None else e * positions + p
 
-    def row(e, p, clamp: bool):
-        """Offset in x of the channels of the input position under output position ``p``."""
+    def row(e, p, r, s, clamp: bool):
+        """Offset in x (its zero-bordered copy, with padding) of the channels of the input
+        position under output position ``p`` for the tap ``(r, s)``."""
         if clamp:
             p = T.min(p, positions - 1)
         if contiguous:
             return first(e, p) * channels
         image, rest = p // (out_h * out_w), p % (out_h * out_w)
-        return ((image * shape.height + rest // out_w * sh) * shape.width + rest % out_w * sw) * channels
+        return ((image * padded_h + rest // out_w * sh + r * dh) * padded_w + rest % out_w * sw + s * dw) * channels
 
     def accumulate(acc, xt, vf, indices, indptr, bias, b, e):
         """Emit (into the function being parsed, not as a TVMScript macro: each macro call
@@ -243,33 +255,39 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                 with builder.vectorized(lanes) as l:
                     builder.buffer_store(acc, bias[b * n + j], [(j * vectors + v) * lanes + l])
         with builder.serial(indptr[b], indptr[b + 1]) as k:
-            for j in range(n):
-                for v in range(vectors):
-                    with builder.vectorized(lanes) as l:
-                        at = (j * vectors + v) * lanes + l
-                        builder.buffer_store(acc, acc[at] + vf[(k if e is None else e * nnz + k) * n + j] * xt[indices[k] * tile + v * lanes + l], [at])
+            block = k if e is None else e * nnz + k
+            for tap in range(window):
+                for j in range(n):
+                    for v in range(vectors):
+                        with builder.vectorized(lanes) as l:
+                            at = (j * vectors + v) * lanes + l
+                            w = vf[(block * window + tap) * n + j]
+                            builder.buffer_store(acc, acc[at] + w * xt[(tap * channels + indices[k]) * tile + v * lanes + l], [at])
         for e in range(n * vectors):
             with builder.vectorized(lanes) as l:
                 builder.buffer_store(acc, act(acc[e * lanes + l]), [e * lanes + l])
 
     @T.macro
     def tile_body(x, vf, indices, indptr, bias, y, e, t, partial):
-        xt = T.alloc_buffer((channels * tile,), "float32")  # channel-major: xt[c * tile + p]
-        for g in range(groups):
-            for v in T.unroll(vectors):
-                rows = T.alloc_buffer((GROUP * lanes,), "float32")  # 4 x lanes: one 128-bit load per position
-                for q in T.unroll(lanes // GROUP):
-                    for i in T.unroll(GROUP):
-                        for j in T.vectorized(GROUP):
-                            rows[i * lanes + q * GROUP + j] = x[row(e, t * tile + v * lanes + q * GROUP + i, partial) + g * GROUP + j]
-                columns = T.meta_var(inlane_transpose(vector_loads(rows, [0, lanes, 2 * lanes, 3 * lanes], lanes), lanes))
-                xt[T.ramp((g * GROUP + 0) * tile + v * lanes, 1, lanes)] = columns[0]
-                xt[T.ramp((g * GROUP + 1) * tile + v * lanes, 1, lanes)] = columns[1]
-                xt[T.ramp((g * GROUP + 2) * tile + v * lanes, 1, lanes)] = columns[2]
-                xt[T.ramp((g * GROUP + 3) * tile + v * lanes, 1, lanes)] = columns[3]
-        for c in range(tail):
-            for p in T.vectorized(tile):
-                xt[(groups * GROUP + c) * tile + p] = x[row(e, t * tile + p, partial) + groups * GROUP + c]
+        xt = T.alloc_buffer((window * channels * tile,), "float32")  # tap- and channel-major: xt[(tap * C_in + c) * tile + p]
+        for r in range(kh):
+            for s in range(kw):
+                for g in range(groups):
+                    for v in T.unroll(vectors):
+                        rows = T.alloc_buffer((GROUP * lanes,), "float32")  # 4 x lanes: one 128-bit load per position
+                        for q in T.unroll(lanes // GROUP):
+                            for i in T.unroll(GROUP):
+                                for j in T.vectorized(GROUP):
+                                    rows[i * lanes + q * GROUP + j] = x[row(e, t * tile + v * lanes + q * GROUP + i, r, s, partial) + g * GROUP + j]
+                        columns = T.meta_var(inlane_transpose(vector_loads(rows, [0, lanes, 2 * lanes, 3 * lanes], lanes), lanes))
+                        at = T.meta_var(((r * kw + s) * channels + g * GROUP) * tile + v * lanes)
+                        xt[T.ramp(at, 1, lanes)] = columns[0]
+                        xt[T.ramp(at + tile, 1, lanes)] = columns[1]
+                        xt[T.ramp(at + 2 * tile, 1, lanes)] = columns[2]
+                        xt[T.ramp(at + 3 * tile, 1, lanes)] = columns[3]
+                for c in range(tail):
+                    for p in T.vectorized(tile):
+                        xt[((r * kw + s) * channels + groups * GROUP + c) * tile + p] = x[row(e, t * tile + p, r, s, partial) + groups * GROUP + c]
         # channels in runs of `lanes` (lanes / N block-rows): full-vector stores per position
         for w in range(wide):
             yt = T.alloc_buffer((lanes * tile,), "float32")  # the run's channels, channel-major
@@ -298,8 +316,24 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                         first(e, positions) if partial else None,
                     )  # fmt: skip
 
+    @T.macro
+    def tiles_loop(xf, vf, indices, indptr, bias, yf):
+        for t in T.parallel(elements * tiles):  # (element, tile of its positions); one element: the tile
+            e = T.meta_var(None if elements == 1 else t // tiles)
+            tile_of = T.meta_var(t if elements == 1 else t % tiles)
+            if full_tiles == tiles:  # (Python conditions: a branch that never runs is not generated)
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
+            elif full_tiles == 0:
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
+            elif tile_of < full_tiles:
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
+            else:
+                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
+
+    pad_copy = padded_copy(batch, shape.height, shape.width, channels, shape.pads)
+
     if elements == 1:
-        x_shape, values_shape = (batch, shape.height, shape.width, channels), (nnz, 1, 1, n)
+        x_shape, values_shape = (batch, shape.height, shape.width, channels), (nnz, kh, kw, n)
         y_shape = (batch, out_h, out_w, out_channels)
     else:
         x_shape, values_shape, y_shape = (elements, positions, channels), (elements, nnz, n), (elements, positions, out_channels)
@@ -315,18 +349,13 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
     ):
         T.func_attr({"tirx.noalias": True})
         xf = T.decl_buffer((elements * batch * shape.height * shape.width * channels,), "float32", data=x.data)
-        vf = T.decl_buffer((elements * nnz * n,), "float32", data=values.data)
+        vf = T.decl_buffer((elements * nnz * window * n,), "float32", data=values.data)
         yf = T.decl_buffer((elements * positions * out_channels,), "float32", data=y.data)
-        for t in T.parallel(elements * tiles):  # (element, tile of its positions); one element: the tile
-            e = T.meta_var(None if elements == 1 else t // tiles)
-            tile_of = T.meta_var(t if elements == 1 else t % tiles)
-            if full_tiles == tiles:  # (Python conditions: a branch that never runs is not generated)
-                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
-            elif full_tiles == 0:
-                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
-            elif tile_of < full_tiles:
-                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, False)
-            else:
-                tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
+        if padded:  # (Python conditions: a branch that never runs is not generated)
+            xp = T.decl_buffer((batch * padded_h * padded_w * channels,), "float32")
+            pad_copy(xf, xp)
+            tiles_loop(xp, vf, indices, indptr, bias, yf)
+        else:
+            tiles_loop(xf, vf, indices, indptr, bias, yf)
 
     return kernel
