@@ -155,15 +155,17 @@ def test_work_is_the_kept_blocks():
     assert multiply_adds(prim, {"indptr": indptr, "indices": indices}) == indices.size * 4 * 9 * 16 == window.multiply_adds
 
 
-def test_assembly_fma_tile_and_vector_transposes():
-    """AVX-512: each kept block is 4 zmm FMAs on 1 load of x (16 positions) and 4 broadcast
-    weights; the transposes are shuffles, and y is stored a whole position's 16 channels (the
-    first 16 of 24) or 4 (the last 8) at a time, never one float at a time."""
+@pytest.mark.parametrize("window", [(1, 1), (3, 3)])
+def test_assembly_fma_tile_and_vector_transposes(window):
+    """AVX-512: each kept block is, per tap, 4 zmm FMAs on 1 load of x (16 positions) and 4
+    broadcast weights; the transposes are shuffles, and y is stored a whole position's 16
+    channels (the first 16 of 24) or 4 (the last 8) at a time, never one float at a time."""
     import re
 
     import tvm
 
-    shape = shape_of((1, 96, 16, 16), 24, 4, nnz=200)
+    pads = tuple(k // 2 for k in window) * 2
+    shape = shape_of((1, 96, 16, 16), 24, 4, kernel=window, pads=pads, nnz=200)
     prim = positions_kernel(shape, positions_plan(shape, AVX512), "Clip", 0.0, 6.0)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
     asm = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}), target=target).mod.inspect_source("s")
