@@ -41,6 +41,7 @@ from edgec.core.artifact import (
     GENERATOR,
     KERNEL_CONSTANTS,
     MANIFEST_FORMAT,
+    MODEL_ONNX,
     REFERENCE_ONNX,
     Artifact,
     file_sha256,
@@ -124,7 +125,7 @@ def compile(  # noqa: A001 - the public name users expect: edgec.compile
             built = _build_and_export(model, mod, resolved, options, directory, progress, fallbacks)
             verification = _verify(model, resolved, directory, verify, progress)
         hashes = {name: file_sha256(directory / name) for name in built.files}
-        manifest = build_manifest(model, resolved, built.files, hashes["model.onnx"], verification, progress.seconds)
+        manifest = build_manifest(model, resolved, built.files, hashes[MODEL_ONNX], verification, progress.seconds)
         manifest["constant_folding"] = {"nodes_folded": folded.nodes_before - folded.nodes_after, "by_op": folded.folded}
         manifest["kernels"] = built.kernels
         manifest["schedules"] = schedule_summary(resolved, options, built.kernels, built.tuning)
@@ -153,7 +154,7 @@ def _build_and_export(model: Model, mod, target: ResolvedTarget, options, direct
         attach_onnx_nodes(built.kernels, model.graph)
     with progress.stage("export", f"lib.so for {target.preset.cpu_arch}"):
         files = export(built.executable, target, directory)
-        files += save_onnx(model.graph, directory / "model.onnx")
+        files += save_onnx(model.graph, directory / MODEL_ONNX)
         if model.standard_graph is not None and has_custom_ops(model.graph):  # what bench checks the device against
             files += save_onnx(model.standard_graph, directory / REFERENCE_ONNX)
         constants = directory / KERNEL_CONSTANTS
@@ -212,7 +213,7 @@ def build_manifest(
             "format": model.source_format,
             "sha256": model.source_sha256,
         },
-        "onnx": {"file": "model.onnx", "sha256": onnx_sha256, "opset": opset},
+        "onnx": {"file": MODEL_ONNX, "sha256": onnx_sha256, "opset": opset},
         "target": {
             "preset": target.name,
             "spec": target.spec,

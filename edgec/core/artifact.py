@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
 GENERATOR = "edgec"
 KERNEL_CONSTANTS = "kernel_constants.npz"  # integer constants kernels read, for edgec profile (sparse indices)
+MODEL_ONNX = "model.onnx"  # the graph the artifact was built from
 REFERENCE_ONNX = "reference.onnx"  # the standard-ONNX equivalent of a graph with edgec ops (ONNX Runtime runs it)
 
 # key path -> type(s) every manifest this edgec reads must have
@@ -68,7 +69,7 @@ class Artifact:
 
     @property
     def onnx(self) -> Path:
-        return self.path / "model.onnx"
+        return self.path / MODEL_ONNX
 
     @property
     def reference_onnx(self) -> Path | None:

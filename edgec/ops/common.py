@@ -177,6 +177,18 @@ class ConvGeometry:
     dilations: tuple[int, int] = (1, 1)
 
     @property
+    def padded_height(self) -> int:
+        """Rows of the input with its top and bottom padding."""
+        top, _, bottom, _ = self.pads
+        return self.height + top + bottom
+
+    @property
+    def padded_width(self) -> int:
+        """Columns of the input with its left and right padding."""
+        _, left, _, right = self.pads
+        return self.width + left + right
+
+    @property
     def out_height(self) -> int:
         top, _, bottom, _ = self.pads
         return conv_output_size(self.height, self.kernel[0], self.strides[0], top + bottom, self.dilations[0])

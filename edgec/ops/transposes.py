@@ -33,7 +33,22 @@ def cancel_transposes():
         tvm.ir.Op.get(f"relax.{name}")
         for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "nn.relu", "clip")
     }
-    pools = {tvm.ir.Op.get(f"relax.nn.{name}") for name in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")}
+
+    def windowed(pool):
+        def rebuild(data, attrs):
+            return pool(data, attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation, attrs.ceil_mode,
+                        attrs.count_include_pad, "NHWC", "NHWC")  # fmt: skip
+
+        return rebuild
+
+    # NCHW pooling op -> its NHWC call on the same attributes
+    pools = {
+        tvm.ir.Op.get("relax.nn.max_pool2d"): windowed(relax.op.nn.max_pool2d),
+        tvm.ir.Op.get("relax.nn.avg_pool2d"): windowed(relax.op.nn.avg_pool2d),
+        tvm.ir.Op.get("relax.nn.adaptive_avg_pool2d"): lambda data, attrs: relax.op.nn.adaptive_avg_pool2d(
+            data, attrs.output_size, "NHWC", "NHWC"
+        ),
+    }
 
     def axes_of(call) -> list[int] | None:
         rank = len(call.ty.shape) if getattr(call.ty, "shape", None) is not None else None
@@ -69,18 +84,15 @@ def cancel_transposes():
             return relax.op.permute_dims(inner, axes)
 
         def pool_channels_last(self, call):
-            """pool(permute(y, NHWC -> NCHW)) in NCHW -> permute(pool(y) in NHWC, NHWC -> NCHW)."""
+            """pool(permute(y, NHWC -> NCHW)) in NCHW -> permute(pool(y) in NHWC, NHWC -> NCHW); any
+            other pooling (its input not so permuted, another layout) is left as it is. The permute
+            moves after the pool even when no inverse follows it: a transpose of the pooled (smaller
+            or equal) tensor instead of its input."""
             found = self.permuted(call.args[0])
-            attrs = call.attrs
-            if found is None or found[1] != NHWC_TO_NCHW or attrs.layout != "NCHW" or attrs.out_layout != "NCHW":
+            if found is None or found[1] != NHWC_TO_NCHW or (call.attrs.layout, call.attrs.out_layout) != ("NCHW", "NCHW"):
                 return call
-            if call.op.name == "relax.nn.adaptive_avg_pool2d":
-                inner = relax.op.nn.adaptive_avg_pool2d(found[0], attrs.output_size, "NHWC", "NHWC")
-            else:
-                pool = relax.op.nn.max_pool2d if call.op.name == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
-                inner = pool(found[0], attrs.pool_size, attrs.strides, attrs.padding, attrs.dilation, attrs.ceil_mode,
-                             attrs.count_include_pad, "NHWC", "NHWC")  # fmt: skip
-            return relax.op.permute_dims(self.builder_.emit(inner), NHWC_TO_NCHW)
+            inner = self.builder_.emit(pools[call.op](found[0], call.attrs))
+            return relax.op.permute_dims(inner, NHWC_TO_NCHW)
 
         def visit_call_(self, call):
             call = super().visit_call_(call)

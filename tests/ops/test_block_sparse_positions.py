@@ -1,4 +1,4 @@
-"""The positions-vectorised 1x1 kernel of edgec.BlockSparseConv (edgec/ops/block_sparse/positions.py):
+"""The positions-vectorised kernel of edgec.BlockSparseConv (edgec/ops/block_sparse/positions.py):
 which layers and targets take it, its numerics against the NumPy reference (channel counts and
 position counts that do not fill a group or a tile, stride 2, batch 2, N=4 and N=8, 3x3 and 7x7
 windows with padding, dilation, a 3-channel stem, AVX-512 and AVX2 tiles; rtol 1e-4, atol 1e-5),
@@ -7,6 +7,7 @@ that its work is the kept blocks', and what LLVM makes of it."""
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -69,29 +70,40 @@ def test_lowering_chooses_the_kernel(preset, kernel, n, positions):
     assert ('"xt"' in script or "xt = " in script) == want, script[:400]
 
 
-# x shape, C_out, N, stride, activation[, window, pads[, dilation]]; C_out in runs of `lanes` channels, then block-rows left
+class Case(NamedTuple):
+    """One conv: C_out in runs of `lanes` channels, then the block-rows left."""
+
+    x_shape: tuple[int, int, int, int]
+    out_channels: int
+    n: int
+    stride: int
+    activation: str
+    kernel: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+
 CASES = {
-    "7x7-cin96": ((1, 96, 7, 7), 24, 4, 1, "Clip"),  # 49 positions: one full tile of 32, one of 17
-    "14x14-cin18": ((1, 18, 14, 14), 20, 4, 1, "Relu"),  # C_in % 4 = 2: two gathered channels
-    "batch2-n8": ((2, 30, 5, 5), 40, 8, 1, "none"),
-    "stride2": ((1, 64, 13, 13), 32, 4, 2, "Clip"),  # 7x7 outputs from every other input position
-    "full-tiles": ((1, 16, 8, 8), 16, 4, 1, "Relu"),  # 64 positions: no partial tile
-    "no-full-run": ((1, 12, 5, 5), 8, 4, 1, "Clip"),  # C_out 8 < 16 lanes: 128-bit stores only
-    "no-full-tile": ((1, 20, 3, 3), 16, 4, 1, "Relu"),  # 9 positions: the partial tile alone
-    "3x3-pad": ((1, 22, 7, 7), 24, 4, 1, "Relu", (3, 3), (1, 1, 1, 1)),  # ResNet-18's last stage, smaller
-    "3x3-stride2-batch2": ((2, 16, 9, 10), 16, 8, 2, "Clip", (3, 3), (1, 1, 1, 1)),
-    "3x3-unpadded": ((1, 8, 6, 9), 20, 4, 1, "none", (3, 3), (0, 0, 0, 0)),
-    "5x3-dilated-asym-pad": ((1, 12, 11, 12), 16, 4, 1, "Clip", (5, 3), (2, 1, 2, 0), (2, 1)),
-    "7x7-stem": ((1, 3, 20, 20), 32, 4, 2, "Relu", (7, 7), (3, 3, 3, 3)),  # ResNet-18's stem: 3 gathered channels
+    "7x7-cin96": Case((1, 96, 7, 7), 24, 4, 1, "Clip"),  # 49 positions: one full tile of 32, one of 17
+    "14x14-cin18": Case((1, 18, 14, 14), 20, 4, 1, "Relu"),  # C_in % 4 = 2: two gathered channels
+    "batch2-n8": Case((2, 30, 5, 5), 40, 8, 1, "none"),
+    "stride2": Case((1, 64, 13, 13), 32, 4, 2, "Clip"),  # 7x7 outputs from every other input position
+    "full-tiles": Case((1, 16, 8, 8), 16, 4, 1, "Relu"),  # 64 positions: no partial tile
+    "no-full-run": Case((1, 12, 5, 5), 8, 4, 1, "Clip"),  # C_out 8 < 16 lanes: 128-bit stores only
+    "no-full-tile": Case((1, 20, 3, 3), 16, 4, 1, "Relu"),  # 9 positions: the partial tile alone
+    "3x3-pad": Case((1, 22, 7, 7), 24, 4, 1, "Relu", (3, 3), (1, 1, 1, 1)),  # ResNet-18's last stage, smaller
+    "3x3-stride2-batch2": Case((2, 16, 9, 10), 16, 8, 2, "Clip", (3, 3), (1, 1, 1, 1)),
+    "3x3-unpadded": Case((1, 8, 6, 9), 20, 4, 1, "none", (3, 3), (0, 0, 0, 0)),
+    "5x3-dilated-asym-pad": Case((1, 12, 11, 12), 16, 4, 1, "Clip", (5, 3), (2, 1, 2, 0), (2, 1)),
+    "7x7-stem": Case((1, 3, 20, 20), 32, 4, 2, "Relu", (7, 7), (3, 3, 3, 3)),  # ResNet-18's stem: 3 gathered channels
 }
 
 
-def case_models(case: str):
-    """(sparse model, dense model, its ConvShape with nnz 1) of ``CASES[case]``."""
-    x_shape, out_channels, n, stride, activation, *given = CASES[case]
-    window, pads, dilation = [*given, *((1, 1), (0, 0, 0, 0), (1, 1))[len(given) :]]
-    sparse, dense = conv_models(x_shape, out_channels, n, window, (stride, stride), pads, dilation, activation)
-    return sparse, dense, shape_of(x_shape, out_channels, n, window, (stride, stride), pads, dilations=dilation)
+def case_models(case: Case):
+    """(sparse model, dense model, its ConvShape with nnz 1) of ``case``."""
+    strides = (case.stride, case.stride)
+    sparse, dense = conv_models(case.x_shape, case.out_channels, case.n, case.kernel, strides, case.pads, case.dilations, case.activation)
+    return sparse, dense, shape_of(case.x_shape, case.out_channels, case.n, case.kernel, strides, case.pads, dilations=case.dilations)
 
 
 def run_kernel(prim, arrays):
@@ -113,8 +125,8 @@ PLANS = {"avx512": PositionsPlan(16, 1), "avx512-2-vectors": PositionsPlan(16, 2
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_reference(case, plan):
-    x_shape, activation = CASES[case][0], CASES[case][4]
-    plan = PLANS[plan]
+    case, plan = CASES[case], PLANS[plan]
+    x_shape = case.x_shape
     sparse, _, shape = case_models(case)
     if shape.block_size >= plan.lanes:
         pytest.skip("N fills this vector: not this kernel's")
@@ -125,13 +137,13 @@ def test_kernel_equals_reference(case, plan):
     (want,) = run_numpy_reference(sparse, [x])
     y = np.zeros((x_shape[0], shape.out_height, shape.out_width, shape.out_channels), np.float32)
     arrays = [x.transpose(0, 2, 3, 1), values.transpose(0, 2, 3, 1), indices, indptr, bias, y]  # as the lowering passes them
-    got = run_kernel(positions_kernel(shape, plan, activation, 0.0, 6.0), arrays)
+    got = run_kernel(positions_kernel(shape, plan, case.activation, 0.0, 6.0), arrays)
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("case", ["7x7-cin96", "stride2", "3x3-pad", "7x7-stem"])
 def test_compiled_model_verifies(case, tmp_path):
-    sparse, _, _ = case_models(case)
+    sparse, _, _ = case_models(CASES[case])
     result = edgec.compile(edgec.from_onnx_ir(sparse), "x86", tmp_path / "a")
     verification = result.manifest["verification"]
     assert verification["status"] == "passed" and verification["numpy"]["enforced"]
@@ -150,9 +162,11 @@ def test_work_is_the_kept_blocks():
         counts[keep] = multiply_adds(prim, {"indptr": indptr, "indices": indices})
         assert counts[keep] == indices.size * 4 * 64 == shape.multiply_adds  # 64 positions: four full tiles
     assert counts[0.75] > 2 * counts[0.25]
-    window = dataclasses.replace(shape, kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2))  # 4x4 outputs: one partial tile
-    prim = positions_kernel(window, positions_plan(window, AVX512), "Relu")
-    assert multiply_adds(prim, {"indptr": indptr, "indices": indices}) == indices.size * 4 * 9 * 16 == window.multiply_adds
+    strided = dataclasses.replace(shape, height=10, width=10, kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2))
+    prim = positions_kernel(strided, positions_plan(strided, AVX512), "Relu")
+    # 5x5 outputs: a full tile of 16 and a partial one, whose 9 positions cost a whole tile
+    assert multiply_adds(prim, {"indptr": indptr, "indices": indices}) == indices.size * 4 * 9 * 32
+    assert strided.multiply_adds == indices.size * 4 * 9 * 25
 
 
 @pytest.mark.parametrize("window", [(1, 1), (3, 3)])

@@ -136,7 +136,7 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     padded_h, padded_w = height + top + bottom, width + left + right
     row_tiles, base, wide = even_tiles(out_w, plan.positions)
     window = kh * kw
-    pad_copy = padded_copy(images, height, width, channels, shape.pads)
+    pad_copy = padded_copy(shape)  # (only used with padding, where images, height, width are the shape's)
 
     @T.macro
     def register_tile(xf, vf, indices, indptr, bias, yf, image, oh, block, start, size):
@@ -198,14 +198,15 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     return kernel
 
 
-def padded_copy(images: int, height: int, width: int, channels: int, pads: tuple[int, int, int, int]):
-    """The TVMScript macro ``copy(xf, xp)``: the NHWC input ``xf`` (``images x height x width x
-    channels``, flat) into ``xp``, a copy with ``pads`` (top, left, bottom, right) of zeros around
-    each image, its rows in one parallel loop."""
+def padded_copy(shape: ConvShape):
+    """The TVMScript macro ``copy(xf, xp)``: the NHWC input ``xf`` of ``shape`` (flat) into ``xp``
+    (``shape.batch x padded_height x padded_width x channels`` floats), a copy with the pads
+    (top, left, bottom, right) of zeros around each image, its rows in one parallel loop."""
     from tvm.script import tirx as T
 
-    top, left, bottom, right = pads
-    padded_h, padded_w = height + top + bottom, width + left + right
+    images, height, width, channels = shape.batch, shape.height, shape.width, shape.channels
+    top, left, _, _ = shape.pads
+    padded_h, padded_w = shape.padded_height, shape.padded_width
 
     @T.macro
     def copy(xf, xp):

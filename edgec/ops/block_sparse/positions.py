@@ -100,7 +100,7 @@ def positions_kernel(shape: ConvShape, plan: PositionsPlan, activation: str = "n
     stride-1 ``shape`` of one image row (``positions`` its width).
     """
     if elements > 1 and ((shape.batch, shape.height) != (1, 1) or not shape.pointwise):
-        raise ValueError(f"{elements} elements need one row of positions at stride 1, not {shape}")
+        raise ValueError(f"{elements} elements need one row of positions, 1x1, stride 1, no padding, not {shape}")
     return _kernel(shape, plan, activation_expr(activation, low, high), elements)
 
 
@@ -221,9 +221,8 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
     dh, dw = shape.dilations
     kh, kw = shape.kernel
     window = kh * kw
-    top, left, bottom, right = shape.pads
     padded = any(shape.pads)
-    padded_h, padded_w = shape.height + top + bottom, shape.width + left + right  # of x's zero-bordered copy
+    padded_h, padded_w = shape.padded_height, shape.padded_width  # of x's zero-bordered copy
     contiguous = shape.pointwise  # output position p reads input row p
     wide = out_channels // lanes  # runs of `lanes` output channels
 
@@ -263,13 +262,13 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                             at = (j * vectors + v) * lanes + l
                             w = vf[(block * window + tap) * n + j]
                             builder.buffer_store(acc, acc[at] + w * xt[(tap * channels + indices[k]) * tile + v * lanes + l], [at])
-        for e in range(n * vectors):
+        for slot in range(n * vectors):
             with builder.vectorized(lanes) as l:
-                builder.buffer_store(acc, act(acc[e * lanes + l]), [e * lanes + l])
+                builder.buffer_store(acc, act(acc[slot * lanes + l]), [slot * lanes + l])
 
     @T.macro
     def tile_body(x, vf, indices, indptr, bias, y, e, t, partial):
-        xt = T.alloc_buffer((window * channels * tile,), "float32")  # tap- and channel-major: xt[(tap * C_in + c) * tile + p]
+        xt = T.alloc_buffer((window * channels * tile,), "float32")  # xt[(tap * C_in + c) * tile + p]
         for r in range(kh):
             for s in range(kw):
                 for g in range(groups):
@@ -278,7 +277,8 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                         for q in T.unroll(lanes // GROUP):
                             for i in T.unroll(GROUP):
                                 for j in T.vectorized(GROUP):
-                                    rows[i * lanes + q * GROUP + j] = x[row(e, t * tile + v * lanes + q * GROUP + i, r, s, partial) + g * GROUP + j]
+                                    src = T.meta_var(row(e, t * tile + v * lanes + q * GROUP + i, r, s, partial))
+                                    rows[i * lanes + q * GROUP + j] = x[src + g * GROUP + j]
                         columns = T.meta_var(inlane_transpose(vector_loads(rows, [0, lanes, 2 * lanes, 3 * lanes], lanes), lanes))
                         at = T.meta_var(((r * kw + s) * channels + g * GROUP) * tile + v * lanes)
                         xt[T.ramp(at, 1, lanes)] = columns[0]
@@ -287,16 +287,17 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                         xt[T.ramp(at + 3 * tile, 1, lanes)] = columns[3]
                 for c in range(tail):
                     for p in T.vectorized(tile):
-                        xt[((r * kw + s) * channels + groups * GROUP + c) * tile + p] = x[row(e, t * tile + p, r, s, partial) + groups * GROUP + c]
+                        src = T.meta_var(row(e, t * tile + p, r, s, partial) + groups * GROUP + c)
+                        xt[((r * kw + s) * channels + groups * GROUP + c) * tile + p] = x[src]
         # channels in runs of `lanes` (lanes / N block-rows): full-vector stores per position
         for w in range(wide):
             yt = T.alloc_buffer((lanes * tile,), "float32")  # the run's channels, channel-major
-            for r in range(lanes // n):
+            for part in range(lanes // n):
                 acc = T.alloc_buffer((n * tile,), "float32")
-                accumulate(acc, xt, vf, indices, indptr, bias, w * (lanes // n) + r, e)
-                for e in T.unroll(n * vectors):
+                accumulate(acc, xt, vf, indices, indptr, bias, w * (lanes // n) + part, e)
+                for slot in T.unroll(n * vectors):
                     for l in T.vectorized(lanes):
-                        yt[r * n * tile + e * lanes + l] = acc[e * lanes + l]
+                        yt[part * n * tile + slot * lanes + l] = acc[slot * lanes + l]
             for v in T.unroll(vectors):
                 store_positions(
                     y, vector_loads(yt, [c * tile + v * lanes for c in range(lanes)], lanes), transpose, lanes,
@@ -330,7 +331,7 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
             else:
                 tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
 
-    pad_copy = padded_copy(batch, shape.height, shape.width, channels, shape.pads)
+    pad_copy = padded_copy(shape)
 
     if elements == 1:
         x_shape, values_shape = (batch, shape.height, shape.width, channels), (nnz, kh, kw, n)
