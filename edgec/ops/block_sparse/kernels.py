@@ -198,13 +198,15 @@ def _kernel(shape: ConvShape, plan: KernelPlan, act):
     return kernel
 
 
-def padded_copy(shape: ConvShape):
+def padded_copy(shape: ConvShape, channels_to: int | None = None):
     """The TVMScript macro ``copy(xf, xp)``: the NHWC input ``xf`` of ``shape`` (flat) into ``xp``
-    (``shape.batch x padded_height x padded_width x channels`` floats), a copy with the pads
-    (top, left, bottom, right) of zeros around each image, its rows in one parallel loop."""
+    (``shape.batch x padded_height x padded_width x channels_to`` floats), a copy with the pads
+    (top, left, bottom, right) of zeros around each image and, when ``channels_to`` is more than
+    the input's channels, zero channels after them; its rows in one parallel loop."""
     from tvm.script import tirx as T
 
     images, height, width, channels = shape.batch, shape.height, shape.width, shape.channels
+    stride = channels_to or channels
     top, left, _, _ = shape.pads
     padded_h, padded_w = shape.padded_height, shape.padded_width
 
@@ -213,7 +215,7 @@ def padded_copy(shape: ConvShape):
         for row in T.parallel(images * padded_h):
             for col in range(padded_w):
                 for c in T.vectorized(channels):
-                    xp[(row * padded_w + col) * channels + c] = T.if_then_else(
+                    xp[(row * padded_w + col) * stride + c] = T.if_then_else(
                         top <= row % padded_h
                         and row % padded_h < top + height
                         and left <= col
@@ -221,6 +223,9 @@ def padded_copy(shape: ConvShape):
                         xf[((row // padded_h * height + row % padded_h - top) * width + col - left) * channels + c],
                         T.float32(0),
                     )
+                if stride > channels:  # (a Python condition: no loop without zero channels)
+                    for c in T.vectorized(stride - channels):
+                        xp[(row * padded_w + col) * stride + channels + c] = T.float32(0)
 
     return copy
 

@@ -9,11 +9,15 @@ kernel changes the layout of one tile of ``P = vectors x lanes`` output position
 1. transpose in: for each tap ``(r, s)`` of the ``kh x kw`` window, the P input positions under
    the tile's outputs (C_in contiguous per position) become a channel-major scratch
    ``xt[tap, C_in, P]`` (an im2col of the tile, transposed): per 4 channels x ``lanes``
-   positions, ``lanes`` 128-bit loads (one per position), the two unpack stages of a 4x4
-   transpose inside each 128-bit lane (8 shuffles: ``vunpcklps``/``vunpckhps``,
-   ``vunpcklpd``/``vunpckhpd``) and 4 full-vector stores. The ``C_in % 4`` last channels are
-   gathered position by position. With padding, the kernel first copies x into a zero-bordered
-   buffer (as the N-vectorised kernel does), so no load tests a border. A 1x1 window is one tap.
+   positions, ``lanes`` 128-bit loads (one per position, inserted into 4 vectors in registers:
+   built in a stack buffer, each vector was read back from four narrower stores, and 3x3 layers
+   ran 4-19% slower), the two unpack stages of a 4x4 transpose inside each 128-bit lane (8
+   shuffles: ``vunpcklps``/``vunpckhps``, ``vunpcklpd``/``vunpckhpd``) and 4 full-vector
+   stores. With padding, the kernel first copies x into a zero-bordered buffer (as the
+   N-vectorised kernel does), so no load tests a border, with its channels rounded up to a
+   multiple of 4 (zeros no kept block reads: ResNet-18's 3-channel 7x7 stem 17% faster than
+   with its 3 channels gathered one float at a time); without, the ``C_in % 4`` last channels
+   are gathered position by position. A 1x1 window is one tap.
 2. per block-row: ``N x vectors`` accumulators start from the bias; each kept block (one input
    channel, every tap) loads, per tap, ``vectors`` vectors ``xt[tap, indices[k], :]`` and
    multiplies them with its N weights of that tap, each broadcast: ``kh x kw x N x vectors``
@@ -32,7 +36,8 @@ Work: ``nnz x N x kh x kw x P`` multiply-adds per tile (the kept blocks only), p
 transposes, O(kh x kw x C_in + C_out) per position against ``nnz x N x kh x kw`` per position
 for the products. The last tile, when the positions do not fill it, reads its missing positions
 as copies of the last position and does not store them. The scratch is ``kh x kw x C_in x P``
-floats (ResNet-18's 3x3 512-channel layers: 288 KiB, in the core's L2).
+floats (ResNet-18's 3x3 512-channel layers: 288 KiB, in the core's L2; ``C_in`` rounded up to 4
+with padding).
 """
 
 from __future__ import annotations
@@ -120,6 +125,19 @@ def vector_loads(buffer, offsets, lanes: int) -> list:
     from tvm import tirx
 
     return [tirx.BufferLoad(buffer, [tirx.Ramp(offset, 1, lanes)]) for offset in offsets]
+
+
+def lane_rows(buffer, offsets, lanes: int) -> list:
+    """4 vectors: 128-bit lane ``q`` of vector ``i`` holds the 4 floats of ``buffer`` at
+    ``offsets[4 q + i]``, each a 128-bit load put in place in registers (``vinsertf32x4``; built
+    in a stack buffer instead, each vector was read back from four narrower stores)."""
+    from tvm import tirx
+
+    whole = [tirx.const(k, "int32") for k in range(lanes)]
+    return [
+        tirx.Shuffle([tirx.BufferLoad(buffer, [tirx.Ramp(offsets[q * GROUP + i], 1, GROUP)]) for q in range(lanes // GROUP)], whole)
+        for i in range(GROUP)
+    ]
 
 
 def _shuffle(a, b, indices):
@@ -216,12 +234,16 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
     positions = batch * out_h * out_w
     lanes, vectors, tile = plan.lanes, plan.vectors, plan.positions
     tiles, full_tiles = -(-positions // tile), positions // tile
-    groups, tail = divmod(channels, GROUP)
     sh, sw = shape.strides
     dh, dw = shape.dilations
     kh, kw = shape.kernel
     window = kh * kw
     padded = any(shape.pads)
+    # with padding, x's copy has its channels rounded up to the 4 of a 128-bit transpose (zeros that
+    # no kept block reads): every channel goes through the in-lane transposes, none is gathered
+    # one float at a time (ResNet-18's 3-channel stem: 4 of them per tap instead of 3 gathers)
+    stride_c = -(-channels // GROUP) * GROUP if padded else channels  # floats per position in x or its copy
+    groups, tail = divmod(stride_c, GROUP)
     padded_h, padded_w = shape.padded_height, shape.padded_width  # of x's zero-bordered copy
     contiguous = shape.pointwise  # output position p reads input row p
     wide = out_channels // lanes  # runs of `lanes` output channels
@@ -238,9 +260,9 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
         if clamp:
             p = T.min(p, positions - 1)
         if contiguous:
-            return first(e, p) * channels
+            return first(e, p) * stride_c
         image, rest = p // (out_h * out_w), p % (out_h * out_w)
-        return ((image * padded_h + rest // out_w * sh + r * dh) * padded_w + rest % out_w * sw + s * dw) * channels
+        return ((image * padded_h + rest // out_w * sh + r * dh) * padded_w + rest % out_w * sw + s * dw) * stride_c
 
     def accumulate(acc, xt, vf, indices, indptr, bias, b, e):
         """Emit (into the function being parsed, not as a TVMScript macro: each macro call
@@ -261,26 +283,22 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                         with builder.vectorized(lanes) as l:
                             at = (j * vectors + v) * lanes + l
                             w = vf[(block * window + tap) * n + j]
-                            builder.buffer_store(acc, acc[at] + w * xt[(tap * channels + indices[k]) * tile + v * lanes + l], [at])
+                            builder.buffer_store(acc, acc[at] + w * xt[(tap * stride_c + indices[k]) * tile + v * lanes + l], [at])
         for slot in range(n * vectors):
             with builder.vectorized(lanes) as l:
                 builder.buffer_store(acc, act(acc[slot * lanes + l]), [slot * lanes + l])
 
     @T.macro
     def tile_body(x, vf, indices, indptr, bias, y, e, t, partial):
-        xt = T.alloc_buffer((window * channels * tile,), "float32")  # xt[(tap * C_in + c) * tile + p]
+        xt = T.alloc_buffer((window * stride_c * tile,), "float32")  # xt[(tap * stride_c + c) * tile + p]
         for r in range(kh):
             for s in range(kw):
                 for g in range(groups):
                     for v in T.unroll(vectors):
-                        rows = T.alloc_buffer((GROUP * lanes,), "float32")  # 4 x lanes: one 128-bit load per position
-                        for q in T.unroll(lanes // GROUP):
-                            for i in T.unroll(GROUP):
-                                for j in T.vectorized(GROUP):
-                                    src = T.meta_var(row(e, t * tile + v * lanes + q * GROUP + i, r, s, partial))
-                                    rows[i * lanes + q * GROUP + j] = x[src + g * GROUP + j]
-                        columns = T.meta_var(inlane_transpose(vector_loads(rows, [0, lanes, 2 * lanes, 3 * lanes], lanes), lanes))
-                        at = T.meta_var(((r * kw + s) * channels + g * GROUP) * tile + v * lanes)
+                        # 4 x lanes: one 128-bit load per position, put together in registers
+                        offsets = T.meta_var([row(e, t * tile + v * lanes + p, r, s, partial) + g * GROUP for p in range(lanes)])
+                        columns = T.meta_var(inlane_transpose(lane_rows(x, offsets, lanes), lanes))
+                        at = T.meta_var(((r * kw + s) * stride_c + g * GROUP) * tile + v * lanes)
                         xt[T.ramp(at, 1, lanes)] = columns[0]
                         xt[T.ramp(at + tile, 1, lanes)] = columns[1]
                         xt[T.ramp(at + 2 * tile, 1, lanes)] = columns[2]
@@ -288,7 +306,7 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
                 for c in range(tail):
                     for p in T.vectorized(tile):
                         src = T.meta_var(row(e, t * tile + p, r, s, partial) + groups * GROUP + c)
-                        xt[((r * kw + s) * channels + groups * GROUP + c) * tile + p] = x[src]
+                        xt[((r * kw + s) * stride_c + groups * GROUP + c) * tile + p] = x[src]
         # channels in runs of `lanes` (lanes / N block-rows): full-vector stores per position
         for w in range(wide):
             yt = T.alloc_buffer((lanes * tile,), "float32")  # the run's channels, channel-major
@@ -331,7 +349,7 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
             else:
                 tile_body(xf, vf, indices, indptr, bias, yf, e, tile_of, True)
 
-    pad_copy = padded_copy(shape)
+    pad_copy = padded_copy(shape, stride_c)
 
     if elements == 1:
         x_shape, values_shape = (batch, shape.height, shape.width, channels), (nnz, kh, kw, n)
@@ -353,7 +371,7 @@ def _kernel(shape: ConvShape, plan: PositionsPlan, act, elements: int):
         vf = T.decl_buffer((elements * nnz * window * n,), "float32", data=values.data)
         yf = T.decl_buffer((elements * positions * out_channels,), "float32", data=y.data)
         if padded:  # (Python conditions: a branch that never runs is not generated)
-            xp = T.decl_buffer((batch * padded_h * padded_w * channels,), "float32")
+            xp = T.decl_buffer((batch * padded_h * padded_w * stride_c,), "float32")
             pad_copy(xf, xp)
             tiles_loop(xp, vf, indices, indptr, bias, yf)
         else:
