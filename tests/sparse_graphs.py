@@ -33,6 +33,18 @@ def tensor(name: str, shape) -> object:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
+def block_sparse_conv(name: str, source: str, arrays, **attrs):
+    """(a BlockSparseConv node ``source`` -> ``name``, its initializers ``{name}_v``, ``_i``, ``_p``,
+    ``_b``) from ``arrays`` = (values, indices, indptr, bias); N and the window from the values'
+    shape, ``attrs`` the node's others (strides, pads, activation, ...)."""
+    values = arrays[0]
+    names = [f"{name}_{kind}" for kind in "vipb"]
+    initializers = [numpy_helper.from_array(array, each) for array, each in zip(arrays, names, strict=True)]
+    node = helper.make_node("BlockSparseConv", [source, *names], [name], domain=DOMAIN, block_size=values.shape[1],
+                            kernel_shape=list(values.shape[2:]), **attrs)  # fmt: skip
+    return node, initializers
+
+
 def conv_models(x_shape, out_channels, n, kernel, strides, pads, dilations, activation, seed=0):
     """(sparse, dense) graphs of the same function: BlockSparseConv vs Conv + bias + activation."""
     rng = np.random.default_rng(seed)

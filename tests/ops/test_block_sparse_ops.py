@@ -19,7 +19,7 @@ from edgec.ops.block_sparse.format import unpack_blocks
 from edgec.ops.block_sparse.kernels import ConvShape, conv_kernel, kernel_plan
 from edgec.targets.vector import CpuVector, cpu_vector
 from backbone import assert_board_verified, assert_profile_adds_up
-from sparse_graphs import conv_models, graph, random_blocks, tensor
+from sparse_graphs import block_sparse_conv, conv_models, graph, random_blocks, tensor
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
 
 RTOL, ATOL = 1e-4, 1e-5  # float32 sums of up to a few hundred products, in another order
@@ -193,11 +193,10 @@ def test_transposes_around_sparse_ops_cancel(tmp_path):
     channels = 16
     nodes, inits = [], []
     for index, source in enumerate(["x", "dw"]):
-        values, indices, indptr = random_blocks(rng, channels, channels, 4)
-        names = [f"v{index}", f"i{index}", f"p{index}", f"b{index}"]
-        inits += [numpy_helper.from_array(a, name) for a, name in zip((values, indices, indptr, np.zeros(channels, np.float32)), names, strict=True)]
-        out = "pw0" if index == 0 else "pw1"
-        nodes.append(helper.make_node("BlockSparseConv", [source, *names], [out], domain=DOMAIN, block_size=4, activation="Relu"))
+        arrays = (*random_blocks(rng, channels, channels, 4), np.zeros(channels, np.float32))
+        node, node_inits = block_sparse_conv(f"pw{index}", source, arrays, activation="Relu")
+        nodes.append(node)
+        inits += node_inits
         if index == 0:
             inits.append(numpy_helper.from_array(rng.standard_normal((channels, 1, 3, 3)).astype(np.float32), "dww"))
             nodes.append(helper.make_node("Conv", ["pw0", "dww"], ["dw"], group=channels, pads=[1, 1, 1, 1]))
@@ -218,12 +217,10 @@ def test_pruned_everywhere_pools_channels_last(tmp_path):
     rng = np.random.default_rng(0)
     channels, nodes, inits = 8, [], []
     for index, (source, out) in enumerate([("x", "stem"), ("pool", "conv")]):
-        values, indices, indptr = random_blocks(rng, channels, 4 if index == 0 else channels, 4, (3, 3), keep=0.6)
-        names = [f"v{index}", f"i{index}", f"p{index}", f"b{index}"]
-        arrays = (values, indices, indptr, np.zeros(channels, np.float32))
-        inits += [numpy_helper.from_array(a, name) for a, name in zip(arrays, names, strict=True)]
-        nodes.append(helper.make_node("BlockSparseConv", [source, *names], [out], domain=DOMAIN, block_size=4,
-                                      activation="Relu", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))  # fmt: skip
+        blocks = random_blocks(rng, channels, 4 if index == 0 else channels, 4, (3, 3), keep=0.6)
+        node, node_inits = block_sparse_conv(out, source, (*blocks, np.zeros(channels, np.float32)), activation="Relu", pads=[1, 1, 1, 1])
+        nodes.append(node)
+        inits += node_inits
         if index == 0:
             nodes.append(helper.make_node("MaxPool", ["stem"], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
     nodes.append(helper.make_node("Add", ["conv", "pool"], ["y"]))

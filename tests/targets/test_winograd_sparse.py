@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
 
 import edgec
-from edgec.ops import DOMAIN
 from edgec.ops.block_sparse.format import unpack_blocks
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_numpy_reference, run_onnxruntime
@@ -22,7 +20,7 @@ from edgec.targets.schedules import winograd_kernels, winograd_sparse
 from edgec.targets.schedules.winograd import tile_counts, transform_weights
 from edgec.targets.schedules.winograd_graph import WinogradPolicy
 from backbone import assert_board_verified
-from sparse_graphs import conv_models, graph, random_blocks, tensor
+from sparse_graphs import block_sparse_conv, conv_models, graph, random_blocks, tensor
 
 RTOL = ATOL = 1e-4  # the dense Winograd convolutions' tolerance (test_winograd.py)
 F2 = WinogradPolicy(tiles=(2,), min_tiles=1)
@@ -66,14 +64,12 @@ def two_layer_model():
     rng = np.random.default_rng(4)
     inits, nodes, channels = [], [], 16
     for name, strides, activation in (("a", (1, 1), "Relu"), ("b", (2, 2), "none")):
-        values, indices, indptr = random_blocks(rng, 32, channels, 4, (3, 3))
+        blocks = random_blocks(rng, 32, channels, 4, (3, 3))
         bias = rng.standard_normal(32).astype(np.float32)
-        inits += [numpy_helper.from_array(array, f"{name}_{kind}") for kind, array in
-                  (("v", values), ("i", indices), ("p", indptr), ("b", bias))]  # fmt: skip
-        nodes.append(helper.make_node(
-            "BlockSparseConv", ["x" if name == "a" else "a", *(f"{name}_{kind}" for kind in "vipb")], [name], domain=DOMAIN,
-            block_size=4, activation=activation, kernel_shape=[3, 3], strides=list(strides), pads=[1, 1, 1, 1],
-        ))  # fmt: skip
+        node, node_inits = block_sparse_conv(name, "x" if name == "a" else "a", (*blocks, bias), activation=activation,
+                                             strides=list(strides), pads=[1, 1, 1, 1])  # fmt: skip
+        nodes.append(node)
+        inits += node_inits
         channels = 32
     return graph(nodes, [tensor("x", (1, 16, 10, 11))], [tensor("b", (1, 32, 5, 6))], inits)
 
