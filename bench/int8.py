@@ -9,15 +9,17 @@ Per model (bench/models.py, batch 1, 1x3x224x224, seeded weights):
 3. ORT fp32 on the float ONNX and ORT int8 (ORT_ENABLE_ALL: its fused integer kernels) on the
    QDQ model.onnx of build 2, the same graph edgec compiled.
 
-Each runtime runs in its own process (``edgec bench --local --json`` for edgec, ``--worker``
-below for ORT), 1 and 2 threads; outputs are checked (int8 against ORT on the QDQ graph as
-written, in output quantization steps; fp32 against ORT fp32, edgec's rule) and the ratios are
-printed. ``--arm`` adds instructions per inference on emulated boards (int8 / fp32; default
+Each runtime runs in its own process (bench/peers.py's worker protocol, ``--serve`` below: the
+Relax VM on the artifact, or an ONNX Runtime session), 1 and 2 threads, in ``--rounds``
+interleaved rounds of ``--repeat`` runs; outputs are checked (int8 against ORT on the QDQ graph
+as written, within the build's own allowance, in output quantization steps; fp32 against ORT on
+the float graph as written, edgec's rule) and the ratios printed are medians of per-round ratios. ``--arm`` adds instructions per inference on emulated boards (int8 / fp32; default
 cortex-a53 and cortex-a55, the dot-product preset; ``--arm cortex-a53`` names them), counted as
 bench/peers_arm.py does (``edgec device emulate`` + ``edgec bench --rpc``); ``--no-x86`` skips
 the x86 builds and timings.
 
-    python bench/int8.py [--models mobilenet_v2,resnet18] [--threads 1,2] [--arm [BOARDS]] [--no-x86]
+    python bench/int8.py [--models mobilenet_v2,resnet18] [--threads 1,2] [--rounds 7] [--repeat 10]
+                          [--arm [BOARDS]] [--no-x86]
 """
 
 from __future__ import annotations
@@ -46,36 +48,89 @@ def run(command: list[str], timeout: float = 3600) -> str:
     return result.stdout
 
 
-def ort_worker(onnx_path: str, input_path: str, output_path: str, threads: int, repeat: int) -> None:
-    """One ORT session (all optimisations), warm-up, ``repeat`` timed runs: median ms as JSON."""
+def prepare_runtime(runtime: str, path: str, x: np.ndarray, threads: int):
+    """(run, output) of one build: ``edgec`` an artifact directory run by the Relax VM, ``ort`` an
+    ONNX file in ONNX Runtime with every optimisation (its fused integer kernels on a QDQ graph)."""
+    if runtime == "edgec":
+        import tvm
+
+        from edgec.core.artifact import load_artifact
+        from edgec.runtimes.local import LocalRunner, configure_threads, flatten_outputs
+
+        configure_threads(threads)
+        runner = LocalRunner(load_artifact(path), threads)
+        runner.vm.set_input("main", tvm.runtime.tensor(x, runner.device))
+
+        def run():
+            runner.vm.invoke_stateful("main")
+            return runner.vm.get_outputs("main")
+
+        return run, (lambda: flatten_outputs(run())[0])
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.load(input_path)}
-    for _ in range(5):
-        output = session.run(None, feed)[0]
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    np.save(output_path, output)
-    print(json.dumps({"median_ms": float(np.median(times))}))
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    return (lambda: session.run(None, feed)), (lambda: session.run(None, feed)[0])
 
 
-def ort_time(onnx_path: Path, x: Path, out: Path, threads: int, repeat: int) -> float:
-    line = run([sys.executable, __file__, "--worker", str(onnx_path), str(x), str(out), str(threads), str(repeat)])
-    return json.loads(line.strip().splitlines()[-1])["median_ms"]
+def time_x86(name: str, builds: dict, work: Path, threads: int, args) -> dict:
+    """The four runtimes, each in its own process (bench/peers.py's workers), in interleaved
+    rounds; outputs checked: fp32 against ORT on the float graph as written (edgec's fp32 rule),
+    int8 against ORT on the QDQ graph as written (the build's own allowance; ORT's fused kernels
+    are shown in output steps). Returns the workers and the medians of the per-round ratios."""
+    import onnx_ir as ir
+    from peers import REL_TOLERANCE, ABS_TOLERANCE, Worker, time_rounds
 
+    from edgec.core.numerics import compare
+    from edgec.runtimes.reference import run_onnxruntime
 
-def edgec_time(artifact: Path, x: Path, threads: int, repeat: int) -> tuple[float, dict]:
-    """Median ms of ``edgec bench --local`` (own process) and its output check against the artifact's reference."""
-    result = json.loads(run([*EDGEC, "bench", str(artifact), "--local", "--threads", str(threads), "-i", str(x),
-                             "--repeat", str(repeat), "--qdq-steps", str(QDQ_STEPS), "--json"]))  # fmt: skip
-    return result["median_ms"], result["check"]
+    fp32, int8 = builds[("fp32", "x86")]["dir"], builds[("int8", "x86")]["dir"]
+    x = np.load(work / "x.npy")
+    want = {variant: run_onnxruntime(ir.load(str(path / "model.onnx")), [x], optimize=False)[0]
+            for variant, path in (("fp32", fp32), ("int8", int8))}  # fmt: skip
+    verification = json.loads((int8 / "manifest.json").read_text())["verification"]["onnxruntime"]
+    step, allowed = verification["output_step"], verification["atol"]
+
+    def fp32_check(got, reference):
+        agreement = compare([got], [reference], rtol=REL_TOLERANCE, atol=ABS_TOLERANCE)
+        return agreement.ok, f"{'ok' if agreement.ok else 'WRONG'} (max abs {agreement.max_abs:.1e} vs ORT as written)"
+
+    def int8_check(limit: float | None):
+        def check(got, reference):
+            worst = float(np.abs(got - reference).max())
+            valid = limit is None or worst <= limit
+            return valid, f"{'ok' if valid else 'WRONG'} ({worst / step:.1f} output steps from ORT as written)"
+
+        return check
+
+    variants = (("edgec fp32", "edgec", fp32, "fp32", fp32_check), ("edgec int8", "edgec", int8, "int8", int8_check(allowed)),
+                ("ort fp32", "ort", fp32 / "model.onnx", "fp32", fp32_check),
+                ("ort int8", "ort", int8 / "model.onnx", "int8", int8_check(None)))  # fmt: skip
+    workers = {}
+    try:
+        for label, runtime, path, variant, check in variants:  # one at a time: each loads with the machine to itself
+            key = label.replace(" ", "_")
+            command = [sys.executable, __file__, "--serve", runtime, str(path), str(work), key, str(threads)]
+            workers[label] = Worker(key, work, threads, command)
+            workers[label].handshake(want[variant], work, check)
+        time_rounds(list(workers.values()), args.rounds, args.repeat, f"{name} {threads} thread(s)")
+    finally:
+        for current in workers.values():
+            current.close()
+    broken = [f"{label}: {w.status}" for label, w in workers.items() if not w.valid]
+    if broken:
+        raise RuntimeError(f"{name}: " + "; ".join(broken))
+
+    def ratio(mine: str, other: str) -> float:
+        pairs = zip(workers[mine].round_medians, workers[other].round_medians, strict=True)
+        return float(np.median([a / b for a, b in pairs]))
+
+    return {"workers": workers, "int8/fp32": ratio("edgec int8", "edgec fp32"), "int8/ort int8": ratio("edgec int8", "ort int8"),
+            "ort int8/ort fp32": ratio("ort int8", "ort fp32")}  # fmt: skip
 
 
 def weight_bytes(onnx_path: Path) -> dict[str, int]:
@@ -117,21 +172,23 @@ def compile_pair(name: str, work: Path, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--models", default="mobilenet_v2,resnet18")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--calib", type=int, default=16)
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--qdq-steps", type=float, default=QDQ_STEPS)
     parser.add_argument("--arm", nargs="?", const="cortex-a53,cortex-a55", default="")
     parser.add_argument("--no-x86", dest="x86", action="store_false")
     args = parser.parse_args()
-    if args.worker:
-        onnx_path, x, out, threads, repeat = args.worker
-        ort_worker(onnx_path, x, out, int(threads), int(repeat))
-        return 0
-    from edgec.core.numerics import compare, quantization_step
+    if args.serve:
+        from peers import serve
+
+        runtime, path, work, key, threads = args.serve
+        x = np.load(Path(work) / "x.npy")
+        return serve(lambda: prepare_runtime(runtime, path, x, int(threads)), Path(work) / f"out_{key}.npy")
 
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"edgec-int8-{name}-") as directory:
@@ -141,7 +198,6 @@ def main() -> int:
                 arm_counts(name, builds, work, args.arm.split(","))
                 continue
             fp32, int8 = builds[("fp32", "x86")]["dir"], builds[("int8", "x86")]["dir"]
-            x = work / "x.npy"
             verification = json.loads((int8 / "manifest.json").read_text())["verification"]["onnxruntime"]
             step = verification["output_step"]
             print(f"\n## {name}")
@@ -154,24 +210,13 @@ def main() -> int:
                   f"float32 bytes / int8 bytes {sizes['fp32'].get('float32', 0) / max(sizes['int8'].get('int8', 1), 1):.2f}; "
                   f"lib.so fp32 {libs['fp32']} B, int8 {libs['int8']} B (ratio {libs['int8'] / libs['fp32']:.2f})")  # fmt: skip
             for threads in map(int, args.threads.split(",")):
-                times = {}
-                times["edgec fp32"], check_fp32 = edgec_time(fp32, x, threads, args.repeat)
-                times["edgec int8"], check_int8 = edgec_time(int8, x, threads, args.repeat)
-                times["ort fp32"] = ort_time(fp32 / "model.onnx", x, work / "ort_fp32.npy", threads, args.repeat)
-                times["ort int8"] = ort_time(int8 / "model.onnx", x, work / "ort_int8.npy", threads, args.repeat)
-                ort_int8 = np.load(work / "ort_int8.npy")
-                from edgec.runtimes.reference import run_onnxruntime
-                import onnx_ir as ir
-
-                as_written = run_onnxruntime(ir.load(str(int8 / "model.onnx")), [np.load(x)], optimize=False)[0]
-                fused_steps = np.abs(ort_int8 - as_written).max() / quantization_step([as_written])
-                cells = ", ".join(f"{key} {value:.2f} ms" for key, value in times.items())
-                print(f"threads {threads}: {cells}")
-                print(f"  bench checks: fp32 {json.dumps(check_fp32)[:160]}; int8 {json.dumps(check_int8)[:160]}")
-                print(f"  int8/fp32 edgec {times['edgec int8'] / times['edgec fp32']:.2f} (target <= 0.5); "
-                      f"edgec int8 / ORT int8 {times['edgec int8'] / times['ort int8']:.2f} (target <= 1.0); "
-                      f"ORT int8 / ORT fp32 {times['ort int8'] / times['ort fp32']:.2f}; "
-                      f"ORT int8 (fused) vs QDQ as written: {fused_steps:.1f} output steps")  # fmt: skip
+                result = time_x86(name, builds, work, threads, args)
+                cells = ", ".join(f"{label} {w.median:.2f} ms" for label, w in result["workers"].items())
+                print(f"threads {threads} ({args.rounds} rounds x {args.repeat} runs, interleaved; median ms over all runs): {cells}")
+                print("  outputs: " + "; ".join(f"{label} {w.status}" for label, w in result["workers"].items()))
+                print(f"  medians of per-round ratios: int8/fp32 edgec {result['int8/fp32']:.2f} (target <= 0.5); "
+                      f"edgec int8 / ORT int8 {result['int8/ort int8']:.2f} (target <= 1.0, moonshot 0.8); "
+                      f"ORT int8 / ORT fp32 {result['ort int8/ort fp32']:.2f}", flush=True)  # fmt: skip
             if args.arm:
                 arm_counts(name, builds, work, args.arm.split(","))
     return 0

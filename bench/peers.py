@@ -181,18 +181,24 @@ def _first_array(result) -> np.ndarray:
 
 
 def worker(runtime: str, work: Path, threads: int) -> int:
-    """Line protocol on stdin/stdout: after loading, one JSON line {"ok", "output" file, "load_s"};
-    then each line ``N`` -> a JSON list of N latencies in ms; an empty line ends."""
+    """One runtime on the model in ``work``, served by ``serve``."""
     from edgec.runtimes.local import configure_threads
 
     configure_threads(threads)
+    return serve(lambda: _prepare(runtime, work, threads), work / f"out_{runtime}.npy")
+
+
+def serve(prepare, output_path: Path) -> int:
+    """Line protocol on stdin/stdout: ``prepare()`` -> (run, output); after it, one JSON line
+    {"ok", "load_s"} (the output saved to ``output_path``); then each line ``N`` -> a JSON list
+    of N latencies in ms; an empty line ends. bench/int8.py's workers speak it too."""
     out = sys.stdout
     sys.stdout = sys.stderr  # converters print; only protocol lines go to the real stdout
     start = time.perf_counter()
     try:
-        run, output = _prepare(runtime, work, threads)
+        run, output = prepare()
         got = np.asarray(output(), dtype=np.float32)
-        np.save(work / f"out_{runtime}.npy", got)
+        np.save(output_path, got)
         reply = {"ok": True, "load_s": time.perf_counter() - start}
     except Exception as error:  # noqa: BLE001 - reported to the driver as this runtime's failure
         reply = {"ok": False, "error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"}
@@ -218,11 +224,16 @@ def worker(runtime: str, work: Path, threads: int) -> int:
 
 
 class Worker:
-    def __init__(self, runtime: str, work: Path, threads: int):
+    """A runtime's worker process (``serve``'s protocol): by default this script's ``--worker``;
+    ``command`` runs another one (bench/int8.py's), which saves its output as ``out_{runtime}.npy``
+    in ``work`` too."""
+
+    def __init__(self, runtime: str, work: Path, threads: int, command: list[str] | None = None):
         self.runtime = runtime
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads), PYTHONHASHSEED="0")
+        command = command or [sys.executable, __file__, "--worker", runtime, "--work", str(work), "--threads", str(threads)]
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", runtime, "--work", str(work), "--threads", str(threads)],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=open(work / f"{runtime}.log", "w"),  # noqa: SIM115 - lives as long as the worker
@@ -235,7 +246,9 @@ class Worker:
         self.valid = False
         self.load_s = float("nan")
 
-    def handshake(self, want: np.ndarray, work: Path) -> None:
+    def handshake(self, want: np.ndarray, work: Path, check=None) -> None:
+        """Read the worker's first line and check its output against ``want``: edgec's fp32 rule,
+        or ``check(got, want) -> (valid, status)``."""
         line = self.process.stdout.readline()
         if not line:
             self.process.wait()
@@ -250,6 +263,9 @@ class Worker:
             return
         self.load_s = reply["load_s"]
         got = np.load(work / f"out_{self.runtime}.npy").reshape(want.shape)
+        if check is not None:
+            self.valid, self.status = check(got, want)
+            return
         from edgec.core.numerics import compare
 
         agreement = compare([got], [want], rtol=REL_TOLERANCE, atol=ABS_TOLERANCE)  # edgec's one rule
@@ -308,21 +324,27 @@ def bench_model(name: str, args) -> dict:
             current = Worker(runtime, work, args.threads)
             current.handshake(want, work)
             workers.append(current)
-        live = [w for w in workers if w.status and not w.status.startswith("FAILED")]
         try:
-            for current in live:
-                current.run(3)  # warm-up
-            for index in range(args.rounds):
-                print(f"{name}: round {index + 1}/{args.rounds}", file=sys.stderr)
-                for current in live:
-                    time.sleep(PAUSE_S)
-                    block = current.run(args.repeat)
-                    current.samples += block
-                    current.round_medians.append(float(np.median(block)))
+            time_rounds(workers, args.rounds, args.repeat, name)
         finally:
             for current in workers:
                 current.close()
     return {"model": name, "workers": workers}
+
+
+def time_rounds(workers: list[Worker], rounds: int, repeat: int, label: str) -> None:
+    """Warm up every worker that loaded, then ``rounds`` rounds in which each runs ``repeat``
+    timed inferences in turn (a pause before each): samples and round medians on the workers."""
+    live = [w for w in workers if w.status and not w.status.startswith("FAILED")]
+    for current in live:
+        current.run(3)  # warm-up
+    for index in range(rounds):
+        print(f"{label}: round {index + 1}/{rounds}", file=sys.stderr)
+        for current in live:
+            time.sleep(PAUSE_S)
+            block = current.run(repeat)
+            current.samples += block
+            current.round_medians.append(float(np.median(block)))
 
 
 def best_peer_ratio(workers: list[Worker]) -> tuple[float, str] | None:
