@@ -9,6 +9,7 @@ machine).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgec.targets.schedules import default_rules, schedule_func
@@ -156,3 +157,55 @@ def test_heavy_epilogue_gets_a_one_vector_tile_on_x86(kernel, channels, size):
     assert relu["ax3"] * relu["xx_1"] > AVX512.lanes * HEAVY_EPILOGUE_ACCUMULATORS, relu
     lane = _tile_loops(schedule_func(func, default_rules(NEON64))[0])
     assert lane["ax3"] * lane["xx_1"] // NEON64.lanes > HEAVY_EPILOGUE_ACCUMULATORS, lane
+
+
+def _integer_depthwise(channels: int = 144, size: int = 56):
+    """uint8 activations x int16 weights (how qdq_integer stores int8 weights on aarch64) into int32."""
+    from tvm import te, topi
+
+    data = te.placeholder((1, size, size, channels), "uint8", name="x")
+    weight = te.placeholder((3, 3, 1, channels), "int16", name="w")
+    out = topi.nn.conv(data, weight, 1, 1, 1, channels, "NHWC", "HWIO", out_dtype="int32")
+    return te.create_prim_func([data, weight, out])
+
+
+def test_integer_kernel_multiplies_eight_int16_lanes_per_register():
+    """int16 weights (aarch64): the channel tile is vectorised 8 lanes at a time, one int16
+    register, and the interior loop is ``ushll`` + ``smlal``/``smlal2`` with no lane-by-lane
+    assembly of byte vectors (``umov``/``mov v.b[i]``, what 4 lanes gave); exact in int32."""
+    import tvm
+    from tvm import tirx
+
+    from edgec.targets import resolve
+    from test_lane_broadcast import inner_loop
+
+    func = _integer_depthwise()
+    scheduled, rule = schedule_func(func, default_rules(NEON64))
+    assert rule == "depthwise-conv2d-nhwc"
+    vectorised = []
+    tvm_ffi_walk(scheduled, lambda loop: vectorised.append(int(loop.extent)) if loop.kind == tirx.ForKind.VECTORIZED else None)
+    assert vectorised and set(vectorised) == {NEON64.lanes_of("int16")}
+    body = inner_loop(scheduled, resolve("cortex-a53").tvm_target(), "smlal")
+    operations = [line.split()[0] for line in body]
+    assert "smlal2" in operations and {"uxtl", "ushll"} & set(operations)  # the assembler's name, objdump's alias
+    assert not {"umov", "tbl", "ins"} & set(operations) and not any(line.startswith("mov\tv") or line.startswith("mov v") for line in body)
+    multiplies = sum(op.startswith(("smull", "smlal")) for op in operations)
+    assert len(body) <= 2.5 * multiplies, body  # 4 lanes: ~8 instructions per multiply-add
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (1, 56, 56, 144)).astype(np.uint8)
+    w = rng.integers(-127, 128, (3, 3, 1, 144)).astype(np.int16)
+    target = resolve("x86").tvm_target()
+    results = []
+    for candidate in (func, scheduled):
+        library = tvm.tirx.build(tvm.IRModule({"main": candidate.with_attr("global_symbol", "main")}), target=target)
+        out = tvm.runtime.tensor(np.zeros((1, 56, 56, 144), np.int32))
+        library["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        results.append(out.numpy())
+    np.testing.assert_array_equal(results[1], results[0])
+
+
+def tvm_ffi_walk(func, visit) -> None:
+    import tvm_ffi
+    from tvm import tirx
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)], order="post")
