@@ -124,6 +124,11 @@ def tvm_module_of(prim):
     return tvm.IRModule({"main": prim})
 
 
+# ops a kernel computes only when it names their anchor operator: an epilogue's other tokens (an
+# int8 requantization writes add, cast, multiply, maximum, minimum, add, cast) are not the next Conv
+_ANCHORED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "MaxPool", "Concat", "Softmax"})
+
+
 def attach_onnx_nodes(calls: list[dict[str, Any]], graph: ir.Model) -> None:
     """Best-effort: give each kernel call the ONNX nodes (in order) it most likely computes."""
     nodes = [node for node in graph.graph if node.op_type in _ONNX_TOKENS]
@@ -134,7 +139,8 @@ def attach_onnx_nodes(calls: list[dict[str, Any]], graph: ir.Model) -> None:
         while position < len(nodes) and remaining:
             node = nodes[position]
             anchors = _ONNX_TOKENS[node.op_type]
-            if anchors[0] in remaining or any(token in remaining for token in anchors):
+            loose = node.op_type not in _ANCHORED and any(token in remaining for token in anchors)
+            if anchors[0] in remaining or loose:
                 for token in anchors:
                     if token in remaining:
                         remaining.remove(token)

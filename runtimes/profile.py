@@ -64,7 +64,10 @@ class KernelRow:
 
     @property
     def gflops(self) -> float:
-        return self.flops_per_call / (self.ms_per_call * 1e6) if self.ms_per_call > 0 else 0.0
+        """The kernel's FLOPs (TIR's estimate; where it has none, as for the int8 kernels' tensor
+        intrinsics, 2 x the MACs of its ONNX nodes) per second, in billions."""
+        flops = self.flops_per_call or 2.0 * self.macs_per_call
+        return flops / (self.ms_per_call * 1e6) if self.ms_per_call > 0 else 0.0
 
 
 @dataclasses.dataclass
