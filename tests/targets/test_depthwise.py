@@ -56,17 +56,9 @@ def test_interior_tiles_load_without_the_border_test(vector):
 
 
 def test_register_tile_is_one_output_row():
-    import tvm_ffi
-    from tvm import tirx
-
     func = conv_kernel(kernel=3, channels=192, filters=192, groups=192, size=28)  # was 2x4 points
     scheduled, _ = schedule_func(func, default_rules(NEON64))
-    loops = {}
-
-    def visit(node):
-        loops[node.loop_var.name] = int(node.extent)
-
-    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    loops = _tile_loops(scheduled)
     assert loops["yy_1"] == 1 and loops["xx_1"] > 1
 
 
@@ -84,16 +76,7 @@ def test_partitioned_kernel_computes_what_the_naive_one_does(kernel, stride, cha
 
 def _tile(func, vector) -> tuple[int, int]:
     """(points, channel vectors) of the scheduled depthwise register tile."""
-    import tvm_ffi
-    from tvm import tirx
-
-    scheduled, _ = schedule_func(func, default_rules(vector))
-    loops = {}
-
-    def visit(node):
-        loops[node.loop_var.name] = int(node.extent)
-
-    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    loops = _tile_loops(schedule_func(func, default_rules(vector))[0])
     return loops["xx_1"], loops.get("ff_1_0", 1)
 
 
@@ -127,17 +110,19 @@ def _silu_depthwise(kernel: int, channels: int, size: int):
     return fast_math()(tvm.IRModule({"main": func}))["main"]
 
 
-def _tile_loops(scheduled) -> dict[str, int]:
+def _for_loops(scheduled) -> list:
+    """The ``For`` nodes of a scheduled PrimFunc, innermost first."""
     import tvm_ffi
     from tvm import tirx
 
-    loops = {}
-
-    def visit(node):
-        loops[node.loop_var.name] = int(node.extent)
-
-    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, visit)], order="post")
+    loops = []
+    tvm_ffi.structural_walk(scheduled.body, [(tirx.For, loops.append)], order="post")
     return loops
+
+
+def _tile_loops(scheduled) -> dict[str, int]:
+    """Loop name -> extent."""
+    return {loop.loop_var.name: int(loop.extent) for loop in _for_loops(scheduled)}
 
 
 @pytest.mark.parametrize(("kernel", "channels", "size"), [(3, 32, 28), (5, 672, 14), (3, 144, 14)])
@@ -182,8 +167,7 @@ def test_integer_kernel_multiplies_eight_int16_lanes_per_register():
     func = _integer_depthwise()
     scheduled, rule = schedule_func(func, default_rules(NEON64))
     assert rule == "depthwise-conv2d-nhwc"
-    vectorised = []
-    tvm_ffi_walk(scheduled, lambda loop: vectorised.append(int(loop.extent)) if loop.kind == tirx.ForKind.VECTORIZED else None)
+    vectorised = [int(loop.extent) for loop in _for_loops(scheduled) if loop.kind == tirx.ForKind.VECTORIZED]
     assert vectorised and set(vectorised) == {NEON64.lanes_of("int16")}
     body = inner_loop(scheduled, resolve("cortex-a53").tvm_target(), "smlal")
     operations = [line.split()[0] for line in body]
@@ -202,10 +186,3 @@ def test_integer_kernel_multiplies_eight_int16_lanes_per_register():
         library["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
         results.append(out.numpy())
     np.testing.assert_array_equal(results[1], results[0])
-
-
-def tvm_ffi_walk(func, visit) -> None:
-    import tvm_ffi
-    from tvm import tirx
-
-    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)], order="post")
