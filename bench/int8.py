@@ -13,10 +13,11 @@ Each runtime runs in its own process (bench/peers.py's worker protocol, ``--serv
 Relax VM on the artifact, or an ONNX Runtime session), 1 and 2 threads, in ``--rounds``
 interleaved rounds of ``--repeat`` runs; outputs are checked (int8 against ORT on the QDQ graph
 as written, within the build's own allowance, in output quantization steps; fp32 against ORT on
-the float graph as written, edgec's rule) and the ratios printed are medians of per-round ratios. ``--arm`` adds instructions per inference on emulated boards (int8 / fp32; default
-cortex-a53 and cortex-a55, the dot-product preset; ``--arm cortex-a53`` names them), counted as
-bench/peers_arm.py does (``edgec device emulate`` + ``edgec bench --rpc``); ``--no-x86`` skips
-the x86 builds and timings.
+the float graph as written, edgec's rule) and the ratios printed are medians of per-round ratios.
+``--arm`` adds instructions per inference on emulated boards (int8 / fp32; default cortex-a53 and
+cortex-a55, the dot-product preset; ``--arm cortex-a53`` names them), counted as
+bench/peers_arm.py does (``edgec device emulate`` + ``edgec bench --rpc``); ``--no-x86`` skips the
+x86 builds and timings.
 
     python bench/int8.py [--models mobilenet_v2,resnet18] [--threads 1,2] [--rounds 7] [--repeat 10]
                           [--arm [BOARDS]] [--no-x86]
@@ -55,9 +56,8 @@ def prepare_runtime(runtime: str, path: str, x: np.ndarray, threads: int):
         import tvm
 
         from edgec.core.artifact import load_artifact
-        from edgec.runtimes.local import LocalRunner, configure_threads, flatten_outputs
+        from edgec.runtimes.local import LocalRunner, flatten_outputs
 
-        configure_threads(threads)
         runner = LocalRunner(load_artifact(path), threads)
         runner.vm.set_input("main", tvm.runtime.tensor(x, runner.device))
 
@@ -117,13 +117,13 @@ def time_x86(name: str, builds: dict, work: Path, threads: int, args) -> dict:
             command = [sys.executable, __file__, "--serve", runtime, str(path), str(work), key, str(threads)]
             workers[label] = Worker(key, work, threads, command)
             workers[label].handshake(want[variant], work, check)
+        broken = [f"{label}: {w.status}" for label, w in workers.items() if not w.valid]
+        if broken:  # a ratio against a failed or wrong runtime means nothing: stop before timing
+            raise RuntimeError(f"{name}: " + "; ".join(broken))
         time_rounds(list(workers.values()), args.rounds, args.repeat, f"{name} {threads} thread(s)")
     finally:
         for current in workers.values():
             current.close()
-    broken = [f"{label}: {w.status}" for label, w in workers.items() if not w.valid]
-    if broken:
-        raise RuntimeError(f"{name}: " + "; ".join(broken))
 
     def ratio(mine: str, other: str) -> float:
         pairs = zip(workers[mine].round_medians, workers[other].round_medians, strict=True)
