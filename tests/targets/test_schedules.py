@@ -209,20 +209,35 @@ def test_scheduled_kernel_computes_what_the_naive_one_does(make):
 
 
 def assert_computes_the_same(func, scheduled):
-    """Build both PrimFuncs for this machine, run them on the same seeded inputs, compare outputs."""
+    """Build both PrimFuncs for this machine, run them on the same seeded inputs, compare outputs:
+    float32 within RTOL/ATOL; integer kernels exactly, their inputs drawn from the 8-bit codes'
+    range (int8 weights stored wider keep int8 values)."""
     import tvm
 
     target = resolve("x86").tvm_target()
     rng = np.random.default_rng(0)
-    shapes = [[int(d) for d in param.ty.shape] for param in func.params]
-    arrays = [rng.standard_normal(shape).astype("float32") for shape in shapes[:-1]]
+    types = [param.ty for param in func.params]
+    shapes = [[int(d) for d in ty.shape] for ty in types]
+    arrays = [_seeded(rng, shape, str(ty.dtype)) for shape, ty in zip(shapes[:-1], types[:-1], strict=True)]
+    out_dtype = str(types[-1].dtype)
     results = []
     for candidate in (func, scheduled):
         library = tvm.tirx.build(tvm.IRModule({"main": candidate.with_attr("global_symbol", "main")}), target=target)
-        tensors = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(shapes[-1], "float32"))]
+        tensors = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(shapes[-1], out_dtype))]
         library["main"](*tensors)
         results.append(tensors[-1].numpy())
-    np.testing.assert_allclose(results[1], results[0], rtol=RTOL, atol=ATOL)
+    if np.issubdtype(np.dtype(out_dtype), np.integer):
+        np.testing.assert_array_equal(results[1], results[0])
+    else:
+        np.testing.assert_allclose(results[1], results[0], rtol=RTOL, atol=ATOL)
+
+
+def _seeded(rng, shape: list[int], dtype: str) -> np.ndarray:
+    if dtype.startswith("uint"):
+        return rng.integers(0, 256, shape).astype(dtype)
+    if dtype.startswith("int"):
+        return rng.integers(-127, 128, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
 
 
 def test_tiny_kernels_stay_on_one_thread():
