@@ -1,4 +1,5 @@
-"""exp, sigmoid and erf as polynomials the kernels vectorise (a TIR rewrite before scheduling).
+"""exp, sigmoid and erf as polynomials the kernels vectorise, and divisions by a constant as
+multiplications (a TIR rewrite before scheduling).
 
 LLVM lowers TVM's ``T.exp`` / ``T.sigmoid`` (``1 / (1 + exp(-x))``) / ``T.erf`` on float32 to calls
 of libm's scalar ``expf`` / ``erff``: a vectorised epilogue becomes 16 calls per AVX-512 vector
@@ -25,6 +26,14 @@ like the rest of the epilogue, as ONNX Runtime's MLAS and XNNPACK evaluate them:
 - ``erf(x)``: ``x`` clamped to [-4, 4] (``erf(4) = 1 - 1.5e-8``) and the rational
   approximation used by Eigen's float ``erf`` (odd degree-13 numerator / even degree-8
   denominator); absolute error about 1e-7.
+
+- ``a / c`` for a float32 constant ``c`` whose reciprocal is a normal float32 number: ``a * r``,
+  ``r = 1/c`` rounded to float32 (exact where ``c`` is a power of two). LLVM keeps the division
+  (it may not use a reciprocal that is not exact without fast-math flags): one ``vdivps`` per output
+  vector in every hard-swish epilogue (``x * relu6(x + 3) / 6``, MobileNetV3's activation; 177
+  ``vdivps`` in MobileNetV3-small's x86 lib.so). Two roundings instead of one: within 1.5
+  float32 ulp of ``a / c``; ONNX's own definition of HardSwish, ``x * HardSigmoid(x)`` with
+  ``alpha = 1/6``, multiplies by the rounded reciprocal too.
 
 float32 only; other dtypes keep TVM's lowering. Verification checks every build against ONNX
 Runtime at the usual tolerance (rtol 1e-4 of an output's largest value), far above these
@@ -57,7 +66,8 @@ REWRITTEN = ("tirx.exp", "tirx.sigmoid", "tirx.erf")
 
 
 def fast_math():
-    """The module pass: every float32 exp/sigmoid/erf call in a PrimFunc rewritten as above."""
+    """The module pass: every float32 exp/sigmoid/erf call and division by a constant in a
+    PrimFunc rewritten as above."""
     import tvm
     import tvm_ffi
     from tvm import tirx
@@ -78,7 +88,8 @@ def fast_math():
         updates = {}
         for gvar, func in mod.functions_items():
             if isinstance(func, tirx.PrimFunc) and _calls(func.body):
-                updates[gvar] = func.with_body(tvm_ffi.structural_map(func.body, (tvm.ir.Call, rewrite), order="post"))
+                callbacks = [(tvm.ir.Call, rewrite), (tirx.Div, reciprocal_product)]
+                updates[gvar] = func.with_body(tvm_ffi.structural_map(func.body, callbacks, order="post"))
         if not updates:
             return mod
         mod = mod.clone()  # the caller's module stays as it was
@@ -90,8 +101,11 @@ def fast_math():
 
 
 def _calls(body) -> bool:
+    """Whether ``body`` has something to rewrite: a float32 exp/sigmoid/erf call or a float32
+    division by a constant with a normal reciprocal."""
     import tvm
     import tvm_ffi
+    from tvm import tirx
 
     found = []
 
@@ -100,8 +114,35 @@ def _calls(body) -> bool:
             found.append(call)
         return call
 
-    tvm_ffi.structural_map(body, (tvm.ir.Call, note), order="post")
+    def note_division(division):
+        if _reciprocal(division) is not None:
+            found.append(division)
+        return division
+
+    tvm_ffi.structural_map(body, [(tvm.ir.Call, note), (tirx.Div, note_division)], order="post")
     return bool(found)
+
+
+def _reciprocal(division) -> float | None:
+    """``1 / c`` rounded to float32 when ``division`` is a float32 ``a / c`` by a constant ``c``
+    whose reciprocal is a normal float32 number (not 0, a denormal, inf or NaN), else None."""
+    import numpy as np
+    from tvm import tirx
+
+    if str(division.ty) != "float32" or not isinstance(division.b, tirx.FloatImm):
+        return None
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        reciprocal = np.float32(1.0) / np.float32(division.b.value)
+    if not np.isfinite(reciprocal) or abs(reciprocal) < np.finfo(np.float32).tiny:
+        return None
+    return float(reciprocal)
+
+
+def reciprocal_product(division):
+    """``a / c`` as ``a * (1/c)`` for a float32 constant ``c`` (the module docstring); any other
+    division as it is."""
+    reciprocal = _reciprocal(division)
+    return division if reciprocal is None else division.a * _f32(reciprocal)
 
 
 def _f32(value: float):
