@@ -1,6 +1,6 @@
-"""On aarch64 compile, tuning databases and ``edgec tune`` see the same int32-index kernels.
+"""On aarch64 and x86 compile, tuning databases and ``edgec tune`` see the same int32-index kernels.
 
-The pipeline narrows every kernel to int32 indices right after legalize on aarch64
+The pipeline narrows every kernel to int32 indices right after legalize on aarch64 and x86
 (``schedules.narrow_indices_pass``: TVM's own narrowing drops the loop-partition hints),
 before the tuning database and the rules. So ``edgec tune`` extracts, records and times
 the int32 form, and a database's record of the library's own schedule builds that same
@@ -43,10 +43,10 @@ def a53_tasks(saved_models):
     return target, model, tvm_target, tasks
 
 
-def test_only_aarch64_narrows():
-    assert narrows_indices(resolve("cortex-a53").preset)
+def test_aarch64_and_x86_narrow_armv7_and_cuda_do_not():
+    assert narrows_indices(resolve("cortex-a53").preset) and narrows_indices(resolve("x86").preset)
     assert not narrows_indices(resolve("cortex-a7").preset)
-    assert not narrows_indices(resolve("x86").preset)
+    assert not narrows_indices(resolve("cuda").preset)
 
 
 def test_tune_extracts_the_int32_kernels(a53_tasks, saved_models):

@@ -4,12 +4,15 @@ the default TIR pipeline, before LoopPartition) rebuilds int64 loops without
 their annotations and so dropped the ``pragma_loop_partition_hint`` of the
 depthwise, pooling and padding schedules. Checked: the dtypes, the guard for
 buffers of 2**31 elements or more, the numbers, and that the border tiles are
-split off after TVM's own passes (with the few-channel padded copy's hints).
+split off after TVM's own passes (with the few-channel padded copy's hints), and an x86
+stem build whose padded copy has no gather left.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -101,3 +104,33 @@ def _loads_of_x(script: str) -> list[str]:
 def test_narrowed_schedule_computes_what_the_naive_one_does(kernel):
     func = kernel()
     assert_computes_the_same(func, schedule_func(narrow_indices(func), default_rules(NEON64))[0])
+
+
+def _rgb_stem_model(path):
+    """A 3x3/2 convolution of an RGB image, padded by one (MobileNet's stem), with ReLU."""
+    import numpy as np
+    from onnx import helper
+
+    from backbone import make_onnx
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    initializers = {"w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal(16).astype(np.float32)}
+    return make_onnx(nodes, {"x": [1, 3, 64, 64]}, {"y": [1, 16, 32, 32]}, initializers, path)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_x86_stem_copies_its_padded_input_without_gathers(tmp_path):
+    """x86 narrows too: with the model's int64 indices the padded RGB copy's hints were dropped and
+    LLVM vectorised the copy as masked ``vgatherqps`` under the border test."""
+    import edgec
+
+    _rgb_stem_model(tmp_path / "stem.onnx")
+    result = edgec.compile(edgec.load(tmp_path / "stem.onnx"), "x86", tmp_path / "x86")
+    assert result.manifest["verification"]["status"] == "passed"
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "x86" / "lib.so")], capture_output=True, text=True).stdout
+    assert "vfmadd" in code  # the convolution was scheduled and vectorised
+    assert "gather" not in code
