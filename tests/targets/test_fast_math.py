@@ -178,10 +178,14 @@ def _divisions(mod) -> list[str]:
     from tvm import tirx
 
     found: list[str] = []
+
+    def note(division):
+        divisor = str(division.b.value) if isinstance(division.b, tirx.FloatImm) else "tensor"
+        found.append(f"{division.ty} / {divisor}")
+
     for _gvar, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):
-            divisor = lambda d: str(d.b.value) if isinstance(d.b, tirx.FloatImm) else "tensor"  # noqa: E731
-            tvm_ffi.structural_walk(func.body, [(tirx.Div, lambda d: found.append(f"{d.ty} / {divisor(d)}"))], order="post")
+            tvm_ffi.structural_walk(func.body, [(tirx.Div, note)], order="post")
     return sorted(found)
 
 
