@@ -57,7 +57,7 @@ def narrow_indices(func):
     where that was measured to help: on cortex-a7 the partitioned depthwise layers ran more
     instructions (MobileNetV2 252.6M -> 257.4M). On x86 (AVX-512) the few-channel copy of a stem's
     padded RGB input was a loop of masked ``vgatherqps`` with its border test (MobileNetV3-small's
-    stem kernel 0.21 -> 0.13 ms alone), and end to end, interleaved on one core: MobileNetV3-small
+    stem kernel 0.17-0.21 -> 0.13 ms alone), and end to end, interleaved on one core: MobileNetV3-small
     0.96x, ShuffleNetV2 x0.5 0.95x, MNASNet 0.5 0.98x, the other peer models 0.99-1.00x.
     ``narrows_indices`` says aarch64 and x86."""
     import tvm
