@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
 from pathlib import Path
+
+import pytest
 
 FORMATS = ("torchscript", "export", "onnx", "pickle")
 SUFFIX = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx", "pickle": ".pkl"}
@@ -14,6 +18,14 @@ X86_SOURCE = {"mobilenet": "export", "resnet": "torchscript", "vgg": "onnx", "ml
 
 RTOL = 1e-4
 ATOL = 1e-4
+
+needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+
+
+def disassembly(lib) -> str:
+    """``objdump -d`` of the shared library ``lib`` without the instruction bytes: one line per
+    instruction, its address, mnemonic and operands (``needs_objdump``)."""
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
 
 
 def leftovers(parent: Path) -> list[str]:

@@ -87,7 +87,7 @@ def fast_math():
     def _pass(mod, _ctx):
         updates = {}
         for gvar, func in mod.functions_items():
-            if isinstance(func, tirx.PrimFunc) and _calls(func.body):
+            if isinstance(func, tirx.PrimFunc) and _has_rewrites(func.body):
                 callbacks = [(tvm.ir.Call, rewrite), (tirx.Div, reciprocal_product)]
                 updates[gvar] = func.with_body(tvm_ffi.structural_map(func.body, callbacks, order="post"))
         if not updates:
@@ -100,7 +100,7 @@ def fast_math():
     return _pass
 
 
-def _calls(body) -> bool:
+def _has_rewrites(body) -> bool:
     """Whether ``body`` has something to rewrite: a float32 exp/sigmoid/erf call or a float32
     division by a constant with a normal reciprocal."""
     import tvm

@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgec
-from backbone import elf_header
+from backbone import disassembly, elf_header, needs_objdump
 from edgec.cli import cli
 from edgec.core.errors import ArtifactError, NoCudaDeviceError
 from edgec.runtimes import cuda
@@ -228,11 +228,10 @@ def fp16_result(artifacts):
 
 
 def _has_avx(lib: Path) -> int:
-    listing = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in listing.splitlines() if "%ymm" in line or "%zmm" in line)
+    return sum(1 for line in disassembly(lib).splitlines() if "%ymm" in line or "%zmm" in line)
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+@needs_objdump
 def test_cuda_host_code_has_no_avx(cuda_result, artifacts):
     # generic x86-64: no AVX registers in the host code, which an x86 build for this CPU uses
     assert elf_header(cuda_result.artifact.lib)["machine"] == EM_X86_64_MACHINE

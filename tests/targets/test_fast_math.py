@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 from onnx import helper
 
 import edgec
-from backbone import assert_board_verified, make_onnx
+from backbone import assert_board_verified, disassembly, make_onnx, needs_objdump
 from edgec.targets.schedules.fast_math import REWRITTEN, fast_math
 
 SWEEP = np.concatenate([np.linspace(-110, 110, 44001), np.linspace(-6, 6, 24001)]).astype(np.float32)
@@ -123,11 +122,11 @@ def test_x86_build_calls_no_libm_exp_and_verifies(tmp_path):
     check = result.manifest["verification"]
     assert check["status"] == "passed" and check["onnxruntime"]["within_tolerance"]
     if shutil.which("objdump"):
-        calls = subprocess.run(["objdump", "-d", str(tmp_path / "x86" / "lib.so")], capture_output=True, text=True).stdout
+        calls = disassembly(tmp_path / "x86" / "lib.so")
         assert "expf" not in calls and "erff" not in calls
     plain = edgec.compile(edgec.load(tmp_path / "m.onnx"), "x86", tmp_path / "plain", schedules=False)
     if shutil.which("objdump"):
-        calls = subprocess.run(["objdump", "-d", str(tmp_path / "plain" / "lib.so")], capture_output=True, text=True).stdout
+        calls = disassembly(tmp_path / "plain" / "lib.so")
         assert "expf" in calls  # the naive build keeps libm (the check above can fail)
     assert plain.manifest["verification"]["status"] == "passed"
 
@@ -214,14 +213,14 @@ def _hard_swish_model(path):
     return make_onnx(nodes, {"x": [1, 16, 20, 20]}, {"y": [1, 32, 20, 20]}, initializers, path)
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+@needs_objdump
 def test_x86_hard_swish_build_divides_nothing_and_verifies(tmp_path):
     _hard_swish_model(tmp_path / "m.onnx")
     result = edgec.compile(edgec.load(tmp_path / "m.onnx"), "x86", tmp_path / "x86")
     check = result.manifest["verification"]
     assert check["status"] == "passed" and check["onnxruntime"]["within_tolerance"]
-    code = subprocess.run(["objdump", "-d", str(tmp_path / "x86" / "lib.so")], capture_output=True, text=True).stdout
+    code = disassembly(tmp_path / "x86" / "lib.so")
     assert "vdivps" not in code and "divss" not in code
     plain = edgec.compile(edgec.load(tmp_path / "m.onnx"), "x86", tmp_path / "plain", schedules=False)
-    code = subprocess.run(["objdump", "-d", str(tmp_path / "plain" / "lib.so")], capture_output=True, text=True).stdout
+    code = disassembly(tmp_path / "plain" / "lib.so")
     assert "divps" in code or "divss" in code  # without the rewrite the division is there (the check above can fail)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -16,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgec
+from backbone import disassembly, needs_objdump
 from edgec.core.artifact import load_artifact
 from edgec.core.model import Model
 from edgec.runtimes.local import LocalRunner
@@ -25,7 +24,6 @@ from edgec.targets.schedules.conv2d_int8 import ineligible, pack_weights
 from edgec.targets.vector import cpu_vector
 
 HOST_VNNI = cpu_vector(resolve("x86")).int8_dot
-needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
 
 # (input channels, filters, kernel, size, stride, input zero point, padding)
 LAYERS = {
@@ -79,7 +77,7 @@ def assert_bit_exact(graph: ir.Model, artifact, channels: int, size: int) -> Non
 def x86_loops(lib) -> list[list[str]]:
     """The instruction mnemonics of every loop (a backward jump and what it jumps over) in
     ``lib``'s objdump, innermost first."""
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
+    listing = disassembly(lib)
     rows = []
     for line in listing.splitlines():
         match = re.match(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
@@ -144,7 +142,7 @@ def test_avx2_keeps_the_int32_lane_kernel_and_is_bit_exact(tmp_path):
     result = edgec.compile(Model(graph, None, "onnx", None), haswell, tmp_path / "avx2")
     by_rule = result.manifest["schedules"]["by_rule"]
     assert "conv2d-int8-dot" not in by_rule and by_rule.get("conv2d-nhwc") == 1
-    listing = subprocess.run(["objdump", "-d", str(result.artifact.path / "lib.so")], capture_output=True, text=True, check=True).stdout
+    listing = disassembly(result.artifact.path / "lib.so")
     assert "vpdpbusd" not in listing and "zmm" not in listing
     assert_bit_exact(graph, result.artifact.path, channels, size)
 

@@ -11,11 +11,10 @@ stem build whose padded copy has no gather left.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
 
+from backbone import disassembly, make_onnx, needs_objdump
 from edgec.targets.schedules import default_rules, narrow_indices, schedule_func
 from edgec.targets.vector import CpuVector
 from test_schedules import assert_computes_the_same  # tests/targets is on the path
@@ -111,8 +110,6 @@ def _rgb_stem_model(path):
     import numpy as np
     from onnx import helper
 
-    from backbone import make_onnx
-
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
@@ -122,7 +119,7 @@ def _rgb_stem_model(path):
     return make_onnx(nodes, {"x": [1, 3, 64, 64]}, {"y": [1, 16, 32, 32]}, initializers, path)
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+@needs_objdump
 def test_x86_stem_copies_its_padded_input_without_gathers(tmp_path):
     """x86 narrows too: with the model's int64 indices the padded RGB copy's hints were dropped and
     LLVM vectorised the copy as masked ``vgatherqps`` under the border test."""
@@ -131,6 +128,6 @@ def test_x86_stem_copies_its_padded_input_without_gathers(tmp_path):
     _rgb_stem_model(tmp_path / "stem.onnx")
     result = edgec.compile(edgec.load(tmp_path / "stem.onnx"), "x86", tmp_path / "x86")
     assert result.manifest["verification"]["status"] == "passed"
-    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / "x86" / "lib.so")], capture_output=True, text=True).stdout
+    code = disassembly(tmp_path / "x86" / "lib.so")
     assert "vfmadd" in code  # the convolution was scheduled and vectorised
     assert "gather" not in code
