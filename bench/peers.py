@@ -20,8 +20,14 @@ spinning threads go idle. Per runtime: the median over all runs; edgec's ratio
 to the best valid peer is the median over rounds of (edgec's round median / the
 best peer's round median in that round).
 
+At two threads or more, bench/core_pair.py's probe runs after every pause: a
+round in which it found the two threads unable to run at full speed together
+(on this VM: both virtual CPUs on one physical core, for spells of about a
+second) is disturbed, and a second ratio counts only the undisturbed rounds
+(``--no-core-probe``: no probe).
+
     python bench/peers.py [--models mobilenet_v2,resnet18,...] [--threads N]
-                          [--rounds 11] [--repeat 10] [--runtimes edgec,ort,...] [-o table.md] [--json raw.json]
+                          [--rounds 11] [--repeat 10] [--runtimes edgec,ort,...] [-o table.md] [--json raw.json] [--no-core-probe]
 """
 
 from __future__ import annotations
@@ -242,6 +248,7 @@ class Worker:
         )
         self.samples: list[float] = []
         self.round_medians: list[float] = []
+        self.round_disturbed: list[bool] = []  # per round: the core-pair probe's verdict (time_rounds)
         self.status = ""
         self.valid = False
         self.load_s = float("nan")
@@ -325,49 +332,66 @@ def bench_model(name: str, args) -> dict:
             current.handshake(want, work)
             workers.append(current)
         try:
-            time_rounds(workers, args.rounds, args.repeat, name)
+            time_rounds(workers, args.rounds, args.repeat, name, probe=args.probe)
         finally:
             for current in workers:
                 current.close()
     return {"model": name, "workers": workers}
 
 
-def time_rounds(workers: list[Worker], rounds: int, repeat: int, label: str) -> None:
+def time_rounds(workers: list[Worker], rounds: int, repeat: int, label: str, probe=None) -> None:
     """Warm up every worker that loaded, then ``rounds`` rounds in which each runs ``repeat``
-    timed inferences in turn (a pause before each): samples and round medians on the workers."""
+    timed inferences in turn (a pause before each): samples and round medians on the workers.
+    With ``probe`` (bench/core_pair.measure), the machine is probed after every pause (the
+    previous runtime's threads idle by then) and once after the round: a block is disturbed
+    when the probe before or after it found two threads unable to run at full speed together
+    (``round_disturbed`` on the workers)."""
     live = [w for w in workers if w.status and not w.status.startswith("FAILED")]
     for current in live:
         current.run(3)  # warm-up
     for index in range(rounds):
         print(f"{label}: round {index + 1}/{rounds}", file=sys.stderr)
+        shared = []
         for current in live:
             time.sleep(PAUSE_S)
+            shared.append(probe().shared if probe else False)
             block = current.run(repeat)
             current.samples += block
             current.round_medians.append(float(np.median(block)))
+        time.sleep(PAUSE_S)
+        shared.append(probe().shared if probe else False)
+        for position, current in enumerate(live):
+            current.round_disturbed.append(shared[position] or shared[position + 1])
 
 
-def best_peer_ratio(workers: list[Worker]) -> tuple[float, str] | None:
-    """(median over rounds of edgec / best valid peer in that round, the peer that was best most often)."""
+def best_peer_ratio(workers: list[Worker], undisturbed: bool = False) -> tuple[float, str, int] | None:
+    """(median over rounds of edgec / best valid peer in that round, the peer that was best most
+    often, the rounds counted); ``undisturbed``: only rounds in which no runtime's block was disturbed."""
     edgec = next((w for w in workers if w.runtime == "edgec" and w.valid and w.round_medians), None)
     peers = [w for w in workers if w.runtime != "edgec" and w.valid and w.round_medians]
     if edgec is None or not peers:
         return None
+    live = [w for w in workers if w.round_medians]
     ratios, winners = [], []
     for index, mine in enumerate(edgec.round_medians):
+        if undisturbed and any(w.round_disturbed[index] for w in live):
+            continue
         best = min(peers, key=lambda w: w.round_medians[index])
         ratios.append(mine / best.round_medians[index])
         winners.append(best.runtime)
-    return float(np.median(ratios)), max(set(winners), key=winners.count)
+    if not ratios:
+        return None
+    return float(np.median(ratios)), max(set(winners), key=winners.count), len(ratios)
 
 
 def table(results: list[dict], args) -> str:
+    probed = args.probe is not None
     lines = [
         f"threads {args.threads}, {args.rounds} rounds x {args.repeat} runs, interleaved, each runtime in its own "
         "process; median ms over all runs; outputs vs PyTorch",
         "",
-        "| model | " + " | ".join(args.runtimes) + " | edgec / best peer |",
-        "|---|" + "---:|" * len(args.runtimes) + "---:|",
+        "| model | " + " | ".join(args.runtimes) + " | edgec / best peer |" + (" undisturbed rounds |" if probed else ""),
+        "|---|" + "---:|" * len(args.runtimes) + "---:|" + ("---:|" if probed else ""),
     ]
     notes = []
     for result in results:
@@ -380,7 +404,17 @@ def table(results: list[dict], args) -> str:
                 notes.append(f"{result['model']} / {current.runtime}: {current.status}")
         ratio = best_peer_ratio(result["workers"])
         summary = f"{ratio[0]:.2f}x ({ratio[1]})" if ratio else "n/a"
+        if probed:
+            clean = best_peer_ratio(result["workers"], undisturbed=True)
+            summary += f" | {clean[0]:.2f}x ({clean[1]}; {clean[2]} of {args.rounds})" if clean else f" | none of {args.rounds}"
         lines.append(f"| {result['model']} | " + " | ".join(cells) + f" | {summary} |")
+    if probed:
+        lines += [
+            "",
+            "undisturbed rounds: the ratio over the rounds in which bench/core_pair.py's probe, run after every "
+            "pause, found two threads able to run at full speed together before and after every runtime's block "
+            "(not two virtual CPUs on one physical core)",
+        ]
     if notes:
         lines += ["", "Not counted:", *(f"- {note}" for note in notes)]
     return "\n".join(lines)
@@ -395,6 +429,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("-o", "--output", type=Path, help="also write the table (markdown) here")
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    parser.add_argument(
+        "--no-core-probe", dest="core_probe", action="store_false",
+        help="at 2+ threads, do not probe whether two threads can run at full speed together (bench/core_pair.py)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -408,9 +446,21 @@ def main() -> int:
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
         parser.error(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    args.probe = None
+    if args.core_probe and args.threads >= 2:
+        import core_pair
+
+        try:
+            core_pair.measure()
+            args.probe = core_pair.measure
+        except core_pair.ProbeUnavailable as error:
+            print(f"warning: no core-pair probe ({error}); two-thread rounds are not checked", file=sys.stderr)
     results = [bench_model(name.strip(), args) for name in args.models.split(",")]
     raw = {
-        result["model"]: {w.runtime: {"samples": w.samples, "status": w.status, "load_s": w.load_s} for w in result["workers"]}
+        result["model"]: {
+            w.runtime: {"samples": w.samples, "disturbed": w.round_disturbed, "status": w.status, "load_s": w.load_s}
+            for w in result["workers"]
+        }
         for result in results
     }
     publish(table(results, args), args.output, args.json, raw)

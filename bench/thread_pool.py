@@ -5,7 +5,11 @@ model (bench/models.py, seeded, 1x3x224x224, BN folded, x86 build verified again
 ``--processes`` rounds each start one new process per variant (in turn, so load drifts alike),
 which loads the build, warms up and takes the median of ``--repeat`` runs. Per variant, over the
 processes: the median, p90 and p90 / median of those medians (issue 14's target: <= 1.1 over 30
-processes at 2 threads), and the slowest process.
+processes at 2 threads), and the slowest process; and the same over the processes that
+bench/core_pair.py's probe, run in each process just before and just after its timed runs, found
+undisturbed (two threads able to run at full speed together: on this VM the two virtual CPUs
+share one physical core for spells of about a second, and every runtime then runs two threads
+at the speed of one).
 
 Variants: ``edgec`` (TVM's pool as edgec ships it), the TVM pool's settings named in ``--env``
 (each ``NAME:VAR=VALUE[;VAR=VALUE]``, e.g. ``nobind:TVM_BIND_THREADS=0``), and ``ort`` (ONNX
@@ -52,14 +56,27 @@ def compile_model(name: str, work: Path) -> Path:
     return path
 
 
-def worker(job: dict) -> float:
-    """In a fresh process: load, warm up, median ms of ``repeat`` runs."""
+def worker(job: dict) -> dict:
+    """In a fresh process: load, warm up, then the median ms of ``repeat`` runs, and whether
+    bench/core_pair.py's probe, just before or just after them, found two threads unable to run
+    at full speed together (``shared``)."""
+    import time
+
     import numpy as np
+
+    import core_pair
+
+    verdicts = []
+
+    def probe() -> None:
+        time.sleep(0.3)  # the runtime's own pool threads stop spinning first (TVM's spin about 0.16 s)
+        try:
+            verdicts.append(core_pair.measure().shared)
+        except core_pair.ProbeUnavailable:
+            verdicts.append(False)
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
     if job["runtime"] == "ort":
-        import time
-
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -69,20 +86,30 @@ def worker(job: dict) -> float:
         feed = {session.get_inputs()[0].name: x}
         for _ in range(5):
             session.run(None, feed)
+        probe()
         times = []
         for _ in range(job["repeat"]):
             start = time.perf_counter()
             session.run(None, feed)
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    from edgec.core.artifact import load_artifact
-    from edgec.runtimes.local import LocalRunner
+    else:
+        from edgec.core.artifact import load_artifact
+        from edgec.runtimes.local import LocalRunner
 
-    runner = LocalRunner(load_artifact(job["path"]), threads=job["threads"])
-    runner.time_ms([x], repeat=1, warmup=5)  # the pool starts (and sets the threads' affinity) here
-    if os.environ.get("BENCH_PIN_MAIN_CPU"):
-        os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_MAIN_CPU"])})  # 0: the calling thread (Linux)
-    return statistics.median(runner.time_ms([x], repeat=job["repeat"], warmup=2))
+        runner = LocalRunner(load_artifact(job["path"]), threads=job["threads"])
+        runner.time_ms([x], repeat=1, warmup=5)  # the pool starts (and sets the threads' affinity) here
+        if os.environ.get("BENCH_PIN_MAIN_CPU"):
+            os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_MAIN_CPU"])})  # 0: the calling thread (Linux)
+        runner.time_ms([x], repeat=2, warmup=0)
+        probe()
+        times = runner.time_ms([x], repeat=job["repeat"], warmup=2)
+    probe()
+    return {"ms": statistics.median(times), "shared": any(verdicts)}
+
+
+def spread(medians: list[float]) -> tuple[float, float]:
+    """(median, p90) of per-process medians."""
+    return statistics.median(medians), statistics.quantiles(medians, n=10, method="inclusive")[-1]
 
 
 def parse_env(specs: list[str]) -> dict[str, dict[str, str]]:
@@ -120,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"threads {args.threads}, {args.processes} fresh processes per variant, median of {args.repeat} runs each",
         "",
-        "| model | variant | median ms | p90 ms | p90 / median | slowest ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | variant | median ms | p90 ms | p90 / median | slowest ms | processes undisturbed "
+        "| their p90 / median |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     raw = {}
     for name in args.models.split(","):
@@ -137,11 +165,21 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"{name} {variant}: worker failed: {done.stderr.strip().splitlines()[-1:]}")
                 runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{name}: process {index + 1}/{args.processes}", end="\r", file=sys.stderr)
-        for variant, medians in runs.items():
-            middle, p90 = statistics.median(medians), statistics.quantiles(medians, n=10, method="inclusive")[-1]
-            lines.append(f"| {name} | {variant} | {middle:.3f} | {p90:.3f} | {p90 / middle:.2f} | {max(medians):.3f} |")
-        raw[name] = {"variants": {key: variants.get(key, {}) for key in runs}, "medians": runs}
+        for variant, results in runs.items():
+            medians = [result["ms"] for result in results]
+            middle, p90 = spread(medians)
+            clean = [result["ms"] for result in results if not result["shared"]]
+            ratio = f"{spread(clean)[1] / spread(clean)[0]:.2f}" if len(clean) >= 2 else "n/a"
+            lines.append(
+                f"| {name} | {variant} | {middle:.3f} | {p90:.3f} | {p90 / middle:.2f} | {max(medians):.3f} "
+                f"| {len(clean)} of {len(results)} | {ratio} |"
+            )
+        raw[name] = {"variants": {key: variants.get(key, {}) for key in runs}, "processes": runs}
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    lines.append(
+        "\nundisturbed: processes in which bench/core_pair.py's probe, just before and just after the timed "
+        "runs, found two threads able to run at full speed together (not sharing one physical core)"
+    )
     lines.append(f"\nload average at the end: {load} ({os.cpu_count()} CPUs)")
     publish("\n".join(lines), args.output, args.json, raw)
 
