@@ -9,6 +9,13 @@ two takes about twice as long. bench/peers.py and bench/thread_pool.py call ``me
 their two-thread timings and report which ones the machine disturbed.
 
     python bench/core_pair.py [--seconds 60] [--every 0.25]    # a timeline: how often, how long
+    python bench/core_pair.py --build BUILD [--seconds 25]     # an x86 build's runs, each between probes
+
+With ``--build``, one process alternates a probe and one two-thread inference of the build,
+and splits the inference times by the probes on both sides. TVM's pool threads then sleep as
+soon as a kernel ends (``TVM_THREAD_POOL_SPIN_COUNT=0``; by default they spin for about 0.16 s,
+and a probe right after an inference would find its own runtime's spinning worker): the times are
+slower than edgec's defaults, and only their split means something.
 
 The C file is compiled once with the system's C compiler (``cc``/``gcc``, ``-O2 -march=native``)
 into ~/.cache/edgec/bench/, named after its source's hash.
@@ -96,16 +103,61 @@ def measure(steps: int = STEPS, rounds: int = ROUNDS) -> CorePair:
     return CorePair(*seconds)
 
 
+def split_runs(build: Path, seconds: float) -> str:
+    """Inference times of ``build`` at two threads, each between two probes, split by their verdicts."""
+    os.environ["TVM_NUM_THREADS"], os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "2", "0"  # before TVM loads
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from edgec.core.artifact import load_artifact
+
+    artifact = load_artifact(build)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.lib)), tvm.cpu())
+    spec = artifact.inputs[0]
+    vm.set_input("main", tvm.runtime.tensor(np.zeros(spec["shape"], dtype=spec["dtype"])))
+    for _ in range(10):
+        vm.invoke_stateful("main")
+    runs, start = [], time.monotonic()
+    while time.monotonic() - start < seconds:
+        before = measure(steps=STEPS // 2, rounds=5)
+        begin = time.perf_counter()
+        vm.invoke_stateful("main")
+        elapsed = (time.perf_counter() - begin) * 1e3
+        runs.append((elapsed, before.slowdown, measure(steps=STEPS // 2, rounds=5).slowdown))
+    times = np.array([run[0] for run in runs])
+    shared = np.array([min(run[1], run[2]) > SHARED_ABOVE for run in runs])  # on both sides
+    clean = np.array([max(run[1], run[2]) < 1.2 for run in runs])
+    reference = float(np.median(times[clean])) if clean.any() else float(np.median(times))
+    slow = times > 1.3 * reference
+    lines = [
+        f"{len(runs)} two-thread runs of {build}: median {np.median(times):.2f} ms",
+        f"  probes clean on both sides: {clean.sum()} runs, median {reference:.2f} ms",
+        f"  probes shared on both sides: {shared.sum()} runs"
+        + (f", median {np.median(times[shared]):.2f} ms" if shared.any() else ""),
+        f"  slow runs (> 1.3x the clean median): {slow.sum()}; with shared probes on both sides {(slow & shared).sum()}, "
+        f"on one side {(slow & ~shared & ~clean).sum()}, clean on both {(slow & clean).sum()}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to watch")
     parser.add_argument("--every", type=float, default=0.25, help="seconds between probes")
+    parser.add_argument("--build", type=Path, help="an x86 build directory (edgec compile -o): time its runs between probes")
     args = parser.parse_args(argv)
     try:
         first = measure()
     except ProbeUnavailable as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
+    if args.build is not None:
+        if not (args.build / "manifest.json").is_file():
+            print(f"Error: {args.build} is not an edgec build (no manifest.json): give edgec compile's -o directory", file=sys.stderr)
+            return 1
+        print(split_runs(args.build, args.seconds))
+        return 0
     print(f"one thread alone: {first.alone_s * 1e6:.1f} us per probe round; watching {args.seconds:.0f} s", file=sys.stderr)
     start, samples = time.monotonic(), []
     while time.monotonic() - start < args.seconds:
