@@ -69,11 +69,9 @@ def worker(job: dict) -> dict:
     verdicts = []
 
     def probe() -> None:
-        time.sleep(0.3)  # the runtime's own pool threads stop spinning first (TVM's spin about 0.16 s)
-        try:
+        if job["probe"]:
+            time.sleep(0.3)  # the runtime's own pool threads stop spinning first (TVM's spin about 0.16 s)
             verdicts.append(core_pair.measure().shared)
-        except core_pair.ProbeUnavailable:
-            verdicts.append(False)
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
     if job["runtime"] == "ort":
@@ -100,11 +98,21 @@ def worker(job: dict) -> dict:
         runner.time_ms([x], repeat=1, warmup=5)  # the pool starts (and sets the threads' affinity) here
         if os.environ.get("BENCH_PIN_MAIN_CPU"):
             os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_MAIN_CPU"])})  # 0: the calling thread (Linux)
-        runner.time_ms([x], repeat=2, warmup=0)
         probe()
         times = runner.time_ms([x], repeat=job["repeat"], warmup=2)
     probe()
-    return {"ms": statistics.median(times), "shared": any(verdicts)}
+    return {"ms": statistics.median(times), "shared": any(verdicts) if job["probe"] else None}
+
+
+def _probe_available() -> bool:
+    import core_pair
+
+    try:
+        core_pair.measure()  # builds it once, here, not in the first worker
+        return True
+    except core_pair.ProbeUnavailable as error:
+        print(f"warning: no core-pair probe ({error}); processes are not checked", file=sys.stderr)
+        return False
 
 
 def spread(medians: list[float]) -> tuple[float, float]:
@@ -151,13 +159,17 @@ def main(argv: list[str] | None = None) -> None:
         "| their p90 / median |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    probing = _probe_available()
     raw = {}
     for name in args.models.split(","):
         path = str(compile_model(name, work))
         runs = {variant: [] for variant in [*variants, *(["ort"] if args.ort else [])]}
         for index in range(args.processes):
             for variant in runs:
-                job = {"path": path, "threads": args.threads, "repeat": args.repeat, "runtime": "ort" if variant == "ort" else "edgec"}
+                job = {
+                    "path": path, "threads": args.threads, "repeat": args.repeat, "probe": probing,
+                    "runtime": "ort" if variant == "ort" else "edgec",
+                }  # fmt: skip
                 env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
                 env.update(variants.get(variant, {}))
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env)
@@ -168,11 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         for variant, results in runs.items():
             medians = [result["ms"] for result in results]
             middle, p90 = spread(medians)
-            clean = [result["ms"] for result in results if not result["shared"]]
+            clean = [result["ms"] for result in results if result["shared"] is False]
             ratio = f"{spread(clean)[1] / spread(clean)[0]:.2f}" if len(clean) >= 2 else "n/a"
+            counted = f"{len(clean)} of {len(results)}" if probing else "not probed"
             lines.append(
                 f"| {name} | {variant} | {middle:.3f} | {p90:.3f} | {p90 / middle:.2f} | {max(medians):.3f} "
-                f"| {len(clean)} of {len(results)} | {ratio} |"
+                f"| {counted} | {ratio} |"
             )
         raw[name] = {"variants": {key: variants.get(key, {}) for key in runs}, "processes": runs}
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
