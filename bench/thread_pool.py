@@ -19,7 +19,10 @@ warm-up runs (TVM's pool pins its workers, one per CPU from the second on, and l
 thread, which runs task 0 of every parallel loop, free on all of them).
 
     python bench/thread_pool.py [--models mobilenet_v2] [--threads 2] [--processes 30] [--repeat 20]
-                                [--env nobind:TVM_BIND_THREADS=0] [--work DIR] [-o table.md]
+                                [--env nobind:TVM_BIND_THREADS=0] [--busy N] [--work DIR] [-o table.md]
+
+``--busy N`` runs N busy processes (a Python ``while True: pass``) beside the measurement: a
+machine that other work loads.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per process (after 5 warm-up runs)")
     parser.add_argument("--env", action="append", default=[], help="a TVM pool variant: NAME:VAR=VALUE[;VAR=VALUE]")
     parser.add_argument("--no-ort", dest="ort", action="store_false", help="leave ONNX Runtime out")
+    parser.add_argument("--busy", type=int, default=0, help="busy processes to run beside the measurement (a loaded machine)")
     parser.add_argument("--work", type=Path, default=None, help="where the builds are kept (default: a temporary directory)")
     parser.add_argument("-o", "--output", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every process's median here")
@@ -161,6 +165,26 @@ def main(argv: list[str] | None = None) -> None:
     ]
     probing = _probe_available()
     raw = {}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        _measure(args, variants, work, probing, lines, raw)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    lines.append(
+        "\nundisturbed: processes in which bench/core_pair.py's probe, just before and just after the timed "
+        "runs, found two threads able to run at full speed together (not sharing one physical core)"
+    )
+    if args.busy:
+        lines.append(f"\n{args.busy} busy process(es) (a Python `while True: pass`) ran beside every measurement")
+    lines.append(f"\nload average at the end: {load} ({os.cpu_count()} CPUs)")
+    publish("\n".join(lines), args.output, args.json, raw)
+
+
+def _measure(args, variants: dict, work: Path, probing: bool, lines: list[str], raw: dict) -> None:
+    """Every model's processes, variants in turn; a table row per variant into ``lines``."""
     for name in args.models.split(","):
         path = str(compile_model(name, work))
         runs = {variant: [] for variant in [*variants, *(["ort"] if args.ort else [])]}
@@ -188,13 +212,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {counted} | {ratio} |"
             )
         raw[name] = {"variants": {key: variants.get(key, {}) for key in runs}, "processes": runs}
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
-    lines.append(
-        "\nundisturbed: processes in which bench/core_pair.py's probe, just before and just after the timed "
-        "runs, found two threads able to run at full speed together (not sharing one physical core)"
-    )
-    lines.append(f"\nload average at the end: {load} ({os.cpu_count()} CPUs)")
-    publish("\n".join(lines), args.output, args.json, raw)
 
 
 if __name__ == "__main__":
