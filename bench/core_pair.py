@@ -39,6 +39,7 @@ SOURCE = Path(__file__).with_suffix(".c")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgec" / "bench"
 SHARED_ABOVE = 1.5  # two threads at once: about 1.0x of one alone on two cores, 2.0x on one core
 STEPS, ROUNDS = 10_000, 20  # one round: ~16 us alone on a 4 GHz core with two 256-bit FMA units
+SETTLE_S = 0.3  # before a probe right after a runtime ran: its pool threads stop spinning (TVM's: ~0.16 s)
 
 
 class ProbeUnavailable(RuntimeError):
@@ -101,6 +102,16 @@ def measure(steps: int = STEPS, rounds: int = ROUNDS) -> CorePair:
     if _loaded.core_pair_seconds(steps, rounds, seconds) != 0:
         raise ProbeUnavailable("the probe could not start its second thread")
     return CorePair(*seconds)
+
+
+def available(what: str) -> bool:
+    """Whether the probe builds and runs here; if not, a warning that ``what`` goes unchecked."""
+    try:
+        measure()
+        return True
+    except ProbeUnavailable as error:
+        print(f"warning: no core-pair probe ({error}); {what} not checked", file=sys.stderr)
+        return False
 
 
 def split_runs(build: Path, seconds: float) -> str:

@@ -450,11 +450,8 @@ def main() -> int:
     if args.core_probe and args.threads >= 2:
         import core_pair
 
-        try:
-            core_pair.measure()
+        if core_pair.available("two-thread rounds are"):
             args.probe = core_pair.measure
-        except core_pair.ProbeUnavailable as error:
-            print(f"warning: no core-pair probe ({error}); two-thread rounds are not checked", file=sys.stderr)
     results = [bench_model(name.strip(), args) for name in args.models.split(",")]
     raw = {
         result["model"]: {

@@ -73,7 +73,7 @@ def worker(job: dict) -> dict:
 
     def probe() -> None:
         if job["probe"]:
-            time.sleep(0.3)  # the runtime's own pool threads stop spinning first (TVM's spin about 0.16 s)
+            time.sleep(core_pair.SETTLE_S)  # the runtime's own pool threads stop spinning first
             verdicts.append(core_pair.measure().shared)
 
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype("float32")
@@ -105,17 +105,6 @@ def worker(job: dict) -> dict:
         times = runner.time_ms([x], repeat=job["repeat"], warmup=2)
     probe()
     return {"ms": statistics.median(times), "shared": any(verdicts) if job["probe"] else None}
-
-
-def _probe_available() -> bool:
-    import core_pair
-
-    try:
-        core_pair.measure()  # builds it once, here, not in the first worker
-        return True
-    except core_pair.ProbeUnavailable as error:
-        print(f"warning: no core-pair probe ({error}); processes are not checked", file=sys.stderr)
-        return False
 
 
 def spread(medians: list[float]) -> tuple[float, float]:
@@ -163,15 +152,17 @@ def main(argv: list[str] | None = None) -> None:
         "| their p90 / median |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    probing = _probe_available()
-    raw = {}
+    import core_pair
+
+    probing = core_pair.available("processes are")  # builds it once, here, not in the first worker
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
-        _measure(args, variants, work, probing, lines, raw)
+        rows, raw = _measure(args, variants, work, probing)
     finally:
         for process in busy:
             process.kill()
             process.wait()
+    lines += rows
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     lines.append(
         "\nundisturbed: processes in which bench/core_pair.py's probe, just before and just after the timed "
@@ -183,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     publish("\n".join(lines), args.output, args.json, raw)
 
 
-def _measure(args, variants: dict, work: Path, probing: bool, lines: list[str], raw: dict) -> None:
-    """Every model's processes, variants in turn; a table row per variant into ``lines``."""
+def _measure(args, variants: dict, work: Path, probing: bool) -> tuple[list[str], dict]:
+    """Every model's processes, variants in turn: the table's rows (one per variant) and the raw results."""
+    rows, raw = [], {}
     for name in args.models.split(","):
         path = str(compile_model(name, work))
         runs = {variant: [] for variant in [*variants, *(["ort"] if args.ort else [])]}
@@ -205,13 +197,18 @@ def _measure(args, variants: dict, work: Path, probing: bool, lines: list[str], 
             medians = [result["ms"] for result in results]
             middle, p90 = spread(medians)
             clean = [result["ms"] for result in results if result["shared"] is False]
-            ratio = f"{spread(clean)[1] / spread(clean)[0]:.2f}" if len(clean) >= 2 else "n/a"
+            if len(clean) >= 2:
+                clean_middle, clean_p90 = spread(clean)
+                ratio = f"{clean_p90 / clean_middle:.2f}"
+            else:
+                ratio = "n/a"
             counted = f"{len(clean)} of {len(results)}" if probing else "not probed"
-            lines.append(
+            rows.append(
                 f"| {name} | {variant} | {middle:.3f} | {p90:.3f} | {p90 / middle:.2f} | {max(medians):.3f} "
                 f"| {counted} | {ratio} |"
             )
         raw[name] = {"variants": {key: variants.get(key, {}) for key in runs}, "processes": runs}
+    return rows, raw
 
 
 if __name__ == "__main__":
