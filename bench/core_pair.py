@@ -12,9 +12,10 @@ their two-thread timings and report which ones the machine disturbed.
     python bench/core_pair.py --build BUILD [--seconds 25]     # an x86 build's runs, each between probes
 
 With ``--build``, one process alternates a probe and one two-thread inference of the build,
-and splits the inference times by the probes on both sides. TVM's pool threads then sleep as
-soon as a kernel ends (``TVM_THREAD_POOL_SPIN_COUNT=0``; by default they spin for about 0.16 s,
-and a probe right after an inference would find its own runtime's spinning worker): the times are
+and splits the inference times by the probes on both sides. The pool's worker then sleeps as
+soon as a kernel ends (``EDGEC_THREAD_POOL_SPIN_US=0``, and ``TVM_THREAD_POOL_SPIN_COUNT=0`` for
+TVM's pool under ``EDGEC_THREAD_POOL=tvm``; by default they spin for 2 ms and about 0.16 s, and a
+probe right after an inference would find its own runtime's spinning worker): the times are
 slower than edgec's defaults, and only their split means something.
 
 The C file is compiled once with the system's C compiler (``cc``/``gcc``, ``-O2 -march=native``)
@@ -116,7 +117,7 @@ def available(what: str) -> bool:
 
 def split_runs(build: Path, seconds: float) -> str:
     """Inference times of ``build`` at two threads, each between two probes, split by their verdicts."""
-    os.environ["TVM_NUM_THREADS"], os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "2", "0"  # before TVM loads
+    os.environ.update(TVM_NUM_THREADS="2", EDGEC_THREAD_POOL_SPIN_US="0", TVM_THREAD_POOL_SPIN_COUNT="0")  # before TVM loads
     import numpy as np
     import tvm
     from tvm import relax

@@ -1,4 +1,4 @@
-"""Two-thread stability across processes: edgec's TVM thread pool against ONNX Runtime's (issue 14, part 5).
+"""Two-thread stability across processes: edgec's thread pool against TVM's and ONNX Runtime's (issue 14, part 5).
 
 A multi-threaded runtime is stable when a fresh process runs as fast as the last one. For each
 model (bench/models.py, seeded, 1x3x224x224, BN folded, x86 build verified against ONNX Runtime),
@@ -11,15 +11,17 @@ undisturbed (two threads able to run at full speed together: on this VM the two 
 share one physical core for spells of about a second, and every runtime then runs two threads
 at the speed of one).
 
-Variants: ``edgec`` (TVM's pool as edgec ships it), the TVM pool's settings named in ``--env``
-(each ``NAME:VAR=VALUE[;VAR=VALUE]``, e.g. ``nobind:TVM_BIND_THREADS=0``), and ``ort`` (ONNX
-Runtime on the same model.onnx, the same thread count: the machine's own noise). One setting is
-this script's own: ``BENCH_PIN_MAIN_CPU=N`` pins the calling (main) thread to CPU ``N`` after the
-warm-up runs (TVM's pool pins its workers, one per CPU from the second on, and leaves the main
-thread, which runs task 0 of every parallel loop, free on all of them).
+Variants: ``edgec`` (lib.so as edgec ships it: its own pool, targets/thread_pool.c, in which the
+caller takes the shares a late worker has not started), ``tvm`` (the same lib.so on TVM's pool,
+``EDGEC_THREAD_POOL=tvm``: fixed shares per thread; ``--no-tvm-pool`` leaves it out), settings
+named in ``--env`` (each ``NAME:VAR=VALUE[;VAR=VALUE]``, e.g.
+``nobind:EDGEC_THREAD_POOL=tvm;TVM_BIND_THREADS=0``), and ``ort`` (ONNX Runtime on the same
+model.onnx, the same thread count: the machine's own noise). One setting is this script's own:
+``BENCH_PIN_MAIN_CPU=N`` pins the calling (main) thread to CPU ``N`` after the warm-up runs.
 
     python bench/thread_pool.py [--models mobilenet_v2] [--threads 2] [--processes 30] [--repeat 20]
-                                [--env nobind:TVM_BIND_THREADS=0] [--busy N] [--work DIR] [-o table.md]
+                                [--no-tvm-pool] [--no-ort] [--env NAME:VAR=VALUE] [--busy N]
+                                [--work DIR] [-o table.md]
 
 ``--busy N`` runs N busy processes (a Python ``while True: pass``) beside the measurement: a
 machine that other work loads.
@@ -98,7 +100,7 @@ def worker(job: dict) -> dict:
         from edgec.runtimes.local import LocalRunner
 
         runner = LocalRunner(load_artifact(job["path"]), threads=job["threads"])
-        runner.time_ms([x], repeat=1, warmup=5)  # the pool starts (and sets the threads' affinity) here
+        runner.time_ms([x], repeat=1, warmup=5)  # the pool starts here
         if os.environ.get("BENCH_PIN_MAIN_CPU"):
             os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_MAIN_CPU"])})  # 0: the calling thread (Linux)
         probe()
@@ -112,13 +114,13 @@ def spread(medians: list[float]) -> tuple[float, float]:
     return statistics.median(medians), statistics.quantiles(medians, n=10, method="inclusive")[-1]
 
 
-def parse_env(specs: list[str]) -> dict[str, dict[str, str]]:
-    variants = {"edgec": {}}
+def parse_env(specs: list[str], tvm_pool: bool = True) -> dict[str, dict[str, str]]:
+    variants = {"edgec": {}, **({"tvm": {"EDGEC_THREAD_POOL": "tvm"}} if tvm_pool else {})}
     for spec in specs:
         name, _, assignments = spec.partition(":")
         pairs = [item.partition("=") for item in assignments.split(";") if item]
         if not name or not pairs or any(not key or not sep for key, sep, _ in pairs):
-            raise SystemExit(f"--env {spec!r}: expected NAME:VAR=VALUE[;VAR=VALUE], e.g. nobind:TVM_BIND_THREADS=0")
+            raise SystemExit(f"--env {spec!r}: expected NAME:VAR=VALUE[;VAR=VALUE], e.g. spin100:TVM_THREAD_POOL_SPIN_COUNT=100")
         variants[name] = {key: value for key, _, value in pairs}
     return variants
 
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--processes", type=int, default=30, help="fresh processes per variant")
     parser.add_argument("--repeat", type=int, default=20, help="timed runs per process (after 5 warm-up runs)")
-    parser.add_argument("--env", action="append", default=[], help="a TVM pool variant: NAME:VAR=VALUE[;VAR=VALUE]")
+    parser.add_argument("--env", action="append", default=[], help="another variant: NAME:VAR=VALUE[;VAR=VALUE]")
+    parser.add_argument("--no-tvm-pool", dest="tvm_pool", action="store_false", help="leave TVM's pool (EDGEC_THREAD_POOL=tvm) out")
     parser.add_argument("--no-ort", dest="ort", action="store_false", help="leave ONNX Runtime out")
     parser.add_argument("--busy", type=int, default=0, help="busy processes to run beside the measurement (a loaded machine)")
     parser.add_argument("--work", type=Path, default=None, help="where the builds are kept (default: a temporary directory)")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.processes < 2:
         parser.error("--processes must be at least 2 (p90 over processes)")
-    variants = parse_env(args.env)
+    variants = parse_env(args.env, args.tvm_pool)
     work = args.work or Path(tempfile.mkdtemp(prefix="edgec-threadpool-"))
     work.mkdir(parents=True, exist_ok=True)
     lines = [

@@ -17,13 +17,14 @@ THREADS_ENV = "TVM_NUM_THREADS"
 
 
 def configure_threads(threads: int | None) -> None:
-    """Give the TVM CPU thread pool of this process (and of processes started from it, such as
-    MetaSchedule's runners) ``threads`` workers; None leaves TVM's default.
+    """Run the kernels of this process (and of processes started from it, such as MetaSchedule's
+    runners) on ``threads`` threads; None leaves the default (the CPUs the process may use).
 
-    The one place edgec configures the pool. TVM reads ``TVM_NUM_THREADS`` when the pool
-    starts (the first parallel kernel) and offers no other way to size it
-    (``runtime.config_threadpool`` can only use fewer workers than the pool started with),
-    so the count is written there; edgec never reads it back.
+    The one place edgec configures the thread count. The pool that runs a CPU lib.so's parallel
+    loops is edgec's own, linked into lib.so (targets/thread_pool.c); it reads
+    ``TVM_NUM_THREADS`` at the first parallel kernel of that lib.so, as TVM's pool does at its
+    start (``EDGEC_THREAD_POOL=tvm`` runs TVM's instead), so the count is written there; edgec
+    never reads it back.
     """
     if threads is not None:
         os.environ[THREADS_ENV] = str(threads)

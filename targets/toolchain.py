@@ -60,28 +60,32 @@ def require_linker(preset: TargetPreset) -> str | None:
 
 
 def linker(preset: TargetPreset):
-    """The ``fcompile`` that links ``lib.so`` for ``preset`` (TVM's ``cc.cross_compiler`` of its
-    compiler with the toolchain's link options), ``None`` for the host's default; a ToolchainError
-    when the compiler is missing."""
+    """The ``fcompile`` that links ``lib.so`` for ``preset``: its compiler (the host's default
+    without a toolchain) with the toolchain's link options, ``strip_sections`` removed from the
+    objects, and on CPU targets edgec's thread pool linked in (targets/thread_pool.py). ``None``
+    for a CUDA target without a toolchain (TVM's default link); a ToolchainError when the
+    compiler is missing."""
     compiler = require_linker(preset)
-    if compiler is None:
+    chain = preset.toolchain
+    if preset.kind == "cuda" and chain is None:
         return None
     from tvm.support import cc
 
-    chain = preset.toolchain
-    if not chain.strip_sections:
-        return cc.cross_compiler(compiler, options=list(chain.link_options))
-    objcopy = f"{chain.compiler.rsplit('-', 1)[0]}-objcopy"
+    from edgec.targets.thread_pool import with_thread_pool
 
     def link(output, objects, options=None):
         """TVM's create_shared, after ``strip_sections`` are removed from the object files."""
-        removals = [f"--remove-section={section}" for section in chain.strip_sections]
-        for path in objects:
-            if str(path).endswith(".o"):  # export_library's own objects, in its temporary directory
-                run_tool([objcopy, *removals, str(path)], f"removing {', '.join(chain.strip_sections)} from {path}")
+        if chain is not None and chain.strip_sections:
+            objcopy = f"{chain.compiler.rsplit('-', 1)[0]}-objcopy"
+            removals = [f"--remove-section={section}" for section in chain.strip_sections]
+            for path in objects:
+                if str(path).endswith(".o"):  # export_library's own objects, in its temporary directory
+                    run_tool([objcopy, *removals, str(path)], f"removing {', '.join(chain.strip_sections)} from {path}")
         cc.create_shared(output, objects, options=options, cc=compiler)
 
-    return cc.cross_compiler(link, options=list(chain.link_options))
+    if preset.kind != "cuda":
+        link = with_thread_pool(link, compiler or cc.get_cc())
+    return cc.cross_compiler(link, options=list(chain.link_options) if chain is not None else [])
 
 
 def run_tool(command: list[str], what: str) -> None:
