@@ -75,20 +75,23 @@ def assert_bit_exact(graph: ir.Model, artifact, channels: int, size: int) -> Non
 
 
 def x86_loops(lib) -> list[list[str]]:
-    """The instruction mnemonics of every loop (a backward jump and what it jumps over) in
-    ``lib``'s objdump, innermost first."""
+    """The instruction mnemonics of every loop (a backward jump within its function and what it
+    jumps over) in ``lib``'s objdump, innermost first. A jump out of its function (a tail call
+    to a PLT entry lower in the file) is no loop."""
     listing = disassembly(lib)
-    rows = []
+    rows = []  # (address, mnemonic, operands, start of the function)
+    function = 0
     for line in listing.splitlines():
-        match = re.match(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
-        if match:
-            rows.append((int(match.group(1), 16), match.group(2), match.group(3)))
+        if header := re.match(r"^([0-9a-f]+) <.*>:$", line):
+            function = int(header.group(1), 16)
+        elif match := re.match(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$", line):
+            rows.append((int(match.group(1), 16), match.group(2), match.group(3), function))
     loops = []
-    for index, (address, mnemonic, operands) in enumerate(rows):
+    for index, (address, mnemonic, operands, function) in enumerate(rows):
         jump = re.match(r"^([0-9a-f]+)\s", operands)
-        if mnemonic.startswith("j") and jump and int(jump.group(1), 16) <= address:
+        if mnemonic.startswith("j") and jump and function <= int(jump.group(1), 16) <= address:
             start = int(jump.group(1), 16)
-            loops.append([m for a, m, _ in rows[: index + 1] if a >= start])
+            loops.append([m for a, m, _, _ in rows[: index + 1] if a >= start])
     return sorted(loops, key=len)
 
 
