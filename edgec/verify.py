@@ -80,7 +80,7 @@ class VerifyOptions:
     rtol: float = 1e-4
     atol: float = 1e-4
     seed: int = 0
-    threads: int | None = None  # kernel threads when the build runs in this process (None: TVM's default)
+    threads: int | None = None  # kernel threads when the build runs in this process (None: the pool's default)
     qdq_steps: float = 1.0  # int8 (QDQ) builds: allowed error in quantization steps of the output
 
 

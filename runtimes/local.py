@@ -32,7 +32,7 @@ def configure_threads(threads: int | None) -> None:
 
 class LocalRunner:
     """Loads ``lib.so`` once; ``run`` takes and returns NumPy arrays. ``threads``: the kernels'
-    thread count (``configure_threads``; None: TVM's default)."""
+    thread count (``configure_threads``; None: the pool's default)."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         import tvm

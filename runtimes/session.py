@@ -83,7 +83,8 @@ class Device:
 
 
 class LocalDevice(Device):
-    """This machine, in this process; ``threads``: the kernels' thread count (None: TVM's default)."""
+    """This machine, in this process; ``threads``: the kernels' thread count (None: lib.so's pool's default,
+    TVM_NUM_THREADS else the CPUs this process may use)."""
 
     label = "local (this machine)"
 
