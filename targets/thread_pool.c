@@ -29,20 +29,26 @@
    EDGEC_THREAD_POOL=tvm at the first launch hands every launch to TVM's runtime instead
    (its TVMBackendParallelLaunch, found in the process: TVM's pool as before edgec had its own).
 
-   glibc: pthread_create, pthread_once and dlsym are bound to their first versions, not to glibc 2.34's
-   (the cross toolchains' glibc is 2.36), so lib.so loads with a board's older glibc. */
+   A worker asleep for 2 s ends (the next launch starts it again); unloading lib.so stops and
+   joins the workers first (a destructor), so no thread runs code that is no longer mapped. */
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
+/* glibc 2.34 moved these from libpthread/libdl into libc under new versions; bound to their
+   first ones, lib.so still loads with an older glibc (where the process has libpthread and libdl
+   already: TVM's runtime links both). A toolchain's glibc before 2.34 has only those versions. */
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34)
 #if defined(__x86_64__)
 #define FIRST_GLIBC "GLIBC_2.2.5"
 #elif defined(__aarch64__)
@@ -50,10 +56,12 @@
 #elif defined(__arm__)
 #define FIRST_GLIBC "GLIBC_2.4"
 #endif
+#endif
 #ifdef FIRST_GLIBC
 __asm__(".symver pthread_create, pthread_create@" FIRST_GLIBC);
-__asm__(".symver dlsym, dlsym@" FIRST_GLIBC);
+__asm__(".symver pthread_join, pthread_join@" FIRST_GLIBC);
 __asm__(".symver pthread_once, pthread_once@" FIRST_GLIBC);
+__asm__(".symver dlsym, dlsym@" FIRST_GLIBC);
 #endif
 
 typedef struct {
@@ -66,6 +74,9 @@ typedef int (*Launch)(FTVMParallelLambda lambda, void* cdata, int num_task);
 #define MAX_THREADS 32 /* shares are bits of one word */
 #define SPIN_US 2000    /* a worker's spin after a launch before it sleeps, by default: 2 ms */
 #define PAUSE_NS 50000L /* of which the first 50 us with `pause`, the rest yielding the CPU */
+#define IDLE_EXIT_S 2   /* a worker asleep this long ends; the next launch starts it again */
+
+enum { ABSENT, RUNNING, ENDED }; /* a worker's life: ENDED threads wait to be joined */
 
 /* One launch at a time (the caller holds `launching`). `state` packs the launch's share count
    (bits 32-39) and a bit per share claimed (bits 0-31): one compare-and-swap claims a share. A
@@ -83,8 +94,10 @@ static struct {
   _Alignas(64) atomic_int sleepers;
   int threads; /* configured once, at the first launch */
   int64_t spin_ns;
-  int started; /* workers running (0 again in a forked child) */
-  Launch tvm;  /* EDGEC_THREAD_POOL=tvm: TVM's launch */
+  Launch tvm; /* EDGEC_THREAD_POOL=tvm: TVM's launch */
+  atomic_int stopping; /* lib.so is being unloaded (or the process ends): workers end */
+  atomic_int life[MAX_THREADS];
+  pthread_t thread[MAX_THREADS];
   pthread_mutex_t launching;
   pthread_mutex_t lock; /* guards the condition variable only */
   pthread_cond_t wake;
@@ -131,27 +144,41 @@ static void run_shares(int own) {
   }
 }
 
+/* 1 when a launch has open shares; 0 when this worker should end: lib.so is unloading, or no
+   launch came for IDLE_EXIT_S (a process that loads many lib.so files, as MetaSchedule's runner
+   does, keeps no idle threads of each). */
+static int await_launch(void) {
+  const int64_t start = now_ns(), spin_until = start + pool.spin_ns;
+  const int64_t yield_after = start + (pool.spin_ns < PAUSE_NS ? pool.spin_ns : PAUSE_NS);
+  int yielding = 0;
+  for (unsigned i = 1;; ++i) {
+    if (open_shares(atomic_load_explicit(&pool.state, memory_order_acquire))) return 1;
+    if (atomic_load_explicit(&pool.stopping, memory_order_relaxed)) return 0;
+    if (yielding)
+      sched_yield(); /* another process's thread waiting for this CPU runs now, not during a share */
+    else
+      pause_cpu();
+    if ((yielding || (i & 255) == 0) && now_ns() > yield_after) yielding = 1;
+    if (yielding && now_ns() > spin_until) break;
+  }
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until); /* the condition variable's clock */
+  until.tv_sec += IDLE_EXIT_S;
+  int timed_out = 0;
+  pthread_mutex_lock(&pool.lock);
+  atomic_fetch_add(&pool.sleepers, 1); /* seq_cst: the caller reads it after publishing */
+  while (!open_shares(atomic_load(&pool.state)) && !atomic_load(&pool.stopping) && !timed_out)
+    timed_out = pthread_cond_timedwait(&pool.wake, &pool.lock, &until) == ETIMEDOUT;
+  atomic_fetch_sub(&pool.sleepers, 1);
+  const int open = open_shares(atomic_load(&pool.state)) != 0 && !atomic_load(&pool.stopping);
+  pthread_mutex_unlock(&pool.lock);
+  return open;
+}
+
 static void* worker(void* index) {
   const int own = (int)(intptr_t)index;
-  for (;;) {
-    const int64_t start = now_ns(), yield_after = start + PAUSE_NS, spin_until = start + pool.spin_ns;
-    int yielding = 0;
-    for (unsigned i = 1; !open_shares(atomic_load_explicit(&pool.state, memory_order_acquire)); ++i) {
-      if (yielding)
-        sched_yield(); /* another process's thread waiting for this CPU runs now, not during a share */
-      else
-        pause_cpu();
-      if ((yielding || (i & 255) == 0) && now_ns() > yield_after) yielding = 1;
-      if (yielding && now_ns() > spin_until) {
-        pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add(&pool.sleepers, 1); /* seq_cst: the caller reads it after publishing */
-        while (!open_shares(atomic_load(&pool.state))) pthread_cond_wait(&pool.wake, &pool.lock);
-        atomic_fetch_sub(&pool.sleepers, 1);
-        pthread_mutex_unlock(&pool.lock);
-      }
-    }
-    run_shares(own);
-  }
+  while (await_launch()) run_shares(own);
+  atomic_store(&pool.life[own], ENDED); /* joined by the next launch, or when lib.so unloads */
   return NULL;
 }
 
@@ -165,10 +192,14 @@ static int thread_count(void) {
   return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : (int)threads;
 }
 
-/* A forked child has the pool's memory but none of its workers: it starts its own. */
+/* A forked child has the pool's memory but none of its workers, and maybe a launch of the
+   parent's in progress: it forgets both and starts workers of its own. */
 static void forget_workers(void) {
-  pool.started = 0;
+  atomic_store(&pool.state, 0);
+  atomic_store(&pool.finished, 0);
+  atomic_store(&pool.failed, 0);
   atomic_store(&pool.sleepers, 0);
+  for (int i = 0; i < MAX_THREADS; ++i) atomic_store(&pool.life[i], ABSENT);
   pthread_mutex_init(&pool.launching, NULL);
   pthread_mutex_init(&pool.lock, NULL);
   pthread_cond_init(&pool.wake, NULL);
@@ -179,16 +210,34 @@ static void configure(void) {
   const char* spin = getenv("EDGEC_THREAD_POOL_SPIN_US");
   pool.spin_ns = (spin && *spin ? strtol(spin, NULL, 10) : SPIN_US) * (int64_t)1000;
   const char* choice = getenv("EDGEC_THREAD_POOL");
-  if (choice && strcmp(choice, "tvm") == 0) pool.tvm = (Launch)dlsym(RTLD_DEFAULT, "TVMBackendParallelLaunch");
+  if (choice && strcmp(choice, "tvm") == 0) {
+    pool.tvm = (Launch)dlsym(RTLD_DEFAULT, "TVMBackendParallelLaunch");
+    if (!pool.tvm) fprintf(stderr, "edgec: EDGEC_THREAD_POOL=tvm, but TVM's runtime is not in this process: edgec's pool runs\n");
+  }
   pthread_atfork(NULL, NULL, forget_workers);
 }
 
-static void start_workers(void) {
-  pool.started = 1;
+/* Workers 1 .. threads-1, each started again after it ended (under `launching`). */
+static void keep_workers(void) {
   for (int i = 1; i < pool.threads; ++i) {
-    pthread_t thread; /* never joined: workers live as long as the process */
-    if (pthread_create(&thread, NULL, worker, (void*)(intptr_t)i) != 0) break; /* fewer workers: still correct */
+    int life = atomic_load(&pool.life[i]);
+    if (life == ENDED) pthread_join(pool.thread[i], NULL), life = ABSENT;
+    if (life == ABSENT) {
+      atomic_store(&pool.life[i], RUNNING);
+      if (pthread_create(&pool.thread[i], NULL, worker, (void*)(intptr_t)i) != 0)
+        atomic_store(&pool.life[i], ABSENT); /* fewer workers: still correct */
+    }
   }
+}
+
+/* lib.so is unloading (dlclose) or the process is ending: no worker may run its code after this. */
+__attribute__((destructor)) static void stop_workers(void) {
+  atomic_store(&pool.stopping, 1);
+  pthread_mutex_lock(&pool.lock);
+  pthread_cond_broadcast(&pool.wake);
+  pthread_mutex_unlock(&pool.lock);
+  for (int i = 1; i < MAX_THREADS; ++i)
+    if (atomic_load(&pool.life[i]) != ABSENT) pthread_join(pool.thread[i], NULL), atomic_store(&pool.life[i], ABSENT);
 }
 
 static int run_alone(FTVMParallelLambda lambda, void* cdata) {
@@ -204,7 +253,7 @@ static int launch(FTVMParallelLambda lambda, void* cdata, int num_task) {
   if (num_task > MAX_THREADS) num_task = MAX_THREADS;
   if (num_task == 1 || pool.threads == 1) return run_alone(lambda, cdata);
   pthread_mutex_lock(&pool.launching); /* launches from several threads take turns */
-  if (!pool.started) start_workers();
+  keep_workers();
   pool.lambda = lambda, pool.cdata = cdata, pool.num_task = num_task;
   atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
   atomic_store_explicit(&pool.failed, 0, memory_order_relaxed);

@@ -2,8 +2,8 @@
 
 TVM's pool gives share i of every parallel loop to thread i and waits for all of them: on a
 loaded machine a worker kept off its CPU stalls each kernel (MobileNetV2, two threads, beside two
-busy processes: 344-384 ms per inference in 2 of 5 processes against 7 ms; README, Known limits).
-thread_pool.c lets the caller and the workers claim shares from one counter, so a launch waits
+busy processes: 344-408 ms per inference against 3-9 ms; README, Threads).
+thread_pool.c lets the caller and the workers claim shares from one word, so a launch waits
 only for shares a running thread has started. Its object replaces TVM's launch pointer inside
 ``lib.so`` itself: every loader (``edgec run``/``bench``/``profile``, an RPC server, the
 edgec-agent on a board, a user's ``tvm.runtime.load_module``) runs the kernels with it.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import mmap
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,14 +53,14 @@ def compile_object(compiler: str, directory: Path) -> Path:
 
 def with_thread_pool(link: Callable, compiler: str) -> Callable:
     """``link(output, objects, options)`` with thread_pool.c's object added to the objects (compiled
-    by ``compiler`` next to them), unless they call TVM's parallel barrier."""
+    by ``compiler`` in a temporary directory), unless they call TVM's parallel barrier."""
 
     def link_with_pool(output, objects, options=None):
-        objects = list(objects)
         if uses_barrier(objects):
             log.info("lib.so keeps TVM's thread pool: its kernels use TVM's parallel barrier")
-        else:
-            objects.append(str(compile_object(compiler, Path(objects[0]).parent)))
-        link(output, objects, options=options)
+            link(output, objects, options=options)
+            return
+        with tempfile.TemporaryDirectory(prefix="edgec-pool-") as directory:
+            link(output, [*objects, str(compile_object(compiler, Path(directory)))], options=options)
 
     return link_with_pool

@@ -83,9 +83,12 @@ def linker(preset: TargetPreset):
                     run_tool([objcopy, *removals, str(path)], f"removing {', '.join(chain.strip_sections)} from {path}")
         cc.create_shared(output, objects, options=options, cc=compiler)
 
+    driver = compiler or cc.get_cc()
     if preset.kind != "cuda":
-        link = with_thread_pool(link, compiler or cc.get_cc())
-    return cc.cross_compiler(link, options=list(chain.link_options) if chain is not None else [])
+        link = with_thread_pool(link, driver)
+    options = list(chain.link_options) if chain is not None else []
+    # export_library asks it for the triple when no LLVM module names one
+    return cc.cross_compiler(link, options=options, get_target_triple=cc.get_target_by_dump_machine(driver))
 
 
 def run_tool(command: list[str], what: str) -> None:

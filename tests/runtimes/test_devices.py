@@ -75,7 +75,9 @@ def a7_artifact(small_model_path, tmp_path_factory):
 # coverage test checks.
 @pytest.fixture()
 def one_thread(monkeypatch):
-    """TVM's thread pool in this process (and servers started now) with one thread; restored after."""
+    """One thread for the kernels of each lib.so this process first runs from now on (lib.so's pool
+    reads TVM_NUM_THREADS at its first parallel kernel), for servers started now, and for TVM's own
+    pool; restored after."""
     import tvm
 
     configure = tvm.get_global_func("runtime.config_threadpool")

@@ -104,6 +104,39 @@ def test_link_adds_the_pool_unless_kernels_use_the_barrier(tmp_path, barrier):
         assert "__TVMBackendParallelLaunch" not in dynamic
 
 
+KERNEL = """
+typedef struct { void* sync_handle; int num_task; } Env;
+__attribute__((weak)) int (*__TVMBackendParallelLaunch)(int (*)(int, Env*, void*), void*, int);
+static int share(int task, Env* env, void* data) { ((int*)data)[task] += env->num_task; return 0; }
+int run(int* out) { return __TVMBackendParallelLaunch(share, out, 0); }
+"""
+
+UNLOAD = """
+import ctypes, _ctypes, sys, time
+lib = ctypes.CDLL(sys.argv[1])
+out = (ctypes.c_int * 2)()
+assert lib.run(out) == 0 and list(out) == [2, 2], list(out)
+_ctypes.dlclose(lib._handle)  # the worker is spinning: it must be gone before lib.so's code is
+time.sleep(0.1)
+print("ok")
+"""
+
+
+def test_unloading_lib_so_stops_its_workers_first(tmp_path):
+    """A kernel run on two threads, then lib.so unloaded (dlclose) while the worker still spins
+    after the launch: the pool's destructor stops and joins its workers before the code goes
+    (without it, the worker ran unmapped code: SIGSEGV)."""
+    source = tmp_path / "kernel.c"
+    source.write_text(KERNEL)
+    subprocess.run(["gcc", "-c", "-fPIC", str(source), "-o", str(tmp_path / "kernel.o")], check=True)
+    linker(PRESETS["x86"])(str(tmp_path / "lib.so"), [str(tmp_path / "kernel.o")])
+    done = subprocess.run(
+        [sys.executable, "-c", UNLOAD, str(tmp_path / "lib.so")], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "TVM_NUM_THREADS": "2"}, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
 RUN = """
 import json, sys
 import numpy as np
