@@ -7,9 +7,9 @@
    (its CPU busy with another process, or the VM's vCPU not running) stalls every kernel,
    100 ms and more per MobileNetV2 inference on a loaded 2-CPU machine.
 
-   Here the shares are claimed: the caller and the workers take the next unclaimed share
-   from one counter until none is left, and the caller waits only for shares a worker has
-   started. A worker that wakes late finds its share done by the caller, so a launch never
+   Here the shares are claimed: the caller and the workers take open shares from one word
+   (thread i its own share first, then any other still open) until none is left, and the caller
+   waits only for shares a worker has started. A worker that wakes late finds its share done by the caller, so a launch never
    waits for a thread that is not running. Workers spin for 2 ms after each launch (the next
    kernel follows within microseconds; EDGEC_THREAD_POOL_SPIN_US sets another time at the first
    launch), then sleep on a condition variable. After 50 us of that spin they yield the CPU at

@@ -16,28 +16,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgec.runtimes.emulate import EMULATORS
 from edgec.targets import PRESETS, linker
 from edgec.targets.thread_pool import SOURCE, uses_barrier
 
 CHECKS = Path(__file__).with_name("thread_pool_check.c")
-# compiler and runner per architecture (qemu-user-static: Debian's dynamic qemu-user 7.2 aborts
-# when a forked child starts a thread, a QEMU fault, not the pool's)
-MACHINES = {
-    "x86_64": ("gcc", ()),
-    "armv7": ("arm-linux-gnueabihf-gcc", ("qemu-arm-static", "-L", "/usr/arm-linux-gnueabihf")),
-    "aarch64": ("aarch64-linux-gnu-gcc", ("qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu")),
-}
+BOARDS = ("x86", "cortex-a7", "cortex-a53")  # one preset per CPU architecture
 
 
-@pytest.mark.parametrize("arch", sorted(MACHINES))
-def test_pool_checks_pass(arch, tmp_path):
+def _tool(preset: str, name: str) -> str:
+    """The binutils/gcc ``name`` for ``preset``'s code: its cross toolchain's, else the host's."""
+    chain = PRESETS[preset].toolchain
+    tool = f"{chain.compiler.rsplit('-', 1)[0]}-{name}" if chain is not None else name
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (make setup installs it)")
+    return tool
+
+
+@pytest.mark.parametrize("preset", BOARDS)
+def test_pool_checks_pass(preset, tmp_path):
     """Every share runs once; a worker runs its share; a worker that does not wake leaves its share
     to the caller; a failing share fails the launch; a launch inside a share runs alone; a forked
-    child starts workers of its own (tests/targets/thread_pool_check.c)."""
-    compiler, runner = MACHINES[arch]
-    for tool in (compiler, *runner[:1]):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (make setup installs it)")
+    child starts workers of its own (tests/targets/thread_pool_check.c). ARM code runs under
+    qemu-user-static, as the emulated boards' verification does (Debian's dynamic qemu-user 7.2
+    aborts when a forked child starts a thread, a QEMU fault, not the pool's)."""
+    compiler = _tool(preset, "gcc")
+    emulator = EMULATORS[PRESETS[preset].cpu_arch]
+    runner = () if emulator.qemu is None else (emulator.qemu, "-L", emulator.sysroot)
+    if runner and shutil.which(emulator.qemu) is None:
+        pytest.skip(f"{emulator.qemu} is not installed (make setup installs it)")
     program = tmp_path / "thread_pool_check"
     subprocess.run(
         [compiler, "-std=gnu11", "-O2", "-Wall", "-Werror", f"-I{SOURCE.parent}", str(CHECKS), "-o", str(program)],
@@ -50,32 +57,20 @@ def test_pool_checks_pass(arch, tmp_path):
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
 
 
-def _tool(arch: str, name: str) -> str:
-    prefix = {"x86_64": "", "armv7": "arm-linux-gnueabihf-", "aarch64": "aarch64-linux-gnu-"}[arch]
-    if shutil.which(prefix + name) is None:
-        pytest.skip(f"{prefix + name} is not installed (make setup installs it)")
-    return prefix + name
-
-
-@pytest.mark.parametrize(
-    ("name", "target", "arch"),
-    [("mobilenet", "x86", "x86_64"), ("mobilenet", "cortex-a7", "armv7"), ("resnet", "cortex-a53", "aarch64")],
-)
-def test_lib_so_keeps_its_launch_from_tvms_loader(artifacts, name, target, arch):
+@pytest.mark.parametrize(("name", "target"), [("mobilenet", "x86"), ("mobilenet", "cortex-a7"), ("resnet", "cortex-a53")])
+def test_lib_so_keeps_its_launch_from_tvms_loader(artifacts, name, target):
     """lib.so defines __TVMBackendParallelLaunch itself, as a local symbol: TVM's loader, which fills
     the pointer it finds by name in the dynamic table, cannot replace it. It needs no newer glibc
-    than the kernels did (thread_pool.c binds pthread_create, pthread_once and dlsym to their
-    first versions, not to the cross toolchains' glibc 2.36)."""
-    if arch != "x86_64":
-        _tool(arch, "gcc")
+    than the kernels did (thread_pool.c binds pthread_create, pthread_join, pthread_once and dlsym
+    to their first versions, not to the cross toolchains' glibc 2.36)."""
+    nm = _tool(target, "nm")  # skips before a build without the toolchain
     lib = artifacts.get(name, target).artifact.lib
-    nm = _tool(arch, "nm")
     dynamic = subprocess.run([nm, "-D", str(lib)], capture_output=True, text=True, check=True).stdout
     assert "__TVMBackendParallelLaunch" not in dynamic
     assert "__tvm_ffi__library_bin" in dynamic  # what the loader reads by name is still there
     every = subprocess.run([nm, str(lib)], capture_output=True, text=True, check=True).stdout
     assert re.search(r"^\S+ d __TVMBackendParallelLaunch$", every, re.M), "no local definition of the launch"
-    versions = subprocess.run([_tool(arch, "objdump"), "-T", str(lib)], capture_output=True, text=True, check=True)
+    versions = subprocess.run([_tool(target, "objdump"), "-T", str(lib)], capture_output=True, text=True, check=True)
     needed = {tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_(\d+\.\d+)", versions.stdout)}
     assert needed and max(needed) <= (2, 17), sorted(needed)
 
