@@ -96,35 +96,74 @@ def inline_producers(sch, anchor, keep=()) -> None:
         sch.compute_inline(block)
 
 
-def inline_epilogue(sch, anchor):
-    """Inline the element-wise blocks after ``anchor`` into one another.
+def inline_epilogue(sch, anchor, before=None):
+    """Inline the element-wise blocks after ``anchor`` (up to ``before``, when given) into one another.
 
     Returns the one block left after the anchor (the fused epilogue, which
     writes the kernel's output), ``anchor`` itself when there is none, or
     raises ValueError when more than one is left (several outputs).
     """
-    blocks = root_blocks(sch)
-    names = [sch.get(block).name_hint for block in blocks]
-    position = names.index(sch.get(anchor).name_hint)
-    after = blocks[position + 1 :]
-    if not after:
+    blocks = _blocks_between(sch, anchor, before)
+    if not blocks:
         return anchor
-    for block in after[:-1]:
+    for block in blocks[:-1]:
         sch.compute_inline(block)
-    left = root_blocks(sch)
-    left_names = [sch.get(block).name_hint for block in left]
-    tail = left[left_names.index(sch.get(anchor).name_hint) + 1 :]
+    tail = _blocks_between(sch, anchor, before)
     if len(tail) != 1:
         raise ValueError(f"{len(tail)} blocks after the anchor: not one fused epilogue")
     return tail[0]
 
 
-def epilogue_block(sch, anchor):
+def _blocks_between(sch, anchor, before=None) -> list:
+    """The root blocks after ``anchor``, up to (without) ``before`` when it is given."""
+    blocks = root_blocks(sch)
+    names = [sch.get(block).name_hint for block in blocks]
+    end = names.index(sch.get(before).name_hint) if before is not None else len(blocks)
+    return blocks[names.index(sch.get(anchor).name_hint) + 1 : end]
+
+
+def epilogue_block(sch, anchor, lanes: int):
     """The fused epilogue (``inline_epilogue``), or, when the anchor has none, a copy of
     its output made a block of its own (``cache_write``): either way the anchor then
-    accumulates in a tile the epilogue block writes out."""
-    epilogue = inline_epilogue(sch, anchor)
+    accumulates in a tile the epilogue block writes out.
+
+    A tail that broadcasts the anchor's result over a bigger output is first split off
+    (``broadcast_tail``): the epilogue then ends at the last block of the anchor's shape."""
+    tail = broadcast_tail(sch, anchor, lanes)
+    epilogue = inline_epilogue(sch, anchor, before=tail)
     return sch.cache_write(anchor, 0, "global") if epilogue is anchor else epilogue
+
+
+def broadcast_tail(sch, anchor, lanes: int):
+    """Split off the blocks after ``anchor`` from the first one whose output is bigger than
+    the anchor's: they broadcast its result over a bigger output, as a squeeze-and-excitation
+    scale does (``x * sigmoid(fc(s) + b)``, the fc's one pixel over every pixel of ``x``).
+    They are inlined into one block computed at root after the anchor's nest, on its own
+    (``schedule_injective``: parallel, vectorised), and returned; None when there are none.
+
+    Inlined into the anchor's tile as the rest of the epilogue is, the blocks of the anchor's
+    shape before them (bias, sigmoid) would be recomputed for every pixel of the bigger
+    output, in the tile's loop, which does not run in parallel when the anchor is small
+    (EfficientNet-B0's ``1x1x1x6 -> 1x56x56x144`` scale: a polynomial sigmoid per output
+    element, on one thread)."""
+    size = buffer_size(sch.get(anchor).writes[0].source)
+    after = _blocks_between(sch, anchor)
+    grown = [block for block in after if buffer_size(sch.get(block).writes[0].source) > size]
+    if not grown:
+        return None
+    for block in after[after.index(grown[0]) : -1]:
+        sch.compute_inline(block)
+    tail = _blocks_between(sch, anchor)[-1]
+    schedule_injective(sch, tail, lanes)
+    return tail
+
+
+def buffer_size(buffer) -> int:
+    """Elements of a buffer of static shape."""
+    size = 1
+    for dim in buffer.shape:
+        size *= int(dim)
+    return size
 
 
 def arithmetic_operations(sch, block) -> int:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
+    buffer_size,
     epilogue_block,
     extents,
     inline_producers,
@@ -208,7 +209,7 @@ class Conv2DNHWC(Rule):
         data, weight = operands
         if self.fold_adds:
             fold_epilogue_adds(sch, anchor)
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         n, y, x, f, ry, rx, rc = sch.get_loops(anchor)
         materialise = self.materialise_padding and extents(sch, [ry, rx]) != [1, 1]
         materialised = inline_inputs(sch, anchor, self.vector.lanes, materialise)
@@ -292,10 +293,3 @@ def padding_block(sch, anchor):
         if has_if_then_else(sch.get(producer)):
             return producer
     return None
-
-
-def buffer_size(buffer) -> int:
-    size = 1
-    for dim in buffer.shape:
-        size *= int(dim)
-    return size

@@ -83,7 +83,7 @@ class Conv2DDot(Rule):
         if anchor is None:
             return None
         signed = sch.get_sblock(SIGNED)
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         inline_producers(sch, signed)  # a pad Relax fused in front: into the shift
         n, y, x, f, ry, rx, group, lane = sch.get_loops(anchor)
         _, height, width, channels, groups = extents(sch, [n, y, x, f, group])

@@ -218,7 +218,7 @@ class Conv2DInt8Dot(Rule):
         if anchor is None:
             return None
         lanes = self.vector.lanes
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         n, y, x, f, ry, rx, rc = sch.get_loops(anchor)
         inline_inputs(sch, anchor, lanes, materialise_padding=True)  # the dot reads 4 channels as one int32
         _, height, width, channels = extents(sch, [n, y, x, f])

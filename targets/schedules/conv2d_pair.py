@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
+    buffer_size,
     divisors,
     block_work,
     extents,
@@ -43,7 +44,6 @@ from edgec.targets.schedules.common import (
     split_tiles,
     vectorize_innermost,
 )
-from edgec.targets.schedules.conv2d import buffer_size
 from edgec.targets.schedules.conv2d_dot import copy_at, pads, read_index
 from edgec.targets.schedules.dot_kernels import SIGNED, Geometry, Window
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
+    buffer_size,
     epilogue_block,
     extents,
     inline_producers,
@@ -37,7 +38,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     wants_lane_broadcast,
 )
-from edgec.targets.schedules.conv2d import buffer_size, finish_register_tile
+from edgec.targets.schedules.conv2d import finish_register_tile
 
 
 def matmul_operands(sch, block):
@@ -116,7 +117,7 @@ class Dense(Rule):
         sch, anchor = self.schedule_reduction(func)
         if anchor is None or matmul_operands(sch, anchor) is None:
             return None
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         inline_producers(sch, anchor)
         *batch, m, n, k = sch.get_loops(anchor)
         rows, columns, depth = extents(sch, [m, n, k])

@@ -85,7 +85,7 @@ class DepthwiseConv2DNHWC(Rule):
             lanes = self.vector.lanes_of("int16")  # one int16 register (module docstring)
         if folds_adds(self.vector):
             fold_epilogue_adds(sch, anchor)
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         inline_inputs(sch, anchor, self.vector.lanes, self.materialise_padding)
         n, y, x, c, ry, rx, rc = sch.get_loops(anchor)
         _, height, width, channels = extents(sch, [n, y, x, c])

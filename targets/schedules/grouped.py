@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from edgec.targets.schedules.common import (
     Rule,
+    buffer_size,
     epilogue_block,
     extents,
     lane_broadcast,
@@ -45,7 +46,7 @@ from edgec.targets.schedules.common import (
     tile_nest,
     wants_lane_broadcast,
 )
-from edgec.targets.schedules.conv2d import buffer_size, conv_regions, finish_register_tile, inline_inputs
+from edgec.targets.schedules.conv2d import conv_regions, finish_register_tile, inline_inputs
 
 
 def grouped_operands(sch, block):
@@ -92,7 +93,7 @@ class GroupedConv2DNHWC(Rule):
         if operands is None:
             return None
         data, weight, per_group = operands
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         n, y, x, f, ry, rx, rc = sch.get_loops(anchor)
         materialise = self.materialise_padding and extents(sch, [ry, rx]) != [1, 1]
         materialised = inline_inputs(sch, anchor, self.vector.lanes, materialise)

@@ -92,13 +92,13 @@ class Pooling(Rule):
             return None  # spatial iters first, then reductions
         if len(sch.get(anchor).writes) != 1 or not _innermost_spatial_is_contiguous(sch, anchor):
             return None
-        epilogue = epilogue_block(sch, anchor)
+        epilogue = epilogue_block(sch, anchor, self.vector.lanes)
         inline_producers(sch, anchor)
         loops = sch.get_loops(anchor)
         if kinds == "SSSSRR" and min(extents(sch, loops[1:3])) > 1:
             if self.vector.max_number:
                 sch, anchor = self.schedule_reduction(max_as_maxnum(func))
-                epilogue = epilogue_block(sch, anchor)
+                epilogue = epilogue_block(sch, anchor, self.vector.lanes)
                 inline_producers(sch, anchor)
             return self.window(sch, anchor, epilogue, sch.get_loops(anchor))
         spatial_count = kinds.count("S")
