@@ -226,7 +226,7 @@ def padded_channels(channels: int, lanes: int) -> int | None:
 
 def register_tile(
     rows: list[int], channels: int, vector: CpuVector, max_vectors: int = 4, lane_operand: bool = False,
-    max_accumulators: int | None = None, lane_copies: int = 1,
+    max_accumulators: int | None = None, lane_copies: int = 1, ragged: bool = False,
 ) -> tuple[list[int], int]:
     """Choose the register tile of a channels-last contraction.
 
@@ -242,11 +242,33 @@ def register_tile(
     ``lane_operand``; and at most ``max_accumulators`` when given.
     ``lane_copies``: how many reduction steps' lane operands are live at once
     (``lane_copies * p`` registers: a loop body LLVM unrolls whose loads it pairs).
+
+    ``ragged``: where the best tile of dividing factors does fewer multiply-adds than loads
+    per step (an axis of prime extent: SqueezeNet's 13x13 maps, 13 pixels x 1 vector, 13 / 14),
+    the last axis may also take a factor that does not divide it, its score weighed by the
+    share of the tiles' points inside the axis (7 of 13: 13 / 14), when that lifts the score
+    to one multiply-add per load at least; the caller then runs the last, partial tile apart
+    (``tile_nest``'s ``partitioned`` loop).
     """
+    best = _best_tile(rows, channels, vector, max_vectors, lane_operand, max_accumulators, lane_copies, False)
+    if ragged and best is not None and best[0][0] < 1:
+        uneven = _best_tile(rows, channels, vector, max_vectors, lane_operand, max_accumulators, lane_copies, True)
+        best = uneven if uneven is not None and uneven[0][0] >= 1 else best
+    if best is None:
+        return [1] * len(rows), vector_tile(channels, vector, 1)[0]
+    return best[1], best[2]
+
+
+def _best_tile(rows, channels, vector, max_vectors, lane_operand, max_accumulators, lane_copies, ragged):
+    """``register_tile``'s search: ((score, accumulators, last factor), factors, channel tile) or None."""
     best = None
+    last = rows[-1] if rows else 1
+    choices = [divisors(extent) for extent in rows]
+    if ragged and rows:
+        choices[-1] = list(range(1, last + 1))
     for channel_tile in vector_tile(channels, vector, max_vectors):
         vectors = -(-channel_tile // vector.lanes)
-        for factors in itertools.product(*(divisors(extent) for extent in rows)):
+        for factors in itertools.product(*choices):
             points = 1
             for factor in factors:
                 points *= factor
@@ -256,12 +278,11 @@ def register_tile(
             if points * vectors > budget:
                 continue
             loads = points / vector.lanes + vectors if lane_operand else points + vectors
-            score = (points * vectors / loads, points * vectors, factors[-1] if factors else 0)
+            inside = last / (-(-last // factors[-1]) * factors[-1]) if factors else 1.0
+            score = (points * vectors / loads * inside, points * vectors, factors[-1] if factors else 0)
             if best is None or score > best[0]:
                 best = (score, list(factors), channel_tile)
-    if best is None:
-        return [1] * len(rows), vector_tile(channels, vector, 1)[0]
-    return best[1], best[2]
+    return best
 
 
 def wants_lane_broadcast(vector: CpuVector, depth: int) -> bool:
@@ -408,12 +429,20 @@ def split_tiles(sch, loops, tiles) -> tuple[list, list]:
     return [outer for outer, _ in pairs], [inner for _, inner in pairs]
 
 
-def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int) -> Any:
+def tile_nest(sch, anchor, epilogue, outer, inner, lanes: int, partitioned=None) -> Any:
     """Order the anchor's loops ``outer`` then ``inner``, run the fused outer loops in
-    parallel (``parallel_outer``) and compute the epilogue inside them; returns the fused loop."""
-    sch.reorder(*outer, *inner)
+    parallel (``parallel_outer``) and compute the epilogue inside them; returns the fused loop.
+
+    ``partitioned``: the outer loop of a tile that does not divide its axis (``register_tile``'s
+    ``ragged``), placed between ``outer`` and ``inner``, serial and carrying
+    ``pragma_loop_partition_hint``: TVM's LoopPartition splits off its last iteration, the only
+    one whose points test the axis' end, and the full tiles run without the test. The epilogue
+    is then computed inside it, one tile at a time."""
+    sch.reorder(*outer, *([partitioned] if partitioned is not None else []), *inner)
     fused = parallel_outer(sch, outer, block_work(sch, anchor))
-    schedule_epilogue(sch, epilogue, fused, lanes)
+    if partitioned is not None:
+        sch.annotate(partitioned, "pragma_loop_partition_hint", 1)
+    schedule_epilogue(sch, epilogue, partitioned if partitioned is not None else fused, lanes)
     return fused
 
 

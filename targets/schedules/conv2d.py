@@ -141,6 +141,14 @@ UNROLLED_TAPS_ACCUMULATORS = 16
 # MobileNetV3 ones 0.95x; the 1 x 8 x 3 tiles it also replaces by 1 x 7 x 3 ran the same (1.01x).
 BROADCAST_TILE_ACCUMULATORS = 21
 
+# ragged register tiles (``register_tile(ragged=True)``) on CPUs with at least this many vector
+# registers: AVX-512, where SqueezeNet's 13x13 1x1 layers ran 1.10-1.22x faster with them (its
+# 1000-class 13x13x512 classifier 1.10 -> 0.91 ms, one thread, `bench/layers_vs_ort.py`). On armv7
+# (16 registers) they replaced MobileNetV2's 7x7 tiles of 7 pixels x 1 vector by 3 x 4 and its
+# cortex-a7 build ran more instructions (258,456,308 -> 264,843,665 per inference): not used there,
+# nor on CPUs with the lane multiply-add (aarch64), where it was not measured.
+RAGGED_TILE_REGISTERS = 32
+
 # a reduction of at most this many lane steps (``lane_broadcast``) LLVM unrolls by 2 and pairs
 # the two steps' input loads into ``ldp``: both steps' inputs are live beside the accumulators
 PAIRED_LANE_STEPS = 8
@@ -158,7 +166,9 @@ def conv_tile(vector, rows: list[int], channels: int, depth: int, unroll_taps: b
     staged = unroll and materialised is not False
     cap = UNROLLED_TAPS_ACCUMULATORS if unroll else None if lane or vector.lane_fma else BROADCAST_TILE_ACCUMULATORS
     copies = 2 if lane and depth // vector.lanes <= PAIRED_LANE_STEPS else 1
-    tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap, lane_copies=copies)
+    ragged = not (lane or unroll or vector.lane_fma) and vector.registers >= RAGGED_TILE_REGISTERS
+    tile = register_tile(rows, channels, vector, lane_operand=lane or staged, max_accumulators=cap, lane_copies=copies,
+                         ragged=ragged)  # fmt: skip
     return lane, unroll, staged, tile
 
 
@@ -219,8 +229,13 @@ class Conv2DNHWC(Rule):
         )
         (y_outer, x_outer, f_outer), (y_inner, x_inner, f_inner) = split_tiles(sch, [y, x, f], [tile_y, tile_x, tile_f])
         weight_stationary = buffer_size(weight) > buffer_size(data)
-        outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
-        tile_nest(sch, anchor, epilogue, outer, [ry, rx, rc, y_inner, x_inner, f_inner], self.vector.lanes)
+        inner = [ry, rx, rc, y_inner, x_inner, f_inner]
+        if width % tile_x:  # a ragged column tile (conv_tile): the column tiles' loop apart, partitioned
+            outer = [f_outer, n, y_outer] if weight_stationary else [n, y_outer, f_outer]
+            tile_nest(sch, anchor, epilogue, outer, inner, self.vector.lanes, partitioned=x_outer)
+        else:
+            outer = [f_outer, n, y_outer, x_outer] if weight_stationary else [n, y_outer, x_outer, f_outer]
+            tile_nest(sch, anchor, epilogue, outer, inner, self.vector.lanes)
         if lane:
             rc = lane_broadcast(sch, anchor, rc, self.vector.lanes) or rc
         elif unroll:
