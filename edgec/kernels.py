@@ -138,7 +138,7 @@ def attach_onnx_nodes(calls: list[dict[str, Any]], graph: ir.Model) -> None:
         assigned = []
         while position < len(nodes) and remaining:
             node = nodes[position]
-            anchors = _ONNX_TOKENS[node.op_type]
+            anchors = _node_tokens(node)
             loose = node.op_type not in _ANCHORED and any(token in remaining for token in anchors)
             if anchors[0] in remaining or loose:
                 for token in anchors:
@@ -151,6 +151,16 @@ def attach_onnx_nodes(calls: list[dict[str, Any]], graph: ir.Model) -> None:
             else:
                 break
         call["onnx_nodes"] = assigned
+
+
+def _node_tokens(node) -> tuple[str, ...]:
+    """The operator names ``node`` legalizes to: ``_ONNX_TOKENS``, less a convolution's ``add``
+    when it has no bias (the ``add`` after it is then the next node's: a batch norm whose scale
+    the graph stage folded into the weights, targets/schedules/fold_scale.py, leaves only its add)."""
+    tokens = _ONNX_TOKENS[node.op_type]
+    if node.op_type in ("Conv", "ConvTranspose") and not (len(node.inputs) > 2 and node.inputs[2] is not None):
+        return tuple(token for token in tokens if token != "add")
+    return tokens
 
 
 def capture_pass(keep: Callable[[Any], None]):

@@ -180,9 +180,12 @@ def tune(
     runner = _runner(tracker, key, threads)
     records = ms.database.JSONDatabase(work_dir=str(database), module_equality="structural")
     report(f"{len(contexts)} kernels; measuring {'at ' + key if tracker else 'on this machine'}")
-    _record_library_schedules(contexts, tvm_target, resolved, builder, runner, records, progress, report)
+    untraceable = _record_library_schedules(contexts, tvm_target, resolved, builder, runner, records, progress, report)
     per_task = trials_per_task or min(trials, DEFAULT_TRIALS_PER_TASK)
-    selected = _heaviest_first(progress, range(len(contexts)))[: max(1, -(-trials // per_task))]
+    tunable = [i for i in range(len(contexts)) if i not in untraceable]
+    selected = _heaviest_first(progress, tunable)[: max(1, -(-trials // per_task))]
+    if not selected:
+        raise TuningError("no kernel of this model can be tuned: the schedule library's schedule of every one is kept")
     report(
         f"tuning the {len(selected)} kernel(s) with the largest share of the run, {per_task} trials each "
         f"({trials} in all): " + ", ".join(names[i] for i in selected)
@@ -221,12 +224,31 @@ def _heaviest_first(progress: TaskProgress, tasks) -> list[int]:
     return sorted(tasks, key=lambda i: -(progress.weights[i] * progress.best_ms.get(i, 0.0)))
 
 
-def _record_library_schedules(contexts, tvm_target, target, builder, runner, database, progress, report) -> None:
+def replays(func, sch) -> bool:
+    """Whether ``sch``'s trace, applied to ``func`` afresh, gives ``sch``'s module. A rule that
+    rewrites a block outside the schedule's primitives (aarch64's folded additions,
+    targets/schedules/fold_adds.py, ``ScheduleState.replace``) leaves a trace that does not:
+    recorded, it fails to load (a JSON database replays every record) or replays to another
+    schedule than the library's."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    fresh = s_tir.Schedule(func)
+    try:
+        sch.trace.apply_to_schedule(fresh, remove_postproc=False)
+    except Exception:  # noqa: BLE001 - the trace does not apply: not replayable
+        return False
+    return tvm_ffi.structural_equal(fresh.mod, sch.mod)
+
+
+def _record_library_schedules(contexts, tvm_target, target, builder, runner, database, progress, report) -> set[int]:
     """Measure the schedule library's schedule of every task and record it in ``database``.
 
     The search then has to beat it: compile applies a database's best record,
     so a kernel only leaves the library when MetaSchedule found something
     measured faster. Tasks whose workload already has records are skipped.
+    Returns the tasks whose library schedule no record can hold (``replays``): they are
+    not tuned, so that compile keeps the library's schedule for them.
     """
     import shutil
     import statistics
@@ -237,20 +259,29 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
     from edgec.targets.vector import cpu_vector
 
     rules = default_rules(cpu_vector(target))
-    pending = []
+    pending, untraceable = [], set()
     for index, context in enumerate(contexts):
+        func = context.mod["main"]
+        sch, _ = first_schedule(func, rules)
+        if sch is not None and not replays(func, sch):
+            untraceable.add(index)
+            continue
         workload = database.commit_workload(context.mod)
         best = database.get_top_k(workload, 1)
         if best and best[0].run_secs:
             progress.best_ms[index] = statistics.fmean(float(t) for t in best[0].run_secs) * 1e3
             continue
-        func = context.mod["main"]
-        sch, _ = first_schedule(func, rules)
         if sch is None:
             continue
         pending.append((index, workload, sch, ms.arg_info.ArgInfo.from_prim_func(func)))
+    if untraceable:
+        report(
+            f"{len(untraceable)} kernel(s) keep the schedule library's schedule, not tuned: it rewrites blocks "
+            "outside its trace (folded additions), which a tuning record cannot replay: "
+            + ", ".join(progress.names[i] for i in sorted(untraceable))
+        )
     if not pending:
-        return
+        return untraceable
     report(f"measuring the schedule library's kernels first ({len(pending)} tasks): tuned records must beat them")
     built = builder.build([ms.builder.BuilderInput(item[2].mod, tvm_target) for item in pending])
     runnable = [(item, result) for item, result in zip(pending, built, strict=True) if result.error_msg is None]
@@ -271,6 +302,7 @@ def _record_library_schedules(contexts, tvm_target, target, builder, runner, dat
     total = progress.total_ms()
     weighted = f": all tasks' best, weighted by calls: {total:.4g} ms" if total is not None else ""
     report("schedule library measured" + weighted)
+    return untraceable
 
 
 def _cost_model() -> str:

@@ -50,3 +50,20 @@ def test_profile_rate_of_a_kernel_without_a_flop_estimate_comes_from_its_macs():
     intrinsic = KernelRow("k", ["Conv0"], "", calls=1, ms_per_call=0.5, flops_per_call=0.0, macs_per_call=1_000_000)
     unknown = KernelRow("k", [], "", calls=1, ms_per_call=0.5, flops_per_call=0.0)
     assert estimated.gflops == 6.0 and intrinsic.gflops == 4.0 and unknown.gflops == 0.0
+
+
+def test_a_convolution_takes_the_add_only_when_it_has_a_bias():
+    """A BatchNormalization whose scale the graph stage folded into the weights leaves one ``add``
+    after a bias-free Conv: it is the batch norm's, so both go to that kernel; a Conv with a bias
+    input takes its own ``add``."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="Conv0"),
+        helper.make_node("BatchNormalization", ["c0", "g", "b", "m", "v"], ["n0"], name="BN1"),
+        helper.make_node("Clip", ["n0"], ["r0"], name="Clip2"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="Conv3"),
+        helper.make_node("Add", ["c1", "r0"], ["y"], name="Add4"),
+    ]
+    graph = ir.serde.deserialize_model(helper.make_model(helper.make_graph(nodes, "g", [], [])))
+    calls = [{"kernel": "fused_conv2d_add_maximum_minimum"}, {"kernel": "fused_conv2d1_add1_add2"}]
+    attach_onnx_nodes(calls, graph)
+    assert [call["onnx_nodes"] for call in calls] == [["Conv0", "BN1", "Clip2"], ["Conv3", "Add4"]]

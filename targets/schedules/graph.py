@@ -24,9 +24,8 @@ in order, and why:
                      scale and shift, ``y = x * s + t`` with
                      ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``
                      (computed in float64, stored float32), which FuseOps then
-                     fuses into the convolution's epilogue. The scale stays a
-                     separate multiply (not folded into the weights) so that the
-                     kernel names keep a BN token for the profiler's ONNX map.
+                     fuses into the convolution's epilogue; step 5a then folds
+                     the scale into a convolution's weights where one precedes it.
 4. layout            ``ConvertLayout``: conv2d to NHWC/HWIO; pooling,
                      element-wise ops, concat and reductions follow. Transposes
                      remain only at the graph's edges (input, flatten). Around
@@ -34,6 +33,9 @@ in order, and why:
                      channel axis and the transposes the layout pass leaves
                      around take / split / concat sink and cancel (shuffle.py).
 5. fold constants    the transposed weights and reshaped BN vectors.
+5a. fold scale       ``conv2d(x, W) * s`` with a constant per-output-channel ``s`` (step
+                     3's BN scale) becomes ``conv2d(x, W * s)``: one multiply less per
+                     output vector in the epilogue (fold_scale.py).
 6. pad channels      a convolution whose output channels are not a whole
                      number of vectors (SqueezeNet's 1000 classes with 16
                      lanes) gets zero filters up to the next multiple of the
@@ -114,7 +116,7 @@ def graph_passes(
     from tvm import relax
 
     from edgec.targets.schedules.layout import convert_layout
-    from edgec.targets.schedules import qdq_elementwise, qdq_integer, shuffle
+    from edgec.targets.schedules import fold_scale, qdq_elementwise, qdq_integer, shuffle
 
     fallbacks = fallbacks if fallbacks is not None else FallbackLog()
     passes = [
@@ -128,6 +130,7 @@ def graph_passes(
         ("graph:layout", convert_layout(DESIRED_LAYOUTS, fallbacks)),
         (shuffle.RULE, shuffle.sink_transposes()),
         ("graph:fold-constants", numpy_fold_constants(fallbacks)),
+        (fold_scale.RULE, fold_scale.fold_scale_into_weights(fallbacks)),
     ]
     if lanes and lanes > 1:
         passes.append(("graph:pad-channels", pad_output_channels(lanes, fallbacks)))
