@@ -215,11 +215,11 @@ def static_shape(ty) -> list[int] | None:
     return [int(dim) for dim in shape]
 
 
-def padded_channels(channels: int, lanes: int) -> int | None:
+def padded_channels(channels: int, lanes: int, max_fraction: float = MAX_PADDING_FRACTION) -> int | None:
     """The channel count to pad to (next multiple of ``lanes``), or None when none is needed
-    or it would waste more than ``MAX_PADDING_FRACTION`` of the work."""
+    or it would add more than ``max_fraction`` of the work."""
     padded = -(-channels // lanes) * lanes
-    if padded == channels or (padded - channels) > channels * MAX_PADDING_FRACTION:
+    if padded == channels or (padded - channels) > channels * max_fraction:
         return None
     return padded
 

@@ -302,6 +302,31 @@ def test_output_channels_are_padded_to_whole_vectors_only_when_cheap():
     assert padded_channels(10, 4) is None
 
 
+def test_wide_vectors_pad_a_third_more_channels():
+    """With AVX-512 (16 lanes) a convolution of 24 or 40 output channels runs on whole vectors (32,
+    48) and a slice: half-vector multiply-adds cost more than the zero channels (graph.py step 6)."""
+    from tvm import relax
+
+    from edgec.targets.schedules.graph import WIDE_PADDING_FRACTION, pad_output_channels
+
+    assert padded_channels(24, 16, WIDE_PADDING_FRACTION) == 32 and padded_channels(40, 16, WIDE_PADDING_FRACTION) == 48
+    assert padded_channels(8, 16, WIDE_PADDING_FRACTION) is None  # twice the work
+
+    def slices(lanes: int, filters: int) -> int:
+        x = relax.Var("x", relax.TensorType((1, 8, 8, 16), "float32"))
+        weight = relax.const(np.ones((1, 1, 16, filters), "float32"))
+        builder = relax.BlockBuilder()
+        with builder.function("main", [x]):
+            with builder.dataflow():
+                out = builder.emit_output(relax.op.nn.conv2d(x, weight, data_layout="NHWC", kernel_layout="HWIO"))
+            builder.emit_func_output(out)
+        mod = pad_output_channels(lanes)(builder.get())
+        return str(mod).count("strided_slice")
+
+    assert slices(16, 24) == 1 and slices(16, 40) == 1  # AVX-512: padded
+    assert slices(8, 20) == 0  # AVX2: 4 of 20 is more than an eighth, as before
+
+
 def test_padded_conv_matches_onnxruntime(tmp_path):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(16, 250, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
