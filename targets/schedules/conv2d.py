@@ -15,7 +15,10 @@ residual add). Schedule, outermost first:
 
 The register tile ``Y x X x F`` is picked by ``common.register_tile``: F a
 whole number of vectors dividing the output channels, Y and X dividing the
-output height and width, Y*X*F/lanes accumulators within the register file.
+output height and width (on AVX-512 X may leave a partial last tile where no
+dividing one does a multiply-add per load: 7 of a 13-pixel row, its column
+tiles then a partitioned loop of their own, ``RAGGED_TILE_REGISTERS``),
+Y*X*F/lanes accumulators within the register file.
 Padding is written once into a padded copy of the input (parallel,
 vectorised) for kernels larger than 1x1. On CPUs with a lane multiply-add
 (aarch64) the tile's input pixels are loaded ``lanes`` channels at a time
