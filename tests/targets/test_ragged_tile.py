@@ -66,3 +66,21 @@ def test_ragged_conv_computes_what_the_naive_one_does(make):
     sch, rule = first_schedule(func, default_rules(cpu_vector(resolve("x86"))))
     assert rule == "conv2d-nhwc"
     assert_computes_the_same(func, sch.mod["main"])
+
+
+def test_partitioned_tiles_run_without_a_bounds_test():
+    """LoopPartition splits the column tiles of 7 + 6 of 13: in the LLVM IR the full tile's
+    reduction step is 21 vector multiply-adds (7 pixels x 3 vectors) and the partial tile's 18,
+    each block with one compare, its loop's own, and no per-pixel test."""
+    import re
+
+    import tvm
+
+    sch, _ = first_schedule(conv_kernel(kernel=1, channels=64, filters=96, size=13, relu=False), default_rules(AVX512))
+    module = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+    library = tvm.tirx.build(module, target=resolve("x86").tvm_target())
+    source = next(m.inspect_source("ll") for m in [library, *library.imports] if m.kind == "llvm")
+    bodies = [block for block in re.split(r"\n(?=[\w.]+:)", source) if "llvm.fmuladd.v16f32" in block]
+    steps = sorted(block.count("llvm.fmuladd.v16f32") for block in bodies if block.count("llvm.fmuladd.v16f32") > 1)
+    assert steps == [18, 21]
+    assert all(block.count("icmp") == 1 for block in bodies if block.count("llvm.fmuladd.v16f32") > 1)
