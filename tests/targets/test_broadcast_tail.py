@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgec.targets import resolve
 from edgec.targets.schedules import default_rules, first_schedule
-from edgec.targets.vector import cpu_vector
-from test_schedules import AVX512, NEON32, _prim_func, assert_computes_the_same, conv_kernel  # tests/targets is on the path
+from test_fold_adds import _blocks as _func_blocks  # tests/targets is on the path
+from test_schedules import AVX512, NEON32, _prim_func, assert_rule_computes_the_same, conv_kernel
 
 
 def scale_kernel(squeeze=6, channels=144, size=56, activation="sigmoid"):
@@ -30,13 +29,8 @@ def scale_kernel(squeeze=6, channels=144, size=56, activation="sigmoid"):
 
 
 def _blocks(sch) -> dict[str, object]:
-    """Every block of the schedule by name (root blocks and those in loops alike)."""
-    import tvm_ffi
-    from tvm import s_tir
-
-    found: list = []
-    tvm_ffi.structural_walk(sch.mod["main"].body, [(s_tir.SBlock, found.append)], order="post")
-    return {block.name_hint: block for block in found if block.name_hint != "root"}
+    """Every block of the schedule by name (root blocks and those in loops alike), but the root."""
+    return {name: block for name, block in _func_blocks(sch.mod["main"]).items() if name != "root"}
 
 
 def _elements(region) -> int:
@@ -91,10 +85,7 @@ def _blocks_under(sch, loop) -> list:
     ids=["effnet-56x56x144", "effnet-112x112x32", "hard-14x14x24"],
 )
 def test_scale_kernel_computes_what_the_naive_one_does(make):
-    func = make()
-    sch, rule = first_schedule(func, default_rules(cpu_vector(resolve("x86"))))
-    assert rule == "conv2d-nhwc"
-    assert_computes_the_same(func, sch.mod["main"])
+    assert_rule_computes_the_same(make(), "conv2d-nhwc")
 
 
 def test_kernel_without_a_broadcast_keeps_one_epilogue():

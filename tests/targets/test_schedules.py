@@ -23,7 +23,7 @@ from edgec.cli import cli
 from edgec.runtimes.local import LocalRunner
 from edgec.runtimes.reference import run_onnxruntime
 from edgec.targets import PRESETS, resolve
-from edgec.targets.schedules import default_rules, schedule_func
+from edgec.targets.schedules import default_rules, first_schedule, schedule_func
 from edgec.targets.schedules.common import register_tile, vector_tile
 from edgec.targets.schedules.graph import batch_norm_scale_shift, elementwise_clip_kind, padded_channels
 from edgec.targets.vector import CpuVector, cpu_vector
@@ -206,6 +206,14 @@ def test_scheduled_kernel_computes_what_the_naive_one_does(make):
     scheduled, rule = schedule_func(func, default_rules(cpu_vector(resolve("x86"))))
     assert rule is not None
     assert_computes_the_same(func, scheduled)
+
+
+def assert_rule_computes_the_same(func, rule_name: str, vector=None):
+    """``func`` scheduled by the library for ``vector`` (default: this x86 machine's) is scheduled by
+    the rule ``rule_name`` and computes what the naive kernel does (``assert_computes_the_same``)."""
+    sch, rule = first_schedule(func, default_rules(vector or cpu_vector(resolve("x86"))))
+    assert rule == rule_name
+    assert_computes_the_same(func, sch.mod["main"])
 
 
 def assert_computes_the_same(func, scheduled):
